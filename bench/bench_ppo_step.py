@@ -358,7 +358,7 @@ def print_table(s) -> None:
     print(f"\n{w['algorithm']} step: Llama h{w['hidden']}/i{w['intermediate']}/{w['layers']} layers/{w['heads']} heads, "
           f"V {w['vocab']}, {w['batch']} prompts x {w['prompt_len']} tokens, {w['new_tokens']} new tokens, "
           f"{w['threads']} threads, {w['reps']} reps (ops backend: {s['ops_backend']})")
-    print(f"| engine | s / step (median) | min-max | generated tokens/s | " + " | ".join(PHASES) + " |")
+    print("| engine | s / step (median) | min-max | generated tokens/s | " + " | ".join(PHASES) + " |")
     print("|---|---|---|---|" + "---|" * len(PHASES))
     for name in ("ours", "reference-style"):
         d = s[name]

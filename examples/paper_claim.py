@@ -221,9 +221,9 @@ def make_table(results, threshold) -> str:
             elif lag[0] > harm and lag[1] < helpf:
                 verdict = "it dominates PPO-Lag"
             elif lag[0] > harm:
-                verdict = f"less harmful than PPO-Lag ({harm:.1%} vs {lag[0]:.1%}) but less helpful ({helpf:.2f} vs {lag[1]:.2f})"
+                verdict = f"less harmful than PPO-Lag ({harm:.1%} vs {lag[0]:.1%}) but less helpful ({helpf:.3f} vs {lag[1]:.3f})"
             else:
-                verdict = f"more helpful than PPO-Lag ({helpf:.2f} vs {lag[1]:.2f}) but more harmful ({harm:.1%} vs {lag[0]:.1%})"
+                verdict = f"more helpful than PPO-Lag ({helpf:.3f} vs {lag[1]:.3f}) but more harmful ({harm:.1%} vs {lag[0]:.1%})"
             lines.append(f"- {label(*key)}: {verdict}")
     return "\n".join(lines)
 

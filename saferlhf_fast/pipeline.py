@@ -16,7 +16,7 @@ import os
 import shlex
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 # Hyper-parameters of the demo.  The reference's values are for 7B models; a 0.5M-parameter model on a toy language
 # needs larger learning rates and fewer steps.  The cost model of the synthetic world scores safe responses around
@@ -129,11 +129,18 @@ def run_demo(output_dir: str = os.path.join("runs", "demo"), *, quick: bool = Fa
     model), one core each."""
     import torch
 
+    threads = threads or default_threads()
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return _run_demo(output_dir, quick, seed, overrides, progress, plot, threads, parallel)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _run_demo(output_dir, quick, seed, overrides, progress, plot, threads, parallel) -> DemoResult:
     from .eval.arena import ArenaConfig, run_arena
     from .trainers.modeling import make_tiny_model
-
-    threads = threads or default_threads()
-    torch.set_num_threads(threads)
 
     spec = _merge(DEMO, QUICK) if quick else _merge(DEMO, {})
     if overrides:
@@ -236,9 +243,10 @@ def format_report(report: dict, summary: dict) -> str:
     lines = ["# saferlhf-fast demo: Safe RLHF on the synthetic world", ""]
     lines.append("time: " + ", ".join(f"{k} {v:.0f} s" for k, v in s.items()))
     sft, rm, cm = report["sft"], report["reward_model"], report["cost_model"]
-    lines.append(f"SFT eval loss {sft.get('eval/loss', float('nan')):.3f}; reward model accuracy "
-                 f"{rm.get('eval/accuracy', float('nan')):.3f}; cost model accuracy "
-                 f"{cm.get('eval/accuracy', float('nan')):.3f}, sign accuracy {cm.get('eval/accuracy_sign', float('nan')):.3f}")
+    nan = float("nan")
+    lines.append(f"SFT eval loss {sft.get('eval/loss', nan):.3f}; reward model accuracy "
+                 f"{rm.get('eval/accuracy', nan):.3f}; cost model accuracy {cm.get('eval/accuracy', nan):.3f}, "
+                 f"sign accuracy {cm.get('eval/accuracy_sign', nan):.3f}")
     lam = report["lambda_over_time"]
     if lam:
         picks = sorted({0, len(lam) // 4, len(lam) // 2, 3 * len(lam) // 4, len(lam) - 1})
