@@ -17,7 +17,8 @@ TORCH_LIBRARY(saferlhf, m) {
   m.def(
       "logprobs_backward(Tensor grad_logp, Tensor? grad_entropy, Tensor logits, Tensor labels, Tensor lse,"
       " Tensor entropy, float temperature, int ignore_index, Tensor(a!) grad_logits) -> ()");
-  // rewards, values, mask [R, T] fp32 contiguous -> advantages, returns [R, T] fp32.
+  // rewards, values [R, T] fp32 contiguous; mask [M, T] fp32 or bool contiguous with R % M == 0 (row i uses mask
+  // row i % M) -> advantages, returns [R, T] fp32.
   m.def("gae_forward(Tensor rewards, Tensor values, Tensor mask, float gamma, float lam) -> (Tensor, Tensor)");
   // [R, T] fp32 contiguous -> row_loss [R], grad [R, T] = d row_loss / d logprobs.
   m.def(
@@ -32,6 +33,24 @@ TORCH_LIBRARY(saferlhf, m) {
       "kl_penalized_rewards(Tensor reward, Tensor cost, Tensor logprobs, Tensor ref_logprobs, Tensor mask,"
       " float kl_coeff, float clip_range_score) -> (Tensor, Tensor)");
 }
+
+namespace saferlhf_shared {
+
+// GAE mask: [mask_rows, t], float32 or bool, contiguous, with rows % mask_rows == 0 (row i uses mask row
+// i % mask_rows: one [B, T] mask serves the stacked [S * B, T] streams).
+void check_gae_mask(const at::Tensor& mask, const at::Device& device, int64_t rows, int64_t t) {
+  TORCH_CHECK(mask.device() == device, "saferlhf: mask must be on ", device, ", got ", mask.device());
+  TORCH_CHECK(mask.scalar_type() == at::kFloat || mask.scalar_type() == at::kBool,
+              "saferlhf: mask must be float32 or bool, got ", mask.scalar_type());
+  TORCH_CHECK(mask.dim() == 2 && mask.size(1) == t, "saferlhf: mask must be 2-D [mask_rows, ", t, "], got ",
+              mask.sizes());
+  TORCH_CHECK(mask.is_contiguous(), "saferlhf: mask must be contiguous");
+  const int64_t mask_rows = mask.size(0);
+  TORCH_CHECK(rows == 0 ? mask_rows >= 0 : (mask_rows > 0 && rows % mask_rows == 0), "saferlhf: mask has ",
+              mask_rows, " rows, which does not divide the ", rows, " rows of rewards");
+}
+
+}  // namespace saferlhf_shared
 
 // ---- CPU implementations (tensor checks + at::parallel_for over rows, calling kernels_cpu.h) ----
 // BEGIN CPU IMPL
@@ -159,17 +178,25 @@ std::tuple<at::Tensor, at::Tensor> gae_forward(const at::Tensor& rewards, const 
                                                const at::Tensor& mask, double gamma, double lam) {
   check_mat(rewards, "rewards");
   check_mat(values, "values", &rewards);
-  check_mat(mask, "mask", &rewards);
   const int64_t rows = rewards.size(0), t = rewards.size(1);
+  saferlhf_shared::check_gae_mask(mask, rewards.device(), rows, t);
   at::Tensor advantages = at::empty_like(rewards), returns = at::empty_like(rewards);
   const float* r = rewards.data_ptr<float>();
   const float* val = values.data_ptr<float>();
-  const float* m = mask.data_ptr<float>();
   float* adv = advantages.data_ptr<float>();
   float* ret = returns.data_ptr<float>();
-  at::parallel_for(0, rows, grain_rows(t), [&](int64_t begin, int64_t end) {
-    saferlhf::cpu::gae_forward(r, val, m, t, static_cast<float>(gamma), static_cast<float>(lam), adv, ret, begin,
-                               end);
+  const int64_t mask_rows = mask.size(0);
+  const float g = static_cast<float>(gamma), l = static_cast<float>(lam);
+  const bool is_bool = mask.scalar_type() == at::kBool;
+  const void* m = mask.data_ptr();
+  // The whole problem is small (O(rows * t) flops): only split it over threads when each gets a sizeable share,
+  // so a lone call after single-threaded work does not pay the thread-pool wake-up.
+  at::parallel_for(0, rows, grain_rows(t) * 4, [&](int64_t begin, int64_t end) {
+    if (is_bool) {
+      saferlhf::cpu::gae_forward(r, val, static_cast<const uint8_t*>(m), mask_rows, t, g, l, adv, ret, begin, end);
+    } else {
+      saferlhf::cpu::gae_forward(r, val, static_cast<const float*>(m), mask_rows, t, g, l, adv, ret, begin, end);
+    }
   });
   return {advantages, returns};
 }
@@ -370,12 +397,13 @@ std::tuple<Tensor, Tensor> gae_forward(const Tensor& rewards, const Tensor& valu
                                        double lam) {
   check_rows(rewards, "rewards");
   check_f32(values, "values", rewards.sizes(), rewards);
-  check_f32(mask, "mask", rewards.sizes(), rewards);
+  saferlhf_shared::check_gae_mask(mask, rewards.device(), rewards.size(0), rewards.size(1));
   const c10::cuda::CUDAGuard guard(rewards.device());
   Tensor adv = at::empty_like(rewards), ret = at::empty_like(rewards);
-  saferlhf::cuda::gae_forward(rewards.data_ptr<float>(), values.data_ptr<float>(), mask.data_ptr<float>(),
-                              rewards.size(0), rewards.size(1), static_cast<float>(gamma), static_cast<float>(lam),
-                              adv.data_ptr<float>(), ret.data_ptr<float>(), c10::cuda::getCurrentCUDAStream());
+  saferlhf::cuda::gae_forward(rewards.data_ptr<float>(), values.data_ptr<float>(), mask.data_ptr(),
+                              mask.scalar_type() == at::kBool, mask.size(0), rewards.size(0), rewards.size(1),
+                              static_cast<float>(gamma), static_cast<float>(lam), adv.data_ptr<float>(),
+                              ret.data_ptr<float>(), c10::cuda::getCurrentCUDAStream());
   return {adv, ret};
 }
 

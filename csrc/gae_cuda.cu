@@ -17,6 +17,8 @@
 //   reference loop; [128, 1024] is 128 warps each doing one tile.
 // * Masked positions are not reset (the reference runs the recursion through padding); positions before the
 //   row start in a partial tile have delta 0 and are never stored.
+// * The mask is fp32 or bool (MaskT) with mask_rows rows; row i reads mask row i % mask_rows, so the stacked
+//   [2 * B, T] reward + cost streams share one [B, T] mask without a converted, expanded copy.
 #include <cuda_runtime.h>
 
 #include <climits>
@@ -43,10 +45,11 @@ constexpr unsigned kFull = 0xffffffffu;
 // Shared-memory index of tile position i: one pad word per 32 keeps lane-chunk reads conflict-free.
 __device__ __forceinline__ int pad(int i) { return i + (i >> 5); }
 
-template <int CH, int WARPS>
+template <int CH, int WARPS, typename MaskT>
 __global__ void __launch_bounds__(32 * WARPS)
-    gae_kernel(const float* __restrict__ rewards, const float* __restrict__ values, const float* __restrict__ mask,
-               int64_t rows, int64_t T, float gamma, float c, float* __restrict__ adv, float* __restrict__ ret) {
+    gae_kernel(const float* __restrict__ rewards, const float* __restrict__ values, const MaskT* __restrict__ mask,
+               int64_t mask_rows, int64_t rows, int64_t T, float gamma, float c, float* __restrict__ adv,
+               float* __restrict__ ret) {
   constexpr int kTile = 32 * CH;
   constexpr int kSmem = kTile + CH + 1;  // > pad(kTile), the slot after the tile (never read, kept in bounds)
   __shared__ float s_val[WARPS][kSmem];   // v * m
@@ -60,7 +63,7 @@ __global__ void __launch_bounds__(32 * WARPS)
   const int64_t off = row * T;
   const float* R = rewards + off;
   const float* V = values + off;
-  const float* M = mask + off;
+  const MaskT* M = mask + (row % mask_rows) * T;
   float* out_a = adv + off;
   float* out_r = ret + off;
 
@@ -74,7 +77,7 @@ __global__ void __launch_bounds__(32 * WARPS)
       const int64_t t = t0 + i;
       float r = 0.0f, v = 0.0f;
       if (t >= 0) {
-        const float m = M[t];
+        const float m = static_cast<float>(M[t]);
         r = __fmul_rn(R[t], m);
         v = __fmul_rn(V[t], m);
       }
@@ -134,35 +137,48 @@ __global__ void __launch_bounds__(32 * WARPS)
   }
 }
 
-template <int CH>
-void launch(const float* rewards, const float* values, const float* mask, int64_t rows, int64_t t, float gamma,
-            float c, float* adv, float* ret, cudaStream_t stream) {
+template <int CH, typename MaskT>
+void launch(const float* rewards, const float* values, const MaskT* mask, int64_t mask_rows, int64_t rows, int64_t t,
+            float gamma, float c, float* adv, float* ret, cudaStream_t stream) {
   // Few rows: one warp per block so the rows land on distinct SMs; many rows: 4 warps per block.
   if (rows >= 2048) {
     constexpr int kWarps = 4;
     const int64_t blocks = (rows + kWarps - 1) / kWarps;
     if (blocks > static_cast<int64_t>(INT_MAX)) throw std::runtime_error("saferlhf: too many rows for one launch");
-    gae_kernel<CH, kWarps><<<static_cast<unsigned>(blocks), 32 * kWarps, 0, stream>>>(rewards, values, mask, rows, t,
-                                                                                      gamma, c, adv, ret);
+    gae_kernel<CH, kWarps, MaskT><<<static_cast<unsigned>(blocks), 32 * kWarps, 0, stream>>>(
+        rewards, values, mask, mask_rows, rows, t, gamma, c, adv, ret);
   } else {
-    gae_kernel<CH, 1><<<static_cast<unsigned>(rows), 32, 0, stream>>>(rewards, values, mask, rows, t, gamma, c, adv,
-                                                                       ret);
+    gae_kernel<CH, 1, MaskT><<<static_cast<unsigned>(rows), 32, 0, stream>>>(rewards, values, mask, mask_rows, rows,
+                                                                              t, gamma, c, adv, ret);
   }
   SAFERLHF_CUDA_CHECK(cudaGetLastError());
 }
 
+template <typename MaskT>
+void launch_for_length(const float* rewards, const float* values, const MaskT* mask, int64_t mask_rows, int64_t rows,
+                       int64_t t, float gamma, float c, float* advantages, float* returns, cudaStream_t stream) {
+  if (t <= 256) {
+    launch<8>(rewards, values, mask, mask_rows, rows, t, gamma, c, advantages, returns, stream);  // tile 256
+  } else {
+    launch<32>(rewards, values, mask, mask_rows, rows, t, gamma, c, advantages, returns, stream);  // tile 1024
+  }
+}
+
 }  // namespace
 
-void gae_forward(const float* rewards, const float* values, const float* mask, int64_t rows, int64_t t, float gamma,
-                 float lam, float* advantages, float* returns, cudaStream_t stream) {
+void gae_forward(const float* rewards, const float* values, const void* mask, bool mask_is_bool, int64_t mask_rows,
+                 int64_t rows, int64_t t, float gamma, float lam, float* advantages, float* returns,
+                 cudaStream_t stream) {
   if (rows <= 0 || t <= 0) return;
   // The reference multiplies by the Python float gamma * lam (a double product) rounded to fp32; gamma and lam
   // arrive here already rounded to fp32, so c can differ from it by one ulp.
   const float c = static_cast<float>(static_cast<double>(gamma) * static_cast<double>(lam));
-  if (t <= 256) {
-    launch<8>(rewards, values, mask, rows, t, gamma, c, advantages, returns, stream);  // tile 256
+  if (mask_is_bool) {
+    launch_for_length(rewards, values, static_cast<const uint8_t*>(mask), mask_rows, rows, t, gamma, c, advantages,
+                      returns, stream);
   } else {
-    launch<32>(rewards, values, mask, rows, t, gamma, c, advantages, returns, stream);  // tile 1024
+    launch_for_length(rewards, values, static_cast<const float*>(mask), mask_rows, rows, t, gamma, c, advantages,
+                      returns, stream);
   }
 }
 

@@ -21,9 +21,11 @@ void logprobs_backward(const float* grad_logp, const float* grad_entropy, const 
                        float temperature, int64_t ignore_index, void* grad_logits, int64_t ld_out,
                        int64_t row_begin, int64_t row_end);
 
-// [rows, t] row-major fp32.
-void gae_forward(const float* rewards, const float* values, const float* mask, int64_t t, float gamma, float lam,
-                 float* advantages, float* returns, int64_t row_begin, int64_t row_end);
+// rewards / values / outputs [rows, t] row-major fp32; mask [mask_rows, t] (MaskT = float or uint8_t 0/1), row i
+// using mask row i % mask_rows.  Instantiated for float and uint8_t.
+template <typename MaskT>
+void gae_forward(const float* rewards, const float* values, const MaskT* mask, int64_t mask_rows, int64_t t,
+                 float gamma, float lam, float* advantages, float* returns, int64_t row_begin, int64_t row_end);
 
 // cost_advantages may be null (plain PPO: A = reward_advantages).
 void ppo_clip_objective(const float* logprobs, const float* old_logprobs, const float* reward_advantages,

@@ -18,8 +18,11 @@ void logprobs_backward(const float* grad_logp, const float* grad_entropy, const 
                        const float* entropy, float temperature, int64_t ignore_index, void* grad_logits,
                        int64_t ld_out, cudaStream_t stream);
 
-void gae_forward(const float* rewards, const float* values, const float* mask, int64_t rows, int64_t t, float gamma,
-                 float lam, float* advantages, float* returns, cudaStream_t stream);
+// rewards / values / outputs [rows, t] fp32; mask [mask_rows, t], fp32 or bool (mask_is_bool, one byte 0/1), row i
+// using mask row i % mask_rows.
+void gae_forward(const float* rewards, const float* values, const void* mask, bool mask_is_bool, int64_t mask_rows,
+                 int64_t rows, int64_t t, float gamma, float lam, float* advantages, float* returns,
+                 cudaStream_t stream);
 
 void ppo_clip_objective(const float* logprobs, const float* old_logprobs, const float* reward_advantages,
                         const float* cost_advantages, const float* mask, int64_t rows, int64_t t, float multiplier,

@@ -11,6 +11,8 @@ Design
   is the advantage just after the tile (from the later tile, 0 after the row's end).  Lanes past the row start
   (``t < 0``) hold the identity ``(1, 0)`` and come last in scan order, so they never touch real lanes.
 * ``v_{t+1}`` is a second (cached) load of the shifted tile; ``returns = A + v``.
+* The mask is fp32 or bool (loaded as uint8) with ``M`` rows, ``R % M == 0``: row ``i`` reads mask row ``i % M``, so
+  the stacked reward + cost rows share one ``[B, T]`` mask with no expanded fp32 copy.
 * ``BLOCK_T = min(next_pow2(T), 1024)`` on a GPU (``num_warps`` = BLOCK_T / 256, 1..4), 16 under the
   interpreter (so short rows already cross tile edges).
 """
@@ -44,22 +46,23 @@ def _affine_then(a1, b1, a2, b2):
 @triton.jit
 def _gae_kernel(
     rewards_ptr, values_ptr, mask_ptr, adv_ptr, ret_ptr,
-    T, gamma, gamma_lam,
+    T, mask_rows, gamma, gamma_lam,
     BLOCK_T: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     base = row * T
+    mbase = (row % mask_rows) * T
     j = tl.arange(0, BLOCK_T)
     carry = 0.0
     n_tiles = tl.cdiv(T, BLOCK_T)
     for k in range(0, n_tiles):
         t = T - 1 - (k * BLOCK_T + j)  # time-reversed tile
         valid = t >= 0
-        m = tl.load(mask_ptr + base + t, mask=valid, other=0.0)
+        m = tl.load(mask_ptr + mbase + t, mask=valid, other=0).to(tl.float32)
         r = tl.load(rewards_ptr + base + t, mask=valid, other=0.0) * m
         v = tl.load(values_ptr + base + t, mask=valid, other=0.0) * m
         has_next = valid & (t + 1 < T)
-        m_next = tl.load(mask_ptr + base + t + 1, mask=has_next, other=0.0)
+        m_next = tl.load(mask_ptr + mbase + t + 1, mask=has_next, other=0).to(tl.float32)
         v_next = tl.load(values_ptr + base + t + 1, mask=has_next, other=0.0) * m_next
         delta = r + gamma * v_next - v
         a = tl.where(valid, gamma_lam, 1.0)
@@ -73,16 +76,18 @@ def _gae_kernel(
 
 
 def gae_forward(rewards, values, mask, gamma, lam):
-    """(advantages, returns) [R, T] fp32 for rows of rewards / values / mask [R, T] fp32."""
-    if rewards.dim() != 2 or values.shape != rewards.shape or mask.shape != rewards.shape:
+    """(advantages, returns) [R, T] fp32 for rewards / values [R, T] and a mask [M, T] (fp32 or bool, R % M == 0;
+    row i uses mask row i % M)."""
+    if rewards.dim() != 2 or values.shape != rewards.shape:
         raise ValueError(
-            f"rewards, values, mask must be the same [R, T]; got {tuple(rewards.shape)}, {tuple(values.shape)}, "
-            f"{tuple(mask.shape)}"
+            f"rewards and values must be the same [R, T]; got {tuple(rewards.shape)}, {tuple(values.shape)}"
         )
+    r, t = rewards.shape
+    if mask.dim() != 2 or mask.shape[1] != t or (r > 0 and (mask.shape[0] == 0 or r % mask.shape[0] != 0)):
+        raise ValueError(f"mask {tuple(mask.shape)} must be [M, {t}] with M dividing the {r} rows of rewards")
     rewards = rewards.to(torch.float32).contiguous()
     values = values.to(torch.float32).contiguous()
-    mask = mask.to(torch.float32).contiguous()
-    r, t = rewards.shape
+    mask = mask.contiguous().view(torch.uint8) if mask.dtype == torch.bool else mask.to(torch.float32).contiguous()
     adv = torch.empty_like(rewards)
     ret = torch.empty_like(rewards)
     if r == 0 or t == 0:
@@ -92,7 +97,7 @@ def gae_forward(rewards, values, mask, gamma, lam):
     with _device_ctx(rewards):
         _gae_kernel[(r,)](
             rewards, values, mask, adv, ret,
-            t, float(gamma), float(gamma) * float(lam),
+            t, mask.shape[0], float(gamma), float(gamma) * float(lam),
             BLOCK_T=block, num_warps=max(1, min(4, block // 256)),
         )
     return adv, ret

@@ -189,6 +189,19 @@ def _masks(rows, t, seed=0):
     return torch.where(odd, left, right).float()
 
 
+@pytest.mark.parametrize("rows,mask_rows,t", [(2, 1, 7), (6, 3, 17), (2 * 9, 9, 64), (2 * 64, 64, 1024), (5, 5, 3)])
+@pytest.mark.parametrize("mask_dtype", [torch.bool, torch.float32])
+def test_gae_shared_mask_rows(rows, mask_rows, t, mask_dtype):
+    # Row i reads mask row i % mask_rows (the [2 * B, T] reward + cost stack sharing one [B, T] mask), bool or fp32.
+    g = torch.Generator().manual_seed(rows + t)
+    rewards, values = torch.randn(rows, t, generator=g), torch.randn(rows, t, generator=g)
+    mask = _masks(mask_rows, t)
+    full = mask.repeat(rows // mask_rows, 1)
+    adv, ret = ops().gae_forward(rewards, values, mask.to(mask_dtype), 1.0, 0.95)
+    r_adv, r_ret = ref.gae(rewards, values, full, gamma=1.0, lam=0.95)
+    assert torch.equal(adv, r_adv) and torch.equal(ret, r_ret)
+
+
 @pytest.mark.parametrize("shape", [(1, 1), (3, 1), (1, 9), (5, 17), (9, 64), (2 * 64, 1024)])
 @pytest.mark.parametrize("gamma,lam", [(1.0, 0.95), (0.99, 0.95), (1.0, 1.0)])
 def test_gae(shape, gamma, lam):
@@ -328,8 +341,12 @@ def test_argument_errors():
     r = torch.randn(3, 5)
     with pytest.raises(RuntimeError, match="values has shape"):
         ops().gae_forward(r, torch.randn(3, 6), torch.ones(3, 5), 1.0, 0.95)
-    with pytest.raises(RuntimeError, match="mask must be float32"):
-        ops().gae_forward(r, r, torch.ones(3, 5, dtype=torch.bool), 1.0, 0.95)
+    with pytest.raises(RuntimeError, match="mask must be float32 or bool"):
+        ops().gae_forward(r, r, torch.ones(3, 5, dtype=torch.float64), 1.0, 0.95)
+    with pytest.raises(RuntimeError, match="does not divide"):
+        ops().gae_forward(r, r, torch.ones(2, 5), 1.0, 0.95)
+    with pytest.raises(RuntimeError, match=r"mask must be 2-D \[mask_rows, 5\]"):
+        ops().gae_forward(r, r, torch.ones(3, 4), 1.0, 0.95)
     with pytest.raises(RuntimeError, match="contiguous"):
         ops().gae_forward(r, torch.randn(5, 3).t(), torch.ones(3, 5), 1.0, 0.95)
     with pytest.raises(RuntimeError, match="cost_advantages has shape"):

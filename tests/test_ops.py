@@ -150,6 +150,27 @@ def test_gae_both_streams_in_one_call(backend, t, kind):
     torch.testing.assert_close(adv2, ref.gae(rewards, values, mask, gamma=0.99, lam=0.9)[0], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize(
+    "mask_shape", [(3, 9), (1, 9), (9,), (2, 1, 9), (2, 3, 9), (1, 3, 9)], ids=lambda s: "x".join(map(str, s))
+)
+@pytest.mark.parametrize("mask_dtype", [torch.bool, torch.float32, torch.int64])
+def test_gae_mask_broadcast_and_dtypes(backend, mask_shape, mask_dtype):
+    # A mask that only broadcasts over leading dims goes to the kernel as it is (row i uses mask row i % M);
+    # any other broadcast is expanded first.  Both must give the reference's result, for bool / float / int masks.
+    name, device = backend
+    g = torch.Generator().manual_seed(11)
+    rewards = torch.randn(2, 3, 9, generator=g).to(device)
+    values = torch.randn(2, 3, 9, generator=g).to(device)
+    mask = (torch.rand(mask_shape, generator=g) > 0.3).to(device)
+    if len(mask_shape) >= 2 and mask_shape[-2] == 3:
+        mask[..., 1, :] = False  # a fully masked row
+    mask = mask.to(mask_dtype)
+    adv, ret = ops.gae(rewards, values, mask, gamma=0.99, lam=0.95, backend=name)
+    adv_ref, ret_ref = ref.gae(rewards, values, mask.expand(2, 3, 9).float(), gamma=0.99, lam=0.95)
+    torch.testing.assert_close(adv, adv_ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ret, ret_ref, atol=1e-5, rtol=1e-5)
+
+
 def test_gae_hand_computed():
     # r = [0, 0, 1], V = [0.5, 0.2, 0.1], gamma 1, lam 0.5:
     # delta = [0 + 0.2 - 0.5, 0 + 0.1 - 0.2, 1 + 0 - 0.1] = [-0.3, -0.1, 0.9]

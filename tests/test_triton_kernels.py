@@ -145,6 +145,17 @@ def test_gae_forward(r, t):
         _close(ret, rret)
 
 
+@pytest.mark.parametrize("mask_dtype", [torch.bool, torch.float32])
+def test_gae_forward_shared_mask_rows(mask_dtype):
+    # 6 rows sharing a [3, T] mask (row i reads mask row i % 3), as the stacked reward + cost streams do.
+    rewards, values, mask = _gae_inputs(6, 21, seed=9)
+    mask = mask[:3].contiguous()
+    adv, ret = K.gae_forward(rewards, values, mask.to(mask_dtype), 0.99, 0.95)
+    radv, rret = ref.gae(rewards, values, mask.repeat(2, 1), gamma=0.99, lam=0.95)
+    _close(adv, radv)
+    _close(ret, rret)
+
+
 def test_gae_forward_long_rows():
     # T = 2048: 128 interpreter tiles (2 GPU tiles) of carried scan; gamma = lam = 1 sums every delta.
     rewards, values, mask = _gae_inputs(2, 2048, seed=5)

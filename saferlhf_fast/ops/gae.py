@@ -17,6 +17,25 @@ def _rows(x: Tensor, shape) -> Tensor:
     return x.detach().to(torch.float32).expand(shape).reshape(-1, shape[-1]).contiguous()
 
 
+def _mask_rows(mask: Tensor, shape) -> Tensor:
+    """The mask as ``[M, T]`` rows (bool or fp32) with flattened row ``i`` of ``shape`` using mask row ``i % M``.
+
+    A mask that only broadcasts over leading dims (the usual ``[B, T]`` mask of a ``[2, B, T]`` reward + cost
+    stack) is passed as it is, with no expanded or converted copy; any other broadcast is materialised."""
+    m = mask.detach()
+    while m.dim() > 1 and m.stride(0) == 0:  # an expanded view: its leading broadcast dims carry no data
+        m = m[0]
+    if m.dtype not in (torch.bool, torch.float32):
+        m = m.to(torch.float32)
+    sizes = (1,) * (len(shape) - m.dim()) + tuple(m.shape)
+    k = len(shape)
+    while k > 0 and sizes[k - 1] == shape[k - 1]:
+        k -= 1
+    if k < len(shape) and all(s == 1 for s in sizes[:k]):
+        return m.reshape(-1, shape[-1]).contiguous()
+    return m.expand(shape).reshape(-1, shape[-1]).contiguous()
+
+
 def gae(
     rewards: Tensor,
     values: Tensor,
@@ -39,6 +58,6 @@ def gae(
             return reference.gae(rewards, values, mask, gamma=gamma, lam=lam)
     kernels = _backend.kernel_module(name)
     adv, ret = kernels.gae_forward(
-        _rows(rewards, shape), _rows(values, shape), _rows(mask, shape), float(gamma), float(lam)
+        _rows(rewards, shape), _rows(values, shape), _mask_rows(mask, shape), float(gamma), float(lam)
     )
     return adv.view(shape), ret.view(shape)

@@ -1,6 +1,8 @@
 // gae_forward of the CPU core against the reference recursion evaluated in double: row counts that are and are
 // not multiples of the kernel's row interleave, T = 1, right and left padding, fully masked rows, several
-// (gamma, lam), and a split of the rows into separately processed ranges.
+// (gamma, lam), a split of the rows into separately processed ranges, and the shared-mask forms: a bool (uint8)
+// mask and a mask with fewer rows than the streams (row i reads mask row i % mask_rows) must give the same bits
+// as the full fp32 mask.
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -40,8 +42,33 @@ void check(int64_t rows, int64_t t, float gamma, float lam, std::mt19937& gen) {
   }
   // Two separate row ranges, as the torch binding's parallel_for may split them.
   const int64_t split = rows / 3;
-  cpu::gae_forward(r.data(), v.data(), m.data(), t, gamma, lam, adv.data(), ret.data(), 0, split);
-  cpu::gae_forward(r.data(), v.data(), m.data(), t, gamma, lam, adv.data(), ret.data(), split, rows);
+  cpu::gae_forward(r.data(), v.data(), m.data(), rows, t, gamma, lam, adv.data(), ret.data(), 0, split);
+  cpu::gae_forward(r.data(), v.data(), m.data(), rows, t, gamma, lam, adv.data(), ret.data(), split, rows);
+
+  // Same mask as bytes: bitwise equal results.
+  std::vector<uint8_t> mb(total);
+  for (size_t k = 0; k < total; ++k) mb[k] = m[k] != 0.0f ? 1 : 0;
+  std::vector<float> adv_b(total), ret_b(total);
+  cpu::gae_forward(r.data(), v.data(), mb.data(), rows, t, gamma, lam, adv_b.data(), ret_b.data(), 0, rows);
+  for (size_t k = 0; k < total; ++k) {
+    if (adv_b[k] != adv[k] || ret_b[k] != ret[k]) {
+      if (++failures <= 20) std::printf("FAIL uint8 mask differs at %zu (rows=%lld t=%lld)\n", k, (long long)rows,
+                                        (long long)t);
+    }
+  }
+  // Streams stacked twice over the same mask rows: [2 * rows, t] data, [rows, t] mask, both halves match.
+  std::vector<float> r2(2 * total), v2(2 * total), adv2(2 * total), ret2(2 * total);
+  for (size_t k = 0; k < total; ++k) {
+    r2[k] = r2[total + k] = r[k];
+    v2[k] = v2[total + k] = v[k];
+  }
+  cpu::gae_forward(r2.data(), v2.data(), mb.data(), rows, t, gamma, lam, adv2.data(), ret2.data(), 0, 2 * rows);
+  for (size_t k = 0; k < 2 * total; ++k) {
+    if (adv2[k] != adv[k % total] || ret2[k] != ret[k % total]) {
+      if (++failures <= 20) std::printf("FAIL shared mask rows differ at %zu (rows=%lld t=%lld)\n", k,
+                                        (long long)rows, (long long)t);
+    }
+  }
 
   char what[96];
   std::snprintf(what, sizeof(what), "gae rows=%lld t=%lld gamma=%g lam=%g", (long long)rows, (long long)t, gamma, lam);
