@@ -26,16 +26,8 @@
 #include <stdexcept>
 #include <string>
 
+#include "cuda_check.cuh"
 #include "kernels_cuda.h"
-
-#define SAFERLHF_CUDA_CHECK(expr)                                                                          \
-  do {                                                                                                     \
-    const cudaError_t saferlhf_err_ = (expr);                                                              \
-    if (saferlhf_err_ != cudaSuccess) {                                                                    \
-      throw std::runtime_error(std::string("saferlhf CUDA error: ") + cudaGetErrorString(saferlhf_err_) + \
-                               " (" __FILE__ ":" + std::to_string(__LINE__) + ")");                        \
-    }                                                                                                      \
-  } while (0)
 
 namespace saferlhf::cuda {
 namespace {

@@ -31,15 +31,16 @@
 #if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__) && defined(__F16C__))
 #include <immintrin.h>
 #endif
+// GCC 12's AVX-512 intrinsic headers start some intrinsics from _mm512_undefined_*(), which -Wall then reports
+// hundreds of times as "may be used uninitialized" once inlined here (a known false positive of those headers).
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
 
 #include "kernels_cpu.h"
 
 // fma only where written (Vec::fma): contracting z = x * inv_t into z - m would use the unrounded z.
-#if defined(__clang__)
-#pragma clang fp contract(off)
-#elif defined(__GNUC__)
-#pragma GCC optimize("fp-contract=off")
-#endif
+#include "fp_contract_off.h"
 
 namespace saferlhf::cpu {
 namespace {

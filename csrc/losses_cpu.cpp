@@ -11,11 +11,7 @@
 #include "kernels_cpu.h"
 
 // Every multiply and add rounds to fp32 as in the reference's separate torch ops (no fma contraction).
-#if defined(__clang__)
-#pragma clang fp contract(off)
-#elif defined(__GNUC__)
-#pragma GCC optimize("fp-contract=off")
-#endif
+#include "fp_contract_off.h"
 
 namespace saferlhf::cpu {
 namespace {
