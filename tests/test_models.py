@@ -80,7 +80,7 @@ def masked_max(a, b, mask):
 
 # ---------------------------------------------------------------------------------------------- parity
 @pytest.mark.parametrize("name", list(ARCHS))
-@pytest.mark.parametrize("backend", ["sdpa", "reference"])
+@pytest.mark.parametrize("backend", ["sdpa", "reference", "flex"])
 def test_logits_parity_left_padded(checkpoints, name, backend):
     hf = transformers.AutoModelForCausalLM.from_pretrained(checkpoints[name]).eval()
     model = from_pretrained(checkpoints[name], attn_backend=backend).eval()
@@ -88,11 +88,13 @@ def test_logits_parity_left_padded(checkpoints, name, backend):
     with torch.no_grad():
         ours = model(ids, mask).logits
         packed = model(ids, mask, packed=True).logits
+        padded = model(ids, mask, packed=False).logits
         unpadded = model(ids[:1]).logits
     ref = hf_logits(hf, ids, mask)
     assert ours.shape == (3, 12, V)
     assert masked_max(ours, ref, mask) <= 1e-4
     assert masked_max(packed, ref, mask) <= 1e-4
+    assert masked_max(padded, ref, mask) <= 1e-4
     assert float((unpadded - ref[:1]).abs().max()) <= 1e-4
 
 

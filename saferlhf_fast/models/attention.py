@@ -4,13 +4,17 @@ Every backend computes the same thing: softmax(q k^T * d^-1/2 + mask) v with gro
 value heads shared by ``nh / nkv`` query heads each).  Layout everywhere: q ``[B, nh, Lq, d]``, k / v
 ``[B, nkv, Lk, d]``, output ``[B, nh, Lq, d]``.
 
-Backends (``attn_backend=``; default: ``flash`` when the flash-attn package imports and the model is on CUDA, else
-``sdpa``):
+Backends (``attn_backend=``; default on CUDA: ``flash`` when the flash-attn package imports, else ``xformers`` when
+xformers does, else ``sdpa``; on CPU ``sdpa``):
 
 * ``sdpa``      -- ``torch.nn.functional.scaled_dot_product_attention`` (torch's fused flash / memory-efficient
                    kernels on CPU and GPU); ``is_causal`` when the batch has no padding, a boolean mask otherwise.
 * ``flash``     -- ``flash_attn_varlen_func`` on packed, padding-free sequences (``cu_seqlens``); decode steps and
                    padded prefill use ``sdpa``.
+* ``flex``      -- torch's FlexAttention with a block mask (documents / causal / window without an N x N tensor);
+                   compiled on CUDA (``attention_ext.py``).
+* ``xformers``  -- ``memory_efficient_attention`` on packed sequences (block-diagonal causal bias), GPU only
+                   (``attention_ext.py``).
 * ``reference`` -- explicit matmul / softmax / matmul in fp32, for tests.
 
 Masks.  ``Mask`` carries what a layer needs, built once per forward: a boolean ``[B or 1, 1, Lq, Lk]`` "may attend"
@@ -28,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-BACKENDS = ("sdpa", "flash", "reference")
+BACKENDS = ("sdpa", "flash", "flex", "xformers", "reference")
 
 
 def flash_available() -> bool:
@@ -36,14 +40,26 @@ def flash_available() -> bool:
 
 
 def resolve_backend(name: str | None, device: torch.device) -> str:
-    """The attention backend to use: ``name`` if given, else ``flash`` on CUDA with flash-attn, else ``sdpa``."""
+    """The attention backend to use: ``name`` if given, else on CUDA ``flash`` / ``xformers`` when installed, else
+    ``sdpa``."""
+    from . import attention_ext as ext
+
     if name is None:
-        return "flash" if device.type == "cuda" and flash_available() else "sdpa"
+        if device.type == "cuda" and flash_available():
+            return "flash"
+        if device.type == "cuda" and ext.xformers_available():
+            return "xformers"
+        return "sdpa"
     name = name.lower()
     if name not in BACKENDS:
         raise ValueError(f"unknown attention backend {name!r}; choose one of {', '.join(BACKENDS)}")
     if name == "flash" and not flash_available():
         raise RuntimeError("attention backend 'flash' needs the flash-attn package (pip install flash-attn)")
+    if name == "xformers" and not ext.xformers_available():
+        raise RuntimeError("attention backend 'xformers' needs the xformers package (pip install xformers)")
+    if name == "flex" and not ext.flex_available():
+        raise RuntimeError(f"attention backend 'flex' needs torch.nn.attention.flex_attention (torch "
+                           f"{torch.__version__} lacks it)")
     return name
 
 
@@ -196,7 +212,12 @@ _FUNCS = {"sdpa": sdpa_attention, "reference": reference_attention, "flash": fla
 
 
 def attend(backend: str, q: Tensor, k: Tensor, v: Tensor, mask: Mask, scale: float) -> Tensor:
-    return _FUNCS[backend](q, k, v, mask, scale)
+    fn = _FUNCS.get(backend)
+    if fn is None:  # the optional backends live in attention_ext (imported on first use)
+        from . import attention_ext as ext
+
+        fn = _FUNCS[backend] = {"flex": ext.flex_attention, "xformers": ext.xformers_attention}[backend]
+    return fn(q, k, v, mask, scale)
 
 
 # --------------------------------------------------------------------------------------------- KV cache

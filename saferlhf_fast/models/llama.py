@@ -314,13 +314,14 @@ class DecoderModel(nn.Module):
                       position_ids: Tensor | None = None, packed: bool | None = None) -> Tensor:
         """Last hidden states ``[B, L, H]`` (after the final norm).
 
-        ``packed``: run the layers on the real tokens only (one packed row; flash varlen, SDPA per document, or a
-        document mask), so padding costs nothing; pad positions of the result are 0.  Default (None): on with the
-        flash backend, and with SDPA when at least ``PACK_MIN_PADDING`` of the batch is padding."""
+        ``packed``: run the layers on the real tokens only (one packed row; flash / xformers varlen, a flex document
+        block mask, SDPA per document, or a dense document mask), so padding costs nothing; pad positions of the
+        result are 0.  Default (None): on with the flash, xformers and flex backends, and with SDPA when at least
+        ``PACK_MIN_PADDING`` of the batch is padding."""
         backend = self.backend()
         if attention_mask is not None and position_ids is None:
             if packed is None:
-                packed = backend == "flash" or (
+                packed = backend in ("flash", "xformers", "flex") or (
                     backend == "sdpa" and float(attention_mask.float().mean()) <= 1.0 - self.PACK_MIN_PADDING)
             if packed:
                 return self._packed_hidden_states(input_ids, attention_mask, backend)
