@@ -11,7 +11,7 @@ import os
 
 from setuptools import setup
 
-CPU_SOURCES = ["csrc/binding.cpp"] + sorted(glob.glob("csrc/*_cpu.cpp"))
+CPU_SOURCES = ["csrc/binding.cpp"] + sorted(glob.glob("csrc/*_cpu.cpp")) + sorted(glob.glob("csrc/*_ops.cpp"))
 CUDA_SOURCES = sorted(glob.glob("csrc/*_cuda.cu"))
 
 

@@ -8,13 +8,21 @@ import sys
 DEFAULT_RESULTS = os.path.join("bench", "results")
 
 
+def _size(args) -> str:
+    return args.sizes or ("gpu" if args.device == "cuda" else "default")
+
+
+def _csv(args, family: str) -> str:
+    return args.csv or os.path.join(DEFAULT_RESULTS, f"{family}-{args.device}.csv")
+
+
 def _bench_ops(args) -> int:
     from .benchmarks import ops as bench_ops
 
-    size = args.sizes or ("gpu" if args.device == "cuda" else "default")
-    csv_path = args.csv or os.path.join(DEFAULT_RESULTS, f"ops-{args.device}.csv")
-    bench_ops.run(size=size, device=args.device, reps=args.reps, warmup=args.warmup, memory=not args.no_memory,
-                  csv_path=csv_path, overwrite=args.overwrite, kernels=args.kernels)
+    csv_path = _csv(args, "ops")
+    bench_ops.run(size=_size(args), device=args.device, reps=args.reps, warmup=args.warmup,
+                  memory=not args.no_memory, csv_path=csv_path, overwrite=args.overwrite, kernels=args.kernels,
+                  timer=args.timer)
     print(f"rows written to {csv_path}")
     return 0
 
@@ -23,26 +31,75 @@ def _bench_roofline(args) -> int:
     from .benchmarks import roofline
     from .benchmarks.harness import write_rows
 
-    size = args.sizes or ("gpu" if args.device == "cuda" else "default")
-    rows = roofline.run(size=size, device=args.device, reps=args.reps, backend=args.backend)
-    csv_path = args.csv or os.path.join(DEFAULT_RESULTS, f"roofline-{args.device}.csv")
+    rows = roofline.run(size=_size(args), device=args.device, reps=args.reps, warmup=args.warmup,
+                        backend=args.backend)
+    csv_path = _csv(args, "roofline")
     write_rows(csv_path, rows, overwrite=args.overwrite)
     print(f"rows written to {csv_path}")
+    return 0
+
+
+def _bench_model(args) -> int:
+    """bench generate / train-step: ours vs transformers on the same checkpoint."""
+    from .benchmarks import model as bench_model
+
+    csv_path = _csv(args, "model")
+    bench_model.run("generate" if args.what == "generate" else "train-step", size=_size(args), device=args.device,
+                    reps=args.reps, warmup=args.warmup, memory=not args.no_memory, model=args.model,
+                    dtype=args.dtype, batch=args.batch, prompt=args.prompt, new_tokens=args.new_tokens,
+                    layouts=tuple(getattr(args, "layouts", None) or ("full", "ragged")), csv_path=csv_path,
+                    overwrite=args.overwrite)
+    print(f"rows written to {csv_path}")
+    return 0
+
+
+def _bench_ppo_step(args) -> int:
+    """bench ppo-step: our PPO(-Lag) step vs the reference-style step, per phase."""
+    from dataclasses import replace
+
+    from .benchmarks import ppo_step
+    from .benchmarks.harness import write_rows
+
+    w = replace(ppo_step.SIZES[_size(args)], algorithm=args.algorithm)
+    result = ppo_step.run(w, device=args.device, reps=args.reps, warmup=args.warmup, memory=not args.no_memory,
+                          echo=lambda line: print(line, flush=True))
+    print(ppo_step.format_summary(result["summary"]))
+    csv_path = _csv(args, "ppo-step")
+    write_rows(csv_path, ppo_step.rows(result, args.device), overwrite=args.overwrite)
+    if args.json:
+        ppo_step.write_json(args.json, result)
+    print(f"rows written to {csv_path}")
+    return 0
+
+
+def _profile_ppo_step(args) -> int:
+    from .benchmarks.profile import profile_ppo_step
+
+    out = args.out or os.path.join("runs", "profile", f"ppo-step-{args.device}")
+    profile_ppo_step(out, size=_size(args), device=args.device, algorithm=args.algorithm,
+                     warmup=args.warmup, top=args.top)
     return 0
 
 
 def _bench_plot(args) -> int:
     from .benchmarks.plot import plot
 
-    for path in plot(args.csv, args.out):
-        print(path)
+    for path in args.csv:
+        for png in plot(path, args.out):
+            print(png)
     return 0
 
 
 def _bench_report(args) -> int:
-    from .benchmarks.report import markdown
+    from .benchmarks.report import default_csvs, markdown, update_readme
 
-    print(markdown(args.csv, command=args.command))
+    paths = args.csv or default_csvs(DEFAULT_RESULTS)
+    text = markdown(paths, command=args.command)
+    if args.readme:
+        update_readme(args.readme, text, paths)
+        print(f"performance section of {args.readme} regenerated from {', '.join(paths)}")
+    else:
+        print(text)
     return 0
 
 
@@ -56,64 +113,22 @@ def _demo(args) -> int:
     return 0
 
 
-def _training_classes(command: str):
+def _config_command(command: str):
+    """(config class, runner) of a configured job: sft / rm / cm / score / ppo / ppo-lag / ppo-reward-shaping /
+    dpo / arena."""
     if command == "score":
         from .eval.score import ScoreEvalConfig, evaluate_score_model
 
         return ScoreEvalConfig, evaluate_score_model
-    from . import trainers
+    if command in ("sft", "rm", "cm"):
+        from . import trainers
 
-    return {
-        "sft": (trainers.SFTConfig, trainers.SFTTrainer),
-        "rm": (trainers.RewardConfig, trainers.RewardTrainer),
-        "cm": (trainers.CostConfig, trainers.CostTrainer),
-    }[command]
-
-
-def _train(args) -> int:
-    """sft / rm / cm / score.  Bad input or configuration: one line on stderr, exit status 2, and no output folder
-    left behind by this run."""
-    import shutil
-
-    from .data import DataError
-    from .trainers import ConfigError, config_from_args
-
-    config_cls, runner = _training_classes(args.command)
-    out_dir, existed = None, True
-    try:
-        cfg = config_from_args(config_cls, args)
-        out_dir = cfg.output_dir
-        existed = out_dir is None or os.path.exists(out_dir)
-        if args.command == "score":
-            runner(cfg)
-        else:
-            runner(cfg).train()
-    except (DataError, ConfigError) as err:
-        if not existed and out_dir and os.path.isdir(out_dir):
-            shutil.rmtree(out_dir, ignore_errors=True)
-        print(f"saferlhf-fast {args.command}: error: {err}", file=sys.stderr)
-        return 2
-    return 0
-
-
-def _add_training_commands(sub) -> None:
-    from .eval.score import ScoreEvalConfig
-    from .trainers.config import add_config_arguments
-    from .trainers.score import CostConfig, RewardConfig
-    from .trainers.sft import SFTConfig
-
-    for name, cls, text in (
-        ("sft", SFTConfig, "supervised fine-tuning (loss on response tokens only)"),
-        ("rm", RewardConfig, "reward model: Bradley-Terry on helpfulness preferences"),
-        ("cm", CostConfig, "cost model: Bradley-Terry on harmlessness preferences + safety-sign terms"),
-        ("score", ScoreEvalConfig, "evaluate a reward or cost model on a preference set"),
-    ):
-        p = sub.add_parser(name, help=text, description=text)
-        add_config_arguments(p, cls)
-        p.set_defaults(func=_train)
-
-
-def _rl_classes(command: str):
+        cls, trainer = {
+            "sft": (trainers.SFTConfig, trainers.SFTTrainer),
+            "rm": (trainers.RewardConfig, trainers.RewardTrainer),
+            "cm": (trainers.CostConfig, trainers.CostTrainer),
+        }[command]
+        return cls, lambda cfg: trainer(cfg).train()
     if command == "dpo":
         from .trainers.dpo import DPOConfig, DPOTrainer
 
@@ -127,17 +142,17 @@ def _rl_classes(command: str):
     return CONFIGS[command], run
 
 
-def _rl(args) -> int:
-    """ppo / ppo-lag / ppo-reward-shaping / dpo / arena.  Bad input or configuration: one line on stderr, exit
-    status 2, no output folder left behind by this run.  A NaN / inf in rewards, costs, losses or gradients: one
-    line on stderr, exit status 3, the last checkpoint untouched."""
+def _run_config_command(args) -> int:
+    """Every configured job.  Bad input or configuration: one line on stderr, exit status 2, and no output folder
+    left behind by this run.  RL jobs: a NaN / inf in rewards, costs, losses or gradients: one line on stderr, exit
+    status 3, the last checkpoint untouched."""
     import shutil
 
     from .data import DataError
     from .trainers.config import ConfigError, config_from_args
     from .trainers.ppo import NonFiniteError
 
-    config_cls, runner = _rl_classes(args.command)
+    config_cls, runner = _config_command(args.command)
     out_dir, existed = None, True
     try:
         cfg = config_from_args(config_cls, args)
@@ -155,22 +170,35 @@ def _rl(args) -> int:
     return 0
 
 
-def _add_rl_commands(sub) -> None:
+def _config_commands():
+    """(name, config class, help) of every configured job, in the order of ``--help``."""
     from .eval.arena import ArenaConfig
-    from .trainers.config import add_config_arguments
+    from .eval.score import ScoreEvalConfig
     from .trainers.dpo import DPOConfig
     from .trainers.ppo import PPOConfig, PPOLagConfig, RewardShapingConfig
+    from .trainers.score import CostConfig, RewardConfig
+    from .trainers.sft import SFTConfig
 
-    for name, cls, text in (
+    return (
+        ("sft", SFTConfig, "supervised fine-tuning (loss on response tokens only)"),
+        ("rm", RewardConfig, "reward model: Bradley-Terry on helpfulness preferences"),
+        ("cm", CostConfig, "cost model: Bradley-Terry on harmlessness preferences + safety-sign terms"),
+        ("score", ScoreEvalConfig, "evaluate a reward or cost model on a preference set"),
         ("ppo", PPOConfig, "PPO on the reward model (RLHF baseline)"),
         ("ppo-lag", PPOLagConfig, "PPO-Lagrangian: maximise reward subject to expected cost <= threshold"),
         ("ppo-reward-shaping", RewardShapingConfig, "PPO on R - nu*C with a fixed nu (--lambda_init)"),
         ("dpo", DPOConfig, "direct preference optimisation on helpfulness pairs"),
         ("arena", ArenaConfig, "two policies, same prompts, judged by the reward and cost models"),
-    ):
+    )
+
+
+def _add_config_commands(sub) -> None:
+    from .trainers.config import add_config_arguments
+
+    for name, cls, text in _config_commands():
         p = sub.add_parser(name, help=text, description=text)
         add_config_arguments(p, cls)
-        p.set_defaults(func=_rl)
+        p.set_defaults(func=_run_config_command)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -179,33 +207,73 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="benchmarks against their baselines, rows appended to a CSV")
     bench_sub = bench.add_subparsers(dest="what", required=True)
-    ops = bench_sub.add_parser("ops", help="log-prob, GAE and loss kernels vs the reference implementation's way")
-    ops.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    ops.add_argument("--sizes", choices=["tiny", "default", "gpu"], default=None,
-                     help="size preset (default: 'default' on cpu, 'gpu' on cuda)")
+
+    def measured(name: str, text: str, family: str, func, reps: int, warmup: int, memory: bool = True,
+                 presets=("tiny", "default", "gpu")):
+        """A benchmark sub-command with the options every one of them has."""
+        p = bench_sub.add_parser(name, help=text, description=text)
+        p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+        p.add_argument("--sizes", choices=presets, default=None,
+                       help="size preset (default: 'default' on cpu, 'gpu' on cuda)")
+        p.add_argument("--reps", type=int, default=reps, help="timed repetitions (interleaved across providers)")
+        p.add_argument("--warmup", type=int, default=warmup)
+        if memory:
+            p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurements")
+        p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+        p.add_argument("--csv", default=None, help=f"CSV path (default bench/results/{family}-<device>.csv)")
+        p.add_argument("--overwrite", action="store_true", help="replace the CSV instead of appending")
+        p.set_defaults(func=func)
+        return p
+
+    ops = measured("ops", "log-prob, GAE and loss kernels vs the reference implementation's way", "ops",
+                   _bench_ops, reps=7, warmup=2)
     ops.add_argument("--kernels", nargs="*", default=None, help="only these kernels")
-    ops.add_argument("--reps", type=int, default=7)
-    ops.add_argument("--warmup", type=int, default=2)
-    ops.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurements")
-    ops.add_argument("--csv", default=None, help="CSV path (default bench/results/ops-<device>.csv)")
-    ops.add_argument("--overwrite", action="store_true", help="replace the CSV instead of appending")
-    ops.set_defaults(func=_bench_ops)
-    roof = bench_sub.add_parser("roofline", help="log-prob kernels next to the matmul and bandwidth floors")
-    roof.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    roof.add_argument("--sizes", choices=["tiny", "default", "gpu"], default=None)
+    ops.add_argument("--timer", choices=["events", "do_bench"], default="events",
+                     help="CUDA timing: CUDA events around one call (default) or one triton.testing.do_bench median "
+                          "per repetition (L2 flushed between its runs); CPU: perf_counter either way")
+    roof = measured("roofline", "log-prob kernels next to the matmul and bandwidth floors", "roofline",
+                    _bench_roofline, reps=5, warmup=1, memory=False)
     roof.add_argument("--backend", default=None, help="op backend to measure (default: the device default)")
-    roof.add_argument("--reps", type=int, default=5)
-    roof.add_argument("--csv", default=None, help="CSV path (default bench/results/roofline-<device>.csv)")
-    roof.add_argument("--overwrite", action="store_true")
-    roof.set_defaults(func=_bench_roofline)
-    plot = bench_sub.add_parser("plot", help="PNG charts (speed-up, memory ratio) from a benchmark CSV")
-    plot.add_argument("--csv", required=True)
+    for name, text in (("generate", "generation tokens/s and memory: engine.generate vs transformers generate"),
+                       ("train-step", "training forward + backward tokens/s and memory, full and ragged batches: "
+                                      "our model vs transformers")):
+        p = measured(name, text + " (same checkpoint)", "model", _bench_model, reps=5, warmup=1)
+        p.add_argument("--model", default=None, help="a Hugging Face checkpoint folder (default: a randomly "
+                                                     "initialised Llama of the preset's shape)")
+        p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None)
+        p.add_argument("--batch", type=int, default=None)
+        p.add_argument("--prompt", type=int, default=None, help="prompt tokens")
+        p.add_argument("--new-tokens", type=int, default=None, help="generated / response tokens")
+        if name == "train-step":
+            p.add_argument("--layouts", nargs="+", choices=["full", "ragged"], default=None)
+    ppo = measured("ppo-step", "one PPO-Lag step vs the reference-style step, per phase", "ppo-step",
+                   _bench_ppo_step, reps=5, warmup=1)
+    ppo.add_argument("--algorithm", choices=["ppo-lag", "ppo"], default="ppo-lag")
+    ppo.add_argument("--json", default=None, help="also write every rep and the summary here")
+    plot = bench_sub.add_parser("plot", help="PNG charts (speed-up, memory ratio) from benchmark CSVs")
+    plot.add_argument("--csv", required=True, nargs="+")
     plot.add_argument("--out", default=os.path.join(DEFAULT_RESULTS, "plots"))
     plot.set_defaults(func=_bench_plot)
-    report = bench_sub.add_parser("report", help="markdown table (README performance section) from a benchmark CSV")
-    report.add_argument("--csv", required=True)
-    report.add_argument("--command", default=None, help="the command that reproduces the rows")
+    report = bench_sub.add_parser("report", help="markdown tables (README performance section) from benchmark CSVs")
+    report.add_argument("--csv", nargs="+", default=None,
+                        help="CSV files (default: bench/results/{ops,model,ppo-step,roofline}-{cpu,cuda}.csv)")
+    report.add_argument("--command", default=None, help="the command that reproduces rows with none recorded")
+    report.add_argument("--readme", default=None, help="rewrite the section between <!-- perf:begin --> and "
+                                                       "<!-- perf:end --> of this file instead of printing")
     report.set_defaults(func=_bench_report)
+
+    prof = sub.add_parser("profile", help="torch.profiler trace + per-phase and per-kernel tables")
+    prof_sub = prof.add_subparsers(dest="what", required=True)
+    pp = prof_sub.add_parser("ppo-step", help="one real PPO(-Lag) step of our trainer under torch.profiler")
+    pp.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    pp.add_argument("--sizes", choices=["tiny", "default", "gpu"], default=None,
+                    help="workload of bench ppo-step (default: 'default' on cpu, 'gpu' on cuda)")
+    pp.add_argument("--algorithm", choices=["ppo-lag", "ppo"], default="ppo-lag")
+    pp.add_argument("--warmup", type=int, default=1, help="unprofiled steps first")
+    pp.add_argument("--top", type=int, default=20, help="rows of the kernel table")
+    pp.add_argument("--threads", type=int, default=None)
+    pp.add_argument("--out", default=None, help="output folder (default runs/profile/ppo-step-<device>)")
+    pp.set_defaults(func=_profile_ppo_step)
 
     demo = sub.add_parser("demo", help="the embedded default job (CPU, minutes)")
     demo.add_argument("--quick", action="store_true", help="tiny sizes (seconds; the numbers mean nothing)")
@@ -214,13 +282,23 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--progress", action="store_true", help="show progress bars")
     demo.set_defaults(func=_demo)
 
-    _add_training_commands(sub)
-    _add_rl_commands(sub)
+    _add_config_commands(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    import shlex
+
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    if args.command in ("bench", "profile"):
+        from .benchmarks.harness import set_command
+
+        set_command(" ".join(shlex.quote(a) for a in ["saferlhf-fast", *argv]))
+        if getattr(args, "threads", None):
+            import torch
+
+            torch.set_num_threads(args.threads)
     return args.func(args)
 
 

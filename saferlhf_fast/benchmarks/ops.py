@@ -181,11 +181,11 @@ def cases(size: str, device: str, kernels: list[str] | None = None) -> list[list
 
 def run(size: str = "default", device: str = "cpu", reps: int = 7, warmup: int = 2, memory: bool = True,
         csv_path: str | None = None, overwrite: bool = False, kernels: list[str] | None = None,
-        echo=print) -> list[dict]:
+        echo=print, timer: str = "events") -> list[dict]:
     """Run the op benchmarks; returns the CSV rows (and appends them to ``csv_path``)."""
     rows: list[dict] = []
     for group in cases(size, device, kernels):
-        times = time_interleaved(group, device, reps=reps, warmup=warmup)
+        times = time_interleaved(group, device, reps=reps, warmup=warmup, timer=timer)
         group_rows = []
         for case in group:
             group_rows.append(make_row(case, "time", "s", *summarize(times[case.provider]), device))

@@ -1,11 +1,13 @@
-"""Turn a benchmark CSV into PNG charts: per (kernel, mode), speed-up over the baseline and memory as a fraction
-of the baseline, one bar per (size, provider).  Uses the latest row of each (kernel, provider, mode, metric, x,
-device)."""
+"""Turn a benchmark CSV into PNG charts: per (kernel, mode), speed-up over the baseline (time and rates such as
+tokens/s) and memory as a fraction of the baseline, one bar per (size, provider).  Uses the latest row of each
+(kernel, provider, mode, metric, x, device)."""
 from __future__ import annotations
 
 import csv
 import os
 from collections import defaultdict
+
+from .harness import is_baseline, ratio_to_baseline
 
 
 def latest_rows(path: str) -> list[dict]:
@@ -18,19 +20,18 @@ def latest_rows(path: str) -> list[dict]:
 
 
 def ratios(rows: list[dict]) -> dict[tuple, dict[tuple, float]]:
-    """{(kernel, mode, metric, device): {(x, provider): ratio}}; time: baseline/ours, memory: ours/baseline."""
+    """{(kernel, mode, metric, device): {(x, provider): ratio}}; time and rates: speed-up over the baseline,
+    memory: ours / baseline."""
     base = {(r["kernel"], r["mode"], r["metric"], r["x"], r["device"]): float(r["p50"])
-            for r in rows if r["provider"] == "baseline"}
+            for r in rows if is_baseline(r["provider"])}
     out: dict[tuple, dict[tuple, float]] = defaultdict(dict)
     for r in rows:
-        if r["provider"] == "baseline":
+        if is_baseline(r["provider"]):
             continue
-        ref = base.get((r["kernel"], r["mode"], r["metric"], r["x"], r["device"]))
-        value = float(r["p50"])
-        if not ref or value <= 0:
-            continue
-        ratio = ref / value if r["metric"] == "time" else value / ref
-        out[(r["kernel"], r["mode"], r["metric"], r["device"])][(r["x"], r["provider"])] = ratio
+        got = ratio_to_baseline(r["metric"], float(r["p50"]),
+                                base.get((r["kernel"], r["mode"], r["metric"], r["x"], r["device"]), 0.0))
+        if got is not None:
+            out[(r["kernel"], r["mode"], r["metric"], r["device"])][(r["x"], r["provider"])] = got[0]
     return out
 
 
@@ -42,7 +43,9 @@ def plot(csv_path: str, out_dir: str) -> list[str]:
 
     os.makedirs(out_dir, exist_ok=True)
     written = []
-    for (kernel, mode, metric, device), values in sorted(ratios(latest_rows(csv_path)).items()):
+    table = ratios(latest_rows(csv_path))
+    keys = list(table)
+    for (kernel, mode, metric, device), values in sorted(table.items()):
         sizes = sorted({x for x, _ in values})
         providers = sorted({p for _, p in values})
         fig, ax = plt.subplots(figsize=(1.8 + 1.6 * len(sizes) * max(1, len(providers)) / 2, 3.2))
@@ -53,12 +56,14 @@ def plot(csv_path: str, out_dir: str) -> list[str]:
         ax.axhline(1.0, color="k", lw=0.8, ls="--")
         ax.set_xticks([j + width * (len(providers) - 1) / 2 for j in range(len(sizes))])
         ax.set_xticklabels(sizes, fontsize=7)
-        label = "speed-up vs baseline (x)" if metric == "time" else "memory / baseline memory"
+        label = "memory / baseline memory" if metric == "memory" else "speed-up vs baseline (x)"
         ax.set_ylabel(label, fontsize=8)
         ax.set_title(f"{kernel} {mode} {metric}\n{device}", fontsize=8)
         ax.legend(fontsize=7)
         fig.tight_layout()
-        path = os.path.join(out_dir, f"{kernel}-{mode}-{metric}.png")
+        devices = sorted({k[3] for k in keys if k[:3] == (kernel, mode, metric)})
+        tag = "" if len(devices) == 1 else f"-{devices.index(device)}"
+        path = os.path.join(out_dir, f"{kernel}-{mode}-{metric}{tag}.png")
         fig.savefig(path, dpi=110)
         plt.close(fig)
         written.append(path)

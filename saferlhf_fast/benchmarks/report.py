@@ -1,44 +1,106 @@
-"""Markdown tables from benchmark CSVs, for the README's performance section (latest row per measurement)."""
+"""Markdown tables from benchmark CSVs, for the README's performance section (latest row per measurement).
+
+Rows are grouped by machine, then by the command that produced them (the ``command`` column), so every table
+names its device, its date, the versions and git commit, and the exact command that reproduces it.
+``update_readme`` rewrites the part of a file between ``<!-- perf:begin -->`` and ``<!-- perf:end -->``.
+"""
 from __future__ import annotations
 
+import os
+
+from .harness import is_baseline, ratio_to_baseline
 from .plot import latest_rows
 
+BEGIN, END = "<!-- perf:begin -->", "<!-- perf:end -->"
+FAMILIES = ("ops", "model", "ppo-step", "roofline")
 
-def _fmt(row: dict) -> str:
-    value = float(row["p50"])
+
+def default_csvs(results_dir: str) -> list[str]:
+    """The CLI's result files that exist: ``{ops,model,ppo-step,roofline}-{cpu,cuda}.csv``."""
+    paths = [os.path.join(results_dir, f"{family}-{device}.csv") for device in ("cpu", "cuda") for family in FAMILIES]
+    return [p for p in paths if os.path.exists(p)]
+
+
+def _fmt(row: dict, key: str = "p50") -> str:
+    value = float(row[key])
     if row["unit"] == "s":
-        return f"{value * 1e3:.3g} ms" if value < 10 else f"{value:.3g} s"
+        return f"{value * 1e3:.3g} ms" if value < 1 else f"{value:.3g} s"
     if row["unit"] == "B":
         return f"{value / 2**20:.4g} MiB"
     return f"{value:.4g} {row['unit']}"
 
 
-def markdown(csv_path: str, command: str | None = None) -> str:
-    rows = latest_rows(csv_path)
+def _spread(row: dict) -> str:
+    lo, hi = _fmt(row, "p20"), _fmt(row, "p80")
+    lo_num, _, lo_unit = lo.partition(" ")
+    return f"{lo_num}-{hi}" if hi.partition(" ")[2] == lo_unit else f"{lo} - {hi}"
+
+
+def _table(rows: list[dict], base: dict) -> list[str]:
+    lines = ["| kernel | mode | size | metric | provider | p50 (p20-p80) | vs baseline |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        ref = base.get((r["kernel"], r["mode"], r["metric"], r["x"], r["device"]))
+        got = None if is_baseline(r["provider"]) else ratio_to_baseline(r["metric"], float(r["p50"]), ref or 0.0)
+        if got is None:
+            ratio = ""
+        elif got[1] == "fraction":
+            ratio = f"{got[0]:.3g} of baseline"
+        else:
+            ratio = f"{got[0]:.2f}x faster" if got[0] >= 1 else f"{1 / got[0]:.2f}x slower"
+        spread = f" ({_spread(r)})" if r["metric"] != "memory" else ""
+        lines.append(f"| {r['kernel']} | {r['mode']} | {r['x']} | {r['metric']} | {r['provider']} | "
+                     f"{_fmt(r)}{spread} | {ratio} |")
+    return lines
+
+
+def markdown(csv_paths: str | list[str], command: str | None = None) -> str:
+    """One section per machine; in it one table per command (``command``: the one to show for rows recorded
+    without one)."""
+    if isinstance(csv_paths, str):
+        csv_paths = [csv_paths]
+    rows = [r for path in csv_paths for r in latest_rows(path)]
     base = {(r["kernel"], r["mode"], r["metric"], r["x"], r["device"]): float(r["p50"])
-            for r in rows if r["provider"] == "baseline"}
+            for r in rows if is_baseline(r["provider"])}
     lines = []
     for device in sorted({r["device"] for r in rows}):
         dev_rows = [r for r in rows if r["device"] == device]
         dates = sorted(r["timestamp"][:10] for r in dev_rows)
-        lines.append(f"Device: {device}; measured {dates[0]}" + (f" to {dates[-1]}" if dates[-1] != dates[0] else "")
-                     + f"; {dev_rows[0]['version']}")
-        if command:
-            lines.append(f"Reproduce: `{command}`")
+        lines.append(f"**{device}**, measured {dates[0]}" + (f" to {dates[-1]}" if dates[-1] != dates[0] else ""))
         lines.append("")
-        lines.append("| kernel | mode | size | metric | provider | p50 (p20-p80) | vs baseline |")
-        lines.append("|---|---|---|---|---|---|---|")
+        groups: dict[str, list[dict]] = {}
         for r in dev_rows:
-            ref = base.get((r["kernel"], r["mode"], r["metric"], r["x"], r["device"]))
-            value = float(r["p50"])
-            if r["provider"] == "baseline" or not ref or value <= 0:
-                ratio = ""
-            elif r["metric"] == "time":
-                ratio = f"{ref / value:.2f}x faster"
-            else:
-                ratio = f"{value / ref:.3f} of baseline"
-            spread = f"{_fmt(dict(r, p50=r['p20']))} - {_fmt(dict(r, p50=r['p80']))}" if r["metric"] == "time" else ""
-            lines.append(f"| {r['kernel']} | {r['mode']} | {r['x']} | {r['metric']} | {r['provider']} | "
-                         f"{_fmt(r)}{f' ({spread})' if spread else ''} | {ratio} |")
-        lines.append("")
+            groups.setdefault(r.get("command") or command or "", []).append(r)
+        for cmd, group in groups.items():
+            stamps = sorted(r["timestamp"] for r in group)
+            when = stamps[0][:16].replace("T", " ") + " UTC"
+            versions = sorted({r["version"] for r in group})
+            lines.append(f"`{cmd}`" if cmd else "command not recorded")
+            loads = [float(part.split("=", 1)[1]) for r in group for part in r.get("config", "").split()
+                     if part.startswith("load1=")]
+            load = ""
+            if loads:
+                lo, hi = min(loads), max(loads)
+                load = f"; load average {lo:.1f}" + (f"-{hi:.1f}" if hi != lo else "")
+            lines.append(f"({when}; {'; '.join(versions)}{load})")
+            lines.append("")
+            lines += _table(group, base)
+            lines.append("")
     return "\n".join(lines)
+
+
+def update_readme(path: str, text: str, csv_paths: list[str]) -> None:
+    """Replace what lies between the perf markers of ``path`` with ``text`` (atomically)."""
+    with open(path) as f:
+        content = f.read()
+    if content.count(BEGIN) != 1 or content.count(END) != 1 or content.index(BEGIN) > content.index(END):
+        raise SystemExit(f"{path}: expected one '{BEGIN}' ... '{END}' pair")
+    head, rest = content.split(BEGIN)
+    _, tail = rest.split(END)
+    sources = " ".join(os.path.relpath(p) for p in csv_paths)
+    note = (f"<!-- generated by `saferlhf-fast bench report --readme {os.path.basename(path)} --csv {sources}`; "
+            "edits between the perf markers are overwritten -->")
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(f"{head}{BEGIN}\n{note}\n\n{text.rstrip()}\n{END}{tail}")
+    os.replace(tmp, path)

@@ -23,7 +23,7 @@ from torch.utils.data import Dataset
 from ..ops import IGNORE_INDEX
 from .errors import DataError
 from .sources import Record, load_records
-from .template import format_prompt
+from .template import CHAT_TEMPLATES, format_chat_prompt, format_prompt
 
 logger = logging.getLogger(__name__)
 
@@ -52,8 +52,14 @@ def _lengths_mask(seqs: list[torch.Tensor], left: bool) -> torch.Tensor:
 class TokenizedDataset(Dataset):
     """Rows of ``NAME[:PROPORTION[:PATH]]`` specs (or ready :class:`Record` s), templated and tokenized."""
 
-    def __init__(self, datasets, tokenizer, max_length: int | None = None, seed: int = 42):
+    def __init__(self, datasets, tokenizer, max_length: int | None = None, seed: int = 42,
+                 chat_template: str = "reference"):
         self.tokenizer = tokenizer
+        if chat_template not in CHAT_TEMPLATES:
+            raise DataError(f"chat_template {chat_template!r}: expected one of {', '.join(CHAT_TEMPLATES)}")
+        if chat_template == "tokenizer" and not getattr(tokenizer, "chat_template", None):
+            raise DataError("--chat_template tokenizer: the tokenizer has no chat_template")
+        self.chat_template = chat_template  # "reference": format_prompt; "tokenizer": the tokenizer's own template
         self.max_length = int(max_length or tokenizer.model_max_length)
         if self.max_length < 2:
             raise DataError(f"max_length must be at least 2, got {self.max_length}")
@@ -74,6 +80,8 @@ class TokenizedDataset(Dataset):
         return self.tokenizer.pad_token_id
 
     def _prompt_texts(self, records: list[Record]) -> list[str]:
+        if self.chat_template == "tokenizer":
+            return [format_chat_prompt(r.prompt(), self.tokenizer) for r in records]
         return [format_prompt(r.prompt(), eos_token=self.tokenizer.eos_token) for r in records]
 
     def _check_prompts(self, records: list[Record], prompts: list[str], room: int = 1) -> list[int]:

@@ -29,3 +29,22 @@ def format_prompt(input: str | list[str], eos_token: str = "") -> str:  # noqa: 
         else:
             buffer.extend((line, eos_token))
     return "".join(buffer)
+
+
+CHAT_TEMPLATES = ("reference", "tokenizer")
+
+
+def format_chat_prompt(input: str | list[str], tokenizer) -> str:  # noqa: A002
+    """Opt-in alternative to :func:`format_prompt` (``--chat_template tokenizer``): the prompt rendered by the
+    tokenizer's own chat template (e.g. ChatML for SmolLM2-Instruct), with the generation prompt appended, so the
+    response again follows directly and ends with the tokenizer's eos.  ``input`` as for :func:`format_prompt`."""
+    if isinstance(input, str):
+        input = [input]
+    elif not isinstance(input, (list, tuple)) or not all(isinstance(x, str) for x in input):
+        raise TypeError(f"input must be a string or a list of strings, got {type(input).__name__}")
+    if len(input) % 2 != 1:
+        raise ValueError("a conversation must have an odd number of turns and end with the user's turn")
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("--chat_template tokenizer: this tokenizer has no chat_template")
+    messages = [{"role": "user" if i % 2 == 0 else "assistant", "content": text} for i, text in enumerate(input)]
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)

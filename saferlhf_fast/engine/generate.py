@@ -10,13 +10,15 @@ token under ``softmax(logits / temperature)`` (see ``sampling.py``), which equal
 from __future__ import annotations
 
 import copy
+import os
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from ..models.llama import positions_from_mask
-from .sampling import SamplingParams, next_token
+from . import fast_decode as fd
+from .sampling import SamplingParams, native_sampling_ok, next_token
 
 
 @dataclass
@@ -53,12 +55,23 @@ def generate(model, input_ids: Tensor, attention_mask: Tensor | None = None, *, 
              do_sample: bool = True, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
              repetition_penalty: float = 1.0, eos_token_id: int | list[int] | None = None,
              pad_token_id: int | None = None, seed: int | None = None,
-             use_cuda_graph: bool | None = None) -> GenerateOutput:
+             use_cuda_graph: bool | None = None, fast_decode: bool | None = None,
+             exact_logprobs: bool = False) -> GenerateOutput:
     """Sample (or greedily decode) up to ``max_new_tokens`` after left-padded prompts ``input_ids`` [B, P].
 
     ``eos_token_id`` / ``pad_token_id`` default to the model config's (pad falls back to eos, then 0).  ``seed``
     makes sampling reproducible (a private ``torch.Generator``; the global RNG is untouched).  Decoding stops when
     every row has emitted eos; ``T`` is then the number of steps taken.
+
+    ``fast_decode``: the lean CPU decode step (``fast_decode.py``: fused projections, prepacked weights); default
+    on for fp32 models on the CPU unless ``$SAFERLHF_FAST_DECODE=0``; False runs the model's own
+    ``forward_cached`` every step (the eager reference path).
+
+    ``exact_logprobs``: recompute ``logprobs`` with the training forward (``model.token_logprobs`` over the
+    generated batch, one extra no-grad forward), so they are bit-identical to what a training forward computes.
+    Without it the decode step's own log-probs are returned: the same quantity up to fp32 rounding of different
+    matmul shapes (<= 1e-5 on small models; on SmolLM2-135M 2e-5 to 6e-5, the size of the training forward's own
+    fp32 error against an fp64 forward, 3e-5: see README).
     """
     params = SamplingParams(do_sample, temperature, top_p, top_k, repetition_penalty)
     if max_new_tokens < 1:
@@ -80,16 +93,28 @@ def generate(model, input_ids: Tensor, attention_mask: Tensor | None = None, *, 
         return _generate_hf(model, input_ids, attention_mask, max_new_tokens, params, eos, pad, seed)
     if use_cuda_graph is None:
         use_cuda_graph = device.type == "cuda"
+    if fast_decode is None:
+        fast_decode = os.environ.get("SAFERLHF_FAST_DECODE", "1") != "0" and fd.supported(model)
+    elif fast_decode and not fd.supported(model):
+        raise ValueError("fast_decode covers the native decoder in fp32 on the CPU; pass fast_decode=False")
+    if fast_decode:
+        use_cuda_graph = False
 
     was_training = model.training
     model.eval()
     try:
-        return _decode(model, input_ids, attention_mask, max_new_tokens, params, eos, pad, generator, use_cuda_graph)
+        out = _decode(model, input_ids, attention_mask, max_new_tokens, params, eos, pad, generator, use_cuda_graph,
+                      fast_decode)
     finally:
         model.train(was_training)
+    if exact_logprobs:
+        lp = model.token_logprobs(out.sequences, out.attention_mask, temperature=params.temperature)
+        out.logprobs = lp[:, out.prompt_length - 1:].masked_fill(~out.response_mask, 0.0)
+    return out
 
 
-def _decode(model, input_ids, prompt_mask, max_new_tokens, params, eos, pad, generator, use_cuda_graph):
+def _decode(model, input_ids, prompt_mask, max_new_tokens, params, eos, pad, generator, use_cuda_graph,
+            fast_decode=False):
     b, p = input_ids.shape
     device = input_ids.device
     cache = model.allocate_cache(b, p + max_new_tokens)
@@ -107,11 +132,13 @@ def _decode(model, input_ids, prompt_mask, max_new_tokens, params, eos, pad, gen
         seen.scatter_(1, input_ids, prompt_mask)  # real prompt tokens only (transformers also counts pads)
     position = prompt_mask.sum(-1, keepdim=True)  # [B, 1] position of the next token
     step_fn = _CudaGraphStep(model, cache, b) if use_cuda_graph else None
+    plan = fd.DecodePlan(model, cache, b, prompt_mask) if fast_decode else None
+    native_sampling = plan is not None and plan.native and native_sampling_ok(logits.float(), params)
     check_every = 8 if device.type == "cuda" else 1
 
     steps = max_new_tokens
     for t in range(max_new_tokens):
-        tok, lp = next_token(logits, params, seen, generator)
+        tok, lp = next_token(logits, params, seen, generator, native_sampling)
         tok = torch.where(alive, tok, pad)
         tokens[:, t] = tok
         logprobs[:, t] = lp.masked_fill(~alive, 0.0)
@@ -127,7 +154,9 @@ def _decode(model, input_ids, prompt_mask, max_new_tokens, params, eos, pad, gen
             seen.scatter_(1, tok[:, None], alive[:, None] | seen.gather(1, tok[:, None]))
         slot = p + t
         cache.valid[:, slot] = True
-        if step_fn is not None:
+        if plan is not None:
+            logits = plan.step(tok, position[:, 0], slot)
+        elif step_fn is not None:
             logits = step_fn(tok[:, None], position, slot)
         else:
             logits = model.forward_cached(tok[:, None], position, cache, slot)

@@ -9,6 +9,10 @@ helpfulness, and the refusal rate on benign prompts (over-caution).
 Prompts are templated and tokenised with each policy's own tokenizer; responses are decoded (special tokens
 skipped) and scored as ``prompt + response + eos`` with the score models' tokenizers, as the reference's
 re-tokenisation does.
+
+Under ``torchrun`` every rank holds full copies of the (frozen) models, answers and scores the prompts
+``rank::world_size``, and the results are gathered in prompt order; rank 0 prints and writes.  Greedy decoding
+(the default) gives the single-process answers; with ``--do_sample`` the batches, hence the draws, differ.
 """
 from __future__ import annotations
 
@@ -19,6 +23,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from .. import distributed
 from ..data import PromptOnlyDataset, load_records, load_tokenizer, synthetic
 from ..engine import generate
 from ..models import freeze, from_pretrained
@@ -72,14 +77,17 @@ def _check(flag: str, path: str) -> None:
 @torch.no_grad()
 def generate_responses(model, tokenizer, records, *, max_length: int, max_new_tokens: int | None = None,
                        batch_size: int = 16, do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
-                       repetition_penalty: float = 1.0, seed: int = 42, device=None) -> tuple[list[str], list[str]]:
-    """(templated prompts, decoded responses) of ``model`` on prompt ``records`` (deduplicated, in order)."""
+                       repetition_penalty: float = 1.0, seed: int = 42, device=None,
+                       shard: tuple[int, int] | None = None) -> tuple[list[str], list[str]]:
+    """(templated prompts, decoded responses) of ``model`` on prompt ``records`` (deduplicated, in order).
+    ``shard=(rank, world_size)``: only the prompts ``rank::world_size``."""
     device = device or model.device
     ds = PromptOnlyDataset(records, tokenizer, max_length)
     collate = ds.collator()
+    rows = list(range(len(ds))) if shard is None else list(range(shard[0], len(ds), shard[1]))
     prompts, responses = [], []
-    for bi, start in enumerate(range(0, len(ds), batch_size)):
-        items = [ds[i] for i in range(start, min(len(ds), start + batch_size))]
+    for bi, start in enumerate(range(0, len(rows), batch_size)):
+        items = [ds[i] for i in rows[start:start + batch_size]]
         batch = collate(items)
         p = batch["input_ids"].shape[1]
         new = max(1, max_length - p)
@@ -208,13 +216,35 @@ def _load_scorer(flag, path, device, attn_backend, max_length):
     return model, tok, (norm.to(device) if norm is not None else None)
 
 
+def _interleave(parts: list[list]) -> list:
+    """Rows ``r::n`` of rank ``r`` back into one list in row order."""
+    out: list = [None] * sum(len(p) for p in parts)
+    for r, p in enumerate(parts):
+        out[r::len(parts)] = p
+    return out
+
+
+def _gather_sides(outputs: dict, scores: dict) -> tuple[dict, dict]:
+    """Every rank's (prompts, responses) and scores, in prompt order (a collective)."""
+    local = {side: (list(outputs[side][0]), list(outputs[side][1]),
+                    {kind: scores[kind][side].tolist() for kind in scores}) for side in outputs}
+    parts = distributed.all_gather_object(local)
+    outputs = {side: (_interleave([p[side][0] for p in parts]), _interleave([p[side][1] for p in parts]))
+               for side in local}
+    scores = {kind: {side: torch.tensor(_interleave([p[side][2][kind] for p in parts]), dtype=torch.float32)
+                     for side in local} for kind in scores}
+    return outputs, scores
+
+
 def run_arena(cfg: ArenaConfig) -> dict:
+    distributed.init(cfg.device)
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
     records = load_records(cfg.datasets, seed=cfg.seed)
+    shard = (distributed.rank(), distributed.world_size()) if distributed.is_distributed() else None
     gen_kw = dict(max_length=cfg.max_length, max_new_tokens=cfg.max_new_tokens,
                   batch_size=cfg.per_device_eval_batch_size, do_sample=cfg.do_sample, temperature=cfg.temperature,
-                  top_p=cfg.top_p, repetition_penalty=cfg.repetition_penalty, seed=cfg.seed)
+                  top_p=cfg.top_p, repetition_penalty=cfg.repetition_penalty, seed=cfg.seed, shard=shard)
     outputs = {}
     for side in ("red", "blue"):
         flag = f"{side}_corpus_model_name_or_path"
@@ -232,12 +262,18 @@ def run_arena(cfg: ArenaConfig) -> dict:
         scores[kind] = {side: score_texts(model, tok, norm, *outputs[side], max_length=cfg.max_length,
                                           batch_size=cfg.per_device_eval_batch_size) for side in ("red", "blue")}
         del model
+    if shard is not None:
+        outputs, scores = _gather_sides(outputs, scores)
+        prompts_red, resp_red = outputs["red"]
+        prompts_blue, resp_blue = outputs["blue"]
     summary = arena_summary(scores["reward"]["red"], scores["cost"]["red"], scores["reward"]["blue"],
                             scores["cost"]["blue"])
     gt = {side: ground_truth(*outputs[side]) for side in ("red", "blue")}
     if any(v is not None for v in gt.values()):
         summary["ground_truth"] = gt
     summary["config"] = asdict(cfg)
+    if not distributed.is_main():
+        return summary
     print(format_summary(summary, cfg.red_corpus_model_name_or_path, cfg.blue_corpus_model_name_or_path))
     if cfg.output_dir:
         tmp = cfg.output_dir.rstrip("/") + ".tmp-arena"

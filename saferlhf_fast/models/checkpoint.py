@@ -339,12 +339,20 @@ def _parse_size(size) -> int:
 
 def save_pretrained(model: DecoderModel, save_directory: str, *, max_shard_size="5GB", dtype: torch.dtype | None = None,
                     copy_tokenizer: bool = True) -> None:
-    """Write config.json + safetensors (sharded above ``max_shard_size``, with model.safetensors.index.json)."""
+    """Write config.json + safetensors (sharded above ``max_shard_size``, with model.safetensors.index.json).
+
+    A model sharded with FSDP2 (``saferlhf_fast.distributed``) is consolidated first: every rank must call this,
+    rank 0 writes."""
     from safetensors.torch import save_file
 
+    from ..distributed import full_state_dict, is_sharded
+
+    full = full_state_dict(model) if is_sharded(model) else model.state_dict()
+    if full is None:  # not rank 0 of a sharded model: rank 0 writes
+        return
     os.makedirs(save_directory, exist_ok=True)
     state = {}
-    for name, tensor in model.state_dict().items():
+    for name, tensor in full.items():
         if name == "lm_head.weight" and model.config.tie_word_embeddings:
             continue  # tied: transformers re-ties it from model.embed_tokens.weight
         t = tensor.detach()

@@ -124,6 +124,13 @@ class _LinearLogprobs(torch.autograd.Function):
             lse[start:stop] = ls
             if with_entropy:
                 entropy[start:stop] = en
+            single = n <= chunk and not with_entropy and logits.dtype == torch.float32
+            if single and any(ctx.needs_input_grad[:2]):
+                # One chunk: keep d logp / d logits (onehot - p) / T from here instead of recomputing the logits
+                # in backward (the row gradient only scales it; same peak memory: one chunk).
+                kernels.logprobs_backward(torch.ones_like(lp), None, logits, labels[start:stop], ls,
+                                          torch.zeros_like(ls), temperature, ignore_index, logits)
+                ctx.dlogits = logits
             del logits
         ctx.save_for_backward(hidden, weight, labels, lse, entropy)
         ctx.args = (temperature, ignore_index, kernels, chunk)
@@ -139,22 +146,31 @@ class _LinearLogprobs(torch.autograd.Function):
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_hidden = torch.empty_like(hidden) if need_h else None
         # fp32 accumulator for the weight gradient: bf16 accumulation over many chunks would lose bits.
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
         n = hidden.shape[0]
+        single = n <= chunk and weight.dtype == torch.float32  # one chunk: grad_weight = logits.T @ h, no zero fill
+        grad_weight = (torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+                       if need_w and not single else None)
+        dlogits = getattr(ctx, "dlogits", None)
+        ctx.dlogits = None
         for start in range(0, n, chunk):
             stop = min(n, start + chunk)
             h = hidden[start:stop]
-            logits = h @ weight.t()
-            kernels.logprobs_backward(
-                grad_logp[start:stop],
-                None if grad_entropy is None else grad_entropy[start:stop],
-                logits, labels[start:stop], lse[start:stop], entropy[start:stop],
-                temperature, ignore_index, logits,  # in place: logits become d loss / d logits
-            )
+            if dlogits is not None:  # only saved without entropy (whose incoming gradient is then unused zeros)
+                logits = dlogits.mul_(grad_logp[start:stop, None].to(dlogits.dtype))
+            else:
+                logits = h @ weight.t()
+                kernels.logprobs_backward(
+                    grad_logp[start:stop],
+                    None if grad_entropy is None else grad_entropy[start:stop],
+                    logits, labels[start:stop], lse[start:stop], entropy[start:stop],
+                    temperature, ignore_index, logits,  # in place: logits become d loss / d logits
+                )
             if need_h:
                 torch.mm(logits, weight, out=grad_hidden[start:stop])
             if need_w:
-                if logits.dtype == torch.float32:
+                if single:
+                    grad_weight = torch.mm(logits.t(), h)
+                elif logits.dtype == torch.float32:
                     grad_weight.addmm_(logits.t(), h)
                 else:
                     grad_weight += (logits.t() @ h).float()

@@ -14,6 +14,10 @@ atomic checkpoints and exact resume.
   ``--resume`` reloads all of it and continues to bit-identical final weights.
 * Outputs (the final model, ``metrics.jsonl``, ``arguments.json``) appear in OUTPUT_DIR only once the data and the
   model have loaded, so bad input leaves no directory behind.
+* Under ``torchrun`` (``saferlhf_fast.distributed``, docs/distributed.md): the model is sharded with FSDP2, each rank
+  reads its ``DistributedSampler`` share of every epoch (the same permutation), gradients are averaged over ranks,
+  metrics are reduced over ranks, rank 0 alone writes files; checkpoints add a DCP folder (model + optimizer
+  shards) next to the consolidated Hugging Face model, and reload on any number of processes.
 """
 from __future__ import annotations
 
@@ -31,6 +35,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from .. import distributed
 from ..data import DataError, load_tokenizer
 from ..data.tokenizer import save_tokenizer
 from .config import ConfigError, TrainConfig
@@ -63,6 +68,9 @@ def set_rng_state(state: dict) -> None:
 
 
 def resolve_device(name: str) -> torch.device:
+    local = distributed.device_for(name)  # torchrun on GPUs: cuda:LOCAL_RANK
+    if local is not None:
+        return local
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -108,6 +116,37 @@ def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     g = torch.Generator()
     g.manual_seed(seed + epoch)
     return torch.randperm(n, generator=g).tolist()
+
+
+def rank_epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    """This rank's rows of epoch ``epoch``: ``epoch_order`` in one process, its ``DistributedSampler`` share (same
+    permutation, rows ``rank::world_size``) under torchrun."""
+    if distributed.is_distributed():
+        return distributed.epoch_indices(n, seed, epoch)
+    return epoch_order(n, seed, epoch)
+
+
+def maybe_shard(model, config, trainable: bool = True):
+    """FSDP2-shard ``model`` under torchrun (a frozen model only with ``--shard_frozen``); unchanged otherwise."""
+    if not distributed.is_distributed() or (not trainable and not config.shard_frozen):
+        return model
+    offload = config.offload != "none" and trainable and model.device.type == "cuda"
+    return distributed.shard_model(model, mixed_precision=config.mixed_precision, offload=offload)
+
+
+def warn_single_process_flags(config) -> None:
+    if not distributed.is_distributed() and (config.mixed_precision or config.offload != "none"):
+        print("warning: --mixed_precision / --offload apply to FSDP2 under torchrun; ignored in a single process")
+
+
+class NullLogger:
+    """The metrics sink of ranks other than 0 (rank 0 writes)."""
+
+    def log(self, metrics: dict, step: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 def split_dataset(dataset: Dataset, ratio: float, seed: int):
@@ -177,6 +216,8 @@ class Trainer:
 
     def __init__(self, config: TrainConfig):
         self.config = cfg = config
+        distributed.init(cfg.device)
+        warn_single_process_flags(cfg)
         self.device = resolve_device(cfg.device)
         if cfg.tf32 is not None and torch.cuda.is_available():
             torch.backends.cuda.matmul.allow_tf32 = bool(cfg.tf32)
@@ -193,6 +234,7 @@ class Trainer:
         self.model = load_model(self.resume_from or cfg.model_name_or_path, self.head, cfg.attn_backend, self.device)
         if cfg.gradient_checkpointing:
             self.model.set_gradient_checkpointing(True)
+        self.model = maybe_shard(self.model, cfg, trainable=True)
         self.state = TrainState()
         self.collate = collator_of(self.train_dataset)
         self.eval_collate = collator_of(self.eval_dataset) if self.eval_dataset is not None else None
@@ -239,7 +281,7 @@ class Trainer:
             yield to_device(batch, self.device)
 
     def micro_batches_per_epoch(self) -> int:
-        return math.ceil(len(self.train_dataset) / self.config.per_device_train_batch_size)
+        return math.ceil(distributed.rows_per_rank(len(self.train_dataset)) / self.config.per_device_train_batch_size)
 
     def total_steps(self) -> int:
         return self.config.epochs * math.ceil(self.micro_batches_per_epoch() / self.config.gradient_accumulation_steps)
@@ -252,30 +294,40 @@ class Trainer:
         pass
 
     def save_model(self, path: str) -> None:
-        self.model.save_pretrained(path)
-        save_tokenizer(self.tokenizer, path)
+        self.model.save_pretrained(path)  # sharded: every rank gathers, rank 0 writes
+        if distributed.is_main():
+            save_tokenizer(self.tokenizer, path)
 
     # ---- checkpoints ------------------------------------------------------------------------------------
     def save_checkpoint(self) -> str:
         cfg = self.config
         final = os.path.join(cfg.output_dir, f"checkpoint-{self.state.step}")
         tmp = os.path.join(cfg.output_dir, f".checkpoint-{self.state.step}.tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
+        main, sharded = distributed.is_main(), distributed.is_distributed()
+        if main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            os.makedirs(tmp)
+        distributed.barrier()
         self.save_model(tmp)
-        torch.save({
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "state": dataclasses.asdict(self.state),
-            "rng": rng_state(),
-            "extra": self.extra_state(),
-            "config": dataclasses.asdict(cfg),
-        }, os.path.join(tmp, STATE_FILE))
-        with open(os.path.join(tmp, "trainer_state.json"), "w", encoding="utf-8") as f:
-            json.dump({**dataclasses.asdict(self.state), "total_steps": self.total_steps()}, f, indent=2)
-        shutil.rmtree(final, ignore_errors=True)
-        os.rename(tmp, final)
-        self._prune_checkpoints()
+        if sharded:  # model + optimizer shards (DCP): resumable on any number of processes
+            distributed.save_sharded(os.path.join(tmp, distributed.SHARDED_DIR),
+                                     {"model": (self.model, self.optimizer)})
+        if main:
+            torch.save({
+                "optimizer": None if sharded else self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "state": dataclasses.asdict(self.state),
+                "rng": rng_state(),
+                "extra": self.extra_state(),
+                "config": dataclasses.asdict(cfg),
+                **({"world_size": distributed.world_size()} if sharded else {}),
+            }, os.path.join(tmp, STATE_FILE))
+            with open(os.path.join(tmp, "trainer_state.json"), "w", encoding="utf-8") as f:
+                json.dump({**dataclasses.asdict(self.state), "total_steps": self.total_steps()}, f, indent=2)
+            shutil.rmtree(final, ignore_errors=True)
+            os.rename(tmp, final)
+            self._prune_checkpoints()
+        distributed.barrier()
         return final
 
     def _prune_checkpoints(self) -> None:
@@ -286,7 +338,13 @@ class Trainer:
 
     def _load_checkpoint(self, path: str) -> None:
         blob = torch.load(os.path.join(path, STATE_FILE), map_location="cpu", weights_only=False)
-        self.optimizer.load_state_dict(blob["optimizer"])
+        shards = os.path.join(path, distributed.SHARDED_DIR)
+        if os.path.isdir(shards):  # saved under torchrun: DCP reshards to this world size
+            distributed.load_sharded(shards, {"model": (self.model, self.optimizer)})
+        elif distributed.is_sharded(self.model):  # a single-process checkpoint resumed under torchrun
+            distributed.load_full_optimizer_state(self.model, self.optimizer, blob["optimizer"])
+        else:
+            self.optimizer.load_state_dict(blob["optimizer"])
         self.scheduler.load_state_dict(blob["scheduler"])
         self.state = TrainState(**blob["state"])
         self.load_extra_state(blob.get("extra", {}))
@@ -300,7 +358,7 @@ class Trainer:
         metrics = self.evaluate()
         self.model.train()
         logger.log(metrics, self.state.step)
-        if metrics:
+        if metrics and distributed.is_main():
             print("eval @ step {}: {}".format(self.state.step, ", ".join(f"{k}={v:.4f}" for k, v in metrics.items())))
         return metrics
 
@@ -316,26 +374,30 @@ class Trainer:
         warmup = int(cfg.lr_warmup_ratio * total)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer,
                                                            schedule_lambda(cfg.lr_scheduler_type, warmup, total))
+        main = distributed.is_main()
         if self.resume_from:
             self._load_checkpoint(self.resume_from)
-            print(f"resuming from {self.resume_from} (step {self.state.step} of {total})")
-        os.makedirs(cfg.output_dir, exist_ok=True)
-        with open(os.path.join(cfg.output_dir, "arguments.json"), "w", encoding="utf-8") as f:
-            json.dump(dataclasses.asdict(cfg), f, indent=2)
-        logger = MetricsLogger(cfg.output_dir, cfg.log_type, cfg.log_dir, cfg.log_project, cfg.log_run_name,
-                               dataclasses.asdict(cfg), resume_step=self.state.step if self.resume_from else None)
+            distributed.print0(f"resuming from {self.resume_from} (step {self.state.step} of {total})")
+        if main:
+            os.makedirs(cfg.output_dir, exist_ok=True)
+            with open(os.path.join(cfg.output_dir, "arguments.json"), "w", encoding="utf-8") as f:
+                json.dump(dataclasses.asdict(cfg), f, indent=2)
+            logger = MetricsLogger(cfg.output_dir, cfg.log_type, cfg.log_dir, cfg.log_project, cfg.log_run_name,
+                                   dataclasses.asdict(cfg), resume_step=self.state.step if self.resume_from else None)
+        else:
+            logger = NullLogger()
         last_eval: dict = {}
         try:
             if self.state.step == 0 and not self.resume_from:
                 last_eval = self._log_eval(logger)
             self.model.train()
             bar = tqdm(total=total, initial=self.state.step, desc=f"{cfg.command} (epoch {self.state.epoch + 1})",
-                       disable=not cfg.progress, dynamic_ncols=True)
+                       disable=not cfg.progress or not main, dynamic_ncols=True)
             t0 = time.perf_counter()
             stopped = False
             for epoch in range(self.state.epoch, cfg.epochs):
                 bar.set_description(f"{cfg.command} (epoch {epoch + 1}/{cfg.epochs})")
-                order = epoch_order(len(self.train_dataset), cfg.seed, epoch)
+                order = rank_epoch_order(len(self.train_dataset), cfg.seed, epoch)
                 start = self.state.micro if epoch == self.state.epoch else 0
                 sums: dict[str, float] = {}
                 count = 0
@@ -344,13 +406,17 @@ class Trainer:
                     batch = to_device(self.collate([self.train_dataset[i] for i in idx]), self.device)
                     with self.autocast():
                         loss, metrics = self.loss(batch)
+                    # Sharded: every backward reduce-scatters its gradients into the sharded accumulators (as ZeRO-3
+                    # does), so full-size gradients never pile up over the accumulation steps.
+                    boundary = (mi + 1) % accum == 0 or mi == n_micro - 1
                     (loss / accum).backward()
                     for k, v in metrics.items():
                         sums[k] = sums.get(k, 0.0) + float(v)
                     count += 1
-                    if (mi + 1) % accum != 0 and mi != n_micro - 1:
+                    if not boundary:
                         continue
-                    grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
+                    grad_norm = distributed.to_local(
+                        torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm))
                     lr = self.optimizer.param_groups[0]["lr"]
                     self.optimizer.step()
                     self.scheduler.step()
@@ -363,6 +429,7 @@ class Trainer:
                     train_metrics.update({"train/lr": lr, "train/grad_norm": float(grad_norm), "train/epoch":
                                           epoch + (mi + 1) / n_micro})
                     sums, count = {}, 0
+                    train_metrics = distributed.reduce_metrics(train_metrics)
                     if step % cfg.logging_steps == 0 or step == total:
                         logger.log(train_metrics, step)
                     bar.update(1)
@@ -387,16 +454,21 @@ class Trainer:
             bar.close()
             elapsed = time.perf_counter() - t0
             if stopped:
-                print(f"stopped after step {self.state.step} of {total} (--max_steps); continue with --resume")
+                distributed.print0(f"stopped after step {self.state.step} of {total} (--max_steps); continue with "
+                                   "--resume")
                 return {"stopped_at": self.state.step, **last_eval}
             tmp = os.path.join(cfg.output_dir, ".final.tmp")
-            shutil.rmtree(tmp, ignore_errors=True)
+            if main:
+                shutil.rmtree(tmp, ignore_errors=True)
+            distributed.barrier()
             self.save_model(tmp)
-            replace_dir_contents(tmp, cfg.output_dir)
             summary = {"steps": self.state.step, "train_seconds": round(elapsed, 2), **last_eval}
-            with open(os.path.join(cfg.output_dir, "results.json"), "w", encoding="utf-8") as f:
-                json.dump(summary, f, indent=2)
-            print(f"model saved to {cfg.output_dir} ({self.state.step} steps, {elapsed:.1f} s)")
+            if main:
+                replace_dir_contents(tmp, cfg.output_dir)
+                with open(os.path.join(cfg.output_dir, "results.json"), "w", encoding="utf-8") as f:
+                    json.dump(summary, f, indent=2)
+                print(f"model saved to {cfg.output_dir} ({self.state.step} steps, {elapsed:.1f} s)")
+            distributed.barrier()
             return summary
         finally:
             logger.close()

@@ -28,6 +28,9 @@ class TrainConfig:
     tokenizer_name_or_path: str | None = _f(None, "tokenizer folder (default: the model folder)")
     max_length: int = _f(512, "maximum sequence length (longer sequences are truncated)")
     trust_remote_code: bool = _f(False, "accepted for compatibility (no remote code is ever run)")
+    chat_template: str = _f("reference", "prompt template: 'reference' (BEGINNING OF CONVERSATION: USER: ... "
+                                         "ASSISTANT:) or 'tokenizer' (the tokenizer's own chat template, e.g. ChatML)",
+                            choices=["reference", "tokenizer"])
     train_datasets: list[str] = _f([], "NAME[:PROPORTION[:PATH]] ...", required=True)
     eval_datasets: list[str] | None = _f(None, "NAME[:PROPORTION[:PATH]] ... evaluated during training")
     eval_split_ratio: float | None = _f(None, "hold out this fraction of the training rows for evaluation")
@@ -52,6 +55,13 @@ class TrainConfig:
     tf32: bool | None = _f(None, "allow TF32 matmuls on CUDA")
     device: str = _f("auto", "cpu, cuda, cuda:N or auto")
     attn_backend: str | None = _f(None, "attention backend of the model (default: the model's choice)")
+    mixed_precision: str | None = _f(None, "under torchrun: FSDP2 mixed precision (parameters gathered and computed "
+                                           "in this dtype, gradients reduced in fp32)", choices=["bf16", "fp16"])
+    offload: str = _f("none", "under torchrun on GPUs: FSDP2 CPU offload of the sharded parameters, gradients and "
+                              "optimizer state (FSDP2 offloads them together: every choice but 'none' is the same)",
+                      choices=["none", "parameter", "optimizer", "all"])
+    shard_frozen: bool = _f(True, "under torchrun: shard the frozen models (e.g. DPO's reference) with FSDP2 too "
+                                  "(False: a full replica on every rank)")
     output_dir: str | None = _f(None, "where the final model, checkpoints and metrics go", required=True)
     log_type: str = _f("none", "extra metrics sink besides metrics.jsonl", choices=["none", "tensorboard", "wandb"])
     log_dir: str | None = _f(None, "TensorBoard / W&B directory (default: OUTPUT_DIR/logs)")

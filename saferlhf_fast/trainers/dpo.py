@@ -24,7 +24,7 @@ from torch import Tensor
 from ..data import PreferenceDataset
 from ..models import freeze
 from ..ops import IGNORE_INDEX
-from .base import Trainer, load_model
+from .base import Trainer, load_model, maybe_shard
 from .config import ConfigError, TrainConfig, _f
 from .modeling import token_logprobs
 
@@ -96,11 +96,14 @@ class DPOTrainer(Trainer):
         super().__init__(config)
         # The frozen reference is always the initial model (also when resuming).
         self.reference = freeze(load_model(config.model_name_or_path, "lm", config.attn_backend, self.device))
+        self.reference = maybe_shard(self.reference, config, trainable=False)
 
     def build_datasets(self):
         cfg = self.config
-        train = PreferenceDataset(cfg.train_datasets, self.tokenizer, cfg.max_length, seed=cfg.seed)
-        eval_ = PreferenceDataset(cfg.eval_datasets, self.tokenizer, cfg.max_length, seed=cfg.seed) \
+        train = PreferenceDataset(cfg.train_datasets, self.tokenizer, cfg.max_length, seed=cfg.seed,
+                                  chat_template=cfg.chat_template)
+        eval_ = PreferenceDataset(cfg.eval_datasets, self.tokenizer, cfg.max_length, seed=cfg.seed,
+                                  chat_template=cfg.chat_template) \
             if cfg.eval_datasets else None
         return self.split_eval(train, eval_)
 

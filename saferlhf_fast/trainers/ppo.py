@@ -55,23 +55,27 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .. import ops
+from .. import distributed, ops
 from ..data import DataError, PromptOnlyDataset, SupervisedDataset, load_tokenizer
 from ..engine import generate
 from ..lagrange import LagrangeMultiplier
 from ..models import freeze, from_pretrained
 from ..ops import IGNORE_INDEX
+from ..profiling import PhaseRanges
 from .base import (
     STATE_FILE,
-    epoch_order,
+    NullLogger,
     find_checkpoint,
+    maybe_shard,
     optimizer_groups,
+    rank_epoch_order,
     replace_dir_contents,
     resolve_device,
     rng_state,
     schedule_lambda,
     seed_everything,
     set_rng_state,
+    warn_single_process_flags,
 )
 from .config import ConfigError, _f
 from .metrics import MetricsLogger
@@ -99,6 +103,9 @@ class PPOConfig:
     max_length: int = _f(512, "maximum total length (prompt + response) of a rollout")
     max_new_tokens: int | None = _f(None, "cap on generated tokens (default: max_length - prompt length)")
     trust_remote_code: bool = _f(False, "accepted for compatibility (no remote code is ever run)")
+    chat_template: str = _f("reference", "prompt template: 'reference' (BEGINNING OF CONVERSATION: USER: ... "
+                                         "ASSISTANT:) or 'tokenizer' (the tokenizer's own chat template, e.g. ChatML)",
+                            choices=["reference", "tokenizer"])
     # ---- data
     train_datasets: list[str] = _f([], "prompt datasets NAME[:PROPORTION[:PATH]] ...", required=True)
     ptx_datasets: list[str] | None = _f(None, "instruction datasets for the PTX (SFT) loss after each RL step")
@@ -148,6 +155,13 @@ class PPOConfig:
     tf32: bool | None = _f(None, "allow TF32 matmuls on CUDA")
     device: str = _f("auto", "cpu, cuda, cuda:N or auto")
     attn_backend: str | None = _f(None, "attention backend of the models")
+    mixed_precision: str | None = _f(None, "under torchrun: FSDP2 mixed precision (parameters gathered and computed "
+                                           "in this dtype, gradients reduced in fp32)", choices=["bf16", "fp16"])
+    offload: str = _f("none", "under torchrun on GPUs: FSDP2 CPU offload of the trained models' sharded parameters, "
+                              "gradients and optimizer state (FSDP2 offloads them together: every choice but 'none' "
+                              "is the same)", choices=["none", "parameter", "optimizer", "all"])
+    shard_frozen: bool = _f(True, "under torchrun: shard the frozen models (reference, reward, cost) with FSDP2 too "
+                                  "(False: a full replica on every rank)")
     # ---- output
     output_dir: str | None = _f(None, "final actor (+ critics), checkpoints and metrics", required=True)
     log_type: str = _f("none", "extra metrics sink besides metrics.jsonl", choices=["none", "tensorboard", "wandb"])
@@ -338,6 +352,8 @@ class PPOTrainer:
     def __init__(self, config: PPOConfig):
         self.config = cfg = config
         self.algorithm = cfg.algorithm
+        distributed.init(cfg.device)
+        warn_single_process_flags(cfg)
         self.device = resolve_device(cfg.device)
         if cfg.tf32 is not None and torch.cuda.is_available():
             torch.backends.cuda.matmul.allow_tf32 = bool(cfg.tf32)
@@ -347,10 +363,11 @@ class PPOTrainer:
         self.eos_token_id = self.tokenizer.eos_token_id  # generation stops here ([]: never, as benchmarks want)
         # Data first: bad rows fail before any model loads and before OUTPUT_DIR exists.
         self.train_dataset, self.eval_dataset = self._build_datasets()
-        self.ptx_dataset = (SupervisedDataset(cfg.ptx_datasets, self.tokenizer, cfg.max_length, seed=cfg.seed)
+        self.ptx_dataset = (SupervisedDataset(cfg.ptx_datasets, self.tokenizer, cfg.max_length, seed=cfg.seed,
+                                              chat_template=cfg.chat_template)
                             if cfg.ptx_datasets else None)
         if self.ptx_dataset is not None and cfg.ptx_coeff == 0:
-            print("warning: --ptx_datasets given with --ptx_coeff 0: the PTX loss has no effect")
+            distributed.print0("warning: --ptx_datasets given with --ptx_coeff 0: the PTX loss has no effect")
         self.resume_from = self._resume_path()
         self._load_models()
         self.lagrange = None
@@ -366,6 +383,7 @@ class PPOTrainer:
         self.ptx_steps = 0
         self._build_optimizers()
         self.timings: dict[str, float] = {}
+        self.phases = PhaseRanges("ppo/")  # profiler ranges ppo/generation, ppo/scoring, ppo/actor, ...
 
     # ---------------------------------------------------------------------------------------------- setup
     @staticmethod
@@ -375,10 +393,12 @@ class PPOTrainer:
 
     def _build_datasets(self):
         cfg = self.config
-        train = PromptOnlyDataset(cfg.train_datasets, self.tokenizer, cfg.max_length, seed=cfg.seed)
+        train = PromptOnlyDataset(cfg.train_datasets, self.tokenizer, cfg.max_length, seed=cfg.seed,
+                                  chat_template=cfg.chat_template)
         if len(train) == 0:
             raise DataError("no training prompts")
-        eval_ = PromptOnlyDataset(cfg.eval_datasets, self.tokenizer, cfg.max_length, seed=cfg.seed) \
+        eval_ = PromptOnlyDataset(cfg.eval_datasets, self.tokenizer, cfg.max_length, seed=cfg.seed,
+                                  chat_template=cfg.chat_template) \
             if cfg.eval_datasets else None
         if eval_ is None and cfg.eval_split_ratio:
             from .base import split_dataset
@@ -405,7 +425,7 @@ class PPOTrainer:
             model.train()
         else:
             freeze(model)
-        return model
+        return maybe_shard(model, self.config, trainable)  # FSDP2 under torchrun
 
     def _load_models(self) -> None:
         cfg = self.config
@@ -455,7 +475,7 @@ class PPOTrainer:
         return math.ceil(cfg.per_device_prompt_batch_size * cfg.num_return_sequences / cfg.per_device_train_batch_size)
 
     def rollouts_per_epoch(self) -> int:
-        return math.ceil(len(self.train_dataset) / self.config.per_device_prompt_batch_size)
+        return math.ceil(distributed.rows_per_rank(len(self.train_dataset)) / self.config.per_device_prompt_batch_size)
 
     def total_rl_steps(self) -> int:
         """The reference's ``total_training_steps``: prompt batches x epochs x update_iters x micro-batches."""
@@ -497,7 +517,8 @@ class PPOTrainer:
 
     # ---------------------------------------------------------------------------------------------- rollout
     def _rollout_seed(self, epoch: int, batch_index: int) -> int:
-        return (self.config.seed * 1_000_003 + epoch * 100_003 + batch_index) % (2 ** 63)
+        seed = (self.config.seed * 1_000_003 + epoch * 100_003 + batch_index) % (2 ** 63)
+        return (seed + distributed.rank() * 998_244_353) % (2 ** 63)  # ranks sample independently
 
     def _generate(self, input_ids: Tensor, attention_mask: Tensor, seed: int):
         cfg = self.config
@@ -506,7 +527,8 @@ class PPOTrainer:
         if cfg.max_new_tokens is not None:
             max_new = min(max_new, cfg.max_new_tokens) if max_new >= 1 else cfg.max_new_tokens
         max_new = max(1, max_new)
-        with self.autocast():
+        # Sharded actor: its full weights are gathered once here and freed after the last decode step.
+        with distributed.gathered(self.actor), self.autocast():
             return generate(self.actor, input_ids, attention_mask, max_new_tokens=max_new, do_sample=True,
                             temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
                             repetition_penalty=cfg.repetition_penalty,
@@ -529,6 +551,7 @@ class PPOTrainer:
         """Generate, score, split into micro-batches.  ``batch``: the prompt collator's output."""
         cfg = self.config
         t0 = time.perf_counter()
+        self.phases.to("generation")
         ids = batch["input_ids"].to(self.device)
         mask = batch["attention_mask"].to(self.device)
         if cfg.num_return_sequences > 1:
@@ -536,9 +559,19 @@ class PPOTrainer:
             mask = mask.repeat_interleave(cfg.num_return_sequences, 0)
         gen = self._generate(ids, mask, seed)
         t1 = time.perf_counter()
+        self.phases.to("scoring")
         self.timings["generation"] = t1 - t0
         self.timings["generated_tokens"] = float(gen.response_mask.sum())
+        out = self.score_rollout(gen)
+        self.timings["scoring"] = time.perf_counter() - t1
+        self.phases.to(None)
+        return out
 
+    @torch.no_grad()
+    def score_rollout(self, gen) -> list[Rollout]:
+        """Score generated sequences (``engine.GenerateOutput``), split them into micro-batches and observe the end
+        costs in the Lagrange window."""
+        cfg = self.config
         n = gen.sequences.shape[0]
         size = cfg.per_device_train_batch_size
         out = []
@@ -573,12 +606,12 @@ class PPOTrainer:
         if self.lagrange is not None:
             for mb in out:
                 self.lagrange.observe(mb.cost)
-        self.timings["scoring"] = time.perf_counter() - t1
         return out
 
     # ---------------------------------------------------------------------------------------------- updates
     def _guard(self, x: Tensor, what: str) -> None:
-        if not bool(torch.isfinite(x).all()):
+        x = distributed.to_local(x)
+        if not distributed.all_true(bool(torch.isfinite(x).all())):  # every rank stops together
             last = find_checkpoint(self.config.output_dir) if self.config.output_dir else None
             raise NonFiniteError(
                 f"non-finite {what} at rollout step {self.step + 1} (RL step {self.global_step + 1}); stopping "
@@ -603,6 +636,7 @@ class PPOTrainer:
         # 1. Lagrange multiplier: once per RL step, before the actor loss (the reference's order).
         episode_cost = None
         if self.lagrange is not None:
+            self.phases.to("lagrange")
             episode_cost = self.lagrange.episode_cost()
             self.lagrange.update(self.global_step)
             if not math.isfinite(self.lagrange.value):
@@ -611,11 +645,14 @@ class PPOTrainer:
                             "reference's script, or lower --lambda_lr)")
         # 2. Forwards with gradient.
         t0 = time.perf_counter()
+        self.phases.to("actor")
         self.actor.train()
         logp = self._actor_logprobs(mb)
         t1 = time.perf_counter()
+        self.phases.to("critics")
         values = [self._critic_values(c, mb) for c in self.critics]
         t2 = time.perf_counter()
+        self.phases.to("gae")
         timings["actor"] = timings.get("actor", 0.0) + t1 - t0
         timings["critics"] = timings.get("critics", 0.0) + t2 - t1
         # 3. Old quantities (fused first pass) and advantages, once per micro-batch.
@@ -629,6 +666,7 @@ class PPOTrainer:
                 kl_coeff=cfg.kl_coeff, clip_range_score=cfg.clip_range_score, nu=self.nu)
             self._guard(mb.rewards, "per-token rewards / costs")
         t3 = time.perf_counter()
+        self.phases.to("losses")
         timings["gae"] = timings.get("gae", 0.0) + t3 - t2
         # 4. Losses.
         multiplier = self.lagrange.value if self.lagrange is not None else None
@@ -645,12 +683,15 @@ class PPOTrainer:
             self._guard(loss.detach(), f"{name} loss")
         # 5. Backward, clip, check, then step (no model moves unless every gradient is finite).
         t4 = time.perf_counter()
+        self.phases.to("actor")
         actor_loss.backward()
         actor_norm = torch.nn.utils.clip_grad_norm_(self.actor.parameters(), cfg.max_grad_norm)
         t5 = time.perf_counter()
+        self.phases.to("critics")
         sum(critic_losses).backward()
         critic_norms = [torch.nn.utils.clip_grad_norm_(c.parameters(), cfg.max_grad_norm) for c in self.critics]
         t6 = time.perf_counter()
+        self.phases.to("actor")
         try:
             self._guard(actor_norm, "actor gradient")
             for name, norm in zip(self.critic_names, critic_norms):
@@ -665,14 +706,16 @@ class PPOTrainer:
         self.actor_scheduler.step()
         self.actor_optimizer.zero_grad(set_to_none=True)
         t7 = time.perf_counter()
+        self.phases.to("critics")
         for opt, sched in zip(self.critic_optimizers, self.critic_schedulers):
             opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)
         t8 = time.perf_counter()
+        self.phases.to(None)
         timings["actor"] += (t5 - t4) + (t7 - t6)
         timings["critics"] += (t6 - t5) + (t8 - t7)
-        return self._metrics(mb, values, actor_loss, critic_losses, episode_cost, lrs)
+        return distributed.reduce_metrics(self._metrics(mb, values, actor_loss, critic_losses, episode_cost, lrs))
 
     def _zero_grads(self) -> None:
         self.actor_optimizer.zero_grad(set_to_none=True)
@@ -718,12 +761,13 @@ class PPOTrainer:
     def _ptx_batch(self):
         ds = self.ptx_dataset
         n = len(ds)
+        m = distributed.rows_per_rank(n)  # this rank's rows per PTX epoch (n in one process)
         size = self.config.per_device_train_batch_size
         rows = []
-        while len(rows) < min(size, n):
-            epoch, pos = divmod(self.ptx_position, n)
-            order = epoch_order(n, self.config.seed + 7919, epoch)
-            take = min(size - len(rows), n - pos)
+        while len(rows) < min(size, m):
+            epoch, pos = divmod(self.ptx_position, m)
+            order = rank_epoch_order(n, self.config.seed + 7919, epoch)
+            take = min(size - len(rows), m - pos)
             rows.extend(ds[i] for i in order[pos:pos + take])
             self.ptx_position += take
         batch = ds.collator()(rows)
@@ -742,7 +786,7 @@ class PPOTrainer:
         loss = sft_loss(logp, batch["labels"])
         self._guard(loss.detach(), "PTX loss")
         (cfg.ptx_coeff * loss).backward()
-        norm = torch.nn.utils.clip_grad_norm_(self.actor.parameters(), cfg.max_grad_norm)
+        norm = distributed.to_local(torch.nn.utils.clip_grad_norm_(self.actor.parameters(), cfg.max_grad_norm))
         try:
             self._guard(norm, "actor gradient (PTX)")
         except NonFiniteError:
@@ -753,7 +797,7 @@ class PPOTrainer:
         self.actor_optimizer.zero_grad(set_to_none=True)
         self.ptx_steps += 1
         self.timings["ptx"] = self.timings.get("ptx", 0.0) + time.perf_counter() - t0
-        return {"train/ptx_loss": float(loss)}
+        return distributed.reduce_metrics({"train/ptx_loss": float(loss)})
 
     # ---------------------------------------------------------------------------------------------- eval
     @torch.no_grad()
@@ -779,17 +823,32 @@ class PPOTrainer:
 
     # ---------------------------------------------------------------------------------------------- checkpoints
     def _save_models(self, path: str, with_critics: bool = True) -> None:
-        self.actor.save_pretrained(path)
-        self.tokenizer.save_pretrained(path)
+        self.actor.save_pretrained(path)  # sharded: every rank gathers, rank 0 writes
+        if distributed.is_main():
+            self.tokenizer.save_pretrained(path)
         if with_critics:
             for name, critic in zip(self.critic_names, self.critics):
                 critic.save_pretrained(os.path.join(path, name))
 
+    def _sharded_items(self) -> dict:
+        items = {"actor": (self.actor, self.actor_optimizer)}
+        items.update({name: (c, o) for name, c, o in zip(self.critic_names, self.critics, self.critic_optimizers)})
+        return items
+
     def state_dict(self) -> dict:
+        """Everything but the weights.  Under torchrun (a collective: every rank calls it) the optimizer states are
+        left to the DCP shards, and the Lagrange windows of every rank are kept (``lagrange_ranks``)."""
+        sharded = distributed.is_distributed()
+        extra = {}
+        if sharded:
+            extra["world_size"] = distributed.world_size()
+            if self.lagrange is not None:
+                extra["lagrange_ranks"] = distributed.all_gather_object(list(self.lagrange.episode_costs))
         return {
-            "actor_optimizer": self.actor_optimizer.state_dict(),
+            **extra,
+            "actor_optimizer": None if sharded else self.actor_optimizer.state_dict(),
             "actor_scheduler": self.actor_scheduler.state_dict(),
-            "critic_optimizers": [o.state_dict() for o in self.critic_optimizers],
+            "critic_optimizers": [None if sharded else o.state_dict() for o in self.critic_optimizers],
             "critic_schedulers": [s.state_dict() for s in self.critic_schedulers],
             "lagrange": self.lagrange.state_dict() if self.lagrange is not None else None,
             "counters": {"step": self.step, "global_step": self.global_step, "epoch": self.epoch,
@@ -806,19 +865,28 @@ class PPOTrainer:
         cfg = self.config
         final = os.path.join(cfg.output_dir, f"checkpoint-{self.step}")
         tmp = os.path.join(cfg.output_dir, f".checkpoint-{self.step}.tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-        self.actor.save_pretrained(os.path.join(tmp, "actor"))
-        self.tokenizer.save_pretrained(os.path.join(tmp, "actor"))
+        main = distributed.is_main()
+        if main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            os.makedirs(tmp)
+        distributed.barrier()
+        self.actor.save_pretrained(os.path.join(tmp, "actor"))  # consolidated Hugging Face export (rank 0 writes)
+        if main:
+            self.tokenizer.save_pretrained(os.path.join(tmp, "actor"))
         for name, critic in zip(self.critic_names, self.critics):
             critic.save_pretrained(os.path.join(tmp, name))
-        torch.save(self.state_dict(), os.path.join(tmp, STATE_FILE))
-        with open(os.path.join(tmp, "trainer_state.json"), "w", encoding="utf-8") as f:
-            json.dump({"step": self.step, "global_step": self.global_step, "total_steps": self.total_steps(),
-                       "lambda": self.lagrange.value if self.lagrange is not None else None}, f, indent=2)
-        shutil.rmtree(final, ignore_errors=True)
-        os.rename(tmp, final)
-        self._prune_checkpoints()
+        if distributed.is_distributed():  # model + optimizer shards (DCP): resumable on any number of processes
+            distributed.save_sharded(os.path.join(tmp, distributed.SHARDED_DIR), self._sharded_items())
+        state = self.state_dict()
+        if main:
+            torch.save(state, os.path.join(tmp, STATE_FILE))
+            with open(os.path.join(tmp, "trainer_state.json"), "w", encoding="utf-8") as f:
+                json.dump({"step": self.step, "global_step": self.global_step, "total_steps": self.total_steps(),
+                           "lambda": self.lagrange.value if self.lagrange is not None else None}, f, indent=2)
+            shutil.rmtree(final, ignore_errors=True)
+            os.rename(tmp, final)
+            self._prune_checkpoints()
+        distributed.barrier()
         return final
 
     def _prune_checkpoints(self) -> None:
@@ -833,14 +901,31 @@ class PPOTrainer:
         blob = torch.load(os.path.join(path, STATE_FILE), map_location="cpu", weights_only=False)
         if blob.get("algorithm", self.algorithm) != self.algorithm:
             raise ConfigError(f"--resume {path}: a {blob['algorithm']} checkpoint, not {self.algorithm}")
-        self.actor_optimizer.load_state_dict(blob["actor_optimizer"])
+        shards = os.path.join(path, distributed.SHARDED_DIR)
+        if os.path.isdir(shards):  # saved under torchrun: DCP reshards to this world size (one process included)
+            distributed.load_sharded(shards, self._sharded_items())
+        elif distributed.is_sharded(self.actor):  # a single-process checkpoint resumed under torchrun
+            distributed.load_full_optimizer_state(self.actor, self.actor_optimizer, blob["actor_optimizer"])
+            for critic, opt, state in zip(self.critics, self.critic_optimizers, blob["critic_optimizers"]):
+                distributed.load_full_optimizer_state(critic, opt, state)
+        else:
+            self.actor_optimizer.load_state_dict(blob["actor_optimizer"])
+            for opt, state in zip(self.critic_optimizers, blob["critic_optimizers"]):
+                opt.load_state_dict(state)
         self.actor_scheduler.load_state_dict(blob["actor_scheduler"])
-        for opt, state in zip(self.critic_optimizers, blob["critic_optimizers"]):
-            opt.load_state_dict(state)
         for sched, state in zip(self.critic_schedulers, blob["critic_schedulers"]):
             sched.load_state_dict(state)
         if self.lagrange is not None:
             self.lagrange.load_state_dict(blob["lagrange"])
+            if "lagrange_ranks" in blob:  # the windows of the saving ranks, redistributed over this run's ranks
+                self.lagrange.episode_costs.clear()
+                self.lagrange.episode_costs.extend(
+                    redistribute_windows(blob["lagrange_ranks"], distributed.rank(), distributed.world_size()))
+        saved_global = blob["config"]["per_device_prompt_batch_size"] * blob.get("world_size", 1)
+        if saved_global != self.config.per_device_prompt_batch_size * distributed.world_size():
+            distributed.print0(f"warning: --resume {path}: the global prompt batch changed ({saved_global} -> "
+                               f"{self.config.per_device_prompt_batch_size * distributed.world_size()}); the data "
+                               "position is counted in batches, so the rest of the epoch is not the same rows")
         c = blob["counters"]
         self.step, self.global_step, self.epoch = c["step"], c["global_step"], c["epoch"]
         self.batch_index, self.ptx_position, self.ptx_steps = c["batch_index"], c["ptx_position"], c["ptx_steps"]
@@ -852,7 +937,7 @@ class PPOTrainer:
             return {}
         metrics = self.evaluate()
         logger.log(metrics, self.global_step)
-        print(f"eval @ step {self.step}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+        distributed.print0(f"eval @ step {self.step}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
         return metrics
 
     def train_one_rollout(self, batch: dict, logger: MetricsLogger | None = None) -> list[dict]:
@@ -878,7 +963,7 @@ class PPOTrainer:
         perf["perf/generated_tokens"] = t.get("generated_tokens", 0.0)
         perf["perf/tokens_per_s"] = t.get("generated_tokens", 0.0) / max(total, 1e-9)
         perf["perf/generation_tokens_per_s"] = t.get("generated_tokens", 0.0) / max(t.get("generation", 0.0), 1e-9)
-        rows[-1].update(perf)
+        rows[-1].update(distributed.reduce_metrics(perf))  # time/ averaged over ranks, perf/ summed
         if logger is not None:
             for i, row in enumerate(rows):
                 logger.log(row, self.global_step - len(rows) + 1 + i)
@@ -888,14 +973,18 @@ class PPOTrainer:
         from tqdm.auto import tqdm
 
         cfg = self.config
+        main = distributed.is_main()
         if self.resume_from:
             self.load_checkpoint(self.resume_from)
-            print(f"resuming from {self.resume_from} (rollout step {self.step} of {self.total_steps()})")
-        os.makedirs(cfg.output_dir, exist_ok=True)
-        with open(os.path.join(cfg.output_dir, "arguments.json"), "w", encoding="utf-8") as f:
-            json.dump(dataclasses.asdict(cfg), f, indent=2)
-        logger = MetricsLogger(cfg.output_dir, cfg.log_type, cfg.log_dir, cfg.log_project, cfg.log_run_name,
-                               dataclasses.asdict(cfg), resume_step=self.global_step if self.resume_from else None)
+            distributed.print0(f"resuming from {self.resume_from} (rollout step {self.step} of {self.total_steps()})")
+        if main:
+            os.makedirs(cfg.output_dir, exist_ok=True)
+            with open(os.path.join(cfg.output_dir, "arguments.json"), "w", encoding="utf-8") as f:
+                json.dump(dataclasses.asdict(cfg), f, indent=2)
+            logger = MetricsLogger(cfg.output_dir, cfg.log_type, cfg.log_dir, cfg.log_project, cfg.log_run_name,
+                                   dataclasses.asdict(cfg), resume_step=self.global_step if self.resume_from else None)
+        else:
+            logger = NullLogger()
         total = self.total_steps()
         n_batches = self.rollouts_per_epoch()
         size = cfg.per_device_prompt_batch_size
@@ -905,12 +994,12 @@ class PPOTrainer:
         try:
             if self.step == 0 and not self.resume_from:
                 last_eval = self._log_eval(logger)
-            bar = tqdm(total=total, initial=self.step, desc=cfg.command, disable=not cfg.progress,
+            bar = tqdm(total=total, initial=self.step, desc=cfg.command, disable=not cfg.progress or not main,
                        dynamic_ncols=True)
             t0 = time.perf_counter()
             stopped = False
             for epoch in range(self.epoch, cfg.epochs):
-                order = epoch_order(len(self.train_dataset), cfg.seed, epoch)
+                order = rank_epoch_order(len(self.train_dataset), cfg.seed, epoch)
                 start = self.batch_index if epoch == self.epoch else 0
                 self.epoch = epoch
                 for bi in range(start, n_batches):
@@ -950,28 +1039,45 @@ class PPOTrainer:
             bar.close()
             elapsed = time.perf_counter() - t0
             if stopped:
-                print(f"stopped after rollout step {self.step} of {total} (--max_steps); continue with --resume")
+                distributed.print0(f"stopped after rollout step {self.step} of {total} (--max_steps); continue "
+                                   "with --resume")
                 return {"stopped_at": self.step, **last_eval}
             tmp = os.path.join(cfg.output_dir, ".final.tmp")
-            shutil.rmtree(tmp, ignore_errors=True)
+            if main:
+                shutil.rmtree(tmp, ignore_errors=True)
+            distributed.barrier()
             self._save_models(tmp)
-            for name in self.critic_names:  # replace whole critic folders
-                shutil.rmtree(os.path.join(cfg.output_dir, name), ignore_errors=True)
-            replace_dir_contents(tmp, cfg.output_dir)
+            if main:
+                for name in self.critic_names:  # replace whole critic folders
+                    shutil.rmtree(os.path.join(cfg.output_dir, name), ignore_errors=True)
+                replace_dir_contents(tmp, cfg.output_dir)
             summary = {"steps": self.step, "rl_steps": self.global_step, "train_seconds": round(elapsed, 2)}
             if self.lagrange is not None:
                 summary["lambda"] = self.lagrange.value
             summary.update(last_eval)
-            with open(os.path.join(cfg.output_dir, "results.json"), "w", encoding="utf-8") as f:
-                json.dump(summary, f, indent=2)
-            print(f"actor saved to {cfg.output_dir} ({self.step} rollouts, {self.global_step} RL steps, "
-                  f"{elapsed:.1f} s)")
+            if main:
+                with open(os.path.join(cfg.output_dir, "results.json"), "w", encoding="utf-8") as f:
+                    json.dump(summary, f, indent=2)
+            distributed.barrier()
+            distributed.print0(f"actor saved to {cfg.output_dir} ({self.step} rollouts, {self.global_step} RL "
+                               f"steps, {elapsed:.1f} s)")
             return summary
         finally:
             logger.close()
 
 
 # ================================================================================================ helpers
+def redistribute_windows(windows: list[list[float]], rank: int, world_size: int) -> list[float]:
+    """The Lagrange window of ``rank`` of ``world_size`` from the windows saved by the ranks of another run: the same
+    window when the world size is unchanged, else the saved windows interleaved (oldest first) and dealt out
+    ``rank::world_size``, so the mean over ranks of the window means is kept when the windows have equal lengths."""
+    if len(windows) == world_size:
+        return list(windows[rank])
+    longest = max((len(w) for w in windows), default=0)
+    merged = [w[i] for i in range(longest) for w in windows if i < len(w)]
+    return merged[rank::world_size]
+
+
 def _collator_of(dataset):
     while isinstance(dataset, torch.utils.data.Subset):
         dataset = dataset.dataset

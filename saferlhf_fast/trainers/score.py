@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .. import distributed
 from ..data import PreferenceDataset, SafetyPreferenceDataset
 from .base import Trainer
 from .config import ConfigError, TrainConfig, _f
@@ -249,8 +250,10 @@ class ScoreTrainer(Trainer):
 
     def build_datasets(self):
         cfg = self.config
-        train = self.dataset_class(cfg.train_datasets, self.tokenizer, cfg.max_length, seed=cfg.seed)
-        eval_ = self.dataset_class(cfg.eval_datasets, self.tokenizer, cfg.max_length, seed=cfg.seed) \
+        train = self.dataset_class(cfg.train_datasets, self.tokenizer, cfg.max_length, seed=cfg.seed,
+                                   chat_template=cfg.chat_template)
+        eval_ = self.dataset_class(cfg.eval_datasets, self.tokenizer, cfg.max_length, seed=cfg.seed,
+                                   chat_template=cfg.chat_template) \
             if cfg.eval_datasets else None
         return self.split_eval(train, eval_)
 
@@ -263,6 +266,8 @@ class ScoreTrainer(Trainer):
         if self.normalizer is not None:
             extra.update(normalizer_type=self.normalizer.kind, momentum=self.normalizer.momentum)
         super().save_model(path)
+        if not distributed.is_main():
+            return
         info = {"score_type": self.score_type, "do_normalize": self.normalizer is not None}
         if self.normalizer is not None:
             info.update(self.normalizer.as_dict())
@@ -282,8 +287,8 @@ class ScoreTrainer(Trainer):
         scores, end_scores = score_forward(self.model, batch["input_ids"], batch["attention_mask"])
         scores, end_scores = scores.float(), end_scores.float()
         if self.normalizer is not None:
-            if update_normalizer:
-                self.normalizer.update(end_scores)
+            if update_normalizer:  # under torchrun: on every rank's scores, so every rank keeps the same statistics
+                self.normalizer.update(distributed.all_gather_tensor(end_scores))
             scores, end_scores = self.normalizer(scores), self.normalizer(end_scores)
         return scores, end_scores
 

@@ -39,8 +39,10 @@ class SFTTrainer(Trainer):
 
     def build_datasets(self):
         cfg = self.config
-        train = SupervisedDataset(cfg.train_datasets, self.tokenizer, cfg.max_length, seed=cfg.seed)
-        eval_ = SupervisedDataset(cfg.eval_datasets, self.tokenizer, cfg.max_length, seed=cfg.seed) \
+        train = SupervisedDataset(cfg.train_datasets, self.tokenizer, cfg.max_length, seed=cfg.seed,
+                                  chat_template=cfg.chat_template)
+        eval_ = SupervisedDataset(cfg.eval_datasets, self.tokenizer, cfg.max_length, seed=cfg.seed,
+                                  chat_template=cfg.chat_template) \
             if cfg.eval_datasets else None
         return self.split_eval(train, eval_)
 

@@ -1,0 +1,488 @@
+"""One PPO-Lagrangian step, ours vs a straightforward reference-style step, timed interleaved in one process.
+
+The baseline is written here the way the reference implementation does each part (spec sections 4 and 8):
+transformers ``LlamaForCausalLM.generate`` for the rollout, then six separate no-grad forwards (actor and
+reference: full ``[B, L, V]`` logits -> ``log_softmax`` -> gather; reward and cost models: end scores; both
+critics: values), the scatter-add KL rewards, a Python loop over time for GAE called once per stream, eager
+losses, one backward + clip + AdamW step per trained model, the Lagrange multiplier as a torch parameter with an
+SGD optimizer.  Score models are ``LlamaModel`` + ``Linear(H, 1)`` (the reference's ``LlamaForScore``).
+
+Ours is the trainer itself (``saferlhf_fast.trainers.ppo.PPOTrainer``: ``rollout`` + ``rl_step``): the engine's
+static-KV-cache generation, one forward per frozen model, the fused first pass (the training forwards are the
+old log-probs / values), ``ops.linear_logprobs`` (no [B, L, V] logits), one ``ops.gae`` call for both streams,
+fused losses.  Both start from the same weights and see the same prompts; each rep runs ours then the baseline,
+so load drifts of a shared machine hit both alike.  Reported: median seconds per step and per phase
+(p20 / p80), generated tokens/s, and the peak memory of one extra step per engine (CUDA: ``max_memory_allocated``
+above the memory in use before the step; CPU: the peak of torch's CPU allocator over the step, from the profiler's
+memory events).
+
+Used by ``saferlhf-fast bench ppo-step``, ``saferlhf-fast profile ppo-step`` and ``bench/bench_ppo_step.py``.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as _dt
+import json
+import os
+import shutil
+import statistics
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import harness
+
+PHASES = ("generation", "scoring", "gae", "actor", "critics")
+ENGINES = ("ours", "reference-style")
+PROVIDER = {"ours": "saferlhf_fast", "reference-style": "reference-style"}
+
+
+@dataclass
+class Workload:
+    """Model shape (Llama, untied) and rollout; defaults: the README's CPU row."""
+
+    algorithm: str = "ppo-lag"
+    hidden: int = 256
+    intermediate: int = 688
+    layers: int = 4
+    heads: int = 4
+    vocab: int = 8192
+    batch: int = 16
+    prompt_len: int = 16
+    new_tokens: int = 64
+    top_k: int = 50
+
+    def label(self) -> str:
+        return (f"{self.algorithm}:h{self.hidden},i{self.intermediate},L{self.layers},H{self.heads},V{self.vocab}:"
+                f"B{self.batch}xP{self.prompt_len}+T{self.new_tokens}")
+
+
+# The bundled tokenizer has 1088 tokens: the vocabulary must hold them.
+SIZES = {
+    "tiny": Workload(hidden=32, intermediate=64, layers=1, heads=2, vocab=1152, batch=2, prompt_len=4, new_tokens=4),
+    "default": Workload(),
+    "gpu": Workload(hidden=1024, intermediate=2816, layers=8, heads=16, vocab=32000, batch=32, prompt_len=64,
+                    new_tokens=128),
+}
+
+
+# ================================================================================================ baseline
+class RefScoreModel(nn.Module):
+    """The reference's ``LlamaForScore``: backbone + ``score_head = Linear(H, 1)`` on every position."""
+
+    def __init__(self, config):
+        super().__init__()
+        from transformers import LlamaModel
+
+        self.model = LlamaModel(config)
+        self.score_head = nn.Linear(config.hidden_size, 1, bias=True)
+
+    def forward(self, input_ids, attention_mask):
+        h = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        scores = self.score_head(h).float()  # [B, L, 1]
+        end_index = torch.cat([m.nonzero()[-1] for m in attention_mask])
+        end_scores = scores.squeeze(-1).gather(1, end_index[:, None]).squeeze(1)
+        return scores, end_scores
+
+
+def gather_log_probabilities(logits, labels):
+    log_probs = F.log_softmax(logits, dim=-1)
+    return log_probs.gather(dim=-1, index=labels.unsqueeze(-1)).squeeze(-1)
+
+
+def masked_mean(x, mask):
+    return ((x * mask).sum(dim=-1) / mask.sum(dim=-1)).mean()
+
+
+class ReferenceStep:
+    """A reference-style PPO-Lag (or PPO) step on transformers models."""
+
+    def __init__(self, actor, reference, reward_model, cost_model, reward_critic, cost_critic, *, pad_token_id,
+                 max_new_tokens, algorithm="ppo-lag", kl_coeff=0.01, clip_range_ratio=0.2, clip_range_score=50.0,
+                 clip_range_value=5.0, gamma=1.0, gae_lambda=0.95, lr=1e-5, critic_lr=5e-6, top_k=50):
+        self.cuda = next(actor.parameters()).is_cuda
+        self.actor, self.reference = actor, reference
+        self.reward_model, self.cost_model = reward_model, cost_model
+        self.reward_critic, self.cost_critic = reward_critic, cost_critic
+        self.algorithm = algorithm
+        self.top_k = top_k
+        self.pad, self.max_new = pad_token_id, max_new_tokens
+        self.kl_coeff, self.eps, self.clip_score, self.clip_value = kl_coeff, clip_range_ratio, clip_range_score, \
+            clip_range_value
+        self.gamma, self.lam = gamma, gae_lambda
+        self.actor_opt = torch.optim.AdamW(actor.parameters(), lr=lr, betas=(0.9, 0.95))
+        self.critic_opts = [torch.optim.AdamW(c.parameters(), lr=critic_lr, betas=(0.9, 0.95))
+                            for c in self.critics()]
+        self.log_lambda = nn.Parameter(torch.tensor(0.0, device=next(actor.parameters()).device))
+        self.lambda_opt = torch.optim.SGD([self.log_lambda], lr=0.1)
+        self.episode_costs: list[float] = []
+        self.timings: dict[str, float] = {}
+
+    def _now(self) -> float:
+        if self.cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    def critics(self):
+        return [self.reward_critic] + ([self.cost_critic] if self.algorithm == "ppo-lag" else [])
+
+    @torch.no_grad()
+    def rollout(self, input_ids, attention_mask, seed):
+        t0 = self._now()
+        torch.manual_seed(seed)
+        self.actor.eval()
+        sequence = self.actor.generate(input_ids=input_ids, attention_mask=attention_mask,
+                                       max_new_tokens=self.max_new, min_new_tokens=self.max_new, do_sample=True,
+                                       temperature=1.0, top_p=1.0, top_k=self.top_k, pad_token_id=self.pad,
+                                       eos_token_id=None)
+        t1 = self._now()
+        attention_mask = sequence.not_equal(self.pad)
+        logits = self.actor(sequence, attention_mask=attention_mask).logits
+        ref_logits = self.reference(sequence, attention_mask=attention_mask).logits
+        _, reward = self.reward_model(sequence, attention_mask)
+        cost = self.cost_model(sequence, attention_mask)[1] if self.algorithm == "ppo-lag" else None
+        reward_values = self.reward_critic(sequence, attention_mask)[0].squeeze(-1)[:, :-1]
+        cost_values = self.cost_critic(sequence, attention_mask)[0].squeeze(-1)[:, :-1] \
+            if self.algorithm == "ppo-lag" else None
+        log_probs = gather_log_probabilities(logits[:, :-1], sequence[:, 1:])
+        ref_log_probs = gather_log_probabilities(ref_logits[:, :-1], sequence[:, 1:])
+        if cost is not None:
+            self.episode_costs = (self.episode_costs + cost.tolist())[-128:]
+        self.timings = {"generation": t1 - t0, "scoring": self._now() - t1}
+        return dict(prompt=input_ids, input_ids=sequence, attention_mask=attention_mask, reward=reward, cost=cost,
+                    reward_values=reward_values, cost_values=cost_values, old_log_probs=log_probs,
+                    ref_log_probs=ref_log_probs)
+
+    def add_kl_divergence_regularization(self, reward, cost, log_probs, ref_log_probs, sequence_mask):
+        end_index = torch.cat([m.nonzero()[-1] for m in sequence_mask])
+        kl_penalty_rewards = -self.kl_coeff * (log_probs - ref_log_probs)
+        rewards = torch.scatter_add(kl_penalty_rewards, -1, end_index.unsqueeze(-1), reward.unsqueeze(-1))
+        out = [torch.clamp(rewards, -self.clip_score, self.clip_score)]
+        if cost is not None:
+            costs = torch.scatter_add(-kl_penalty_rewards, -1, end_index.unsqueeze(-1), cost.unsqueeze(-1))
+            out.append(torch.clamp(costs, -self.clip_score, self.clip_score))
+        return out
+
+    def get_advantages_and_returns(self, values, rewards, sequence_mask, start):
+        last_gae_lambda = 0.0
+        advantages_reversed = []
+        values = values * sequence_mask
+        rewards = rewards * sequence_mask
+        length = rewards.size(-1)
+        for t in reversed(range(start, length)):
+            next_values = values[:, t + 1] if t < length - 1 else 0.0
+            delta = rewards[:, t] + self.gamma * next_values - values[:, t]
+            last_gae_lambda = delta + self.gamma * self.lam * last_gae_lambda
+            advantages_reversed.append(last_gae_lambda)
+        advantages = torch.stack(advantages_reversed[::-1], dim=1)
+        return advantages.detach(), advantages + values[:, start:]
+
+    def critic_loss(self, values, old_values, returns, mask):
+        values_clipped = torch.clamp(values, old_values - self.clip_value, old_values + self.clip_value)
+        return 0.5 * masked_mean(torch.maximum(torch.square(values - returns), torch.square(values_clipped - returns)),
+                                 mask)
+
+    def rl_step(self, b):
+        t0 = self._now()
+        if self.algorithm == "ppo-lag":
+            episode_cost = torch.tensor(self.episode_costs, device=self.log_lambda.device).mean()
+            lambda_loss = -(episode_cost - 0.0) * self.log_lambda.exp()
+            self.lambda_opt.zero_grad()
+            lambda_loss.backward()
+            self.lambda_opt.step()
+        prompt, input_ids, attention_mask = b["prompt"], b["input_ids"], b["attention_mask"]
+        start = prompt.size(-1) - 1
+        sequence_mask = attention_mask[:, 1:].float()
+        streams = self.add_kl_divergence_regularization(b["reward"], b["cost"], b["old_log_probs"],
+                                                        b["ref_log_probs"], sequence_mask)
+        r_adv, r_ret = self.get_advantages_and_returns(b["reward_values"], streams[0], sequence_mask, start)
+        if self.algorithm == "ppo-lag":
+            c_adv, c_ret = self.get_advantages_and_returns(b["cost_values"], streams[1], sequence_mask, start)
+        t1 = self._now()
+        # actor
+        self.actor.train()
+        logits = self.actor(input_ids, attention_mask=attention_mask, use_cache=False).logits
+        log_probs = gather_log_probabilities(logits[:, :-1], input_ids[:, 1:])
+        mask = sequence_mask[:, start:]
+        if self.algorithm == "ppo-lag":
+            multiplier = self.log_lambda.exp().item()
+            advantages = (r_adv - multiplier * c_adv) / (1.0 + multiplier)
+        else:
+            advantages = r_adv
+        ratios = torch.exp(log_probs[:, start:] - b["old_log_probs"][:, start:])
+        surrogate = torch.minimum(advantages * ratios,
+                                  advantages * torch.clamp(ratios, 1.0 - self.eps, 1.0 + self.eps))
+        actor_loss = -masked_mean(surrogate, mask)
+        self.actor_opt.zero_grad()
+        actor_loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.actor.parameters(), 1.0)
+        self.actor_opt.step()
+        t2 = self._now()
+        # critics
+        olds = [b["reward_values"]] + ([b["cost_values"]] if self.algorithm == "ppo-lag" else [])
+        rets = [r_ret] + ([c_ret] if self.algorithm == "ppo-lag" else [])
+        for critic, opt, old, ret in zip(self.critics(), self.critic_opts, olds, rets):
+            values = critic(input_ids, attention_mask)[0].squeeze(-1)[:, :-1]
+            loss = self.critic_loss(values[:, start:], old[:, start:], ret, mask)
+            opt.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(critic.parameters(), 1.0)
+            opt.step()
+        t3 = self._now()
+        self.timings.update(gae=t1 - t0, actor=t2 - t1, critics=t3 - t2)
+
+    def step(self, input_ids, attention_mask, seed):
+        b = self.rollout(input_ids, attention_mask, seed)
+        self.rl_step(b)
+        return dict(self.timings)
+
+
+# ================================================================================================ setup
+def _sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def build_checkpoints(w, root: str):
+    """Our actor, reward and cost models, randomly initialised (seed 0) and saved as Hugging Face checkpoints with the
+    bundled tokenizer.  Returns (tokenizer, {"actor"|"rm"|"cm": path}, {name: model})."""
+    from ..data import load_tokenizer
+    from ..models import LlamaForCausalLM as OurLM
+    from ..models import LlamaForScore, ModelConfig
+
+    tok = load_tokenizer()
+    mc = model_config(w, tok)
+    paths = {}
+    torch.manual_seed(0)
+    ours = {"actor": OurLM(ModelConfig(model_type="llama", **mc))}
+    for name in ("rm", "cm"):
+        ours[name] = LlamaForScore(ModelConfig(model_type="llama", **mc))
+        with torch.no_grad():
+            ours[name].score_head.weight.normal_(0, 0.2)
+    for name, m in ours.items():
+        paths[name] = os.path.join(root, name)
+        m.save_pretrained(paths[name])
+        tok.save_pretrained(paths[name])
+    return tok, paths, ours
+
+
+def model_config(w, tok) -> dict:
+    return dict(vocab_size=w.vocab, hidden_size=w.hidden, intermediate_size=w.intermediate,
+                num_hidden_layers=w.layers, num_attention_heads=w.heads, num_key_value_heads=w.heads,
+                max_position_embeddings=512, tie_word_embeddings=False, pad_token_id=tok.pad_token_id,
+                eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id)
+
+
+def build(w, root: str, device: str = "cpu"):
+    """Same initial weights on both sides: our models are built and saved (HF format); the transformers models get
+    the same state dicts.  Returns (tokenizer, checkpoint paths, transformers models)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from .model import _quiet
+
+    _quiet()
+    tok, paths, ours = build_checkpoints(w, root)
+    hf_cfg = LlamaConfig(**model_config(w, tok), attn_implementation="sdpa")
+    hf = {}
+    for name in ("actor", "reference"):
+        m = LlamaForCausalLM(hf_cfg)
+        m.load_state_dict(ours["actor"].state_dict(), strict=False)
+        hf[name] = m.float().to(device)
+    for name, src in (("reward_model", "rm"), ("cost_model", "cm"), ("reward_critic", "rm"), ("cost_critic", "cm")):
+        m = RefScoreModel(hf_cfg)
+        missing, unexpected = m.load_state_dict(ours[src].state_dict(), strict=False)
+        assert not unexpected and all("rotary" in k for k in missing), (missing, unexpected)
+        hf[name] = m.float().to(device)
+    for name in ("reference", "reward_model", "cost_model"):
+        hf[name].eval().requires_grad_(False)
+    return tok, paths, hf
+
+
+def make_trainer(w, paths, out, device: str = "cpu"):
+    """Our PPO trainer on the saved checkpoints, configured for exactly ``new_tokens`` new tokens per response."""
+    from ..trainers.ppo import PPOConfig, PPOLagConfig, PPOTrainer
+
+    cls = PPOLagConfig if w.algorithm == "ppo-lag" else PPOConfig
+    kw = dict(actor_model_name_or_path=paths["actor"], reward_model_name_or_path=paths["rm"],
+              train_datasets=["synthetic-prompts/train:0.05"], output_dir=out, max_length=512,
+              max_new_tokens=w.new_tokens, per_device_prompt_batch_size=w.batch,
+              per_device_train_batch_size=w.batch, kl_coeff=0.01, progress=False, actor_lr_warmup_ratio=0.0,
+              top_k=getattr(w, "top_k", 50), device=device)
+    if cls is PPOLagConfig:
+        kw["cost_model_name_or_path"] = paths["cm"]
+    cfg = cls(**kw)
+    cfg.validate()
+    trainer = PPOTrainer(cfg)
+    trainer.eos_token_id = []  # exactly new_tokens tokens, as the baseline (no stop token)
+    return trainer
+
+
+def our_step(trainer, input_ids, attention_mask, seed):
+    """One rollout + its RL updates; per-phase seconds (the trainer's own timers) and the total."""
+    from torch.profiler import record_function
+
+    trainer.timings = {}
+    device = trainer.device
+    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+    _sync(device)
+    t0 = time.perf_counter()
+    with record_function("ppo/rollout"):
+        micro = trainer.rollout({"input_ids": input_ids, "attention_mask": attention_mask}, seed)
+    for mb in micro:
+        with record_function("ppo/rl_step"):
+            trainer.rl_step(mb)
+        trainer.global_step += 1
+    _sync(device)
+    total = time.perf_counter() - t0
+    return {k: trainer.timings.get(k, 0.0) for k in PHASES} | {"total": total}
+
+
+def prompts(w, n: int, device: str = "cpu"):
+    g = torch.Generator().manual_seed(1)
+    special = 4
+    ids = [torch.randint(special, w.vocab, (w.batch, w.prompt_len), generator=g).to(device) for _ in range(n)]
+    return ids, torch.ones(w.batch, w.prompt_len, dtype=torch.bool, device=device)
+
+
+# ================================================================================================ run
+def _peak(fn, device: str) -> int:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+    return harness.allocator_peak(fn)
+
+
+def run(w, device: str = "cpu", reps: int = 5, warmup: int = 1, memory: bool = True, echo=print) -> dict:
+    """Both steps, repetitions interleaved (ours then the baseline, same prompts and seed).  Returns the summary
+    (``summary``: medians, per-phase split, speed-up; ``runs``: every rep; ``memory``: peak bytes of one step)."""
+    from .. import _backend
+
+    root = tempfile.mkdtemp(prefix="bench_ppo_step_")
+    try:
+        tok, paths, hf = build(w, root, device)
+        trainer = make_trainer(w, paths, os.path.join(root, "out"), device)
+        ref_step = ReferenceStep(hf["actor"], hf["reference"], hf["reward_model"], hf["cost_model"],
+                                 hf["reward_critic"], hf["cost_critic"], pad_token_id=tok.pad_token_id,
+                                 max_new_tokens=w.new_tokens, algorithm=w.algorithm, top_k=w.top_k)
+        ids_list, mask = prompts(w, warmup + reps + (1 if memory else 0), device)
+        results = {"ours": [], "reference-style": []}
+        for i, ids in enumerate(ids_list[:warmup + reps]):
+            row_ours = our_step(trainer, ids, mask, seed=i)
+            t0 = time.perf_counter()
+            row_ref = ref_step.step(ids, mask.long(), seed=i)
+            _sync(device)
+            row_ref["total"] = time.perf_counter() - t0
+            tag = "warmup" if i < warmup else f"rep {i - warmup + 1}"
+            echo(f"{tag}: ours {row_ours['total']:.3f} s, reference-style {row_ref['total']:.3f} s "
+                 f"(x{row_ref['total'] / row_ours['total']:.2f})")
+            if i >= warmup:
+                results["ours"].append(row_ours)
+                results["reference-style"].append(row_ref)
+        peaks = {}
+        if memory:
+            i = warmup + reps
+            peaks["ours"] = _peak(lambda: our_step(trainer, ids_list[i], mask, seed=i), device)
+            peaks["reference-style"] = _peak(lambda: ref_step.step(ids_list[i], mask.long(), seed=i), device)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    tokens = w.batch * w.new_tokens
+    summary = {}
+    for name, rows in results.items():
+        med = {k: statistics.median(r[k] for r in rows) for k in (*PHASES, "total")}
+        summary[name] = {"median_s": med["total"], "min_s": min(r["total"] for r in rows),
+                         "max_s": max(r["total"] for r in rows), "tokens_per_s": tokens / med["total"],
+                         "phases_median_s": {k: med[k] for k in PHASES}}
+        if name in peaks:
+            summary[name]["peak_memory_bytes"] = peaks[name]
+    ratios = [r["total"] / o["total"] for o, r in zip(results["ours"], results["reference-style"])]
+    summary["speedup_median_of_ratios"] = statistics.median(ratios)
+    summary["speedup_of_medians"] = summary["reference-style"]["median_s"] / summary["ours"]["median_s"]
+    summary["workload"] = asdict(w) | {"threads": torch.get_num_threads(), "reps": reps, "device": device}
+    summary["ops_backend"] = _backend.resolve(None, torch.device(device))
+    summary["versions"] = {"torch": torch.__version__}
+    try:
+        import transformers
+
+        summary["versions"]["transformers"] = transformers.__version__
+    except ImportError:
+        pass
+    summary["date"] = _dt.datetime.now().isoformat(timespec="seconds")
+    return {"summary": summary, "runs": results}
+
+
+def rows(result: dict, device: str) -> list[dict]:
+    """CSV rows (harness columns): kernel ``ppo_step``; mode ``step`` (whole step) or a phase; metric ``time``
+    (seconds, p50 / p20 / p80 over reps), ``throughput`` (generated tokens/s, mode ``step``), ``memory``."""
+    s, runs = result["summary"], result["runs"]
+    w = s["workload"]
+    x = Workload(**{k: w[k] for k in Workload.__dataclass_fields__}).label()
+    config = f"threads={w['threads']} reps={w['reps']} ops={s['ops_backend']}"
+    out = []
+    for name in ENGINES:
+        prov = PROVIDER[name]
+        for mode, key in (("step", "total"), *((p, p) for p in PHASES)):
+            out.append(harness.row("ppo_step", prov, mode, "time", "s", x,
+                                   *harness.summarize([r[key] for r in runs[name]]), config, device))
+        out.append(harness.rate_row("ppo_step", prov, "step", "throughput", "tokens/s", x,
+                                    w["batch"] * w["new_tokens"], [r["total"] for r in runs[name]], config, device))
+        if "peak_memory_bytes" in s[name]:
+            peak = float(s[name]["peak_memory_bytes"])
+            out.append(harness.row("ppo_step", prov, "step", "memory", "B", x, peak, peak, peak, config, device))
+    return out
+
+
+def format_summary(s) -> str:
+    w = s["workload"]
+    lines = [f"\n{w['algorithm']} step: Llama h{w['hidden']}/i{w['intermediate']}/{w['layers']} layers/{w['heads']} "
+             f"heads, V {w['vocab']}, {w['batch']} prompts x {w['prompt_len']} tokens, {w['new_tokens']} new tokens, "
+             f"{w['threads']} threads, {w['reps']} reps (ops backend: {s['ops_backend']})",
+             "| engine | s / step (median) | min-max | generated tokens/s | " + " | ".join(PHASES) + " |",
+             "|---|---|---|---|" + "---|" * len(PHASES)]
+    for name in ENGINES:
+        d = s[name]
+        lines.append(f"| {name} | {d['median_s']:.3f} | {d['min_s']:.3f}-{d['max_s']:.3f} | {d['tokens_per_s']:.0f} | "
+                     + " | ".join(f"{d['phases_median_s'][k]:.3f}" for k in PHASES) + " |")
+    lines.append(f"speed-up: x{s['speedup_median_of_ratios']:.2f} (median of per-rep ratios), "
+                 f"x{s['speedup_of_medians']:.2f} (ratio of medians)")
+    if "peak_memory_bytes" in s["ours"]:
+        lines.append("peak memory of one step: " + ", ".join(
+            f"{name} {s[name]['peak_memory_bytes'] / 2**20:.1f} MiB" for name in ENGINES))
+    return "\n".join(lines)
+
+
+def write_legacy_csv(path, s) -> None:
+    """The one-row-per-engine CSV of ``bench/bench_ppo_step.py --csv`` (bench/results/ppo_step.csv)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    new = not os.path.exists(path)
+    w = s["workload"]
+    with open(path, "a", newline="") as f:
+        writer = csv.writer(f)
+        if new:
+            writer.writerow(["date", "algorithm", "engine", "layers", "hidden", "vocab", "batch", "prompt_len",
+                             "new_tokens", "threads", "median_s", "min_s", "max_s", "tokens_per_s", *PHASES,
+                             "speedup"])
+        for name in ENGINES:
+            d = s[name]
+            writer.writerow([s["date"], w["algorithm"], name, w["layers"], w["hidden"], w["vocab"], w["batch"],
+                             w["prompt_len"], w["new_tokens"], w["threads"], f"{d['median_s']:.4f}",
+                             f"{d['min_s']:.4f}", f"{d['max_s']:.4f}", f"{d['tokens_per_s']:.1f}",
+                             *(f"{d['phases_median_s'][k]:.4f}" for k in PHASES),
+                             f"{s['speedup_median_of_ratios']:.3f}" if name == "ours" else ""])
+
+
+def write_json(path, result) -> None:
+    with open(path, "w") as f:
+        json.dump(result, f, indent=2)
+
+
+def workload_from_args(args: argparse.Namespace) -> Workload:
+    return Workload(**{k: getattr(args, k) for k in Workload.__dataclass_fields__ if hasattr(args, k)})

@@ -1,0 +1,193 @@
+"""The lean CPU decode path (engine/fast_decode.py, csrc/decode_ops.cpp) against the eager path it replaces:
+same logits within fp32 rounding, same greedy tokens, same log-prob contract; the native sampler against the torch
+sampler (same draws for the same uniforms); exact_logprobs; the single-chunk linear_logprobs backward."""
+import warnings
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+from saferlhf_fast.engine import generate  # noqa: E402
+from saferlhf_fast.engine import fast_decode as fd  # noqa: E402
+from saferlhf_fast.engine.sampling import SamplingParams, native_sampling_ok, next_token  # noqa: E402
+from saferlhf_fast.models import from_pretrained, positions_from_mask  # noqa: E402
+
+warnings.filterwarnings("ignore", message=".*torch reference ops.*")
+transformers.logging.set_verbosity_error()
+
+V = 101
+COMMON = dict(vocab_size=V, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, pad_token_id=0, eos_token_id=3, bos_token_id=None)
+ARCHS = {
+    "llama": ("LlamaForCausalLM", "LlamaConfig", dict(tie_word_embeddings=True)),
+    "llama_bias": ("LlamaForCausalLM", "LlamaConfig", dict(attention_bias=True, mlp_bias=True)),
+    "qwen2": ("Qwen2ForCausalLM", "Qwen2Config", {}),
+    "mistral": ("MistralForCausalLM", "MistralConfig", dict(sliding_window=6)),
+}
+NATIVE = fd.native_step_available()
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    out = {}
+    for name, (model_cls, cfg_cls, extra) in ARCHS.items():
+        torch.manual_seed(0)
+        hf = getattr(transformers, model_cls)(getattr(transformers, cfg_cls)(**COMMON, **extra)).eval()
+        with torch.no_grad():
+            hf.get_output_embeddings().weight.mul_(8.0)
+            for n, p in hf.named_parameters():
+                if n.endswith(".bias") or n.endswith("norm.weight"):
+                    p.add_(0.1 * torch.randn_like(p))
+        d = str(tmp_path_factory.mktemp(name))
+        hf.save_pretrained(d)
+        out[name] = d
+    return out
+
+
+def prompts(b=3, length=7, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(4, V, (b, length), generator=g)
+    mask = torch.ones(b, length, dtype=torch.bool)
+    mask[1, :3] = False
+    mask[2, :5] = False
+    return ids.masked_fill(~mask, 0), mask
+
+
+def variants():
+    out = [("python", False, False), ("python", True, False)]
+    if NATIVE:
+        out += [("native", False, True), ("native", True, True)]
+    return out
+
+
+@pytest.mark.parametrize("name", list(ARCHS))
+@pytest.mark.parametrize("kind,packed,native", variants())
+def test_step_logits_match_eager(ckpt, name, kind, packed, native, monkeypatch):
+    if packed and not fd.mkldnn_linear_available():
+        pytest.skip("no MKL-DNN linear in this torch build")
+    monkeypatch.setattr(fd, "_NATIVE", native)
+    model = from_pretrained(ckpt[name])
+    ids, mask = prompts()
+    b, p = ids.shape
+    n_new = 9
+    caches = [model.allocate_cache(b, p + n_new) for _ in range(2)]
+    for c in caches:
+        c.valid[:, :p] = mask
+    with torch.no_grad():
+        first = [model.forward_cached(ids, positions_from_mask(mask), c, 0) for c in caches]
+        plan = fd.DecodePlan(model, caches[1], b, mask, packed=packed)
+        assert plan.native == (native and plan.silu)
+        pos = mask.sum(-1)
+        tok = first[0].argmax(-1)
+        for t in range(n_new - 1):
+            slot = p + t
+            for c in caches:
+                c.valid[:, slot] = True
+            ref = model.forward_cached(tok[:, None], pos[:, None], caches[0], slot)
+            got = plan.step(tok, pos, slot)
+            assert got.shape == ref.shape
+            assert float((got - ref).abs().max()) <= 1e-4 * max(1.0, float(ref.abs().max()))
+            assert torch.equal(got.argmax(-1), ref.argmax(-1))
+            tok, pos = ref.argmax(-1), pos + 1
+        # the cache the fast step wrote equals the eager one (to rounding)
+        used = slice(0, p + n_new - 1)
+        assert torch.allclose(caches[1].k[..., used, :], caches[0].k[..., used, :], atol=1e-5)
+        assert torch.allclose(caches[1].v[..., used, :], caches[0].v[..., used, :], atol=1e-5)
+
+
+@pytest.mark.parametrize("name", list(ARCHS))
+def test_fast_generate_greedy_and_contract(ckpt, name):
+    model = from_pretrained(ckpt[name])
+    ids, mask = prompts(b=4, seed=1)
+    eager = generate(model, ids, mask, max_new_tokens=12, do_sample=False, eos_token_id=[], fast_decode=False)
+    fast = generate(model, ids, mask, max_new_tokens=12, do_sample=False, eos_token_id=[], fast_decode=True)
+    assert torch.equal(eager.sequences, fast.sequences)
+    assert float((eager.logprobs - fast.logprobs).abs().max()) <= 1e-5
+    lp = model.token_logprobs(fast.sequences, fast.attention_mask)[:, fast.prompt_length - 1:]
+    assert float(((lp - fast.logprobs) * fast.response_mask).abs().max()) <= 1e-5
+    for kw in (dict(top_k=20, temperature=0.8), dict()):
+        a = generate(model, ids, mask, max_new_tokens=12, eos_token_id=[], seed=3, fast_decode=False, **kw)
+        f = generate(model, ids, mask, max_new_tokens=12, eos_token_id=[], seed=3, fast_decode=True, **kw)
+        assert torch.equal(a.sequences, f.sequences)  # same uniforms, logits equal to rounding: same draws here
+        t = kw.get("temperature", 1.0)
+        lp = model.token_logprobs(f.sequences, f.attention_mask, temperature=t)[:, f.prompt_length - 1:]
+        assert float((lp - f.logprobs).abs().max()) <= 1e-5
+
+
+def test_exact_logprobs_bit_identical(ckpt):
+    model = from_pretrained(ckpt["qwen2"])
+    ids, mask = prompts()
+    gen = generate(model, ids, mask, max_new_tokens=10, seed=0, eos_token_id=[5, 7], temperature=1.3,
+                   exact_logprobs=True)
+    lp = model.token_logprobs(gen.sequences, gen.attention_mask, temperature=1.3)[:, gen.prompt_length - 1:]
+    assert torch.equal(lp * gen.response_mask, gen.logprobs)
+    assert torch.all(gen.logprobs[~gen.response_mask] == 0)
+
+
+def test_fast_decode_flag_errors_and_env(ckpt, monkeypatch):
+    model = from_pretrained(ckpt["llama"], dtype=torch.bfloat16)
+    ids, mask = prompts()
+    with pytest.raises(ValueError, match="fast_decode"):
+        generate(model, ids, mask, max_new_tokens=2, fast_decode=True)
+    generate(model, ids, mask, max_new_tokens=2)  # bf16: the eager path, no error
+    model = from_pretrained(ckpt["llama"])
+    monkeypatch.setenv("SAFERLHF_FAST_DECODE", "0")
+    calls = []
+    monkeypatch.setattr(fd, "DecodePlan", lambda *a, **k: calls.append(1))
+    generate(model, ids, mask, max_new_tokens=3, eos_token_id=[])
+    assert not calls
+
+
+@pytest.mark.skipif(not NATIVE, reason="compiled extension without saferlhf::sample_tokens")
+@pytest.mark.parametrize("params", [SamplingParams(do_sample=False), SamplingParams(do_sample=False, temperature=1.7),
+                                    SamplingParams(top_k=5), SamplingParams(top_k=50, temperature=0.6),
+                                    SamplingParams(top_k=1)])
+def test_native_sampler_equals_torch_sampler(params):
+    torch.manual_seed(0)
+    logits = torch.randn(6, 300) * 4
+    logits[0, 10] = logits[0, 11] = logits[0].max() + 1  # a tie at the top
+    assert native_sampling_ok(logits, params)
+    for seed in range(20):
+        g1, g2 = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
+        tok_t, lp_t = next_token(logits, params, None, g1, native=False)
+        tok_n, lp_n = next_token(logits, params, None, g2, native=True)
+        assert torch.equal(tok_t, tok_n)
+        assert float((lp_t - lp_n).abs().max()) <= 1e-5
+        assert torch.equal(g1.get_state(), g2.get_state())  # same random numbers consumed
+    ref = torch.log_softmax(logits.double() / params.temperature, -1).gather(1, tok_n[:, None]).squeeze(1)
+    assert float((lp_n.double() - ref).abs().max()) <= 1e-5
+
+
+def test_native_sampler_not_used_for_top_p_or_penalty():
+    logits = torch.randn(2, 50)
+    assert not native_sampling_ok(logits, SamplingParams(top_p=0.9, top_k=5))
+    assert not native_sampling_ok(logits, SamplingParams(repetition_penalty=1.2, top_k=5))
+    assert not native_sampling_ok(logits.bfloat16(), SamplingParams(top_k=5))
+    assert not native_sampling_ok(logits, SamplingParams())  # plain sampling stays on the torch ops
+
+
+def test_linear_logprobs_single_chunk_backward_equals_recompute():
+    from saferlhf_fast import ops
+
+    torch.manual_seed(0)
+    h = torch.randn(40, 16, requires_grad=True)
+    w = torch.randn(97, 16, requires_grad=True)
+    y = torch.randint(0, 97, (40,))
+    y[3] = -100
+    g = torch.randn(40)
+    grads = []
+    for chunk in (None, 7):  # one chunk (d logits kept from forward) vs several (recomputed in backward)
+        lp = ops.linear_logprobs(h, w, y, temperature=1.3, chunk_rows=chunk)
+        lp.backward(g)
+        grads.append((lp.detach(), h.grad.clone(), w.grad.clone()))
+        h.grad = w.grad = None
+    (l1, gh1, gw1), (l2, gh2, gw2) = grads
+    assert torch.allclose(l1, l2, atol=1e-5)
+    assert torch.allclose(gh1, gh2, atol=1e-5) and torch.allclose(gw1, gw2, atol=1e-5)
+    # retain_graph: a second backward through the same graph recomputes and still agrees
+    lp = ops.linear_logprobs(h, w, y, temperature=1.3)
+    lp.backward(g, retain_graph=True)
+    first = h.grad.clone()
+    h.grad = w.grad = None
+    lp.backward(g)
+    assert torch.allclose(h.grad, first, atol=1e-5)
