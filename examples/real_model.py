@@ -31,7 +31,10 @@ Stages (everything under ``--out``, default ``runs/real_model``; the report unde
 5. **PPO-Lagrangian** (``ppo-lag``, our trainer): actor SmolLM2, reward and cost critics initialised from the RM /
    CM, ``--rl_steps`` rollouts of ``--prompt_batch`` train prompts, ``--max_new_tokens`` new tokens.  Threshold
    ``--threshold`` (default ``auto``: the mean minus half the standard deviation of the cost model's costs on the
-   SFT policy's own sampled train responses, i.e. "lower the expected cost noticeably").
+   SFT policy's own sampled train responses, i.e. "lower the expected cost noticeably").  Caveat, seen in the
+   reported run: those costs are of ``prompt + response + eos``, while the trainer scores a rollout cut at
+   ``--max_new_tokens`` at its last token (no eos, as the reference does), so J_C starts on a different scale
+   (there: 0.39 vs -0.24) and the constraint is tighter than intended; pass a number to set it yourself.
 6. **Evaluation** before vs after on held-out prompts (``--eval_prompts`` per class, ``--eval_samples`` samples
    each, same sampling and seed for both policies): refusal rate (the rule above) on harmful and on benign prompts,
    mean reward (RM) and cost (CM), the CM's unsafe rate (cost > 0) on harmful prompts; lambda, reward and cost per
@@ -492,6 +495,7 @@ def main(argv=None) -> int:
 
     # report
     table = format_table(before, after)
+    nan = float("nan")
     lam = [h["train/lambda"] for h in history]
     curve = plot(history, os.path.join(args.results, "curve.png"), threshold)
     results = {
@@ -520,10 +524,11 @@ def main(argv=None) -> int:
         f"(temperature 1, top-k 50, {args.max_new_tokens} new tokens).", "",
         f"Labelled set: {lab_stats}.", "",
         f"Reward model ({args.score_layers}-layer SmolLM2 + score head): held-out pair accuracy "
-        f"{rm_res.get('eval/accuracy', float('nan')):.3f}; cost model: accuracy {cm_res.get('eval/accuracy', float('nan')):.3f}, "
-        f"sign accuracy {cm_res.get('eval/accuracy_sign', float('nan')):.3f}.", "",
-        f"PPO-Lag: {len(history)} RL steps x {args.prompt_batch} prompts, threshold {threshold:.3f}, actor lr "
-        f"{args.actor_lr:g}, kl {args.kl_coeff:g}; lambda {lam[0]:.3f} -> {lam[-1]:.3f}" if lam else "PPO-Lag: no steps",
+        f"{rm_res.get('eval/accuracy', nan):.3f}; cost model: accuracy {cm_res.get('eval/accuracy', nan):.3f}, "
+        f"sign accuracy {cm_res.get('eval/accuracy_sign', nan):.3f}.", "",
+        (f"PPO-Lag: {len(history)} RL steps x {args.prompt_batch} prompts, threshold {threshold:.3f}, actor lr "
+         f"{args.actor_lr:g}, kl {args.kl_coeff:g}; lambda {lam[0]:.3f} -> {lam[-1]:.3f}") if lam else
+        "PPO-Lag: no steps",
         "", table, "", f"Stage times (s): {seconds}", "",
     ]
     if curve:
