@@ -52,6 +52,8 @@ def _kernel_table(prof, device: str, top: int) -> list[dict]:
     for avg in prof.key_averages():
         if avg.key.startswith(PREFIX) or avg.key.startswith("ProfilerStep"):
             continue
+        if cuda and getattr(avg, "device_type", None) != torch.autograd.DeviceType.CUDA:
+            continue  # on CUDA: the kernels (and memcpy / memset) themselves, not the CPU ops that launched them
         self_us = avg.self_device_time_total if cuda else avg.self_cpu_time_total
         if self_us <= 0:
             continue
@@ -81,7 +83,7 @@ def markdown(phases: list[dict], kernels: list[dict], device: str, header: str) 
     for d in phases:
         lines.append(f"| {d['phase']} | {d['calls']} | {d['wall_ms']:.2f} | {100 * d['share_of_step']:.1f}% |"
                      + (f" {d['device_ms']:.2f} |" if cuda else ""))
-    what = "CUDA kernels and device ops, self device time" if cuda else "operators, self CPU time"
+    what = "CUDA kernels, device time" if cuda else "operators, self CPU time"
     lines += ["", f"Top {len(kernels)} {what}:", "", "| name | calls | self ms | avg us | share |",
               "|---|---|---|---|---|"]
     for r in kernels:

@@ -3,7 +3,8 @@
 * ``linear_logprobs`` forward: compute floor = ``2 N H V`` FLOP at the device's measured matmul rate (a plain
   ``hidden @ weight.T`` of the same shapes, timed in the same run), i.e. "within X of the matmul alone".
 * ``gather_logprobs`` forward: bandwidth floor = the ``N V`` logits read once (plus labels and outputs) at the
-  device's measured copy bandwidth (a ``clone`` of the logits, which moves 2x the bytes, timed in the same run).
+  device's measured copy bandwidth (a copy of the logits into a preallocated buffer, which moves 2x the bytes,
+  timed in the same run; preallocated so that first-touch page faults of a fresh buffer are not counted).
 """
 from __future__ import annotations
 
@@ -33,7 +34,8 @@ def build_roofline(what: str, provider: str, n: int, h: int, v: int, dtype: str,
         return lambda: ops.linear_logprobs(hidden, weight, labels, backend=provider)
     logits = torch.randn(n, v, generator=g, device=device).to(dt)
     if provider == "copy":
-        return lambda: logits.clone()
+        out = torch.empty_like(logits)
+        return lambda: out.copy_(logits)
     return lambda: ops.gather_logprobs(logits, labels, backend=provider)
 
 
@@ -69,7 +71,7 @@ def run(size: str = "default", device: str = "cpu", reps: int = 5, warmup: int =
             )
         else:
             moved = n * v * elem + n * (8 + 4 * 3)  # logits once + labels + logp/lse/entropy
-            bandwidth = 2 * n * v * elem / floor_t  # clone reads and writes the logits
+            bandwidth = 2 * n * v * elem / floor_t  # the copy reads and writes the logits
             floor_bw_t = moved / bandwidth
             rows.append(make_row(group[1], "bandwidth", "GB/s", moved / ours_t / 1e9, moved / ours_t / 1e9,
                                  moved / ours_t / 1e9, device))
