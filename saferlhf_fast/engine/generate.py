@@ -2,10 +2,12 @@
 
 One ``generate`` call: switch to eval + ``no_grad`` (the weights are not copied), preallocate a static KV cache
 ``[layers, B, kv_heads, P + T, head_dim]``, prefill the left-padded prompts in one batched forward, then decode one
-token per step (in-place cache writes; the step is captured once in a CUDA graph on GPU and replayed), with finished
-rows masked (they emit ``pad`` and log-prob 0).  Returns the sequences, masks, and the log-prob of every sampled
-token under ``softmax(logits / temperature)`` (see ``sampling.py``), which equals what
-``model.token_logprobs(gen.sequences, gen.attention_mask, temperature=T)`` computes.
+token per step (in-place cache writes; the step is captured once in a CUDA graph on GPU and replayed; on the CPU
+the lean fused step of ``fast_decode.py``, one compiled op per step, and the compiled sampler for greedy / top-k
+draws), with finished rows masked (they emit ``pad`` and log-prob 0).  Returns the sequences, masks, and the
+log-prob of every sampled token under ``softmax(logits / temperature)`` (see ``sampling.py``), which equals what
+``model.token_logprobs(gen.sequences, gen.attention_mask, temperature=T)`` computes up to fp32 rounding
+(bit for bit with ``exact_logprobs=True``).
 """
 from __future__ import annotations
 
