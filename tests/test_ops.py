@@ -171,6 +171,13 @@ def test_gae_mask_broadcast_and_dtypes(backend, mask_shape, mask_dtype):
     torch.testing.assert_close(ret, ret_ref, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("mask_shape", [(4, 9), (2, 3, 8), (1, 2, 3, 9)])
+def test_gae_mask_that_does_not_broadcast_is_an_error(mask_shape):
+    rewards = torch.zeros(2, 3, 9)
+    with pytest.raises(ValueError, match="does not broadcast"):
+        ops.gae(rewards, rewards, torch.ones(mask_shape))
+
+
 def test_gae_hand_computed():
     # r = [0, 0, 1], V = [0.5, 0.2, 0.1], gamma 1, lam 0.5:
     # delta = [0 + 0.2 - 0.5, 0 + 0.1 - 0.2, 1 + 0 - 0.1] = [-0.3, -0.1, 0.9]

@@ -49,8 +49,9 @@ def gae(
     gamma lam A_{t+1}``, ``returns = A + V``, with r and V masked first and ``V_T = 0``."""
     if rewards.shape != values.shape:
         raise ValueError(f"rewards {tuple(rewards.shape)} and values {tuple(values.shape)} differ in shape")
-    shape = torch.broadcast_shapes(rewards.shape, mask.shape)
-    if shape != rewards.shape:
+    shape = rewards.shape
+    # (torch.broadcast_shapes is a Python reference that costs ~0.1 ms, a tenth of this whole op)
+    if mask.dim() > len(shape) or any(m not in (1, n) for m, n in zip(reversed(mask.shape), reversed(shape))):
         raise ValueError(f"mask {tuple(mask.shape)} does not broadcast to {tuple(rewards.shape)}")
     name = _backend.resolve(backend, rewards.device)
     if name == "torch" or rewards.numel() == 0:
