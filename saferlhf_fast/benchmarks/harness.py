@@ -198,17 +198,22 @@ def allocator_peak(fn: Callable[[], object]) -> int:
     return peak
 
 
+def cuda_peak(fn) -> int:
+    """Peak CUDA bytes allocated during one call of ``fn`` beyond what was allocated before it."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - base
+
+
 def peak_memory(case: Case, device: str) -> int:
     """Peak extra bytes of one call of ``case`` beyond its inputs."""
     if device == "cuda":
         fn = case.build()
-        fn()
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        fn()
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - base
+        fn()  # warm-up: lazy allocations (workspaces, autotuning) are not the op's footprint
+        return cuda_peak(fn)
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     proc = ctx.Process(target=_cpu_peak_child, args=(case, queue))

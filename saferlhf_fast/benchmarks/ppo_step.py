@@ -352,12 +352,7 @@ def prompts(w, n: int, device: str = "cpu"):
 # ================================================================================================ run
 def _peak(fn, device: str) -> int:
     if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        fn()
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - base
+        return harness.cuda_peak(fn)
     return harness.allocator_peak(fn)
 
 

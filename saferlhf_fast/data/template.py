@@ -12,14 +12,20 @@ PROMPT_ASSISTANT = "ASSISTANT:"  # no space at the end
 PROMPT_INPUT = PROMPT_BEGIN + PROMPT_USER + PROMPT_ASSISTANT
 
 
-def format_prompt(input: str | list[str], eos_token: str = "") -> str:  # noqa: A002 - the reference's name
-    """Templated prompt for one user message, or for a conversation ``[user, assistant, ..., user]``."""
+def _turns(input) -> list[str]:  # noqa: A002
+    """``input`` as the list of turns ``[user, assistant, ..., user]``, checked."""
     if isinstance(input, str):
-        input = [input]
-    elif not isinstance(input, (list, tuple)) or not all(isinstance(x, str) for x in input):
+        return [input]
+    if not isinstance(input, (list, tuple)) or not all(isinstance(x, str) for x in input):
         raise TypeError(f"input must be a string or a list of strings, got {type(input).__name__}")
     if len(input) % 2 != 1:
         raise ValueError("a conversation must have an odd number of turns and end with the user's turn")
+    return list(input)
+
+
+def format_prompt(input: str | list[str], eos_token: str = "") -> str:  # noqa: A002 - the reference's name
+    """Templated prompt for one user message, or for a conversation ``[user, assistant, ..., user]``."""
+    input = _turns(input)
     if len(input) > 1 and not eos_token:
         raise ValueError("multi-turn prompts need the eos token that ends each assistant turn")
     buffer = [PROMPT_BEGIN]
@@ -38,12 +44,7 @@ def format_chat_prompt(input: str | list[str], tokenizer) -> str:  # noqa: A002
     """Opt-in alternative to :func:`format_prompt` (``--chat_template tokenizer``): the prompt rendered by the
     tokenizer's own chat template (e.g. ChatML for SmolLM2-Instruct), with the generation prompt appended, so the
     response again follows directly and ends with the tokenizer's eos.  ``input`` as for :func:`format_prompt`."""
-    if isinstance(input, str):
-        input = [input]
-    elif not isinstance(input, (list, tuple)) or not all(isinstance(x, str) for x in input):
-        raise TypeError(f"input must be a string or a list of strings, got {type(input).__name__}")
-    if len(input) % 2 != 1:
-        raise ValueError("a conversation must have an odd number of turns and end with the user's turn")
+    input = _turns(input)
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError("--chat_template tokenizer: this tokenizer has no chat_template")
     messages = [{"role": "user" if i % 2 == 0 else "assistant", "content": text} for i, text in enumerate(input)]

@@ -149,6 +149,19 @@ class NullLogger:
         pass
 
 
+def open_run_logger(cfg, resume_step: int | None):
+    """Rank 0: write ``OUTPUT_DIR/arguments.json`` and open the metrics logger (continuing at ``resume_step`` when
+    resuming); other ranks: a ``NullLogger``.  Called only once the data and models have loaded, so bad input
+    leaves no output directory behind."""
+    if not distributed.is_main():
+        return NullLogger()
+    os.makedirs(cfg.output_dir, exist_ok=True)
+    with open(os.path.join(cfg.output_dir, "arguments.json"), "w", encoding="utf-8") as f:
+        json.dump(dataclasses.asdict(cfg), f, indent=2)
+    return MetricsLogger(cfg.output_dir, cfg.log_type, cfg.log_dir, cfg.log_project, cfg.log_run_name,
+                         dataclasses.asdict(cfg), resume_step=resume_step)
+
+
 def split_dataset(dataset: Dataset, ratio: float, seed: int):
     """(train, eval) subsets, the eval part ``ratio`` of the rows, drawn with a fixed seed."""
     n = len(dataset)
@@ -378,14 +391,7 @@ class Trainer:
         if self.resume_from:
             self._load_checkpoint(self.resume_from)
             distributed.print0(f"resuming from {self.resume_from} (step {self.state.step} of {total})")
-        if main:
-            os.makedirs(cfg.output_dir, exist_ok=True)
-            with open(os.path.join(cfg.output_dir, "arguments.json"), "w", encoding="utf-8") as f:
-                json.dump(dataclasses.asdict(cfg), f, indent=2)
-            logger = MetricsLogger(cfg.output_dir, cfg.log_type, cfg.log_dir, cfg.log_project, cfg.log_run_name,
-                                   dataclasses.asdict(cfg), resume_step=self.state.step if self.resume_from else None)
-        else:
-            logger = NullLogger()
+        logger = open_run_logger(cfg, self.state.step if self.resume_from else None)
         last_eval: dict = {}
         try:
             if self.state.step == 0 and not self.resume_from:

@@ -64,9 +64,9 @@ from ..ops import IGNORE_INDEX
 from ..profiling import PhaseRanges
 from .base import (
     STATE_FILE,
-    NullLogger,
     find_checkpoint,
     maybe_shard,
+    open_run_logger,
     optimizer_groups,
     rank_epoch_order,
     replace_dir_contents,
@@ -977,14 +977,7 @@ class PPOTrainer:
         if self.resume_from:
             self.load_checkpoint(self.resume_from)
             distributed.print0(f"resuming from {self.resume_from} (rollout step {self.step} of {self.total_steps()})")
-        if main:
-            os.makedirs(cfg.output_dir, exist_ok=True)
-            with open(os.path.join(cfg.output_dir, "arguments.json"), "w", encoding="utf-8") as f:
-                json.dump(dataclasses.asdict(cfg), f, indent=2)
-            logger = MetricsLogger(cfg.output_dir, cfg.log_type, cfg.log_dir, cfg.log_project, cfg.log_run_name,
-                                   dataclasses.asdict(cfg), resume_step=self.global_step if self.resume_from else None)
-        else:
-            logger = NullLogger()
+        logger = open_run_logger(cfg, self.global_step if self.resume_from else None)
         total = self.total_steps()
         n_batches = self.rollouts_per_epoch()
         size = cfg.per_device_prompt_batch_size
