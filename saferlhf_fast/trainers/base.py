@@ -162,6 +162,21 @@ def open_run_logger(cfg, resume_step: int | None):
                          dataclasses.asdict(cfg), resume_step=resume_step)
 
 
+def checkpoint_or_stop(cfg, step: int, total: int, save) -> bool:
+    """After step ``step`` of ``total`` (optimizer steps, or rollout steps for PPO): call ``save()`` every
+    ``--save_interval`` steps, and at ``--max_steps`` make sure a checkpoint of this step exists and return True
+    (stop here; ``--resume`` finishes the run).  The final step is saved by the caller, not here."""
+    saved = False
+    if cfg.save_interval and step % cfg.save_interval == 0 and step < total:
+        save()
+        saved = True
+    if cfg.max_steps is not None and step >= cfg.max_steps and step < total:
+        if not saved:
+            save()
+        return True
+    return False
+
+
 def split_dataset(dataset: Dataset, ratio: float, seed: int):
     """(train, eval) subsets, the eval part ``ratio`` of the rows, drawn with a fixed seed."""
     n = len(dataset)
@@ -442,13 +457,7 @@ class Trainer:
                     bar.set_postfix(loss=f"{train_metrics.get('train/loss', float('nan')):.4f}")
                     if cfg.need_eval and cfg.eval_strategy == "steps" and step % cfg.eval_interval == 0:
                         last_eval = self._log_eval(logger)
-                    saved = False
-                    if cfg.save_interval and step % cfg.save_interval == 0 and step < total:
-                        self.save_checkpoint()
-                        saved = True
-                    if cfg.max_steps is not None and step >= cfg.max_steps and step < total:
-                        if not saved:
-                            self.save_checkpoint()
+                    if checkpoint_or_stop(cfg, step, total, self.save_checkpoint):
                         stopped = True
                         break
                 if stopped:

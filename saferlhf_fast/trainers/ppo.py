@@ -64,6 +64,7 @@ from ..ops import IGNORE_INDEX
 from ..profiling import PhaseRanges
 from .base import (
     STATE_FILE,
+    checkpoint_or_stop,
     find_checkpoint,
     maybe_shard,
     open_run_logger,
@@ -1014,13 +1015,7 @@ class PPOTrainer:
                     bar.set_postfix({k: f"{v:.3f}" for k, v in post.items()})
                     if cfg.need_eval and cfg.eval_strategy == "steps" and self.step % cfg.eval_interval == 0:
                         last_eval = self._log_eval(logger)
-                    saved = False
-                    if cfg.save_interval and self.step % cfg.save_interval == 0 and self.step < total:
-                        self.save_checkpoint()
-                        saved = True
-                    if cfg.max_steps is not None and self.step >= cfg.max_steps and self.step < total:
-                        if not saved:
-                            self.save_checkpoint()
+                    if checkpoint_or_stop(cfg, self.step, total, self.save_checkpoint):
                         stopped = True
                         break
                 if stopped:
