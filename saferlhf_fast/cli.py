@@ -299,7 +299,11 @@ def main(argv: list[str] | None = None) -> int:
             import torch
 
             torch.set_num_threads(args.threads)
-    return args.func(args)
+    rc = args.func(args)
+    from . import distributed
+
+    distributed.shutdown(synchronize=True)  # under torchrun: every rank leaves together
+    return rc
 
 
 if __name__ == "__main__":

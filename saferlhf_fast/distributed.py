@@ -87,9 +87,14 @@ def init(device: str = "auto") -> bool:
     return True
 
 
-def shutdown() -> None:
-    """Destroy the process group (end of a command under torchrun); a no-op otherwise."""
+def shutdown(synchronize: bool = False) -> None:
+    """Destroy the process group (end of a command under torchrun); a no-op otherwise.  ``synchronize``: first wait
+    for every rank (a command that finished normally), so no rank tears its gloo / NCCL communicator down while
+    another still uses it -- that race could abort a rank at exit ("terminate called without an active
+    exception").  The ``atexit`` fallback (error paths) does not wait: the other ranks may never arrive."""
     if is_distributed():
+        if synchronize:
+            dist.barrier()
         dist.destroy_process_group()
 
 
