@@ -285,3 +285,15 @@ def test_bundled_world_reaches_target_accuracy(tmp_path):
         results[cmd] = json.load(open(tmp_path / cmd / "results.json"))
     assert results["rm"]["eval/accuracy"] >= 0.85
     assert results["cm"]["eval/accuracy"] >= 0.85 and results["cm"]["eval/accuracy_sign"] >= 0.9
+
+
+def test_prune_checkpoints_keeps_the_newest(tmp_path):
+    from saferlhf_fast.trainers.base import prune_checkpoints
+
+    for step in (3, 12, 7, 100):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+    (tmp_path / "checkpoint-x").mkdir()  # not a checkpoint name: left alone
+    prune_checkpoints(str(tmp_path), 2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-100", "checkpoint-12", "checkpoint-x"]
+    prune_checkpoints(str(tmp_path), 0)  # at least one is always kept
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-100", "checkpoint-x"]

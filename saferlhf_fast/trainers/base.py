@@ -162,6 +162,13 @@ def open_run_logger(cfg, resume_step: int | None):
                          dataclasses.asdict(cfg), resume_step=resume_step)
 
 
+def prune_checkpoints(output_dir: str, keep: int) -> None:
+    """Remove all but the newest ``keep`` (at least 1) ``checkpoint-<step>`` folders of ``output_dir``."""
+    found = sorted((int(m.group(1)), n) for n in os.listdir(output_dir) if (m := CHECKPOINT_RE.match(n)))
+    for _, name in found[: max(0, len(found) - max(1, keep))]:
+        shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
+
+
 def checkpoint_or_stop(cfg, step: int, total: int, save) -> bool:
     """After step ``step`` of ``total`` (optimizer steps, or rollout steps for PPO): call ``save()`` every
     ``--save_interval`` steps, and at ``--max_steps`` make sure a checkpoint of this step exists and return True
@@ -359,10 +366,7 @@ class Trainer:
         return final
 
     def _prune_checkpoints(self) -> None:
-        out = self.config.output_dir
-        found = sorted((int(m.group(1)), n) for n in os.listdir(out) if (m := CHECKPOINT_RE.match(n)))
-        for _, name in found[: max(0, len(found) - max(1, self.config.save_total_limit))]:
-            shutil.rmtree(os.path.join(out, name), ignore_errors=True)
+        prune_checkpoints(self.config.output_dir, self.config.save_total_limit)
 
     def _load_checkpoint(self, path: str) -> None:
         blob = torch.load(os.path.join(path, STATE_FILE), map_location="cpu", weights_only=False)

@@ -69,6 +69,7 @@ from .base import (
     maybe_shard,
     open_run_logger,
     optimizer_groups,
+    prune_checkpoints,
     rank_epoch_order,
     replace_dir_contents,
     resolve_device,
@@ -891,12 +892,7 @@ class PPOTrainer:
         return final
 
     def _prune_checkpoints(self) -> None:
-        from .base import CHECKPOINT_RE
-
-        out = self.config.output_dir
-        found = sorted((int(m.group(1)), n) for n in os.listdir(out) if (m := CHECKPOINT_RE.match(n)))
-        for _, name in found[: max(0, len(found) - max(1, self.config.save_total_limit))]:
-            shutil.rmtree(os.path.join(out, name), ignore_errors=True)
+        prune_checkpoints(self.config.output_dir, self.config.save_total_limit)
 
     def load_checkpoint(self, path: str) -> None:
         blob = torch.load(os.path.join(path, STATE_FILE), map_location="cpu", weights_only=False)
