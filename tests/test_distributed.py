@@ -46,26 +46,12 @@ def _spawn(fn, *args):
     mp.spawn(fn, args=(_free_port(), *args), nprocs=WORLD, join=True)
 
 
-def _score_model(lm_path, out, seed, bias=0.0):
-    from saferlhf_fast.data import load_tokenizer
-    from saferlhf_fast.models import from_pretrained
-
-    torch.manual_seed(seed)
-    m = from_pretrained(lm_path, head="score")
-    with torch.no_grad():
-        m.score_head.weight.normal_(0.0, 0.5)
-        m.score_head.bias.fill_(bias)
-    m.save_pretrained(out)
-    load_tokenizer(lm_path).save_pretrained(out)
-    return out
-
-
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
+def models(tmp_path_factory, make_score_model):
     root = tmp_path_factory.mktemp("dist_models")
     actor = make_tiny_model(str(root / "actor"), hidden_size=32, num_layers=2, num_heads=2, seed=1)
-    return {"actor": actor, "rm": _score_model(actor, str(root / "rm"), 2),
-            "cm": _score_model(actor, str(root / "cm"), 3, bias=0.3)}
+    return {"actor": actor, "rm": make_score_model(actor, str(root / "rm"), 2),
+            "cm": make_score_model(actor, str(root / "cm"), 3, bias=0.3)}
 
 
 def _ppo_config(models, out, **kw):

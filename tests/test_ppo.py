@@ -97,26 +97,13 @@ def ref_lagrange_step(log_lambda, episode_costs, threshold, lr, step, delay, log
 
 
 # ------------------------------------------------------------------------------------------------ fixtures
-def _score_model(lm_path, out, seed, bias=0.0):
-    torch.manual_seed(seed)
-    m = from_pretrained(lm_path, head="score")
-    with torch.no_grad():
-        m.score_head.weight.normal_(0.0, 0.5)
-        m.score_head.bias.fill_(bias)
-    m.save_pretrained(out)
-    from saferlhf_fast.data import load_tokenizer
-
-    load_tokenizer(lm_path).save_pretrained(out)
-    return out
-
-
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
+def models(tmp_path_factory, make_score_model):
     root = tmp_path_factory.mktemp("ppo_models")
     actor = make_tiny_model(str(root / "actor"), hidden_size=32, num_layers=2, num_heads=2, seed=1)
-    rm = _score_model(actor, str(root / "rm"), 2)
-    cm = _score_model(actor, str(root / "cm"), 3, bias=0.3)
-    nan_rm = _score_model(actor, str(root / "nan_rm"), 4, bias=float("nan"))
+    rm = make_score_model(actor, str(root / "rm"), 2)
+    cm = make_score_model(actor, str(root / "cm"), 3, bias=0.3)
+    nan_rm = make_score_model(actor, str(root / "nan_rm"), 4, bias=float("nan"))
     return {"actor": actor, "rm": rm, "cm": cm, "nan_rm": nan_rm}
 
 
