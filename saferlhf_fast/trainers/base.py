@@ -275,8 +275,18 @@ class Trainer:
         self.eval_collate = collator_of(self.eval_dataset) if self.eval_dataset is not None else None
 
     # ---- to implement -----------------------------------------------------------------------------------
+    dataset_class = None  # the command's TokenizedDataset subclass (build_datasets' default)
+
     def build_datasets(self) -> tuple[Dataset, Dataset | None]:
-        raise NotImplementedError
+        """(train, eval): ``dataset_class`` over ``--train_datasets`` and ``--eval_datasets``, or a held-out
+        ``--eval_split_ratio`` part of train."""
+        cfg = self.config
+
+        def make(names):
+            return self.dataset_class(names, self.tokenizer, cfg.max_length, seed=cfg.seed,
+                                      chat_template=cfg.chat_template)
+
+        return self.split_eval(make(cfg.train_datasets), make(cfg.eval_datasets) if cfg.eval_datasets else None)
 
     def loss(self, batch: dict) -> tuple[torch.Tensor, dict]:
         """(loss of one micro-batch, metrics as floats)."""

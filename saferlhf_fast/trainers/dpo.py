@@ -90,6 +90,7 @@ def dpo_loss(policy_logps: Tensor, ref_logps: Tensor, beta: float):
 
 
 class DPOTrainer(Trainer):
+    dataset_class = PreferenceDataset
     head = "lm"
 
     def __init__(self, config: DPOConfig):
@@ -97,15 +98,6 @@ class DPOTrainer(Trainer):
         # The frozen reference is always the initial model (also when resuming).
         self.reference = freeze(load_model(config.model_name_or_path, "lm", config.attn_backend, self.device))
         self.reference = maybe_shard(self.reference, config, trainable=False)
-
-    def build_datasets(self):
-        cfg = self.config
-        train = PreferenceDataset(cfg.train_datasets, self.tokenizer, cfg.max_length, seed=cfg.seed,
-                                  chat_template=cfg.chat_template)
-        eval_ = PreferenceDataset(cfg.eval_datasets, self.tokenizer, cfg.max_length, seed=cfg.seed,
-                                  chat_template=cfg.chat_template) \
-            if cfg.eval_datasets else None
-        return self.split_eval(train, eval_)
 
     def _span_logps(self, model, batch, labels) -> Tensor:
         return token_logprobs(model, batch["input_ids"], batch["attention_mask"], labels).sum(-1)

@@ -248,15 +248,6 @@ class ScoreTrainer(Trainer):
             self.normalizer = ScoreNormalizer(config.normalizer_type or "RunningMeanStd", self.normalize_function,
                                               config.normalizer_momentum).to(self.device)
 
-    def build_datasets(self):
-        cfg = self.config
-        train = self.dataset_class(cfg.train_datasets, self.tokenizer, cfg.max_length, seed=cfg.seed,
-                                   chat_template=cfg.chat_template)
-        eval_ = self.dataset_class(cfg.eval_datasets, self.tokenizer, cfg.max_length, seed=cfg.seed,
-                                   chat_template=cfg.chat_template) \
-            if cfg.eval_datasets else None
-        return self.split_eval(train, eval_)
-
     def save_model(self, path: str) -> None:
         """The model folder plus ``score_normalizer.json`` (score type and, when trained with one, the normalizer's
         statistics, which inference must apply: ``load_normalizer``)."""

@@ -35,16 +35,8 @@ def sft_loss(logp: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 class SFTTrainer(Trainer):
+    dataset_class = SupervisedDataset
     head = "lm"
-
-    def build_datasets(self):
-        cfg = self.config
-        train = SupervisedDataset(cfg.train_datasets, self.tokenizer, cfg.max_length, seed=cfg.seed,
-                                  chat_template=cfg.chat_template)
-        eval_ = SupervisedDataset(cfg.eval_datasets, self.tokenizer, cfg.max_length, seed=cfg.seed,
-                                  chat_template=cfg.chat_template) \
-            if cfg.eval_datasets else None
-        return self.split_eval(train, eval_)
 
     def loss(self, batch):
         logp = token_logprobs(self.model, batch["input_ids"], batch["attention_mask"], batch["labels"])
