@@ -38,15 +38,13 @@ def test_ground_truth():
     assert ground_truth(["what is the capital of peru ?"], ["lima"]) is None
 
 
-def test_cli_arena(tmp_path):
-    from test_ppo import _score_model  # noqa: PLC0415 - shared fixture helper
-
+def test_cli_arena(tmp_path, make_score_model):
     from saferlhf_fast.trainers.modeling import make_tiny_model
 
     red = make_tiny_model(str(tmp_path / "red"), hidden_size=32, num_layers=1, num_heads=2, seed=1)
     blue = make_tiny_model(str(tmp_path / "blue"), hidden_size=32, num_layers=1, num_heads=2, seed=2)
-    rm = _score_model(red, str(tmp_path / "rm"), 3)
-    cm = _score_model(red, str(tmp_path / "cm"), 4)
+    rm = make_score_model(red, str(tmp_path / "rm"), 3)
+    cm = make_score_model(red, str(tmp_path / "cm"), 4)
     out = tmp_path / "arena"
     rc = main(["arena", "--red_corpus_model_name_or_path", red, "--blue_corpus_model_name_or_path", blue,
                "--reward_model_name_or_path", rm, "--cost_model_name_or_path", cm, "--datasets",
