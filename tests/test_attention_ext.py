@@ -125,11 +125,15 @@ def test_xformers_layout_against_reference(monkeypatch, window):
 
 
 def test_backend_names_and_missing_packages(monkeypatch):
-    assert set(attn.BACKENDS) >= {"sdpa", "flash", "flex", "xformers", "reference"}
+    assert set(attn.BACKENDS) >= {"sdpa", "native", "flash", "flex", "xformers", "reference"}
     monkeypatch.setattr(ext, "xformers_available", lambda: False)
     with pytest.raises(RuntimeError, match="xformers package"):
         attn.resolve_backend("xformers", torch.device("cpu"))
+    assert attn.resolve_backend(None, torch.device("cpu")) == ("native" if attn.native_available() else "sdpa")
+    monkeypatch.setattr(attn, "native_available", lambda: False)
     assert attn.resolve_backend(None, torch.device("cpu")) == "sdpa"
+    with pytest.raises(RuntimeError, match="compiled extension"):
+        attn.resolve_backend("native", torch.device("cpu"))
 
 
 @pytest.mark.gpu

@@ -80,7 +80,7 @@ def masked_max(a, b, mask):
 
 # ---------------------------------------------------------------------------------------------- parity
 @pytest.mark.parametrize("name", list(ARCHS))
-@pytest.mark.parametrize("backend", ["sdpa", "reference", "flex"])
+@pytest.mark.parametrize("backend", ["sdpa", "native", "reference", "flex"])
 def test_logits_parity_left_padded(checkpoints, name, backend):
     hf = transformers.AutoModelForCausalLM.from_pretrained(checkpoints[name]).eval()
     model = from_pretrained(checkpoints[name], attn_backend=backend).eval()

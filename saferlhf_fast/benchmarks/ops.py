@@ -4,7 +4,9 @@ Baselines (provider ``baseline``), as PKU-Alignment/safe-rlhf computes them:
 * gather_logprobs: full ``log_softmax(logits.float())`` then ``gather``;
 * linear_logprobs: ``hidden @ weight.T`` then the same, forward + backward;
 * gae: the Python loop over time, called once per stream (reward, then cost);
-* ppo_losses: eager PPO-Lag actor loss + both critic losses, forward + backward through autograd.
+* ppo_losses: eager PPO-Lag actor loss + both critic losses, forward + backward through autograd;
+* attention: torch's SDPA (its fused CPU flash kernel, causal, grouped-query), forward + backward, against the
+  extension's CPU kernel (provider ``cpu``, ``models/attention.py`` backend ``native``), on CPU only.
 Our providers are the op backends available on the device (``cpu``; ``triton`` / ``cuda`` on GPU); on GPU the
 linear log-prob forward also gets a ``matmul`` row (the lm_head matmul alone: the floor it is compared to).
 """
@@ -25,6 +27,7 @@ SIZES = {
         ("linear_logprobs", "full", {"n": 64, "h": 32, "v": 1000}, "fp32"),
         ("gae", "forward", {"streams": 2, "b": 4, "t": 64}, "fp32"),
         ("ppo_losses", "full", {"b": 4, "t": 64}, "fp32"),
+        ("attention", "full", {"b": 2, "hq": 4, "hk": 2, "l": 24, "d": 16}, "fp32"),
     ],
     "default": [
         ("gather_logprobs", "forward", {"n": 8192, "v": 32000}, "fp32"),
@@ -33,6 +36,9 @@ SIZES = {
         ("linear_logprobs", "full", {"n": 4096, "h": 512, "v": 32000}, "fp32"),
         ("gae", "forward", {"streams": 2, "b": 64, "t": 1024}, "fp32"),
         ("ppo_losses", "full", {"b": 64, "t": 1024}, "fp32"),
+        ("attention", "full", {"b": 8, "hq": 8, "hk": 4, "l": 80, "d": 32}, "fp32"),  # the 7M model's training batch
+        ("attention", "full", {"b": 8, "hq": 9, "hk": 3, "l": 80, "d": 64}, "fp32"),  # SmolLM2-135M heads
+        ("attention", "full", {"b": 4, "hq": 8, "hk": 4, "l": 512, "d": 64}, "fp32"),  # NATIVE_MAX_SEQLEN
     ],
     "gpu": [
         ("gather_logprobs", "forward", {"n": 32768, "v": 131072}, "bf16"),
@@ -145,11 +151,31 @@ def build_losses(provider: str, b: int, t: int, dtype: str, device: str, mode: s
     return run
 
 
+def build_attention(provider: str, b: int, hq: int, hk: int, l: int, d: int, dtype: str, device: str, mode: str):
+    from ..models import attention as attn
+
+    g = _gen(device)
+    q, k, v = (torch.randn(b, h, l, d, generator=g, device=device).to(_DTYPES[dtype]).requires_grad_()
+               for h in (hq, hk, hk))
+    grad = torch.randn(b, hq, l, d, generator=g, device=device).to(_DTYPES[dtype])
+    fn = attn.sdpa_attention if provider == "baseline" else attn.native_attention
+    mask, scale = attn.Mask(is_causal=True), d ** -0.5
+
+    def run():
+        q.grad = k.grad = v.grad = None
+        out = fn(q, k, v, mask, scale)
+        out.backward(grad)
+        return out
+
+    return run
+
+
 _BUILDERS = {
     "gather_logprobs": "saferlhf_fast.benchmarks.ops:build_gather",
     "linear_logprobs": "saferlhf_fast.benchmarks.ops:build_linear",
     "gae": "saferlhf_fast.benchmarks.ops:build_gae",
     "ppo_losses": "saferlhf_fast.benchmarks.ops:build_losses",
+    "attention": "saferlhf_fast.benchmarks.ops:build_attention",
 }
 
 # The CPU memory targets of the issue: measured for these kernels only (each costs two fresh processes).
@@ -157,6 +183,10 @@ _MEMORY_KERNELS = {"gather_logprobs", "linear_logprobs"}
 
 
 def providers(kernel: str, mode: str, device: str) -> list[str]:
+    if kernel == "attention":
+        from ..models.attention import native_available
+
+        return ["baseline"] + (["cpu"] if device == "cpu" and native_available() else [])
     ours = [b for b in _backend.available_backends(device) if b != "torch"]
     if device == "cpu":
         ours = [b for b in ours if b != "triton"]  # the interpreter is a correctness tool, not a provider

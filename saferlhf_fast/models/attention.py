@@ -5,7 +5,7 @@ value heads shared by ``nh / nkv`` query heads each).  Layout everywhere: q ``[B
 ``[B, nkv, Lk, d]``, output ``[B, nh, Lq, d]``.
 
 Backends (``attn_backend=``; default on CUDA: ``flash`` when the flash-attn package imports, else ``xformers`` when
-xformers does, else ``sdpa``; on CPU ``sdpa``):
+xformers does, else ``sdpa``; on CPU ``native`` when the extension is built, else ``sdpa``):
 
 * ``sdpa``      -- ``torch.nn.functional.scaled_dot_product_attention`` (torch's fused flash / memory-efficient
                    kernels on CPU and GPU); ``is_causal`` when the batch has no padding, a boolean mask otherwise.
@@ -15,6 +15,10 @@ xformers does, else ``sdpa``; on CPU ``sdpa``):
                    compiled on CUDA (``attention_ext.py``).
 * ``xformers``  -- ``memory_efficient_attention`` on packed sequences (block-diagonal causal bias), GPU only
                    (``attention_ext.py``).
+* ``native``    -- the extension's C++ CPU kernel (``csrc/attention_ops.cpp``, forward and backward): causal,
+                   packed documents (``cu_seqlens``) and sliding windows, fp32, no N x N mask, no k / v expansion.
+                   The CPU default (fp32, sequences up to ``NATIVE_MAX_SEQLEN``); anything else it cannot take
+                   (padded masks, decode steps, bf16, longer sequences) goes to ``sdpa``.
 * ``reference`` -- explicit matmul / softmax / matmul in fp32, for tests.
 
 Masks.  ``Mask`` carries what a layer needs, built once per forward: a boolean ``[B or 1, 1, Lq, Lk]`` "may attend"
@@ -32,11 +36,27 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-BACKENDS = ("sdpa", "flash", "flex", "xformers", "reference")
+BACKENDS = ("sdpa", "native", "flash", "flex", "xformers", "reference")
+
+# Longest sequence (document) the native CPU kernel takes.  It keeps a unit's whole keys / values and [8, L] score
+# rows in cache, which pays at training lengths (1.7x SDPA's fwd + bwd at L = 80) and still did at L = 512 (1.17x);
+# longer sequences are unmeasured and go to SDPA.  `saferlhf-fast bench ops --kernels attention` measures it.
+NATIVE_MAX_SEQLEN = 512
 
 
 def flash_available() -> bool:
     return importlib.util.find_spec("flash_attn") is not None
+
+
+def native_available() -> bool:
+    """Whether the compiled extension has the CPU attention kernel (``csrc/attention_ops.cpp``)."""
+    from .. import _backend
+
+    mod, _ = _backend.extension()
+    try:
+        return mod is not None and hasattr(torch.ops.saferlhf, "attention_forward")
+    except (AttributeError, RuntimeError):
+        return False
 
 
 def resolve_backend(name: str | None, device: torch.device) -> str:
@@ -49,12 +69,17 @@ def resolve_backend(name: str | None, device: torch.device) -> str:
             return "flash"
         if device.type == "cuda" and ext.xformers_available():
             return "xformers"
+        if device.type == "cpu" and native_available():
+            return "native"
         return "sdpa"
     name = name.lower()
     if name not in BACKENDS:
         raise ValueError(f"unknown attention backend {name!r}; choose one of {', '.join(BACKENDS)}")
     if name == "flash" and not flash_available():
         raise RuntimeError("attention backend 'flash' needs the flash-attn package (pip install flash-attn)")
+    if name == "native" and not native_available():
+        raise RuntimeError("attention backend 'native' needs the compiled extension (pip install --no-build-isolation "
+                           "-e .)")
     if name == "xformers" and not ext.xformers_available():
         raise RuntimeError("attention backend 'xformers' needs the xformers package (pip install xformers)")
     if name == "flex" and not ext.flex_available():
@@ -208,7 +233,44 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, mask: Mask, scale: float) -
     return sdpa_attention(q, k, v, mask, scale)  # padded batches, decode steps
 
 
-_FUNCS = {"sdpa": sdpa_attention, "reference": reference_attention, "flash": flash_attention}
+class _NativeAttention(torch.autograd.Function):
+    """``saferlhf::attention_forward`` / ``attention_backward`` on ``[B, L, H, D]`` views (no copies)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, cu_seqlens, scale, window):
+        out, lse = torch.ops.saferlhf.attention_forward(q, k, v, cu_seqlens, scale, window)
+        ctx.save_for_backward(q, k, v, out, lse, cu_seqlens)
+        ctx.scale, ctx.window = scale, window
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse, cu_seqlens = ctx.saved_tensors
+        if dout.stride(-1) != 1:
+            dout = dout.contiguous()
+        dq, dk, dv = torch.ops.saferlhf.attention_backward(dout, q, k, v, out, lse, cu_seqlens, ctx.scale, ctx.window)
+        return dq, dk, dv, None, None, None
+
+
+def native_attention(q: Tensor, k: Tensor, v: Tensor, mask: Mask, scale: float) -> Tensor:
+    """The C++ CPU kernel for causal / packed-document attention of q ``[B, nh, L, d]`` over k / v of the same
+    length; returns ``[B, nh, L, d]`` as a transposed view of a ``[B, L, nh, d]`` tensor, so the caller's
+    ``transpose(1, 2).reshape`` before ``o_proj`` is free.  Other cases go to :func:`sdpa_attention`."""
+    length = q.shape[-2]
+    packed = mask.cu_seqlens is not None
+    aligned = mask.is_causal or (packed and q.shape[0] == 1)
+    longest = mask.max_seqlen if packed else length
+    if (not aligned or q.dtype != torch.float32 or q.device.type != "cpu" or k.shape[-2] != length
+            or longest > NATIVE_MAX_SEQLEN):
+        return sdpa_attention(q, k, v, mask, scale)
+    window = mask.window if mask.window is not None else 0
+    out = _NativeAttention.apply(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                 mask.cu_seqlens if packed else None, float(scale), int(window))
+    return out.transpose(1, 2)
+
+
+_FUNCS = {"sdpa": sdpa_attention, "reference": reference_attention, "flash": flash_attention,
+          "native": native_attention}
 
 
 def attend(backend: str, q: Tensor, k: Tensor, v: Tensor, mask: Mask, scale: float) -> Tensor:

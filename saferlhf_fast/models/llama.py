@@ -316,13 +316,14 @@ class DecoderModel(nn.Module):
 
         ``packed``: run the layers on the real tokens only (one packed row; flash / xformers varlen, a flex document
         block mask, SDPA per document, or a dense document mask), so padding costs nothing; pad positions of the
-        result are 0.  Default (None): on with the flash, xformers and flex backends, and with SDPA when at least
-        ``PACK_MIN_PADDING`` of the batch is padding."""
+        result are 0.  Default (None): on with the flash, xformers and flex backends, with native when the batch has
+        any padding, and with SDPA when at least ``PACK_MIN_PADDING`` of the batch is padding."""
         backend = self.backend()
         if attention_mask is not None and position_ids is None:
             if packed is None:
                 packed = backend in ("flash", "xformers", "flex") or (
-                    backend == "sdpa" and float(attention_mask.float().mean()) <= 1.0 - self.PACK_MIN_PADDING)
+                    backend == "sdpa" and float(attention_mask.float().mean()) <= 1.0 - self.PACK_MIN_PADDING) or (
+                    backend == "native" and not bool(attention_mask.all()))  # native takes no padded mask
             if packed:
                 return self._packed_hidden_states(input_ids, attention_mask, backend)
         length = input_ids.shape[1]
@@ -345,8 +346,10 @@ class DecoderModel(nn.Module):
         cu = F.pad(m.sum(-1).cumsum(0), (1, 0)).to(torch.int32)
         n = tokens.shape[1]
         masks = {}
+        # native applies windows itself; it needs the dense mask only for documents too long for it (sdpa fallback)
+        dense_windows = backend == "sdpa" or (backend == "native" and int(m.sum(-1).max()) > attn.NATIVE_MAX_SEQLEN)
         for w in self._windows():
-            dense = backend == "reference" or (backend == "sdpa" and w is not None and n > w)
+            dense = backend == "reference" or (dense_windows and w is not None and n > w)
             masks[w] = attn.packed_mask(cu, n, w, dense=dense)
         h = self.model(tokens, positions, masks, backend, pos_bound=length)[0]
         out = h.new_zeros(b * length, h.shape[-1]).index_copy(0, idx, h)

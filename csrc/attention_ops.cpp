@@ -1,0 +1,432 @@
+// Causal grouped-query attention for CPU training and prefill (fp32), forward and backward, two torch ops:
+//
+//   saferlhf::attention_forward(q [B, L, Hq, D], k [B, L, Hk, D], v [B, L, Hk, D], cu_seqlens?, scale, window)
+//       -> (out [B, L, Hq, D], lse [B, Hq, L])
+//   saferlhf::attention_backward(dout, q, k, v, out, lse, cu_seqlens?, scale, window) -> (dq, dk, dv)
+//
+// Math (per sequence, query head h, its kv head g = h / (Hq / Hk), query i, keys j allowed when
+// i - window < j <= i, window <= 0 meaning none):
+//   s_ij = scale * q_i . k_j,   lse_i = log sum_j exp(s_ij),   p_ij = exp(s_ij - lse_i),   out_i = sum_j p_ij v_j
+//   backward: delta_i = dout_i . out_i,  dv_j = sum_i p_ij dout_i,  ds_ij = p_ij (dout_i . v_j - delta_i),
+//             dq_i = scale sum_j ds_ij k_j,  dk_j = scale sum_i ds_ij q_i   (dk, dv summed over the group's heads).
+// Sequences: each batch row is one sequence of length L, or, with cu_seqlens (int32/int64 [S + 1], B == 1), the
+// packed documents [cu[s], cu[s + 1]) of the single row (padding-free training; tokens outside every document
+// get zero output and gradients).  q / k / v may be strided views (the last dim contiguous): the model passes its
+// [B, H, L, D] tensors transposed, with no copy.
+//
+// Why: at training shapes (L ~ 100-1000, d 32-128) torch's CPU flash kernel spends most of its time outside the
+// arithmetic (its backward is ~10x the FLOP floor at L = 80).  Here one work unit is (sequence, kv head): its keys
+// and values are copied once into small contiguous buffers (k transposed for the scores), then every query head of
+// the group walks its queries in blocks of kRows rows with register-blocked loops (Vec, simd_cpu.h); the whole
+// [kRows, L] score block stays in L1/L2, so there is no online softmax: lse is exact.  dk / dv accumulate in the
+// unit's own buffers, so units never write the same memory.  Units are handed out dynamically (cost ~ len^2).
+// Numerics: fp32 throughout, exp <= 1.05 ulp (exp_nonpos); results differ from SDPA by fp32 summation order only.
+//
+// torch-dependent on purpose (named *_ops.cpp, not *_cpu.cpp, so the torch-free CMake core does not glob it).
+#include <torch/extension.h>
+#include <torch/library.h>
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <limits>
+#include <optional>
+#include <tuple>
+#include <vector>
+
+#include "simd_cpu.h"
+
+namespace saferlhf_attention {
+
+using at::Tensor;
+using saferlhf::cpu::Vec;
+using saferlhf::cpu::exp_nonpos;
+using saferlhf::cpu::clamp_floor;
+
+constexpr int W = Vec::kWidth;
+// Query rows per block: every inner loop keeps kRows x (at most 2) vectors of accumulators in registers (16 of the
+// 32 AVX-512 registers).
+constexpr int kRows = 8;
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+struct Segment {
+  int64_t b, start, len;
+};
+
+// A [B, L, H, D] tensor with contiguous D.
+struct View {
+  float* data;
+  int64_t sb, sl, sh;
+  float* row(int64_t b, int64_t t, int64_t h) const { return data + b * sb + t * sl + h * sh; }
+};
+
+View view_of(const Tensor& t) {
+  return View{t.data_ptr<float>(), t.stride(0), t.stride(1), t.stride(2)};
+}
+
+// dst[r * ld_dst + j] = scale * sum_d a[r * lda + d] * bt[d * ldb + j] for r < kRows and j in [j0, j1) (multiples
+// of W): scores (a = queries, bt = keys transposed) or dout . v (a = dout rows, bt = values transposed).
+template <int NT>
+inline void rows_times_cols_tile(const float* a, int64_t lda, const float* bt, int64_t ldb, int64_t D, int64_t j,
+                                 float scale, float* dst, int64_t ld_dst) {
+  Vec acc[kRows][NT];
+  for (int r = 0; r < kRows; ++r)
+    for (int t = 0; t < NT; ++t) acc[r][t] = Vec(0.0f);
+  for (int64_t d = 0; d < D; ++d) {
+    Vec b[NT];
+    for (int t = 0; t < NT; ++t) b[t] = Vec::load(bt + d * ldb + j + t * W);
+    for (int r = 0; r < kRows; ++r) {
+      const Vec ar(a[r * lda + d]);
+      for (int t = 0; t < NT; ++t) acc[r][t] = Vec::fma(ar, b[t], acc[r][t]);
+    }
+  }
+  const Vec s(scale);
+  for (int r = 0; r < kRows; ++r)
+    for (int t = 0; t < NT; ++t) (acc[r][t] * s).store(dst + r * ld_dst + j + t * W);
+}
+
+void rows_times_cols(const float* a, int64_t lda, const float* bt, int64_t ldb, int64_t D, int64_t j0, int64_t j1,
+                     float scale, float* dst, int64_t ld_dst) {
+  int64_t j = j0;
+  for (; j + 2 * W <= j1; j += 2 * W) rows_times_cols_tile<2>(a, lda, bt, ldb, D, j, scale, dst, ld_dst);
+  for (; j < j1; j += W) rows_times_cols_tile<1>(a, lda, bt, ldb, D, j, scale, dst, ld_dst);
+}
+
+// out[r * ldo + d] = sum_{j in [j0, j1)} w[r * ldw + j] * m[j * ldm + d] for r < kRows, d in [0, Dp) (Dp a multiple
+// of W): p @ v (forward) and ds @ k (dq).
+template <int NC>
+inline void weights_times_rows_tile(const float* w, int64_t ldw, const float* m, int64_t ldm, int64_t j0, int64_t j1,
+                                    int64_t dt, float* out, int64_t ldo) {
+  Vec acc[kRows][NC];
+  for (int r = 0; r < kRows; ++r)
+    for (int c = 0; c < NC; ++c) acc[r][c] = Vec(0.0f);
+  for (int64_t j = j0; j < j1; ++j) {
+    Vec x[NC];
+    for (int c = 0; c < NC; ++c) x[c] = Vec::load(m + j * ldm + dt + c * W);
+    for (int r = 0; r < kRows; ++r) {
+      const Vec wr(w[r * ldw + j]);
+      for (int c = 0; c < NC; ++c) acc[r][c] = Vec::fma(wr, x[c], acc[r][c]);
+    }
+  }
+  for (int r = 0; r < kRows; ++r)
+    for (int c = 0; c < NC; ++c) acc[r][c].store(out + r * ldo + dt + c * W);
+}
+
+void weights_times_rows(const float* w, int64_t ldw, const float* m, int64_t ldm, int64_t j0, int64_t j1, int64_t Dp,
+                        float* out, int64_t ldo) {
+  for (int64_t dt = 0; dt < Dp;) {
+    const int64_t left = (Dp - dt) / W;
+    if (left >= 2) {
+      weights_times_rows_tile<2>(w, ldw, m, ldm, j0, j1, dt, out, ldo);
+      dt += 2 * W;
+    } else {
+      weights_times_rows_tile<1>(w, ldw, m, ldm, j0, j1, dt, out, ldo);
+      dt += W;
+    }
+  }
+}
+
+// acc[j * ldm + d] += sum_r w[r * ldw + j] * x[r * ldx + d] for j in [j0, j1), d in [0, Dp): dv += p^T dout and
+// dk += ds^T q (the kRows x tile of x stays in registers).
+template <int NC>
+inline void accumulate_outer_tile(const float* w, int64_t ldw, const float* x, int64_t ldx, int64_t j0, int64_t j1,
+                                  int64_t dt, float* acc, int64_t ldm) {
+  Vec xr[kRows][NC];
+  for (int r = 0; r < kRows; ++r)
+    for (int c = 0; c < NC; ++c) xr[r][c] = Vec::load(x + r * ldx + dt + c * W);
+  for (int64_t j = j0; j < j1; ++j) {
+    Vec a[NC];
+    for (int c = 0; c < NC; ++c) a[c] = Vec::load(acc + j * ldm + dt + c * W);
+    for (int r = 0; r < kRows; ++r) {
+      const Vec wr(w[r * ldw + j]);
+      for (int c = 0; c < NC; ++c) a[c] = Vec::fma(wr, xr[r][c], a[c]);
+    }
+    for (int c = 0; c < NC; ++c) a[c].store(acc + j * ldm + dt + c * W);
+  }
+}
+
+void accumulate_outer(const float* w, int64_t ldw, const float* x, int64_t ldx, int64_t j0, int64_t j1, int64_t Dp,
+                      float* acc, int64_t ldm) {
+  for (int64_t dt = 0; dt < Dp;) {
+    const int64_t left = (Dp - dt) / W;
+    if (left >= 2) {
+      accumulate_outer_tile<2>(w, ldw, x, ldx, j0, j1, dt, acc, ldm);
+      dt += 2 * W;
+    } else {
+      accumulate_outer_tile<1>(w, ldw, x, ldx, j0, j1, dt, acc, ldm);
+      dt += W;
+    }
+  }
+}
+
+inline float hmax(Vec v) {
+  alignas(64) float b[W];
+  v.store(b);
+  float m = b[0];
+  for (int l = 1; l < W; ++l) m = std::max(m, b[l]);
+  return m;
+}
+
+inline float hsum(Vec v) {
+  alignas(64) float b[W];
+  v.store(b);
+  float s = 0.0f;
+  for (int l = 0; l < W; ++l) s += b[l];
+  return s;
+}
+
+// Everything a work unit needs to know about the problem.
+struct Problem {
+  int64_t D, Dp, Hq, Hk, rep;
+  float scale;
+  int64_t window;  // <= 0: none
+  std::vector<Segment> segments;
+
+  int64_t first_key(int64_t i) const { return window > 0 ? std::max<int64_t>(0, i - window + 1) : 0; }
+};
+
+// Key block [j0 tile start, j1 tile end) of the query rows [i0, i0 + rows): the tiles covering every allowed key.
+struct Block {
+  int64_t i0, rows, jt0, jt1, jhi;
+};
+
+inline Block block_of(const Problem& pb, int64_t i0, int64_t len) {
+  Block bl;
+  bl.i0 = i0;
+  bl.rows = std::min<int64_t>(kRows, len - i0);
+  bl.jhi = i0 + bl.rows;
+  bl.jt0 = pb.first_key(i0) / W * W;
+  bl.jt1 = round_up(bl.jhi, W);
+  return bl;
+}
+
+// Sets the disallowed entries of each row's score tile range to -inf (rows beyond bl.rows: all of them).
+inline void mask_block(const Problem& pb, const Block& bl, float* s, int64_t lds) {
+  for (int r = 0; r < kRows; ++r) {
+    float* row = s + r * lds;
+    if (r >= bl.rows) {
+      for (int64_t j = bl.jt0; j < bl.jt1; ++j) row[j] = kNegInf;
+      continue;
+    }
+    const int64_t i = bl.i0 + r;
+    for (int64_t j = bl.jt0; j < pb.first_key(i); ++j) row[j] = kNegInf;
+    for (int64_t j = i + 1; j < bl.jt1; ++j) row[j] = kNegInf;
+  }
+}
+
+// Copies k (or v) of one sequence and kv head into kt [D, Lp] (transposed) and/or kr [Lp, Dp] (rows), zero padded.
+void load_keys(const View& x, const Segment& sg, int64_t g, const Problem& pb, int64_t Lp, float* kt, float* kr) {
+  if (kt != nullptr) std::fill(kt, kt + pb.D * Lp, 0.0f);
+  if (kr != nullptr) std::fill(kr, kr + Lp * pb.Dp, 0.0f);
+  for (int64_t j = 0; j < sg.len; ++j) {
+    const float* src = x.row(sg.b, sg.start + j, g);
+    if (kt != nullptr)
+      for (int64_t d = 0; d < pb.D; ++d) kt[d * Lp + j] = src[d];
+    if (kr != nullptr) std::copy(src, src + pb.D, kr + j * pb.Dp);
+  }
+}
+
+// Copies query-like rows [i0, i0 + rows) of head h into dst [kRows, Dp] (zero padded).
+inline void load_rows(const View& x, const Segment& sg, int64_t h, const Problem& pb, const Block& bl, float* dst) {
+  std::fill(dst, dst + kRows * pb.Dp, 0.0f);
+  for (int64_t r = 0; r < bl.rows; ++r) {
+    const float* src = x.row(sg.b, sg.start + bl.i0 + r, h);
+    std::copy(src, src + pb.D, dst + r * pb.Dp);
+  }
+}
+
+// Runs fn(unit) for units [0, n) on the intra-op threads, handing them out one at a time (costs differ).
+template <class F>
+void for_each_unit(int64_t n, const F& fn) {
+  std::atomic<int64_t> next{0};
+  const int64_t workers = std::min<int64_t>(n, at::get_num_threads());
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    for (int64_t u; (u = next.fetch_add(1)) < n;) fn(u);
+  });
+}
+
+Problem make_problem(const Tensor& q, const Tensor& k, const Tensor& v, const std::optional<Tensor>& cu_seqlens,
+                     double scale, int64_t window) {
+  TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu(), "attention: CPU tensors expected");
+  TORCH_CHECK(q.scalar_type() == at::kFloat && k.scalar_type() == at::kFloat && v.scalar_type() == at::kFloat,
+              "attention: fp32 q, k, v expected, got ", q.scalar_type());
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "attention: q, k, v must be [B, L, H, D]");
+  TORCH_CHECK(k.sizes() == v.sizes(), "attention: k ", k.sizes(), " and v ", v.sizes(), " differ");
+  TORCH_CHECK(q.size(0) == k.size(0) && q.size(1) == k.size(1) && q.size(3) == k.size(3),
+              "attention: q ", q.sizes(), " does not match k ", k.sizes());
+  TORCH_CHECK(k.size(2) > 0 && q.size(2) % k.size(2) == 0, "attention: ", q.size(2), " query heads are not a "
+              "multiple of ", k.size(2), " kv heads");
+  TORCH_CHECK(q.stride(3) == 1 && k.stride(3) == 1 && v.stride(3) == 1, "attention: the head dim must be contiguous");
+  Problem pb;
+  pb.D = q.size(3);
+  pb.Dp = round_up(pb.D, W);
+  pb.Hq = q.size(2);
+  pb.Hk = k.size(2);
+  pb.rep = pb.Hq / pb.Hk;
+  pb.scale = static_cast<float>(scale);
+  pb.window = window;
+  const int64_t B = q.size(0), L = q.size(1);
+  if (cu_seqlens.has_value()) {
+    TORCH_CHECK(B == 1, "attention: cu_seqlens needs a single packed row (B == 1), got B = ", B);
+    const Tensor cu = cu_seqlens->to(at::kCPU, at::kLong).contiguous();
+    TORCH_CHECK(cu.dim() == 1 && cu.numel() >= 1, "attention: cu_seqlens must be 1-D [S + 1]");
+    const int64_t* c = cu.data_ptr<int64_t>();
+    for (int64_t s = 0; s + 1 < cu.numel(); ++s) {
+      TORCH_CHECK(0 <= c[s] && c[s] <= c[s + 1] && c[s + 1] <= L, "attention: cu_seqlens must be non-decreasing "
+                  "in [0, ", L, "], got ", c[s], " then ", c[s + 1]);
+      if (c[s + 1] > c[s]) pb.segments.push_back({0, c[s], c[s + 1] - c[s]});
+    }
+  } else {
+    for (int64_t b = 0; b < B; ++b)
+      if (L > 0) pb.segments.push_back({b, 0, L});
+  }
+  // Longest first: the dynamic hand-out then balances the threads.
+  std::stable_sort(pb.segments.begin(), pb.segments.end(),
+                   [](const Segment& a, const Segment& b) { return a.len > b.len; });
+  return pb;
+}
+
+std::tuple<Tensor, Tensor> attention_forward(const Tensor& q, const Tensor& k, const Tensor& v,
+                                             const std::optional<Tensor>& cu_seqlens, double scale, int64_t window) {
+  const Problem pb = make_problem(q, k, v, cu_seqlens, scale, window);
+  const int64_t B = q.size(0), L = q.size(1);
+  Tensor out = at::zeros(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
+  Tensor lse = at::zeros({B, pb.Hq, L}, q.options());
+  const View qv = view_of(q), kv = view_of(k), vv = view_of(v), ov = view_of(out);
+  float* lse_p = lse.data_ptr<float>();
+  const int64_t n_units = static_cast<int64_t>(pb.segments.size()) * pb.Hk;
+  for_each_unit(n_units, [&](int64_t u) {
+    const Segment& sg = pb.segments[u / pb.Hk];
+    const int64_t g = u % pb.Hk;
+    const int64_t Lp = round_up(sg.len, W), Dp = pb.Dp, D = pb.D;
+    std::vector<float> kt(D * Lp), vr(Lp * Dp), qb(kRows * Dp), s(kRows * Lp), ob(kRows * Dp);
+    load_keys(kv, sg, g, pb, Lp, kt.data(), nullptr);
+    load_keys(vv, sg, g, pb, Lp, nullptr, vr.data());
+    for (int64_t h = g * pb.rep; h < (g + 1) * pb.rep; ++h) {
+      float* lse_h = lse_p + (sg.b * pb.Hq + h) * L + sg.start;
+      for (int64_t i0 = 0; i0 < sg.len; i0 += kRows) {
+        const Block bl = block_of(pb, i0, sg.len);
+        load_rows(qv, sg, h, pb, bl, qb.data());
+        rows_times_cols(qb.data(), Dp, kt.data(), Lp, D, bl.jt0, bl.jt1, pb.scale, s.data(), Lp);
+        mask_block(pb, bl, s.data(), Lp);
+        for (int r = 0; r < bl.rows; ++r) {
+          float* row = s.data() + r * Lp;
+          Vec m(kNegInf);
+          for (int64_t j = bl.jt0; j < bl.jt1; j += W) m = Vec::max(m, Vec::load(row + j));
+          const float mx = hmax(m);  // finite: key i is always allowed
+          Vec sum(0.0f);
+          for (int64_t j = bl.jt0; j < bl.jt1; j += W) {
+            const Vec e = exp_nonpos(clamp_floor(Vec::load(row + j) - Vec(mx)));
+            e.store(row + j);
+            sum = sum + e;
+          }
+          const float total = hsum(sum);
+          const Vec inv(1.0f / total);
+          for (int64_t j = bl.jt0; j < bl.jt1; j += W) (Vec::load(row + j) * inv).store(row + j);
+          lse_h[i0 + r] = mx + std::log(total);
+        }
+        for (int r = bl.rows; r < kRows; ++r) std::fill(s.data() + r * Lp + bl.jt0, s.data() + r * Lp + bl.jt1, 0.0f);
+        weights_times_rows(s.data(), Lp, vr.data(), Dp, bl.jt0, bl.jhi, Dp, ob.data(), Dp);
+        for (int64_t r = 0; r < bl.rows; ++r)
+          std::copy(ob.data() + r * Dp, ob.data() + r * Dp + D, ov.row(sg.b, sg.start + i0 + r, h));
+      }
+    }
+  });
+  return {out, lse};
+}
+
+std::tuple<Tensor, Tensor, Tensor> attention_backward(const Tensor& dout, const Tensor& q, const Tensor& k,
+                                                      const Tensor& v, const Tensor& out, const Tensor& lse,
+                                                      const std::optional<Tensor>& cu_seqlens, double scale,
+                                                      int64_t window) {
+  const Problem pb = make_problem(q, k, v, cu_seqlens, scale, window);
+  TORCH_CHECK(dout.sizes() == q.sizes() && out.sizes() == q.sizes(), "attention_backward: dout / out must match q");
+  TORCH_CHECK(dout.scalar_type() == at::kFloat && out.scalar_type() == at::kFloat && lse.scalar_type() == at::kFloat,
+              "attention_backward: fp32 dout, out, lse expected");
+  TORCH_CHECK(dout.stride(3) == 1 && out.stride(3) == 1, "attention_backward: the head dim must be contiguous");
+  const int64_t B = q.size(0), L = q.size(1);
+  TORCH_CHECK(lse.dim() == 3 && lse.size(0) == B && lse.size(1) == pb.Hq && lse.size(2) == L,
+              "attention_backward: lse must be [B, Hq, L]");
+  const Tensor lse_c = lse.contiguous();
+  const auto contiguous = q.options().memory_format(at::MemoryFormat::Contiguous);
+  Tensor dq = at::zeros(q.sizes(), contiguous), dk = at::zeros(k.sizes(), contiguous),
+         dv = at::zeros(v.sizes(), contiguous);
+  const View qv = view_of(q), kv = view_of(k), vv = view_of(v), ov = view_of(out), dov = view_of(dout),
+             dqv = view_of(dq), dkv = view_of(dk), dvv = view_of(dv);
+  const float* lse_p = lse_c.data_ptr<float>();
+  const int64_t n_units = static_cast<int64_t>(pb.segments.size()) * pb.Hk;
+  for_each_unit(n_units, [&](int64_t u) {
+    const Segment& sg = pb.segments[u / pb.Hk];
+    const int64_t g = u % pb.Hk;
+    const int64_t Lp = round_up(sg.len, W), Dp = pb.Dp, D = pb.D;
+    std::vector<float> kt(D * Lp), kr(Lp * Dp), vt(D * Lp), dk_acc(Lp * Dp, 0.0f), dv_acc(Lp * Dp, 0.0f),
+        qb(kRows * Dp), dob(kRows * Dp), p(kRows * Lp), dp(kRows * Lp), dqb(kRows * Dp);
+    load_keys(kv, sg, g, pb, Lp, kt.data(), kr.data());
+    load_keys(vv, sg, g, pb, Lp, vt.data(), nullptr);
+    for (int64_t h = g * pb.rep; h < (g + 1) * pb.rep; ++h) {
+      const float* lse_h = lse_p + (sg.b * pb.Hq + h) * L + sg.start;
+      for (int64_t i0 = 0; i0 < sg.len; i0 += kRows) {
+        const Block bl = block_of(pb, i0, sg.len);
+        load_rows(qv, sg, h, pb, bl, qb.data());
+        load_rows(dov, sg, h, pb, bl, dob.data());
+        float delta[kRows] = {};
+        for (int64_t r = 0; r < bl.rows; ++r) {
+          const float* o = ov.row(sg.b, sg.start + i0 + r, h);
+          const float* d_o = dob.data() + r * Dp;
+          float acc = 0.0f;
+          for (int64_t d = 0; d < D; ++d) acc += d_o[d] * o[d];
+          delta[r] = acc;
+        }
+        // p = exp(s - lse) (0 where masked), dp = dout . v, ds = p (dp - delta) (written over dp).
+        rows_times_cols(qb.data(), Dp, kt.data(), Lp, D, bl.jt0, bl.jt1, pb.scale, p.data(), Lp);
+        mask_block(pb, bl, p.data(), Lp);
+        rows_times_cols(dob.data(), Dp, vt.data(), Lp, D, bl.jt0, bl.jt1, 1.0f, dp.data(), Lp);
+        for (int r = 0; r < kRows; ++r) {
+          float* pr = p.data() + r * Lp;
+          float* dr = dp.data() + r * Lp;
+          const Vec l(r < bl.rows ? lse_h[i0 + r] : 0.0f), dl(delta[r]);
+          for (int64_t j = bl.jt0; j < bl.jt1; j += W) {
+            const Vec e = exp_nonpos(clamp_floor(Vec::load(pr + j) - l));
+            e.store(pr + j);
+            (e * (Vec::load(dr + j) - dl)).store(dr + j);
+          }
+        }
+        accumulate_outer(p.data(), Lp, dob.data(), Dp, bl.jt0, bl.jhi, Dp, dv_acc.data(), Dp);
+        accumulate_outer(dp.data(), Lp, qb.data(), Dp, bl.jt0, bl.jhi, Dp, dk_acc.data(), Dp);
+        weights_times_rows(dp.data(), Lp, kr.data(), Dp, bl.jt0, bl.jhi, Dp, dqb.data(), Dp);
+        for (int64_t r = 0; r < bl.rows; ++r) {
+          float* dst = dqv.row(sg.b, sg.start + i0 + r, h);
+          const float* src = dqb.data() + r * Dp;
+          for (int64_t d = 0; d < D; ++d) dst[d] = src[d] * pb.scale;
+        }
+      }
+    }
+    for (int64_t j = 0; j < sg.len; ++j) {
+      float* dkr = dkv.row(sg.b, sg.start + j, g);
+      float* dvr = dvv.row(sg.b, sg.start + j, g);
+      for (int64_t d = 0; d < D; ++d) {
+        dkr[d] = dk_acc[j * Dp + d] * pb.scale;
+        dvr[d] = dv_acc[j * Dp + d];
+      }
+    }
+  });
+  return {dq, dk, dv};
+}
+
+}  // namespace saferlhf_attention
+
+TORCH_LIBRARY_FRAGMENT(saferlhf, m) {
+  m.def("attention_forward(Tensor q, Tensor k, Tensor v, Tensor? cu_seqlens, float scale, int window) "
+        "-> (Tensor, Tensor)");
+  m.def("attention_backward(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? cu_seqlens, "
+        "float scale, int window) -> (Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(saferlhf, CPU, m) {
+  m.impl("attention_forward", &saferlhf_attention::attention_forward);
+  m.impl("attention_backward", &saferlhf_attention::attention_backward);
+}
