@@ -16,7 +16,11 @@ CUDA_SOURCES = sorted(glob.glob("csrc/*_cuda.cu"))
 
 
 def _cxx_flags():
-    flags = ["-O3"]  # no -std: torch's build adds the standard it needs (C++20 from torch 2.14)
+    # no -std: torch's build adds the standard it needs (C++20 from torch 2.14).  -fopenmp: at::parallel_for is a
+    # header template whose `#pragma omp parallel` is compiled here; without the flag every kernel's parallel_for
+    # silently runs on one thread.  The extension then needs libgomp.so.1, which resolves to the one torch has
+    # already loaded (torch/lib/libgomp.so.1): one OpenMP runtime, one thread pool.
+    flags = ["-O3", "-fopenmp"]
     if os.environ.get("SAFERLHF_PORTABLE") != "1":
         flags.append("-march=native")  # AVX2 / AVX-512 exp and reductions; the build is local (editable install)
     return flags
@@ -39,6 +43,7 @@ def extensions():
             "saferlhf_fast._C",
             CPU_SOURCES + CUDA_SOURCES,
             define_macros=define,
+            extra_link_args=["-fopenmp"],
             extra_compile_args={
                 "cxx": _cxx_flags(),
                 "nvcc": ["-O3", "--use_fast_math", "-lineinfo"],
@@ -46,7 +51,7 @@ def extensions():
         )
     else:
         ext = cpp_extension.CppExtension(
-            "saferlhf_fast._C", CPU_SOURCES, extra_compile_args={"cxx": _cxx_flags()}
+            "saferlhf_fast._C", CPU_SOURCES, extra_compile_args={"cxx": _cxx_flags()}, extra_link_args=["-fopenmp"]
         )
     return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
 

@@ -10,7 +10,7 @@
 //   backward: delta_i = dout_i . out_i,  dv_j = sum_i p_ij dout_i,  ds_ij = p_ij (dout_i . v_j - delta_i),
 //             dq_i = scale sum_j ds_ij k_j,  dk_j = scale sum_i ds_ij q_i   (dk, dv summed over the group's heads).
 // Sequences: each batch row is one sequence of length L, or, with cu_seqlens (int32/int64 [S + 1], B == 1), the
-// packed documents [cu[s], cu[s + 1]) of the single row (padding-free training; tokens outside every document
+// packed documents [cu[s], cu[s + 1]) of the single row (padding-free training; tokens before cu[0] or after cu[S]
 // get zero output and gradients).  q / k / v may be strided views (the last dim contiguous): the model passes its
 // [B, H, L, D] tensors transposed, with no copy.
 //
@@ -290,12 +290,24 @@ Problem make_problem(const Tensor& q, const Tensor& k, const Tensor& v, const st
   return pb;
 }
 
+// Outputs are allocated uninitialised (every covered token is written exactly once); this zeroes the tokens that no
+// packed document covers (before cu[0], after cu[S]) along dim `dim`.
+void zero_uncovered(Tensor& t, const std::optional<Tensor>& cu_seqlens, int64_t dim) {
+  if (!cu_seqlens.has_value()) return;
+  const Tensor cu = cu_seqlens->to(at::kCPU, at::kLong);
+  const int64_t first = cu[0].item<int64_t>(), last = cu[cu.numel() - 1].item<int64_t>(), L = t.size(dim);
+  if (first > 0) t.narrow(dim, 0, first).zero_();
+  if (last < L) t.narrow(dim, last, L - last).zero_();
+}
+
 std::tuple<Tensor, Tensor> attention_forward(const Tensor& q, const Tensor& k, const Tensor& v,
                                              const std::optional<Tensor>& cu_seqlens, double scale, int64_t window) {
   const Problem pb = make_problem(q, k, v, cu_seqlens, scale, window);
   const int64_t B = q.size(0), L = q.size(1);
-  Tensor out = at::zeros(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
-  Tensor lse = at::zeros({B, pb.Hq, L}, q.options());
+  Tensor out = at::empty(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
+  Tensor lse = at::empty({B, pb.Hq, L}, q.options());
+  zero_uncovered(out, cu_seqlens, 1);
+  zero_uncovered(lse, cu_seqlens, 2);
   const View qv = view_of(q), kv = view_of(k), vv = view_of(v), ov = view_of(out);
   float* lse_p = lse.data_ptr<float>();
   const int64_t n_units = static_cast<int64_t>(pb.segments.size()) * pb.Hk;
@@ -353,8 +365,9 @@ std::tuple<Tensor, Tensor, Tensor> attention_backward(const Tensor& dout, const 
               "attention_backward: lse must be [B, Hq, L]");
   const Tensor lse_c = lse.contiguous();
   const auto contiguous = q.options().memory_format(at::MemoryFormat::Contiguous);
-  Tensor dq = at::zeros(q.sizes(), contiguous), dk = at::zeros(k.sizes(), contiguous),
-         dv = at::zeros(v.sizes(), contiguous);
+  Tensor dq = at::empty(q.sizes(), contiguous), dk = at::empty(k.sizes(), contiguous),
+         dv = at::empty(v.sizes(), contiguous);
+  for (Tensor* t : {&dq, &dk, &dv}) zero_uncovered(*t, cu_seqlens, 1);
   const View qv = view_of(q), kv = view_of(k), vv = view_of(v), ov = view_of(out), dov = view_of(dout),
              dqv = view_of(dq), dkv = view_of(dk), dvv = view_of(dv);
   const float* lse_p = lse_c.data_ptr<float>();

@@ -155,14 +155,17 @@ def build_attention(provider: str, b: int, hq: int, hk: int, l: int, d: int, dty
     from ..models import attention as attn
 
     g = _gen(device)
-    q, k, v = (torch.randn(b, h, l, d, generator=g, device=device).to(_DTYPES[dtype]).requires_grad_()
-               for h in (hq, hk, hk))
+    # [B, L, H, D] leaves seen as [B, H, L, D], as a model's projection outputs are (both providers alike)
+    leaves = [torch.randn(b, l, h, d, generator=g, device=device).to(_DTYPES[dtype]).requires_grad_()
+              for h in (hq, hk, hk)]
     grad = torch.randn(b, hq, l, d, generator=g, device=device).to(_DTYPES[dtype])
     fn = attn.sdpa_attention if provider == "baseline" else attn.native_attention
     mask, scale = attn.Mask(is_causal=True), d ** -0.5
 
     def run():
-        q.grad = k.grad = v.grad = None
+        for t in leaves:
+            t.grad = None
+        q, k, v = (t.transpose(1, 2) for t in leaves)
         out = fn(q, k, v, mask, scale)
         out.backward(grad)
         return out
