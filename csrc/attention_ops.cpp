@@ -34,6 +34,7 @@
 #include <limits>
 #include <optional>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "simd_cpu.h"
@@ -96,6 +97,15 @@ void rows_times_cols(const float* a, int64_t lda, const float* bt, int64_t ldb, 
   for (; j < j1; j += W) rows_times_cols_tile<1>(a, lda, bt, ldb, D, j, scale, dst, ld_dst);
 }
 
+// Calls f(std::integral_constant<int, NC>, dt) over the padded head dim [0, Dp) in passes of NC = 2 vectors (a last
+// pass of 1): the accumulators of kRows x NC vectors stay in registers.
+template <class F>
+inline void over_head_dim(int64_t Dp, const F& f) {
+  int64_t dt = 0;
+  for (; dt + 2 * W <= Dp; dt += 2 * W) f(std::integral_constant<int, 2>(), dt);
+  for (; dt < Dp; dt += W) f(std::integral_constant<int, 1>(), dt);
+}
+
 // out[r * ldo + d] = sum_{j in [j0, j1)} w[r * ldw + j] * m[j * ldm + d] for r < kRows, d in [0, Dp) (Dp a multiple
 // of W): p @ v (forward) and ds @ k (dq).
 template <int NC>
@@ -118,16 +128,9 @@ inline void weights_times_rows_tile(const float* w, int64_t ldw, const float* m,
 
 void weights_times_rows(const float* w, int64_t ldw, const float* m, int64_t ldm, int64_t j0, int64_t j1, int64_t Dp,
                         float* out, int64_t ldo) {
-  for (int64_t dt = 0; dt < Dp;) {
-    const int64_t left = (Dp - dt) / W;
-    if (left >= 2) {
-      weights_times_rows_tile<2>(w, ldw, m, ldm, j0, j1, dt, out, ldo);
-      dt += 2 * W;
-    } else {
-      weights_times_rows_tile<1>(w, ldw, m, ldm, j0, j1, dt, out, ldo);
-      dt += W;
-    }
-  }
+  over_head_dim(Dp, [&](auto nc, int64_t dt) {
+    weights_times_rows_tile<decltype(nc)::value>(w, ldw, m, ldm, j0, j1, dt, out, ldo);
+  });
 }
 
 // acc[j * ldm + d] += sum_r w[r * ldw + j] * x[r * ldx + d] for j in [j0, j1), d in [0, Dp): dv += p^T dout and
@@ -151,16 +154,9 @@ inline void accumulate_outer_tile(const float* w, int64_t ldw, const float* x, i
 
 void accumulate_outer(const float* w, int64_t ldw, const float* x, int64_t ldx, int64_t j0, int64_t j1, int64_t Dp,
                       float* acc, int64_t ldm) {
-  for (int64_t dt = 0; dt < Dp;) {
-    const int64_t left = (Dp - dt) / W;
-    if (left >= 2) {
-      accumulate_outer_tile<2>(w, ldw, x, ldx, j0, j1, dt, acc, ldm);
-      dt += 2 * W;
-    } else {
-      accumulate_outer_tile<1>(w, ldw, x, ldx, j0, j1, dt, acc, ldm);
-      dt += W;
-    }
-  }
+  over_head_dim(Dp, [&](auto nc, int64_t dt) {
+    accumulate_outer_tile<decltype(nc)::value>(w, ldw, x, ldx, j0, j1, dt, acc, ldm);
+  });
 }
 
 inline float hmax(Vec v) {
