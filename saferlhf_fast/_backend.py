@@ -29,6 +29,16 @@ def extension():
         return None, f"compiled extension saferlhf_fast._C not importable ({type(exc).__name__}: {exc})"
 
 
+def has_op(name: str) -> bool:
+    """Whether the compiled extension imports and registers ``torch.ops.saferlhf.<name>`` (the ``*_ops.cpp`` sources
+    add ops outside the backend contract: the decode step, the sampler, attention)."""
+    mod, _ = extension()
+    try:
+        return mod is not None and hasattr(torch.ops.saferlhf, name)
+    except (AttributeError, RuntimeError):
+        return False
+
+
 @functools.lru_cache(maxsize=None)
 def triton_status():
     """(available, reason): whether Triton kernels can run here."""

@@ -41,11 +41,7 @@ def native_step_available() -> bool:
         return False
     from .. import _backend
 
-    mod, _ = _backend.extension()
-    try:
-        return mod is not None and hasattr(torch.ops.saferlhf, "decode_step")
-    except (AttributeError, RuntimeError):
-        return False
+    return _backend.has_op("decode_step")
 
 
 def mkldnn_linear_available() -> bool:

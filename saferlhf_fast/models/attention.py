@@ -52,11 +52,7 @@ def native_available() -> bool:
     """Whether the compiled extension has the CPU attention kernel (``csrc/attention_ops.cpp``)."""
     from .. import _backend
 
-    mod, _ = _backend.extension()
-    try:
-        return mod is not None and hasattr(torch.ops.saferlhf, "attention_forward")
-    except (AttributeError, RuntimeError):
-        return False
+    return _backend.has_op("attention_forward")
 
 
 def resolve_backend(name: str | None, device: torch.device) -> str:
