@@ -181,6 +181,7 @@ struct Problem {
   float scale;
   int64_t window;  // <= 0: none
   std::vector<Segment> segments;
+  int64_t covered_begin, covered_end;  // tokens [covered_begin, covered_end) lie in a sequence (cu[0], cu[S])
 
   int64_t first_key(int64_t i) const { return window > 0 ? std::max<int64_t>(0, i - window + 1) : 0; }
 };
@@ -271,12 +272,16 @@ Problem make_problem(const Tensor& q, const Tensor& k, const Tensor& v, const st
     const Tensor cu = cu_seqlens->to(at::kCPU, at::kLong).contiguous();
     TORCH_CHECK(cu.dim() == 1 && cu.numel() >= 1, "attention: cu_seqlens must be 1-D [S + 1]");
     const int64_t* c = cu.data_ptr<int64_t>();
+    pb.covered_begin = c[0];
+    pb.covered_end = c[cu.numel() - 1];
     for (int64_t s = 0; s + 1 < cu.numel(); ++s) {
       TORCH_CHECK(0 <= c[s] && c[s] <= c[s + 1] && c[s + 1] <= L, "attention: cu_seqlens must be non-decreasing "
                   "in [0, ", L, "], got ", c[s], " then ", c[s + 1]);
       if (c[s + 1] > c[s]) pb.segments.push_back({0, c[s], c[s + 1] - c[s]});
     }
   } else {
+    pb.covered_begin = 0;
+    pb.covered_end = L;
     for (int64_t b = 0; b < B; ++b)
       if (L > 0) pb.segments.push_back({b, 0, L});
   }
@@ -288,12 +293,10 @@ Problem make_problem(const Tensor& q, const Tensor& k, const Tensor& v, const st
 
 // Outputs are allocated uninitialised (every covered token is written exactly once); this zeroes the tokens that no
 // packed document covers (before cu[0], after cu[S]) along dim `dim`.
-void zero_uncovered(Tensor& t, const std::optional<Tensor>& cu_seqlens, int64_t dim) {
-  if (!cu_seqlens.has_value()) return;
-  const Tensor cu = cu_seqlens->to(at::kCPU, at::kLong);
-  const int64_t first = cu[0].item<int64_t>(), last = cu[cu.numel() - 1].item<int64_t>(), L = t.size(dim);
-  if (first > 0) t.narrow(dim, 0, first).zero_();
-  if (last < L) t.narrow(dim, last, L - last).zero_();
+void zero_uncovered(Tensor& t, const Problem& pb, int64_t dim) {
+  const int64_t L = t.size(dim);
+  if (pb.covered_begin > 0) t.narrow(dim, 0, pb.covered_begin).zero_();
+  if (pb.covered_end < L) t.narrow(dim, pb.covered_end, L - pb.covered_end).zero_();
 }
 
 std::tuple<Tensor, Tensor> attention_forward(const Tensor& q, const Tensor& k, const Tensor& v,
@@ -302,8 +305,8 @@ std::tuple<Tensor, Tensor> attention_forward(const Tensor& q, const Tensor& k, c
   const int64_t B = q.size(0), L = q.size(1);
   Tensor out = at::empty(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
   Tensor lse = at::empty({B, pb.Hq, L}, q.options());
-  zero_uncovered(out, cu_seqlens, 1);
-  zero_uncovered(lse, cu_seqlens, 2);
+  zero_uncovered(out, pb, 1);
+  zero_uncovered(lse, pb, 2);
   const View qv = view_of(q), kv = view_of(k), vv = view_of(v), ov = view_of(out);
   float* lse_p = lse.data_ptr<float>();
   const int64_t n_units = static_cast<int64_t>(pb.segments.size()) * pb.Hk;
@@ -363,7 +366,7 @@ std::tuple<Tensor, Tensor, Tensor> attention_backward(const Tensor& dout, const 
   const auto contiguous = q.options().memory_format(at::MemoryFormat::Contiguous);
   Tensor dq = at::empty(q.sizes(), contiguous), dk = at::empty(k.sizes(), contiguous),
          dv = at::empty(v.sizes(), contiguous);
-  for (Tensor* t : {&dq, &dk, &dv}) zero_uncovered(*t, cu_seqlens, 1);
+  for (Tensor* t : {&dq, &dk, &dv}) zero_uncovered(*t, pb, 1);
   const View qv = view_of(q), kv = view_of(k), vv = view_of(v), ov = view_of(out), dov = view_of(dout),
              dqv = view_of(dq), dkv = view_of(dk), dvv = view_of(dv);
   const float* lse_p = lse_c.data_ptr<float>();

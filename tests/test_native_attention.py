@@ -65,6 +65,22 @@ def test_packed_documents_do_not_see_each_other(cu):
         assert float((x.double() - y).abs().max()) <= 2e-5, name
 
 
+def test_tokens_outside_every_document_get_zero_outputs_and_gradients():
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 24, h, 16, generator=g) for h in (4, 2, 2))
+    cu = torch.tensor([2, 10, 20])
+    out, lse = torch.ops.saferlhf.attention_forward(q, k, v, cu, 0.25, 0)
+    dq, dk, dv = torch.ops.saferlhf.attention_backward(torch.randn(1, 24, 4, 16, generator=g), q, k, v, out, lse,
+                                                       cu, 0.25, 0)
+    outside = torch.tensor([0, 1, 20, 21, 22, 23])
+    for t in (out, dq, dk, dv):
+        assert t[:, outside].abs().max() == 0 and t[:, 2:20].abs().max() > 0
+    assert lse[..., outside].abs().max() == 0
+    ref = reference(q.transpose(1, 2)[:, :, 2:20].double(), k.transpose(1, 2)[:, :, 2:20].double(),
+                    v.transpose(1, 2)[:, :, 2:20].double(), 0.25, cu=[0, 8, 18])
+    assert float((out.transpose(1, 2)[:, :, 2:20].double() - ref).abs().max()) <= 1e-5
+
+
 def test_output_is_a_view_of_the_token_major_layout_and_strided_inputs_work():
     g = torch.Generator().manual_seed(1)
     base = torch.randn(2, 19, 4 + 2 + 2, 16, generator=g)  # a fused qkv projection viewed as [B, L, H, D]

@@ -343,11 +343,12 @@ class DecoderModel(nn.Module):
         idx = m.reshape(-1).nonzero().squeeze(1)
         tokens = input_ids.reshape(-1).index_select(0, idx)[None]
         positions = (m.long().cumsum(-1) - 1).reshape(-1).index_select(0, idx)[None]
-        cu = F.pad(m.sum(-1).cumsum(0), (1, 0)).to(torch.int32)
+        lengths = m.sum(-1)
+        cu = F.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
         n = tokens.shape[1]
         masks = {}
         # native applies windows itself; it needs the dense mask only for documents too long for it (sdpa fallback)
-        dense_windows = backend == "sdpa" or (backend == "native" and int(m.sum(-1).max()) > attn.NATIVE_MAX_SEQLEN)
+        dense_windows = backend == "sdpa" or (backend == "native" and int(lengths.max()) > attn.NATIVE_MAX_SEQLEN)
         for w in self._windows():
             dense = backend == "reference" or (dense_windows and w is not None and n > w)
             masks[w] = attn.packed_mask(cu, n, w, dense=dense)
