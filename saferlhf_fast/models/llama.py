@@ -160,6 +160,14 @@ def apply_rope(x: Tensor, cos: Tensor, sin_signed: Tensor) -> Tensor:
 
 
 # ============================================================================================== layers
+class Linear(nn.Linear):
+    """``nn.Linear`` (same parameters, same names) whose forward is :func:`ops.linear`: oneDNN on CPU fp32,
+    ``F.linear`` elsewhere."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return ops.linear(x, self.weight, self.bias)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, hidden_size: int, eps: float):
         super().__init__()
@@ -183,10 +191,10 @@ class Attention(nn.Module):
         self.window = config.layer_window(layer_idx)
         self.layer_idx = layer_idx
         h, qkv_bias = config.hidden_size, config.attention_bias or config.qkv_bias
-        self.q_proj = nn.Linear(h, self.n_heads * self.head_dim, bias=qkv_bias)
-        self.k_proj = nn.Linear(h, self.n_kv * self.head_dim, bias=qkv_bias)
-        self.v_proj = nn.Linear(h, self.n_kv * self.head_dim, bias=qkv_bias)
-        self.o_proj = nn.Linear(self.n_heads * self.head_dim, h, bias=config.attention_bias)
+        self.q_proj = Linear(h, self.n_heads * self.head_dim, bias=qkv_bias)
+        self.k_proj = Linear(h, self.n_kv * self.head_dim, bias=qkv_bias)
+        self.v_proj = Linear(h, self.n_kv * self.head_dim, bias=qkv_bias)
+        self.o_proj = Linear(self.n_heads * self.head_dim, h, bias=config.attention_bias)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Mask, backend: str,
                 cache: StaticKVCache | None = None, start: int | Tensor = 0) -> Tensor:
@@ -213,9 +221,9 @@ class MLP(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         h, i, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
-        self.gate_proj = nn.Linear(h, i, bias=bias)
-        self.up_proj = nn.Linear(h, i, bias=bias)
-        self.down_proj = nn.Linear(i, h, bias=bias)
+        self.gate_proj = Linear(h, i, bias=bias)
+        self.up_proj = Linear(h, i, bias=bias)
+        self.down_proj = Linear(i, h, bias=bias)
         self.act = _ACTIVATIONS[config.hidden_act]
 
     def forward(self, x: Tensor) -> Tensor:
@@ -378,7 +386,7 @@ class LlamaForCausalLM(DecoderModel):
 
     def __init__(self, config: ModelConfig, attn_backend: str | None = None):
         super().__init__(config, attn_backend)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         self._init_weights()
         self.tie_weights()
 

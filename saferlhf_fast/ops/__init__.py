@@ -2,6 +2,7 @@
 device default) and an autograd Function; ``reference`` holds the readable torch spec."""
 from . import reference
 from .gae import gae
+from .dense import linear
 from .logprobs import IGNORE_INDEX, gather_logprobs, linear_logprobs
 from .losses import critic_loss, kl_penalized_rewards, masked_mean, ppo_actor_loss, ppo_lag_actor_loss
 
@@ -11,6 +12,7 @@ __all__ = [
     "gae",
     "gather_logprobs",
     "kl_penalized_rewards",
+    "linear",
     "linear_logprobs",
     "masked_mean",
     "ppo_actor_loss",
