@@ -226,6 +226,29 @@ def test_score_model_end_scores(tmp_path):
         from_pretrained(str(tmp_path / "saved"), head="lm")
 
 
+@pytest.mark.parametrize("name", ["llama_gqa_tied", "qwen2_bias", "mistral_window"])
+@pytest.mark.parametrize("backend", ["native", "sdpa", "reference"])
+def test_score_ends_equal_forward_end_scores(checkpoints, name, backend):
+    """``score_ends`` runs the last layer's o_proj / MLP on the end rows only: same end scores as the full forward,
+    for left- and right-padded rows, an empty row, no mask, and with gradients (checkpointing on)."""
+    model = from_pretrained(checkpoints[name], head="score", attn_backend=backend)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        model.score_head.weight.normal_()
+    ids, mask = left_padded_batch(b=4)
+    mask[1] = mask[1].flip(0)  # a right-padded row
+    mask[3] = 0  # an empty row
+    for m in (mask, None, torch.ones_like(mask)):
+        with torch.no_grad():
+            full, ends = model(ids, m).end_scores, model.score_ends(ids, m)
+        assert ends.shape == (4,) and ends.dtype == torch.float32
+        assert float((full - ends).abs().max()) <= 1e-5, m
+    model.train().set_gradient_checkpointing(True)
+    (g1,) = torch.autograd.grad(model(ids, mask).end_scores.sum(), model.model.layers[-1].mlp.down_proj.weight)
+    (g2,) = torch.autograd.grad(model.score_ends(ids, mask).sum(), model.model.layers[-1].mlp.down_proj.weight)
+    assert float(g1.abs().max()) > 0 and float((g1 - g2).abs().max()) <= 1e-5
+
+
 # ---------------------------------------------------------------------------------------------- log-probs
 def test_token_logprobs_match_logits_and_grad(checkpoints):
     model = from_pretrained(checkpoints["qwen2_bias"])

@@ -197,7 +197,9 @@ class Attention(nn.Module):
         self.o_proj = Linear(self.n_heads * self.head_dim, h, bias=config.attention_bias)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Mask, backend: str,
-                cache: StaticKVCache | None = None, start: int | Tensor = 0) -> Tensor:
+                cache: StaticKVCache | None = None, start: int | Tensor = 0, rows: Tensor | None = None) -> Tensor:
+        """``[B, n, H]`` -> ``[B, n, H]``; with ``rows`` (indices into the ``B * n`` flattened positions) only those
+        rows go through ``o_proj``: ``[len(rows), H]``."""
         b, n, _ = x.shape
         q = self.q_proj(x).view(b, n, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, n, self.n_kv, self.head_dim).transpose(1, 2)
@@ -213,8 +215,10 @@ class Attention(nn.Module):
                 ck[:, :, start:start + n] = k
                 cv[:, :, start:start + n] = v
                 k, v = ck[:, :, :start + n], cv[:, :, :start + n]
-        out = attn.attend(backend, q, k, v, mask, self.scale)
-        return self.o_proj(out.transpose(1, 2).reshape(b, n, self.n_heads * self.head_dim))
+        out = attn.attend(backend, q, k, v, mask, self.scale).transpose(1, 2).reshape(b, n, self.n_heads * self.head_dim)
+        if rows is not None:
+            out = out.reshape(b * n, -1).index_select(0, rows)
+        return self.o_proj(out)
 
 
 class MLP(nn.Module):
@@ -238,8 +242,11 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, x, cos, sin, mask, backend, cache=None, start=0):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, backend, cache, start)
+    def forward(self, x, cos, sin, mask, backend, cache=None, start=0, rows=None):
+        """``rows``: keep only these flattened positions after attention (every position still serves as a key):
+        ``[len(rows), H]``."""
+        a = self.self_attn(self.input_layernorm(x), cos, sin, mask, backend, cache, start, rows)
+        x = (x if rows is None else x.reshape(-1, x.shape[-1]).index_select(0, rows)) + a
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -255,16 +262,22 @@ class LlamaModel(nn.Module):
         self.gradient_checkpointing = False
 
     def forward(self, input_ids: Tensor, position_ids: Tensor, masks: dict, backend: str,
-                cache: StaticKVCache | None = None, start: int | Tensor = 0, pos_bound: int | None = None) -> Tensor:
+                cache: StaticKVCache | None = None, start: int | Tensor = 0, pos_bound: int | None = None,
+                last_rows: Tensor | None = None) -> Tensor:
+        """``[B, L]`` ids -> ``[B, L, H]``.  ``last_rows`` (indices into the ``B * L`` flattened positions): the last
+        layer computes only those rows after its attention -> ``[len(last_rows), H]`` (end scores need one row per
+        sequence: the last layer's o_proj and MLP shrink from B * L rows to B)."""
         x = self.embed_tokens(input_ids)
         cos, sin = self.rotary_emb(position_ids, x.dtype, pos_bound)
         ckpt = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
-        for layer in self.layers:
+        last = len(self.layers) - 1
+        for i, layer in enumerate(self.layers):
             mask = masks[layer.self_attn.window]
+            rows = last_rows if i == last else None
             if ckpt:
-                x = checkpoint(layer, x, cos, sin, mask, backend, use_reentrant=False)
+                x = checkpoint(layer, x, cos, sin, mask, backend, None, 0, rows, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, mask, backend, cache, start)
+                x = layer(x, cos, sin, mask, backend, cache, start, rows)
         return self.norm(x)
 
 
@@ -319,8 +332,11 @@ class DecoderModel(nn.Module):
 
     # -- backbone
     def hidden_states(self, input_ids: Tensor, attention_mask: Tensor | None = None,
-                      position_ids: Tensor | None = None, packed: bool | None = None) -> Tensor:
-        """Last hidden states ``[B, L, H]`` (after the final norm).
+                      position_ids: Tensor | None = None, packed: bool | None = None,
+                      end_only: bool = False) -> Tensor:
+        """Last hidden states ``[B, L, H]`` (after the final norm); with ``end_only`` only each row's last real
+        token's ``[B, H]`` (``end_index`` of the mask, 0 for an empty row; the last layer then runs its o_proj and
+        MLP on those B rows only).
 
         ``packed``: run the layers on the real tokens only (one packed row; flash / xformers varlen, a flex document
         block mask, SDPA per document, or a dense document mask), so padding costs nothing; pad positions of the
@@ -333,19 +349,25 @@ class DecoderModel(nn.Module):
                     backend == "sdpa" and float(attention_mask.float().mean()) <= 1.0 - self.PACK_MIN_PADDING) or (
                     backend == "native" and not bool(attention_mask.all()))  # native takes no padded mask
             if packed:
-                return self._packed_hidden_states(input_ids, attention_mask, backend)
+                return self._packed_hidden_states(input_ids, attention_mask, backend, end_only)
         length = input_ids.shape[1]
+        rows = None
+        if end_only:
+            end = (ops.reference.end_index(attention_mask).clamp_min(0) if attention_mask is not None
+                   else torch.full((input_ids.shape[0],), length - 1, device=input_ids.device))
+            rows = torch.arange(input_ids.shape[0], device=input_ids.device) * length + end
         bound = None
         if position_ids is None:
             bound = length  # cumsum(mask) - 1 < length
             position_ids = (positions_from_mask(attention_mask) if attention_mask is not None
                             else torch.arange(length, device=input_ids.device).expand_as(input_ids))
         masks = {w: attn.padded_mask(attention_mask, length, input_ids.device, w) for w in self._windows()}
-        return self.model(input_ids, position_ids, masks, backend, pos_bound=bound)
+        return self.model(input_ids, position_ids, masks, backend, pos_bound=bound, last_rows=rows)
 
     PACK_MIN_PADDING = 0.1
 
-    def _packed_hidden_states(self, input_ids: Tensor, attention_mask: Tensor, backend: str) -> Tensor:
+    def _packed_hidden_states(self, input_ids: Tensor, attention_mask: Tensor, backend: str,
+                              end_only: bool = False) -> Tensor:
         b, length = input_ids.shape
         m = attention_mask.bool()
         idx = m.reshape(-1).nonzero().squeeze(1)
@@ -360,6 +382,11 @@ class DecoderModel(nn.Module):
         for w in self._windows():
             dense = backend == "reference" or (dense_windows and w is not None and n > w)
             masks[w] = attn.packed_mask(cu, n, w, dense=dense)
+        if end_only:  # row b ends at packed token cu[b + 1] - 1; an empty row gets 0, as pads do below
+            real = (lengths > 0).nonzero().squeeze(1)
+            h = self.model(tokens, positions, masks, backend, pos_bound=length,
+                           last_rows=cu[1:].long().index_select(0, real) - 1)
+            return h.new_zeros(b, h.shape[-1]).index_copy(0, real, h)
         h = self.model(tokens, positions, masks, backend, pos_bound=length)[0]
         out = h.new_zeros(b * length, h.shape[-1]).index_copy(0, idx, h)
         return out.view(b, length, -1)
@@ -476,6 +503,12 @@ class LlamaForScore(DecoderModel):
         else:
             end = ops.reference.end_index(attention_mask).clamp_min(0)
         return ScoreOutput(scores=scores, end_scores=scores.gather(1, end[:, None]).squeeze(1), end_index=end)
+
+    def score_ends(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        """``forward(...).end_scores`` ``[B]`` fp32 without the other positions' scores: the last layer's o_proj,
+        MLP, the final norm and the head run on the B end rows only (frozen reward / cost models in PPO)."""
+        h = self.hidden_states(input_ids, attention_mask, end_only=True)
+        return self.score_head(h).squeeze(-1).float()
 
 
 HEADS = {"lm": LlamaForCausalLM, "score": LlamaForScore}

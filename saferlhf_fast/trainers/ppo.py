@@ -545,7 +545,10 @@ class PPOTrainer:
                                                    self.config.max_length)
             sequences, attention_mask = sequences.to(self.device), attention_mask.to(self.device)
         with self.autocast():
-            end = model(sequences, attention_mask).end_scores.float()
+            # Our score models compute the end rows only; transformers-backed ones (--backend hf) the full forward.
+            score_ends = getattr(model, "score_ends", None)
+            end = (score_ends(sequences, attention_mask) if score_ends is not None
+                   else model(sequences, attention_mask).end_scores).float()
         return normalizer(end) if normalizer is not None else end
 
     @torch.no_grad()
