@@ -291,6 +291,9 @@ def main(argv: list[str] | None = None) -> int:
 
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    from .runtime import tune_allocator
+
+    tune_allocator()  # keep freed activations in the heap instead of page-faulting them in every step
     if args.command in ("bench", "profile"):
         from .benchmarks.harness import set_command
 
