@@ -6,7 +6,10 @@ Baselines (provider ``baseline``), as PKU-Alignment/safe-rlhf computes them:
 * gae: the Python loop over time, called once per stream (reward, then cost);
 * ppo_losses: eager PPO-Lag actor loss + both critic losses, forward + backward through autograd;
 * attention: torch's SDPA (its fused CPU flash kernel, causal, grouped-query), forward + backward, against the
-  extension's CPU kernel (provider ``cpu``, ``models/attention.py`` backend ``native``), on CPU only.
+  extension's CPU kernel (provider ``cpu``, ``models/attention.py`` backend ``native``), on CPU only;
+* rope / swiglu / rms_norm: the model's eager torch expressions (``x * cos + roll(x, d/2) * sin_signed`` on the
+  transposed ``[B, H, L, d]`` views, ``F.silu(gate) * up``, ``F.rms_norm``), forward + backward through autograd,
+  against ``ops.rope`` / ``ops.swiglu`` / ``ops.rms_norm`` (provider ``cpu``, csrc/layer_ops.cpp), on CPU only.
 Our providers are the op backends available on the device (``cpu``; ``triton`` / ``cuda`` on GPU); on GPU the
 linear log-prob forward also gets a ``matmul`` row (the lm_head matmul alone: the floor it is compared to).
 """
@@ -39,6 +42,11 @@ SIZES = {
         ("attention", "full", {"b": 8, "hq": 8, "hk": 4, "l": 80, "d": 32}, "fp32"),  # the 7M model's training batch
         ("attention", "full", {"b": 8, "hq": 9, "hk": 3, "l": 80, "d": 64}, "fp32"),  # SmolLM2-135M heads
         ("attention", "full", {"b": 4, "hq": 8, "hk": 4, "l": 512, "d": 64}, "fp32"),  # NATIVE_MAX_SEQLEN
+        # the decoder's elementwise layers at the 7M model's training batch (B 16, L 80, hidden 256, inter 688)
+        ("rope", "full", {"b": 16, "l": 80, "hq": 4, "hk": 4, "d": 64}, "fp32"),
+        ("rope", "full", {"b": 16, "l": 80, "hq": 8, "hk": 4, "d": 32}, "fp32"),
+        ("swiglu", "full", {"b": 16, "l": 80, "i": 688}, "fp32"),
+        ("rms_norm", "full", {"b": 16, "l": 80, "h": 256}, "fp32"),
     ],
     "gpu": [
         ("gather_logprobs", "forward", {"n": 32768, "v": 131072}, "bf16"),
@@ -173,13 +181,82 @@ def build_attention(provider: str, b: int, hq: int, hk: int, l: int, d: int, dty
     return run
 
 
+def build_rope(provider: str, b: int, l: int, hq: int, hk: int, d: int, dtype: str, device: str, mode: str):
+    from ..ops import layers
+
+    def apply_rope(x, c, s):  # the model's eager expression (models/llama.py before the fused op), inlined here
+        return x * c + torch.roll(x, x.shape[-1] // 2, dims=-1) * s
+
+    g = _gen(device)
+    dt = _DTYPES[dtype]
+    # leaves: the q / k projection outputs [B, L, H*d]; cos / sin_signed [B, L, d] as the rotary table lookup gives
+    q_proj, k_proj = (torch.randn(b, l, h * d, generator=g, device=device).to(dt).requires_grad_() for h in (hq, hk))
+    cos, sin = (torch.randn(b, l, d, generator=g, device=device).to(dt) for _ in range(2))
+    grads = [torch.randn(b, l, h, d, generator=g, device=device).to(dt) for h in (hq, hk)]
+
+    def run():
+        q_proj.grad = k_proj.grad = None
+        q, k = q_proj.view(b, l, hq, d), k_proj.view(b, l, hk, d)
+        if provider == "baseline":  # the model: rope on the [B, H, L, d] views, cos / sin [B, 1, L, d]
+            outs = [apply_rope(x.transpose(1, 2), cos[:, None], sin[:, None]) for x in (q, k)]
+            torch.autograd.backward(outs, [gr.transpose(1, 2) for gr in grads])
+        else:
+            outs = layers.rope(q, k, cos, sin, backend=provider)
+            torch.autograd.backward(list(outs), grads)
+        return outs
+
+    return run
+
+
+def build_swiglu(provider: str, b: int, l: int, i: int, dtype: str, device: str, mode: str):
+    from ..ops import layers
+
+    g = _gen(device)
+    gate, up = (torch.randn(b, l, i, generator=g, device=device).to(_DTYPES[dtype]).requires_grad_() for _ in range(2))
+    grad = torch.randn(b, l, i, generator=g, device=device).to(_DTYPES[dtype])
+
+    def run():
+        gate.grad = up.grad = None
+        out = layers.swiglu_reference(gate, up) if provider == "baseline" else layers.swiglu(gate, up, backend=provider)
+        out.backward(grad)
+        return out
+
+    return run
+
+
+def build_rms_norm(provider: str, b: int, l: int, h: int, dtype: str, device: str, mode: str):
+    from ..ops import layers
+
+    g = _gen(device)
+    x = torch.randn(b, l, h, generator=g, device=device).to(_DTYPES[dtype]).requires_grad_()
+    weight = (1 + 0.1 * torch.randn(h, generator=g, device=device)).to(_DTYPES[dtype]).requires_grad_()
+    grad = torch.randn(b, l, h, generator=g, device=device).to(_DTYPES[dtype])
+
+    def run():
+        x.grad = weight.grad = None
+        if provider == "baseline":
+            out = layers.rms_norm_reference(x, weight, 1e-6)
+        else:
+            out = layers.rms_norm(x, weight, 1e-6, backend=provider)
+        out.backward(grad)
+        return out
+
+    return run
+
+
 _BUILDERS = {
     "gather_logprobs": "saferlhf_fast.benchmarks.ops:build_gather",
     "linear_logprobs": "saferlhf_fast.benchmarks.ops:build_linear",
     "gae": "saferlhf_fast.benchmarks.ops:build_gae",
     "ppo_losses": "saferlhf_fast.benchmarks.ops:build_losses",
     "attention": "saferlhf_fast.benchmarks.ops:build_attention",
+    "rope": "saferlhf_fast.benchmarks.ops:build_rope",
+    "swiglu": "saferlhf_fast.benchmarks.ops:build_swiglu",
+    "rms_norm": "saferlhf_fast.benchmarks.ops:build_rms_norm",
 }
+
+# The fused layer ops (ops/layers.py): C++ CPU kernels only; the op each one needs from the extension.
+_LAYER_OPS = {"rope": "rope_forward", "swiglu": "swiglu_forward", "rms_norm": "rms_norm_forward"}
 
 # The CPU memory targets of the issue: measured for these kernels only (each costs two fresh processes).
 _MEMORY_KERNELS = {"gather_logprobs", "linear_logprobs"}
@@ -190,6 +267,8 @@ def providers(kernel: str, mode: str, device: str) -> list[str]:
         from ..models.attention import native_available
 
         return ["baseline"] + (["cpu"] if device == "cpu" and native_available() else [])
+    if kernel in _LAYER_OPS:
+        return ["baseline"] + (["cpu"] if device == "cpu" and _backend.has_op(_LAYER_OPS[kernel]) else [])
     ours = [b for b in _backend.available_backends(device) if b != "torch"]
     if device == "cpu":
         ours = [b for b in ours if b != "triton"]  # the interpreter is a correctness tool, not a provider
@@ -199,6 +278,8 @@ def providers(kernel: str, mode: str, device: str) -> list[str]:
 
 def cases(size: str, device: str, kernels: list[str] | None = None) -> list[list[Case]]:
     groups = []
+    if kernels:  # "--kernels a,b c" and "--kernels a b c" alike
+        kernels = [k for entry in kernels for k in entry.split(",") if k]
     for kernel, mode, shape, dtype in SIZES[size]:
         if kernels and kernel not in kernels:
             continue

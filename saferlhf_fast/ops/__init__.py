@@ -3,6 +3,7 @@ device default) and an autograd Function; ``reference`` holds the readable torch
 from . import reference
 from .gae import gae
 from .dense import linear
+from .layers import rms_norm, rope, swiglu
 from .logprobs import IGNORE_INDEX, gather_logprobs, linear_logprobs
 from .losses import critic_loss, kl_penalized_rewards, masked_mean, ppo_actor_loss, ppo_lag_actor_loss
 
@@ -18,4 +19,7 @@ __all__ = [
     "ppo_actor_loss",
     "ppo_lag_actor_loss",
     "reference",
+    "rms_norm",
+    "rope",
+    "swiglu",
 ]

@@ -1,0 +1,151 @@
+"""Elementwise layer ops of the Llama decoder: RoPE, SwiGLU and RMSNorm, fused forward + backward.
+
+* :func:`rope` ``(q [B, L, Hq, d], k [B, L, Hk, d], cos [Bc, L, d], sin_signed [Bc, L, d]) -> (q_out, k_out)``:
+  ``x * cos + roll(x, d/2) * sin_signed`` per head (``sin_signed = cat(-sin, sin)``, ``Bc`` = B or 1).
+* :func:`swiglu` ``(gate [..., I], up [..., I]) -> silu(gate) * up``.
+* :func:`rms_norm` ``(x [..., H], weight [H], eps) -> x * rsqrt(mean(x^2, -1) + eps) * weight``.
+
+Backends: ``cpu`` (the extension's C++ kernels, ``csrc/layer_ops.cpp``: one op call per direction, one pass over
+the data, threads over rows) and ``torch`` (the readable references below, ``*_reference``, which are also what
+the model computes today).  ``backend=None`` takes ``$SAFERLHF_BACKEND`` when it is ``torch`` or ``cpu``, else
+``cpu`` when the extension registers the op, else ``torch``.  The C++ kernels take fp32 CPU tensors only; any other
+dtype or device -- or cos / sin that require grad (the kernels give them no gradient) -- goes to the reference,
+whatever the backend.  Asking for ``backend="cpu"`` when the extension lacks the op is an error.
+
+Numerics (``tests/test_layer_ops.py``): the RoPE forward is bit-identical to the reference (two products and one
+add, each rounded to fp32, no fma), its backward too in practice; SwiGLU and RMSNorm agree with ``F.silu(gate) * up``
+and ``F.rms_norm`` to a few fp32 ulp (their own exp / summation order); all accumulation is fp32.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .. import _backend
+
+BACKENDS = ("cpu", "torch")
+
+_OPS = {"rope": "rope_forward", "swiglu": "swiglu_forward", "rms_norm": "rms_norm_forward"}
+
+
+# ============================================================================================== references
+def rope_reference(q: Tensor, k: Tensor, cos: Tensor, sin_signed: Tensor) -> tuple[Tensor, Tensor]:
+    """``x * cos + roll(x, d/2) * sin_signed`` on ``[B, L, H, d]`` q and k with ``[Bc, L, d]`` tables (cast to the
+    inputs' dtype first, as the model does)."""
+    def apply(x: Tensor) -> Tensor:
+        c, s = cos.to(x.dtype)[:, :, None], sin_signed.to(x.dtype)[:, :, None]
+        return x * c + torch.roll(x, x.shape[-1] // 2, dims=-1) * s
+
+    return apply(q), apply(k)
+
+
+def swiglu_reference(gate: Tensor, up: Tensor) -> Tensor:
+    return F.silu(gate) * up
+
+
+def rms_norm_reference(x: Tensor, weight: Tensor, eps: float = 1e-6) -> Tensor:
+    """The model's ``RMSNorm``: ``F.rms_norm`` in fp32; other dtypes normalise in fp32, round, then scale."""
+    if x.dtype == torch.float32 and weight.dtype == torch.float32:
+        return F.rms_norm(x, weight.shape, weight, eps)
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+# ============================================================================================== dispatch
+def _use_kernel(op: str, backend: str | None, tensors: tuple[Tensor, ...]) -> bool:
+    """Whether the C++ kernel runs: the chosen backend is ``cpu`` and every tensor is an fp32 CPU tensor."""
+    if backend is None:
+        env = (os.environ.get(_backend.ENV_VAR) or "").lower()
+        backend = env if env in BACKENDS else ("cpu" if _backend.has_op(_OPS[op]) else "torch")
+    backend = backend.lower()
+    if backend not in BACKENDS:
+        raise ValueError(f"{op}: unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if backend == "torch":
+        return False
+    if not _backend.has_op(_OPS[op]):
+        _, why = _backend.extension()
+        raise RuntimeError(f"saferlhf_fast: backend 'cpu' is not available for {op}: "
+                           f"{why or 'the extension has no op saferlhf::' + _OPS[op] + ' (rebuild it)'}")
+    return all(t.device.type == "cpu" and t.dtype == torch.float32 and type(t) in (Tensor, torch.nn.Parameter)
+               for t in tensors)
+
+
+def _last_dim_contiguous(t: Tensor) -> Tensor:
+    return t if t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous()
+
+
+# ============================================================================================== autograd
+class _Rope(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, cos, sin_signed):
+        q_out, k_out = torch.ops.saferlhf.rope_forward(q, k, cos, sin_signed)
+        ctx.save_for_backward(cos, sin_signed)
+        return q_out, k_out
+
+    @staticmethod
+    def backward(ctx, dq_out, dk_out):
+        cos, sin_signed = ctx.saved_tensors
+        dq, dk = torch.ops.saferlhf.rope_backward(_last_dim_contiguous(dq_out), _last_dim_contiguous(dk_out),
+                                                   cos, sin_signed)
+        return dq, dk, None, None
+
+
+class _SwiGLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, gate, up):
+        ctx.save_for_backward(gate, up)
+        return torch.ops.saferlhf.swiglu_forward(gate, up)
+
+    @staticmethod
+    def backward(ctx, dout):
+        gate, up = ctx.saved_tensors
+        dgate, dup = torch.ops.saferlhf.swiglu_backward(dout, gate, up)
+        return (dgate if ctx.needs_input_grad[0] else None), (dup if ctx.needs_input_grad[1] else None)
+
+
+class _RMSNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        y, rstd = torch.ops.saferlhf.rms_norm_forward(x, weight, eps)
+        ctx.save_for_backward(x, weight, rstd)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, rstd = ctx.saved_tensors
+        dx, dweight = torch.ops.saferlhf.rms_norm_backward(dy, x, weight, rstd)
+        return (dx if ctx.needs_input_grad[0] else None), (dweight if ctx.needs_input_grad[1] else None), None
+
+
+# ============================================================================================== public API
+def rope(q: Tensor, k: Tensor, cos: Tensor, sin_signed: Tensor, *, backend: str | None = None
+         ) -> tuple[Tensor, Tensor]:
+    """Rotary embedding of q ``[B, L, Hq, d]`` and k ``[B, L, Hk, d]`` (views of the projection outputs are fine:
+    only the last dim must be contiguous) with cos / ``sin_signed = cat(-sin, sin)`` tables ``[Bc, L, d]``,
+    ``Bc`` = B or 1.  Returns new contiguous ``q_out``, ``k_out``; gradients flow to q and k only."""
+    if q.dim() != 4 or k.dim() != 4 or cos.dim() != 3 or sin_signed.dim() != 3:
+        raise ValueError(f"rope: expected q [B, L, Hq, d], k [B, L, Hk, d], cos / sin_signed [B or 1, L, d]; got "
+                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(cos.shape)}, {tuple(sin_signed.shape)}")
+    if (_use_kernel("rope", backend, (q, k, cos, sin_signed))
+            and not (cos.requires_grad or sin_signed.requires_grad)):
+        return _Rope.apply(_last_dim_contiguous(q), _last_dim_contiguous(k), cos, sin_signed)
+    return rope_reference(q, k, cos, sin_signed)
+
+
+def swiglu(gate: Tensor, up: Tensor, *, backend: str | None = None) -> Tensor:
+    """``silu(gate) * up`` for gate / up ``[..., I]`` of the same shape (any strides; the kernel reads rows with a
+    contiguous last dim, copying when the layout has none)."""
+    if _use_kernel("swiglu", backend, (gate, up)):
+        return _SwiGLU.apply(gate, up)
+    return swiglu_reference(gate, up)
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float = 1e-6, *, backend: str | None = None) -> Tensor:
+    """``x * rsqrt(mean(x^2, -1) + eps) * weight`` for x ``[..., H]``, weight ``[H]``."""
+    if _use_kernel("rms_norm", backend, (x, weight)):
+        return _RMSNorm.apply(x, weight, float(eps))
+    return rms_norm_reference(x, weight, eps)
