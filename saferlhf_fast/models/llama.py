@@ -144,19 +144,19 @@ class RotaryEmbedding(nn.Module):
         self.sin_table = torch.cat((-sin, sin), dim=-1)
 
     def forward(self, position_ids: Tensor, dtype, bound: int | None = None) -> tuple[Tensor, Tensor]:
-        """``[B, L]`` positions -> cos, signed sin ``[B, 1, L, d]`` in ``dtype``.  ``bound``: a known upper bound of
+        """``[B, L]`` positions -> cos, signed sin ``[B, L, d]`` in ``dtype``.  ``bound``: a known upper bound of
         the positions (saves a device sync); None computes it."""
         if bound is None:
             bound = int(position_ids.max()) + 1 if position_ids.numel() else 1
         self.ensure(bound, position_ids.device)
-        cos = self.cos_table[position_ids].to(dtype)
-        sin = self.sin_table[position_ids].to(dtype)
-        return cos[:, None], sin[:, None]
+        return self.cos_table[position_ids].to(dtype), self.sin_table[position_ids].to(dtype)
 
 
-def apply_rope(x: Tensor, cos: Tensor, sin_signed: Tensor) -> Tensor:
-    """``x * cos + rotate_half(x) * sin`` (transformers' formula, same rounding)."""
-    return x * cos + torch.roll(x, x.shape[-1] // 2, dims=-1) * sin_signed
+def apply_rope(q: Tensor, k: Tensor, cos: Tensor, sin_signed: Tensor) -> tuple[Tensor, Tensor]:
+    """``x * cos + rotate_half(x) * sin`` (transformers' formula, same rounding) on q ``[B, L, Hq, d]`` and k
+    ``[B, L, Hk, d]`` with ``[B, L, d]`` tables: :func:`ops.rope` (one fused C++ pass over both on CPU fp32,
+    bit-identical to the torch expression)."""
+    return ops.rope(q, k, cos, sin_signed)
 
 
 # ============================================================================================== layers
@@ -175,12 +175,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
-            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)  # fused, same result in fp32
-        dtype = x.dtype
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(dtype)
+        """``x * rsqrt(mean(x^2) + eps) * weight`` (:func:`ops.rms_norm`: fused C++ forward and backward on CPU
+        fp32; other dtypes normalise in fp32, round, then scale, as transformers does)."""
+        return ops.rms_norm(x, self.weight, self.eps)
 
 
 class Attention(nn.Module):
@@ -201,10 +198,11 @@ class Attention(nn.Module):
         """``[B, n, H]`` -> ``[B, n, H]``; with ``rows`` (indices into the ``B * n`` flattened positions) only those
         rows go through ``o_proj``: ``[len(rows), H]``."""
         b, n, _ = x.shape
-        q = self.q_proj(x).view(b, n, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(b, n, self.n_kv, self.head_dim).transpose(1, 2)
+        q = self.q_proj(x).view(b, n, self.n_heads, self.head_dim)
+        k = self.k_proj(x).view(b, n, self.n_kv, self.head_dim)
         v = self.v_proj(x).view(b, n, self.n_kv, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = apply_rope(q, k, cos, sin)  # [B, L, H, d] -> attention takes [B, H, L, d] views
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
         if cache is not None:
             ck, cv = cache.k_layers[self.layer_idx], cache.v_layers[self.layer_idx]
             if isinstance(start, Tensor):  # static shapes (CUDA graphs): write slots by index, attend to all
@@ -231,6 +229,8 @@ class MLP(nn.Module):
         self.act = _ACTIVATIONS[config.hidden_act]
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.act is F.silu:  # fused C++ SwiGLU on CPU fp32 (ops.swiglu), else the same torch expression
+            return self.down_proj(ops.swiglu(self.gate_proj(x), self.up_proj(x)))
         return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -333,10 +333,12 @@ class DecoderModel(nn.Module):
     # -- backbone
     def hidden_states(self, input_ids: Tensor, attention_mask: Tensor | None = None,
                       position_ids: Tensor | None = None, packed: bool | None = None,
-                      end_only: bool = False) -> Tensor:
-        """Last hidden states ``[B, L, H]`` (after the final norm); with ``end_only`` only each row's last real
-        token's ``[B, H]`` (``end_index`` of the mask, 0 for an empty row; the last layer then runs its o_proj and
-        MLP on those B rows only).
+                      rows: Tensor | None = None) -> Tensor:
+        """Last hidden states ``[B, L, H]`` (after the final norm).
+
+        ``rows`` (int64 indices into the ``B * L`` flattened positions): return only those rows, ``[len(rows), H]``;
+        the last layer then runs its o_proj, MLP and the final norm on them alone (every position still serves as a
+        key).  Log-probs need the labelled rows, end scores one row per sequence.
 
         ``packed``: run the layers on the real tokens only (one packed row; flash / xformers varlen, a flex document
         block mask, SDPA per document, or a dense document mask), so padding costs nothing; pad positions of the
@@ -349,13 +351,8 @@ class DecoderModel(nn.Module):
                     backend == "sdpa" and float(attention_mask.float().mean()) <= 1.0 - self.PACK_MIN_PADDING) or (
                     backend == "native" and not bool(attention_mask.all()))  # native takes no padded mask
             if packed:
-                return self._packed_hidden_states(input_ids, attention_mask, backend, end_only)
+                return self._packed_hidden_states(input_ids, attention_mask, backend, rows)
         length = input_ids.shape[1]
-        rows = None
-        if end_only:
-            end = (ops.reference.end_index(attention_mask).clamp_min(0) if attention_mask is not None
-                   else torch.full((input_ids.shape[0],), length - 1, device=input_ids.device))
-            rows = torch.arange(input_ids.shape[0], device=input_ids.device) * length + end
         bound = None
         if position_ids is None:
             bound = length  # cumsum(mask) - 1 < length
@@ -367,10 +364,11 @@ class DecoderModel(nn.Module):
     PACK_MIN_PADDING = 0.1
 
     def _packed_hidden_states(self, input_ids: Tensor, attention_mask: Tensor, backend: str,
-                              end_only: bool = False) -> Tensor:
+                              rows: Tensor | None = None) -> Tensor:
         b, length = input_ids.shape
         m = attention_mask.bool()
-        idx = m.reshape(-1).nonzero().squeeze(1)
+        flat = m.reshape(-1)
+        idx = flat.nonzero().squeeze(1)
         tokens = input_ids.reshape(-1).index_select(0, idx)[None]
         positions = (m.long().cumsum(-1) - 1).reshape(-1).index_select(0, idx)[None]
         lengths = m.sum(-1)
@@ -382,11 +380,11 @@ class DecoderModel(nn.Module):
         for w in self._windows():
             dense = backend == "reference" or (dense_windows and w is not None and n > w)
             masks[w] = attn.packed_mask(cu, n, w, dense=dense)
-        if end_only:  # row b ends at packed token cu[b + 1] - 1; an empty row gets 0, as pads do below
-            real = (lengths > 0).nonzero().squeeze(1)
-            h = self.model(tokens, positions, masks, backend, pos_bound=length,
-                           last_rows=cu[1:].long().index_select(0, real) - 1)
-            return h.new_zeros(b, h.shape[-1]).index_copy(0, real, h)
+        if rows is not None:  # flat position -> packed position; asked-for pad rows get 0, as pads do below
+            real = flat.index_select(0, rows).nonzero().squeeze(1)
+            packed_rows = (flat.long().cumsum(0) - 1).index_select(0, rows.index_select(0, real))
+            h = self.model(tokens, positions, masks, backend, pos_bound=length, last_rows=packed_rows)
+            return h.new_zeros(rows.shape[0], h.shape[-1]).index_copy(0, real, h)
         h = self.model(tokens, positions, masks, backend, pos_bound=length)[0]
         out = h.new_zeros(b * length, h.shape[-1]).index_copy(0, idx, h)
         return out.view(b, length, -1)
@@ -438,16 +436,17 @@ class LlamaForCausalLM(DecoderModel):
 
         With ``return_entropy`` also the entropy of the same distributions.  Differentiable.
         """
-        h = self.hidden_states(input_ids, attention_mask, packed=packed)
+        length = input_ids.shape[1]
         if labels is None:
             labels = input_ids[:, 1:]
             if attention_mask is not None:
                 labels = labels.masked_fill(attention_mask[:, 1:] == 0, IGNORE_INDEX)
-            h = h[:, :-1]
         shape = labels.shape
         flat = labels.reshape(-1)
         idx = (flat != IGNORE_INDEX).nonzero().squeeze(1)
-        hv = h.reshape(-1, h.shape[-1]).index_select(0, idx)
+        # only the labelled rows go through the last layer's MLP, the final norm and the lm_head
+        rows = idx if shape[1] == length else idx // shape[1] * length + idx % shape[1]
+        hv = self.hidden_states(input_ids, attention_mask, packed=packed, rows=rows)
         res = ops.linear_logprobs(hv, self.lm_head.weight, flat.index_select(0, idx), temperature=temperature,
                                   return_entropy=return_entropy, backend=ops_backend)
 
@@ -507,7 +506,10 @@ class LlamaForScore(DecoderModel):
     def score_ends(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         """``forward(...).end_scores`` ``[B]`` fp32 without the other positions' scores: the last layer's o_proj,
         MLP, the final norm and the head run on the B end rows only (frozen reward / cost models in PPO)."""
-        h = self.hidden_states(input_ids, attention_mask, end_only=True)
+        b, length = input_ids.shape
+        end = (ops.reference.end_index(attention_mask).clamp_min(0) if attention_mask is not None
+               else torch.full((b,), length - 1, device=input_ids.device))
+        h = self.hidden_states(input_ids, attention_mask, rows=torch.arange(b, device=end.device) * length + end)
         return self.score_head(h).squeeze(-1).float()
 
 
