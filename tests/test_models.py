@@ -228,8 +228,9 @@ def test_score_model_end_scores(tmp_path):
 
 @pytest.mark.parametrize("name", ["llama_gqa_tied", "qwen2_bias", "mistral_window"])
 @pytest.mark.parametrize("backend", ["native", "sdpa", "reference"])
-def test_score_ends_equal_forward_end_scores(checkpoints, name, backend):
-    """``score_ends`` runs the last layer's o_proj / MLP on the end rows only: same end scores as the full forward,
+def test_score_ends_and_columns_equal_full_forward(checkpoints, name, backend):
+    """``score_ends`` / ``score_columns`` run the last layer's o_proj / MLP on the rows asked for only: same scores
+    as the full forward,
     for left- and right-padded rows, an empty row, no mask, and with gradients (checkpointing on)."""
     model = from_pretrained(checkpoints[name], head="score", attn_backend=backend)
     torch.manual_seed(1)
@@ -243,6 +244,10 @@ def test_score_ends_equal_forward_end_scores(checkpoints, name, backend):
             full, ends = model(ids, m).end_scores, model.score_ends(ids, m)
         assert ends.shape == (4,) and ends.dtype == torch.float32
         assert float((full - ends).abs().max()) <= 1e-5, m
+        with torch.no_grad():
+            cols = model.score_columns(ids, m, 3, 7)
+            ref = model(ids, m).scores[:, 3:10]
+        assert cols.shape == (4, 7) and float((cols - ref).abs().max()) <= 1e-5, m
     model.train().set_gradient_checkpointing(True)
     (g1,) = torch.autograd.grad(model(ids, mask).end_scores.sum(), model.model.layers[-1].mlp.down_proj.weight)
     (g2,) = torch.autograd.grad(model.score_ends(ids, mask).sum(), model.model.layers[-1].mlp.down_proj.weight)

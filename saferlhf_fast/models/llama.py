@@ -503,6 +503,15 @@ class LlamaForScore(DecoderModel):
             end = ops.reference.end_index(attention_mask).clamp_min(0)
         return ScoreOutput(scores=scores, end_scores=scores.gather(1, end[:, None]).squeeze(1), end_index=end)
 
+    def score_columns(self, input_ids: Tensor, attention_mask: Tensor | None, start: int, length: int) -> Tensor:
+        """``forward(...).scores[:, start:start + length]`` ``[B, length]`` fp32, with the last layer's o_proj, MLP,
+        the final norm and the head on those columns only (PPO critics: the response positions' values)."""
+        b, total = input_ids.shape
+        cols = torch.arange(start, start + length, device=input_ids.device)
+        rows = (torch.arange(b, device=input_ids.device)[:, None] * total + cols).reshape(-1)
+        h = self.hidden_states(input_ids, attention_mask, rows=rows)
+        return self.score_head(h).squeeze(-1).float().view(b, length)
+
     def score_ends(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         """``forward(...).end_scores`` ``[B]`` fp32 without the other positions' scores: the last layer's o_proj,
         MLP, the final norm and the head run on the B end rows only (frozen reward / cost models in PPO)."""

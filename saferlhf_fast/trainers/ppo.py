@@ -605,8 +605,7 @@ class PPOTrainer:
                     with self.autocast():
                         lp = self.actor.token_logprobs(seq, am, labels=labels)
                     mb.old_logprobs = mb.response_slice(lp).float() * rmf
-                with self.autocast():
-                    mb.old_values = torch.stack([mb.response_slice(c(seq, am).scores.float()) for c in self.critics])
+                mb.old_values = torch.stack([self._critic_values(c, mb) for c in self.critics])
             out.append(mb)
         if self.lagrange is not None:
             for mb in out:
@@ -629,9 +628,13 @@ class PPOTrainer:
         return mb.response_slice(lp).float()
 
     def _critic_values(self, critic, mb: Rollout) -> Tensor:
+        """Values of the response positions ``[b, T]`` (our score models compute only those rows in their last
+        layer; transformers-backed ones the full forward)."""
+        columns = getattr(critic, "score_columns", None)
         with self.autocast():
-            scores = critic(mb.input_ids, mb.attention_mask).scores
-        return mb.response_slice(scores).float()
+            if columns is not None:
+                return columns(mb.input_ids, mb.attention_mask, mb.prompt_length - 1, mb.response_length).float()
+            return mb.response_slice(critic(mb.input_ids, mb.attention_mask).scores).float()
 
     def rl_step(self, mb: Rollout) -> dict:
         """One PPO update (actor + critics) on a micro-batch; returns the spec's metrics."""
