@@ -107,7 +107,6 @@ Tensor decode_step(const Tensor& tok, const Tensor& pos, const Tensor& embed, at
   Tensor q = at::empty({B, n_heads, d}, x.options());
   Tensor att = at::empty({B, nq}, x.options());
   Tensor act = at::empty({B, inter}, x.options());
-  std::vector<float> scores(static_cast<size_t>(total));
   auto pos_c = pos.to(at::kLong).contiguous();
   const int64_t* pp = pos_c.data_ptr<int64_t>();
   const float* cosp = cos_t.data_ptr<float>();
@@ -154,9 +153,14 @@ Tensor decode_step(const Tensor& tok, const Tensor& pos, const Tensor& embed, at
     }
     const int64_t w = windows[l];
     const int64_t first = (w > 0 && total > w) ? total - w : 0;
-    for (int64_t b = 0; b < B; ++b) {
+    // (row, kv head) units on the threads: each owns its output slice and a private score buffer, so the result
+    // is the same on any number of threads.
+    at::parallel_for(0, B * n_kv, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores(static_cast<size_t>(total));
+    for (int64_t unit = begin; unit < end; ++unit) {
+      const int64_t b = unit / n_kv, kh = unit % n_kv;
       const float* mrow = maskp + b * S;
-      for (int64_t kh = 0; kh < n_kv; ++kh) {
+      {
         const float* kk = kl + (b * n_kv + kh) * S * d;
         const float* vv = vl + (b * n_kv + kh) * S * d;
         for (int64_t g = 0; g < G; ++g) {
@@ -185,19 +189,22 @@ Tensor decode_step(const Tensor& tok, const Tensor& pos, const Tensor& embed, at
         }
       }
     }
+    });
     x.add_(linear(att, weights[6 * l + 2], b_o, packed));
     // --- MLP block
     rms_norm_rows(xp, ln2.data_ptr<float>(), hp, B, H, feps);
     Tensor gu = linear(h, weights[6 * l + 4], b_gu, packed).contiguous();  // [B, 2 I]
     const float* gup = gu.data_ptr<float>();
-    for (int64_t b = 0; b < B; ++b) {
-      const float* gr = gup + b * 2 * inter;
-      float* ar = actp + b * inter;
-      for (int64_t i = 0; i < inter; ++i) {
-        const float gv = gr[i];
-        ar[i] = (gv / (1.0f + std::exp(-gv))) * gr[inter + i];
+    at::parallel_for(0, B, 4, [&](int64_t begin, int64_t end) {
+      for (int64_t b = begin; b < end; ++b) {
+        const float* gr = gup + b * 2 * inter;
+        float* ar = actp + b * inter;
+        for (int64_t i = 0; i < inter; ++i) {
+          const float gv = gr[i];
+          ar[i] = (gv / (1.0f + std::exp(-gv))) * gr[inter + i];
+        }
       }
-    }
+    });
     x.add_(linear(act, weights[6 * l + 5], b_dn, packed));
   }
   rms_norm_rows(xp, norm_w.data_ptr<float>(), hp, B, H, feps);
