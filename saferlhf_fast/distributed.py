@@ -241,7 +241,7 @@ def shard_model(model, *, mixed_precision: str | None = None, offload: bool = Fa
     for layer in model.model.layers:
         fully_shard(layer, **kw)
     fully_shard(model, **kw)
-    for name in ("token_logprobs", "forward_cached", "score_ends"):
+    for name in ("token_logprobs", "forward_cached", "score_ends", "score_columns"):
         if hasattr(model, name):
             register_fsdp_forward_method(model, name)
     return model
