@@ -162,7 +162,15 @@ class _LinearLogprobs(torch.autograd.Function):
             stop = min(n, start + chunk)
             h = hidden[start:stop]
             if dlogits is not None:  # only saved without entropy (whose incoming gradient is then unused zeros)
-                logits = dlogits.mul_(grad_logp[start:stop, None].to(dlogits.dtype))
+                # d loss / d logits = g[:, None] * dlogits; the row scale commutes with the matmuls, so it goes on
+                # h ([n, H]) and on grad_hidden instead of a pass over the [n, V] block.
+                g = grad_logp[start:stop, None]
+                if need_h:
+                    grad_hidden = matmul_nn(dlogits, weight).mul_(g)
+                if need_w:
+                    grad_weight = torch.mm(dlogits.t(), h * g)
+                del dlogits
+                break
             else:
                 logits = matmul_nt(h, weight)
                 kernels.logprobs_backward(
