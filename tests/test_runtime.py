@@ -24,7 +24,7 @@ with torch.no_grad():
     for _ in range(3):
         model(ids)
     f0 = faults()
-    for _ in range(5):
+    for _ in range(20):
         model(ids)  # 0.3-3.5 MiB activations allocated and freed
 print(applied, faults() - f0)
 """
@@ -45,7 +45,7 @@ def test_tuned_allocator_reuses_freed_blocks_instead_of_faulting_them_in():
     assert applied and not off_applied
     # glibc's defaults fault the activations in again on every forward; the tuned heap reuses them.
     assert off_faults > 1000
-    assert faults < off_faults / 10
+    assert faults < off_faults / 5
 
 
 def test_applied_once():
