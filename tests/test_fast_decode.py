@@ -63,7 +63,7 @@ def variants():
 @pytest.mark.parametrize("name", list(ARCHS))
 @pytest.mark.parametrize("kind,packed,native", variants())
 def test_step_logits_match_eager(ckpt, name, kind, packed, native, monkeypatch):
-    if packed and not fd.mkldnn_linear_available():
+    if packed and not fd.onednn_available():
         pytest.skip("no MKL-DNN linear in this torch build")
     monkeypatch.setattr(fd, "_NATIVE", native)
     model = from_pretrained(ckpt[name])

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..models.llama import _ACTIVATIONS
+from ..ops.dense import linear_pointwise, onednn_available
 
 
 _NATIVE = os.environ.get("SAFERLHF_NATIVE_DECODE", "1") != "0"
@@ -42,10 +43,6 @@ def native_step_available() -> bool:
     from .. import _backend
 
     return _backend.has_op("decode_step")
-
-
-def mkldnn_linear_available() -> bool:
-    return bool(torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
 
 
 class _Linear:
@@ -65,7 +62,7 @@ class _Linear:
 
     def __call__(self, x: Tensor) -> Tensor:
         if self.packed:
-            return torch.ops.mkldnn._linear_pointwise(x, self.w, self.b, "none", [], "")
+            return linear_pointwise(x, self.w, self.b)
         if self.b is None:
             return torch.mm(x, self.w)
         return torch.addmm(self.b, x, self.w)
@@ -89,7 +86,7 @@ class DecodePlan:
     def __init__(self, model, cache, batch: int, prompt_valid: Tensor, packed: bool | None = None):
         cfg = model.config
         if packed is None:
-            packed = mkldnn_linear_available()
+            packed = onednn_available()
         self.packed = packed
         self.cfg = cfg
         self.cache = cache

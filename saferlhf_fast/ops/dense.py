@@ -58,7 +58,8 @@ def eligible(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> bool:
             and os.environ.get(ENV_VAR, "1") != "0" and onednn_available())
 
 
-def _linear_pointwise(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+def linear_pointwise(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """oneDNN's ``x @ weight.T + bias`` on a plain, strided or prepacked (blocked) weight; no autograd."""
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
 
@@ -80,11 +81,16 @@ def packed_weight(weight: Tensor) -> Tensor:
     return packed
 
 
+def _forward_weight(weight: Tensor) -> Tensor:
+    """What the oneDNN forward multiplies by: the blocked copy of a frozen weight, a trainable one as it is."""
+    return weight if weight.requires_grad else packed_weight(weight)
+
+
 def matmul_nt(x: Tensor, weight: Tensor) -> Tensor:
     """``x [M, K] @ weight.T`` -> ``[M, N]`` with no autograd (the lm_head chunks of ``linear_logprobs``):
     oneDNN when eligible (packed when the weight is frozen), else ``torch.mm``."""
     if eligible(x, weight):
-        return _linear_pointwise(x, weight if weight.requires_grad else packed_weight(weight), None)
+        return linear_pointwise(x, _forward_weight(weight), None)
     return x @ weight.t()
 
 
@@ -92,23 +98,23 @@ def matmul_nn(dy: Tensor, weight: Tensor) -> Tensor:
     """``dy [M, N] @ weight [N, K]`` -> ``[M, K]`` with no autograd (input gradients): oneDNN on the strided view
     ``weight.T`` when eligible, else ``torch.mm``."""
     if eligible(dy, weight):
-        return _linear_pointwise(dy, weight.t(), None)
+        return linear_pointwise(dy, weight.t(), None)
     return dy @ weight
 
 
 class _OneDNNLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x2d, weight, bias, packed):
+    def forward(ctx, x2d, weight, bias, forward_weight):
         ctx.save_for_backward(x2d, weight)
         ctx.has_bias = bias is not None
-        return _linear_pointwise(x2d, weight if packed is None else packed, bias)
+        return linear_pointwise(x2d, forward_weight, bias)
 
     @staticmethod
     def backward(ctx, grad_out):
         x2d, weight = ctx.saved_tensors
         if not grad_out.is_contiguous():
             grad_out = grad_out.contiguous()
-        grad_x = _linear_pointwise(grad_out, weight.t(), None) if ctx.needs_input_grad[0] else None
+        grad_x = linear_pointwise(grad_out, weight.t(), None) if ctx.needs_input_grad[0] else None
         grad_w = grad_out.t().mm(x2d) if ctx.needs_input_grad[1] else None
         grad_b = grad_out.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
         return grad_x, grad_w, grad_b, None
@@ -129,12 +135,8 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, backend: st
     x2d = x.reshape(-1, x.shape[-1])
     if not x2d.is_contiguous():
         x2d = x2d.contiguous()
-    frozen = not weight.requires_grad
-    packed = packed_weight(weight) if frozen else None
+    w = _forward_weight(weight)
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
                                               or (bias is not None and bias.requires_grad))
-    if needs_grad:
-        y = _OneDNNLinear.apply(x2d, weight, bias, packed)
-    else:
-        y = _linear_pointwise(x2d, weight if packed is None else packed, bias)
+    y = _OneDNNLinear.apply(x2d, weight, bias, w) if needs_grad else linear_pointwise(x2d, w, bias)
     return y.view(*x.shape[:-1], weight.shape[0])
