@@ -497,11 +497,15 @@ class LlamaForScore(DecoderModel):
                 packed: bool | None = None) -> ScoreOutput:
         h = self.hidden_states(input_ids, attention_mask, position_ids, packed)
         scores = self.score_head(h).squeeze(-1).float()
-        if attention_mask is None:
-            end = torch.full((input_ids.shape[0],), input_ids.shape[1] - 1, device=input_ids.device)
-        else:
-            end = ops.reference.end_index(attention_mask).clamp_min(0)
+        end = self._end_index(input_ids, attention_mask)
         return ScoreOutput(scores=scores, end_scores=scores.gather(1, end[:, None]).squeeze(1), end_index=end)
+
+    @staticmethod
+    def _end_index(input_ids: Tensor, attention_mask: Tensor | None) -> Tensor:
+        """``[B]`` int64: each row's last real token (0 for an empty row; the last position without a mask)."""
+        if attention_mask is None:
+            return torch.full((input_ids.shape[0],), input_ids.shape[1] - 1, device=input_ids.device)
+        return ops.reference.end_index(attention_mask).clamp_min(0)
 
     def score_columns(self, input_ids: Tensor, attention_mask: Tensor | None, start: int, length: int) -> Tensor:
         """``forward(...).scores[:, start:start + length]`` ``[B, length]`` fp32, with the last layer's o_proj, MLP,
@@ -516,8 +520,7 @@ class LlamaForScore(DecoderModel):
         """``forward(...).end_scores`` ``[B]`` fp32 without the other positions' scores: the last layer's o_proj,
         MLP, the final norm and the head run on the B end rows only (frozen reward / cost models in PPO)."""
         b, length = input_ids.shape
-        end = (ops.reference.end_index(attention_mask).clamp_min(0) if attention_mask is not None
-               else torch.full((b,), length - 1, device=input_ids.device))
+        end = self._end_index(input_ids, attention_mask)
         h = self.hidden_states(input_ids, attention_mask, rows=torch.arange(b, device=end.device) * length + end)
         return self.score_head(h).squeeze(-1).float()
 
