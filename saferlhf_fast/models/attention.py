@@ -36,6 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..ops.layers import cpp_autograd
+
 BACKENDS = ("sdpa", "native", "flash", "flex", "xformers", "reference")
 
 # Longest sequence (document) the native CPU kernel takes.  It keeps a unit's whole keys / values and [8, L] score
@@ -230,7 +232,8 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, mask: Mask, scale: float) -
 
 
 class _NativeAttention(torch.autograd.Function):
-    """``saferlhf::attention_forward`` / ``attention_backward`` on ``[B, L, H, D]`` views (no copies)."""
+    """``saferlhf::attention_forward`` / ``attention_backward`` on ``[B, L, H, D]`` views (no copies): the Python twin
+    of the extension's differentiable ``saferlhf::attention`` (used when the extension is older)."""
 
     @staticmethod
     def forward(ctx, q, k, v, cu_seqlens, scale, window):
@@ -260,8 +263,9 @@ def native_attention(q: Tensor, k: Tensor, v: Tensor, mask: Mask, scale: float) 
             or longest > NATIVE_MAX_SEQLEN):
         return sdpa_attention(q, k, v, mask, scale)
     window = mask.window if mask.window is not None else 0
-    out = _NativeAttention.apply(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                 mask.cu_seqlens if packed else None, float(scale), int(window))
+    fn = torch.ops.saferlhf.attention if cpp_autograd("attention") else _NativeAttention.apply
+    out = fn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask.cu_seqlens if packed else None,
+             float(scale), int(window))
     return out.transpose(1, 2)
 
 

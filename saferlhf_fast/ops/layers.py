@@ -18,6 +18,7 @@ and ``F.rms_norm`` to a few fp32 ulp (their own exp / summation order); all accu
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -72,6 +73,14 @@ def _use_kernel(op: str, backend: str | None, tensors: tuple[Tensor, ...]) -> bo
                            f"{why or 'the extension has no op saferlhf::' + _OPS[op] + ' (rebuild it)'}")
     return all(t.device.type == "cpu" and t.dtype == torch.float32 and type(t) in (Tensor, torch.nn.Parameter)
                for t in tensors)
+
+
+@functools.lru_cache(maxsize=None)
+def cpp_autograd(name: str) -> bool:
+    """Whether the extension has the differentiable op ``saferlhf::<name>`` (``csrc/autograd_ops.cpp``: the same
+    kernels behind a C++ autograd node, ~30 us less interpreter overhead per op and step than the Python
+    ``torch.autograd.Function`` twins below, which run when the extension is older)."""
+    return _backend.has_op(name)
 
 
 def _last_dim_contiguous(t: Tensor) -> Tensor:
@@ -132,6 +141,8 @@ def rope(q: Tensor, k: Tensor, cos: Tensor, sin_signed: Tensor, *, backend: str 
                          f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(cos.shape)}, {tuple(sin_signed.shape)}")
     if (_use_kernel("rope", backend, (q, k, cos, sin_signed))
             and not (cos.requires_grad or sin_signed.requires_grad)):
+        if cpp_autograd("rope"):
+            return torch.ops.saferlhf.rope(q, k, cos, sin_signed)
         return _Rope.apply(_last_dim_contiguous(q), _last_dim_contiguous(k), cos, sin_signed)
     return rope_reference(q, k, cos, sin_signed)
 
@@ -140,12 +151,14 @@ def swiglu(gate: Tensor, up: Tensor, *, backend: str | None = None) -> Tensor:
     """``silu(gate) * up`` for gate / up ``[..., I]`` of the same shape (any strides; the kernel reads rows with a
     contiguous last dim, copying when the layout has none)."""
     if _use_kernel("swiglu", backend, (gate, up)):
-        return _SwiGLU.apply(gate, up)
+        return torch.ops.saferlhf.swiglu(gate, up) if cpp_autograd("swiglu") else _SwiGLU.apply(gate, up)
     return swiglu_reference(gate, up)
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float = 1e-6, *, backend: str | None = None) -> Tensor:
     """``x * rsqrt(mean(x^2, -1) + eps) * weight`` for x ``[..., H]``, weight ``[H]``."""
     if _use_kernel("rms_norm", backend, (x, weight)):
+        if cpp_autograd("rms_norm"):
+            return torch.ops.saferlhf.rms_norm(x, weight, float(eps))
         return _RMSNorm.apply(x, weight, float(eps))
     return rms_norm_reference(x, weight, eps)
