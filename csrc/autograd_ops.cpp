@@ -1,9 +1,10 @@
 // Differentiable fused decoder ops for CPU training (fp32): the kernels of layer_ops.cpp and attention_ops.cpp
-// behind autograd nodes written in C++, four torch ops:
+// behind autograd nodes written in C++, five torch ops:
 //
 //   saferlhf::rope(q [B, L, Hq, d], k [B, L, Hk, d], cos [Bc, L, d], sin_signed [Bc, L, d]) -> (q_out, k_out)
 //   saferlhf::swiglu(gate [..., I], up [..., I]) -> silu(gate) * up
 //   saferlhf::rms_norm(x [..., H], weight [H], eps) -> x * rsqrt(mean(x^2, -1) + eps) * weight
+//   saferlhf::add_rms_norm(x [..., H], residual [..., H], weight [H], eps) -> (s = x + residual, rms_norm(s))
 //   saferlhf::attention(q [B, L, Hq, D], k [B, L, Hk, D], v [B, L, Hk, D], cu_seqlens?, scale, window)
 //       -> out [B, L, Hq, D]
 //
@@ -47,6 +48,11 @@ SAFERLHF_KERNEL(rms_norm_forward, "saferlhf::rms_norm_forward",
                 std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, double))
 SAFERLHF_KERNEL(rms_norm_backward, "saferlhf::rms_norm_backward",
                 std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, const Tensor&))
+SAFERLHF_KERNEL(add_rms_norm_forward, "saferlhf::add_rms_norm_forward",
+                std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, double))
+SAFERLHF_KERNEL(add_rms_norm_backward, "saferlhf::add_rms_norm_backward",
+                std::tuple<Tensor, Tensor>(const Tensor&, const std::optional<Tensor>&, const Tensor&, const Tensor&,
+                                           const Tensor&))
 SAFERLHF_KERNEL(attention_forward, "saferlhf::attention_forward",
                 std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, const std::optional<Tensor>&,
                                            double, int64_t))
@@ -143,6 +149,40 @@ Tensor rms_norm_cpu(const Tensor& x, const Tensor& weight, double eps) {
   return std::get<0>(rms_norm_forward().call(x, weight, eps));
 }
 
+// ----------------------------------------------------------------------------------------------- add_rms_norm
+// (sum, y) = (x + residual, rms_norm(x + residual) weight): the pre-norm residual add fused into the norm.  Both
+// outputs are used (sum is the residual stream), so the backward gets dy and, usually, dsum; x and residual both
+// receive dsum + the norm's dx.
+class AddRMSNormFunction : public torch::autograd::Function<AddRMSNormFunction> {
+ public:
+  static tensor_list forward(AutogradContext* ctx, const Tensor& x, const Tensor& residual, const Tensor& weight,
+                             double eps) {
+    auto [sum, y, rstd] = add_rms_norm_forward().call(x, residual, weight, eps);
+    ctx->save_for_backward({sum, weight, rstd});
+    return {sum, y};
+  }
+  static tensor_list backward(AutogradContext* ctx, tensor_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const Tensor& sum = saved[0];
+    std::optional<Tensor> dsum;
+    if (grads[0].defined()) dsum = grads[0];
+    auto [dx, dweight] = add_rms_norm_backward().call(grad_or_zeros(grads[1], sum), dsum, sum, saved[1], saved[2]);
+    return {dx, dx, ctx->needs_input_grad(2) ? dweight : Tensor(), Tensor()};
+  }
+};
+
+std::tuple<Tensor, Tensor> add_rms_norm_autograd(const Tensor& x, const Tensor& residual, const Tensor& weight,
+                                                 double eps) {
+  auto out = AddRMSNormFunction::apply(x, residual, weight, eps);
+  return {out[0], out[1]};
+}
+
+std::tuple<Tensor, Tensor> add_rms_norm_cpu(const Tensor& x, const Tensor& residual, const Tensor& weight,
+                                            double eps) {
+  auto [sum, y, rstd] = add_rms_norm_forward().call(x, residual, weight, eps);
+  return {sum, y};
+}
+
 // -------------------------------------------------------------------------------------------------- attention
 class AttentionFunction : public torch::autograd::Function<AttentionFunction> {
  public:
@@ -182,6 +222,7 @@ TORCH_LIBRARY_FRAGMENT(saferlhf, m) {
   m.def("rope(Tensor q, Tensor k, Tensor cos, Tensor sin_signed) -> (Tensor, Tensor)");
   m.def("swiglu(Tensor gate, Tensor up) -> Tensor");
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
+  m.def("add_rms_norm(Tensor x, Tensor residual, Tensor weight, float eps) -> (Tensor, Tensor)");
   m.def("attention(Tensor q, Tensor k, Tensor v, Tensor? cu_seqlens, float scale, int window) -> Tensor");
 }
 
@@ -189,6 +230,7 @@ TORCH_LIBRARY_IMPL(saferlhf, CPU, m) {
   m.impl("rope", &saferlhf_autograd::rope_cpu);
   m.impl("swiglu", &saferlhf_autograd::swiglu_cpu);
   m.impl("rms_norm", &saferlhf_autograd::rms_norm_cpu);
+  m.impl("add_rms_norm", &saferlhf_autograd::add_rms_norm_cpu);
   m.impl("attention", &saferlhf_autograd::attention_cpu);
 }
 
@@ -196,5 +238,6 @@ TORCH_LIBRARY_IMPL(saferlhf, Autograd, m) {
   m.impl("rope", &saferlhf_autograd::rope_autograd);
   m.impl("swiglu", &saferlhf_autograd::swiglu_autograd);
   m.impl("rms_norm", &saferlhf_autograd::rms_norm_autograd);
+  m.impl("add_rms_norm", &saferlhf_autograd::add_rms_norm_autograd);
   m.impl("attention", &saferlhf_autograd::attention_autograd);
 }

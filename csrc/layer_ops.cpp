@@ -1,4 +1,4 @@
-// Elementwise layer ops of the Llama decoder for CPU training (fp32), forward and backward, six torch ops:
+// Elementwise layer ops of the Llama decoder for CPU training (fp32), forward and backward, eight torch ops:
 //
 //   saferlhf::rope_forward(q [B, L, Hq, d], k [B, L, Hk, d], cos [Bc, L, d], sin_signed [Bc, L, d])
 //       -> (q_out [B, L, Hq, d], k_out [B, L, Hk, d])
@@ -7,6 +7,8 @@
 //   saferlhf::swiglu_backward(dout, gate, up) -> (dgate, dup)
 //   saferlhf::rms_norm_forward(x [..., H], weight [H], eps) -> (y [..., H], rstd [N])      (N = numel / H)
 //   saferlhf::rms_norm_backward(dy, x, weight, rstd) -> (dx, dweight [H])
+//   saferlhf::add_rms_norm_forward(x, residual, weight, eps) -> (sum = x + residual, y = rms_norm(sum), rstd)
+//   saferlhf::add_rms_norm_backward(dy, dsum?, sum, weight, rstd) -> (dx + dsum, dweight)
 //
 // Math:
 //   RoPE, per head vector x (d even, half = d / 2), Bc == B or 1 (cos / sin broadcast over the batch):
@@ -20,6 +22,9 @@
 //     s = 1 / (1 + e) for x >= 0, e / (1 + e) for x < 0; out is within a few ulp of F.silu(gate) * up.
 //   RMSNorm: rstd = 1 / sqrt(mean(x^2) + eps), y = (x rstd) weight;  with xhat = x rstd, g = dy weight:
 //     dx = rstd (g - xhat mean(g xhat)),  dweight = sum_rows dy xhat.
+//   Fused pre-norm residual add (the decoder's `h = x + a; y = norm(h)`): sum = x + residual, one fp32 add
+//     (torch's, bit for bit), normalised as above; backward returns the gradient of sum, the norm's dx plus the
+//     gradient dsum that sum gets from the residual stream (x and residual both receive it).
 //
 // Layout: q / k / cos / sin / dout may be strided views (the last dim contiguous; any other strides, e.g. a
 // [B, L, H, d] view of a fused qkv projection output); swiglu / rms_norm inputs are seen as [N, I] / [N, H] rows
@@ -39,6 +44,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <optional>
 #include <tuple>
 #include <vector>
 
@@ -309,11 +315,18 @@ inline float dot(const float* a, const float* b, int64_t n) {
   return hsum(acc0 + acc1);
 }
 
-std::tuple<Tensor, Tensor> rms_norm_forward(const Tensor& x, const Tensor& weight, double eps) {
-  const char* op = "rms_norm_forward";
+// y = rms_norm(s) weight with s = x, or s = x + residual written to `sum` (the fused pre-norm residual add).
+std::tuple<Tensor, Tensor> rms_norm_rows(const char* op, const Tensor& x, const Tensor* residual, Tensor* sum,
+                                         const Tensor& weight, double eps) {
   check_norm(op, x, weight);
+  if (residual != nullptr) {
+    check_cpu_fp32(op, "residual", *residual);
+    check_same(op, "x", x, "residual", *residual);
+  }
   const int64_t H = x.size(-1);
-  Tensor y = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
+  const auto contiguous = x.options().memory_format(at::MemoryFormat::Contiguous);
+  Tensor y = at::empty(x.sizes(), contiguous);
+  if (sum != nullptr) *sum = at::empty(x.sizes(), contiguous);
   const int64_t N = H > 0 ? x.numel() / H : 0;
   Tensor rstd = at::empty({N}, x.options());
   if (y.numel() == 0) {
@@ -321,13 +334,24 @@ std::tuple<Tensor, Tensor> rms_norm_forward(const Tensor& x, const Tensor& weigh
     return {y, rstd};
   }
   const Tensor x2 = as_rows(x, H), w = weight.contiguous();
+  const Tensor r2 = residual != nullptr ? as_rows(*residual, H) : Tensor();
   const float *xp = x2.data_ptr<float>(), *wp = w.data_ptr<float>();
-  const int64_t xs = x2.stride(0);
+  const float* resp = residual != nullptr ? r2.data_ptr<float>() : nullptr;
+  float* sp = sum != nullptr ? sum->data_ptr<float>() : nullptr;
+  const int64_t xs = x2.stride(0), rs_stride = residual != nullptr ? r2.stride(0) : 0;
   float *yp = y.data_ptr<float>(), *rp = rstd.data_ptr<float>();
   const float eps_f = static_cast<float>(eps);
   at::parallel_for(0, N, grain_rows(H), [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const float* xr = xp + r * xs;
+      if (resp != nullptr) {  // s = x + residual, one fp32 add per element (torch's x + residual, bit for bit)
+        float* sr = sp + r * H;
+        const float* rr = resp + r * rs_stride;
+        int64_t j = 0;
+        for (; j + W <= H; j += W) (Vec::load(xr + j) + Vec::load(rr + j)).store(sr + j);
+        if (j < H) store_n(load_n(xr + j, H - j) + load_n(rr + j, H - j), sr + j, H - j);
+        xr = sr;
+      }
       float* yr = yp + r * H;
       const float ms = dot(xr, nullptr, H) / static_cast<float>(H);
       const float rs = 1.0f / std::sqrt(ms + eps_f);
@@ -341,10 +365,25 @@ std::tuple<Tensor, Tensor> rms_norm_forward(const Tensor& x, const Tensor& weigh
   return {y, rstd};
 }
 
-std::tuple<Tensor, Tensor> rms_norm_backward(const Tensor& dy, const Tensor& x, const Tensor& weight,
-                                             const Tensor& rstd) {
-  const char* op = "rms_norm_backward";
+std::tuple<Tensor, Tensor> rms_norm_forward(const Tensor& x, const Tensor& weight, double eps) {
+  return rms_norm_rows("rms_norm_forward", x, nullptr, nullptr, weight, eps);
+}
+
+std::tuple<Tensor, Tensor, Tensor> add_rms_norm_forward(const Tensor& x, const Tensor& residual,
+                                                        const Tensor& weight, double eps) {
+  Tensor sum;
+  auto [y, rstd] = rms_norm_rows("add_rms_norm_forward", x, &residual, &sum, weight, eps);
+  return {sum, y, rstd};
+}
+
+// dx = rstd (g - xhat mean(g xhat)) [+ dsum: the gradient the normalised sum also gets from the residual stream].
+std::tuple<Tensor, Tensor> rms_norm_backward_rows(const char* op, const Tensor& dy, const Tensor* dsum,
+                                                  const Tensor& x, const Tensor& weight, const Tensor& rstd) {
   check_norm(op, x, weight);
+  if (dsum != nullptr) {
+    check_cpu_fp32(op, "dsum", *dsum);
+    check_same(op, "dsum", *dsum, "x", x);
+  }
   check_cpu_fp32(op, "dy", dy);
   check_cpu_fp32(op, "rstd", rstd);
   check_same(op, "dy", dy, "x", x);
@@ -358,6 +397,9 @@ std::tuple<Tensor, Tensor> rms_norm_backward(const Tensor& dy, const Tensor& x, 
   const float *xp = x2.data_ptr<float>(), *dp = d2.data_ptr<float>(), *wp = w.data_ptr<float>(),
               *rp = rs_c.data_ptr<float>();
   const int64_t xs = x2.stride(0), ds = d2.stride(0);
+  const Tensor s2 = dsum != nullptr ? as_rows(*dsum, H) : Tensor();
+  const float* dsp = dsum != nullptr ? s2.data_ptr<float>() : nullptr;
+  const int64_t dss = dsum != nullptr ? s2.stride(0) : 0;
   float* dxp = dx.data_ptr<float>();
   // Fixed blocks of rows (at most kMaxBlocks, at least kMinBlockRows rows each: a function of N only), each with
   // its own partial dweight row.
@@ -392,10 +434,20 @@ std::tuple<Tensor, Tensor> rms_norm_backward(const Tensor& dy, const Tensor& x, 
           acc = acc + gg * xhat;  // zero padded lanes add 0
         }
         const Vec c(hsum(acc) / static_cast<float>(H));
-        // pass 2: dx = rstd (g - xhat c)
-        for (j = 0; j + W <= H; j += W)
-          (vr * (Vec::load(g.data() + j) - Vec::load(xh.data() + j) * c)).store(dxr + j);
-        if (j < H) store_n(vr * (Vec::load(g.data() + j) - Vec::load(xh.data() + j) * c), dxr + j, H - j);
+        // pass 2: dx = rstd (g - xhat c) [+ dsum, rounded after the norm term: what autograd's sum of the two
+        // gradients of the residual stream gives]
+        if (dsp == nullptr) {
+          for (j = 0; j + W <= H; j += W)
+            (vr * (Vec::load(g.data() + j) - Vec::load(xh.data() + j) * c)).store(dxr + j);
+          if (j < H) store_n(vr * (Vec::load(g.data() + j) - Vec::load(xh.data() + j) * c), dxr + j, H - j);
+        } else {
+          const float* dsr = dsp + r * dss;
+          for (j = 0; j + W <= H; j += W)
+            (vr * (Vec::load(g.data() + j) - Vec::load(xh.data() + j) * c) + Vec::load(dsr + j)).store(dxr + j);
+          if (j < H)
+            store_n(vr * (Vec::load(g.data() + j) - Vec::load(xh.data() + j) * c) + load_n(dsr + j, H - j), dxr + j,
+                    H - j);
+        }
       }
     }
   });
@@ -418,6 +470,17 @@ std::tuple<Tensor, Tensor> rms_norm_backward(const Tensor& dy, const Tensor& x, 
   return {dx, dweight};
 }
 
+std::tuple<Tensor, Tensor> rms_norm_backward(const Tensor& dy, const Tensor& x, const Tensor& weight,
+                                             const Tensor& rstd) {
+  return rms_norm_backward_rows("rms_norm_backward", dy, nullptr, x, weight, rstd);
+}
+
+std::tuple<Tensor, Tensor> add_rms_norm_backward(const Tensor& dy, const std::optional<Tensor>& dsum,
+                                                 const Tensor& sum, const Tensor& weight, const Tensor& rstd) {
+  return rms_norm_backward_rows("add_rms_norm_backward", dy, dsum.has_value() ? &*dsum : nullptr, sum, weight,
+                                rstd);
+}
+
 }  // namespace saferlhf_layers
 
 TORCH_LIBRARY_FRAGMENT(saferlhf, m) {
@@ -427,6 +490,8 @@ TORCH_LIBRARY_FRAGMENT(saferlhf, m) {
   m.def("swiglu_backward(Tensor dout, Tensor gate, Tensor up) -> (Tensor, Tensor)");
   m.def("rms_norm_forward(Tensor x, Tensor weight, float eps) -> (Tensor, Tensor)");
   m.def("rms_norm_backward(Tensor dy, Tensor x, Tensor weight, Tensor rstd) -> (Tensor, Tensor)");
+  m.def("add_rms_norm_forward(Tensor x, Tensor residual, Tensor weight, float eps) -> (Tensor, Tensor, Tensor)");
+  m.def("add_rms_norm_backward(Tensor dy, Tensor? dsum, Tensor sum, Tensor weight, Tensor rstd) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(saferlhf, CPU, m) {
@@ -436,4 +501,6 @@ TORCH_LIBRARY_IMPL(saferlhf, CPU, m) {
   m.impl("swiglu_backward", &saferlhf_layers::swiglu_backward);
   m.impl("rms_norm_forward", &saferlhf_layers::rms_norm_forward);
   m.impl("rms_norm_backward", &saferlhf_layers::rms_norm_backward);
+  m.impl("add_rms_norm_forward", &saferlhf_layers::add_rms_norm_forward);
+  m.impl("add_rms_norm_backward", &saferlhf_layers::add_rms_norm_backward);
 }

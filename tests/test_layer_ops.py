@@ -364,3 +364,59 @@ def test_cpp_and_python_autograd_nodes_give_identical_bits(autograd_node, monkey
     for a, c in zip(cpp, py):
         assert torch.equal(a, c)
     assert torch.equal(cpp[-1], torch.zeros_like(k))
+
+
+# ========================================================================================== add + RMSNorm
+@needs_rms
+@pytest.mark.parametrize("shape", [(1, 1), (3, 5), (2, 7, 33), (16, 80, 256)])
+@pytest.mark.parametrize("use_sum", [True, False])
+def test_add_rms_norm_is_bit_identical_to_add_then_norm(shape, use_sum):
+    """The fused residual add + norm gives the bits of ``s = x + r; rms_norm(s)`` forward and backward, whether the
+    sum itself gets a gradient (the residual stream) or only the normalised output does."""
+    g = _gen(11)
+    x, r = torch.randn(*shape, generator=g), torch.randn(*shape, generator=g)
+    w = torch.randn(shape[-1], generator=g)
+    gs, gy = torch.randn(*shape, generator=g), torch.randn(*shape, generator=g)
+
+    def run(fused):
+        xs, rs, ws = (t.clone().requires_grad_(True) for t in (x, r, w))
+        if fused:
+            s, y = ops.add_rms_norm(xs, rs, ws, 1e-5)
+        else:
+            s = xs + rs
+            y = ops.rms_norm(s, ws, 1e-5)
+        loss = (y * gy).sum() + ((s * gs).sum() if use_sum else 0.0)
+        loss.backward()
+        return s.detach(), y.detach(), xs.grad, rs.grad, ws.grad
+
+    for a, c in zip(run(True), run(False)):
+        assert torch.equal(a, c)
+
+
+@needs_rms
+def test_add_rms_norm_matches_fp64_and_handles_strided_inputs():
+    g = _gen(12)
+    x = torch.randn(20, 2 * 48, generator=g)[:, ::2]  # last dim strided: copied to rows
+    r = torch.randn(48, 20, generator=g).t()  # transposed view
+    w = torch.randn(48, generator=g)
+    xs, rs, ws = (t.clone().requires_grad_(True) for t in (x, r, w))
+    s, y = ops.add_rms_norm(xs, rs, ws, 1e-6)
+    gy = torch.randn(20, 48, generator=g)
+    ((y * gy).sum() + s.sum()).backward()
+    x64, r64, w64 = (t.double().requires_grad_(True) for t in (x, r, w))
+    s64 = x64 + r64
+    y64 = s64 * torch.rsqrt(s64.pow(2).mean(-1, keepdim=True) + 1e-6) * w64
+    ((y64 * gy.double()).sum() + s64.sum()).backward()
+    assert _max_rel(y, y64) < 1e-6
+    for a, c in ((xs.grad, x64.grad), (rs.grad, r64.grad), (ws.grad, w64.grad)):
+        assert _max_rel(a, c) < 1e-5
+
+
+def test_add_rms_norm_bf16_falls_back_and_shapes_must_match():
+    x = torch.randn(4, 8).bfloat16()
+    w = torch.randn(8).bfloat16()
+    s, y = ops.add_rms_norm(x, x, w)
+    assert torch.equal(s, x + x)
+    assert torch.equal(y, layers.rms_norm_reference(x + x, w))
+    with pytest.raises(ValueError, match="differ"):
+        ops.add_rms_norm(torch.randn(4, 8), torch.randn(4, 9), torch.randn(8))

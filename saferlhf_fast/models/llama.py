@@ -179,6 +179,11 @@ class RMSNorm(nn.Module):
         fp32; other dtypes normalise in fp32, round, then scale, as transformers does)."""
         return ops.rms_norm(x, self.weight, self.eps)
 
+    def add_forward(self, x: Tensor, residual: Tensor) -> tuple[Tensor, Tensor]:
+        """``(s, norm(s))`` with ``s = residual + x`` (:func:`ops.add_rms_norm`: the residual add in the norm's
+        pass, bit-identical to the two ops)."""
+        return ops.add_rms_norm(x, residual, self.weight, self.eps)
+
 
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig, layer_idx: int):
@@ -242,12 +247,21 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, x, cos, sin, mask, backend, cache=None, start=0, rows=None):
-        """``rows``: keep only these flattened positions after attention (every position still serves as a key):
-        ``[len(rows), H]``."""
-        a = self.self_attn(self.input_layernorm(x), cos, sin, mask, backend, cache, start, rows)
-        x = (x if rows is None else x.reshape(-1, x.shape[-1]).index_select(0, rows)) + a
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, residual, cos, sin, mask, backend, cache=None, start=0, rows=None):
+        """Pre-norm block ``h = stream + attn(norm1(stream)); stream' = h + mlp(norm2(h))`` with each residual add
+        fused into the norm that follows it.  In: ``x`` the previous block's MLP output and ``residual`` the stream
+        before it (None for the first block, whose ``x`` is the embedding).  Out: ``(mlp output, h)``; the stream
+        after the block is their sum, formed by the next block's input norm (or the final norm).  ``rows``: keep
+        only these flattened positions after attention (every position still serves as a key): ``[len(rows), H]``."""
+        if residual is None:
+            residual, h = x, self.input_layernorm(x)
+        else:
+            residual, h = self.input_layernorm.add_forward(x, residual)
+        a = self.self_attn(h, cos, sin, mask, backend, cache, start, rows)
+        if rows is not None:
+            residual = residual.reshape(-1, residual.shape[-1]).index_select(0, rows)
+        residual, h = self.post_attention_layernorm.add_forward(a, residual)
+        return self.mlp(h), residual
 
 
 class LlamaModel(nn.Module):
@@ -267,7 +281,7 @@ class LlamaModel(nn.Module):
         """``[B, L]`` ids -> ``[B, L, H]``.  ``last_rows`` (indices into the ``B * L`` flattened positions): the last
         layer computes only those rows after its attention -> ``[len(last_rows), H]`` (end scores need one row per
         sequence: the last layer's o_proj and MLP shrink from B * L rows to B)."""
-        x = self.embed_tokens(input_ids)
+        x, residual = self.embed_tokens(input_ids), None
         cos, sin = self.rotary_emb(position_ids, x.dtype, pos_bound)
         ckpt = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         last = len(self.layers) - 1
@@ -275,10 +289,13 @@ class LlamaModel(nn.Module):
             mask = masks[layer.self_attn.window]
             rows = last_rows if i == last else None
             if ckpt:
-                x = checkpoint(layer, x, cos, sin, mask, backend, None, 0, rows, use_reentrant=False)
+                x, residual = checkpoint(layer, x, residual, cos, sin, mask, backend, None, 0, rows,
+                                         use_reentrant=False)
             else:
-                x = layer(x, cos, sin, mask, backend, cache, start, rows)
-        return self.norm(x)
+                x, residual = layer(x, residual, cos, sin, mask, backend, cache, start, rows)
+        if residual is None:  # no layers
+            return self.norm(x if last_rows is None else x.reshape(-1, x.shape[-1]).index_select(0, last_rows))
+        return self.norm.add_forward(x, residual)[1]
 
 
 # ============================================================================================== heads

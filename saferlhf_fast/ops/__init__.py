@@ -3,12 +3,13 @@ device default) and an autograd Function; ``reference`` holds the readable torch
 from . import reference
 from .gae import gae
 from .dense import linear
-from .layers import rms_norm, rope, swiglu
+from .layers import add_rms_norm, rms_norm, rope, swiglu
 from .logprobs import IGNORE_INDEX, gather_logprobs, linear_logprobs
 from .losses import critic_loss, kl_penalized_rewards, masked_mean, ppo_actor_loss, ppo_lag_actor_loss
 
 __all__ = [
     "IGNORE_INDEX",
+    "add_rms_norm",
     "critic_loss",
     "gae",
     "gather_logprobs",

@@ -4,6 +4,9 @@
   ``x * cos + roll(x, d/2) * sin_signed`` per head (``sin_signed = cat(-sin, sin)``, ``Bc`` = B or 1).
 * :func:`swiglu` ``(gate [..., I], up [..., I]) -> silu(gate) * up``.
 * :func:`rms_norm` ``(x [..., H], weight [H], eps) -> x * rsqrt(mean(x^2, -1) + eps) * weight``.
+* :func:`add_rms_norm` ``(x, residual [..., H], weight [H], eps) -> (s, rms_norm(s))`` with ``s = x + residual``: the
+  pre-norm decoder's residual add fused into the following norm (one pass forward; backward returns the gradient of
+  ``s`` -- the norm's plus the one ``s`` gets from the residual stream -- to both ``x`` and ``residual``).
 
 Backends: ``cpu`` (the extension's C++ kernels, ``csrc/layer_ops.cpp``: one op call per direction, one pass over
 the data, threads over rows) and ``torch`` (the readable references below, ``*_reference``, which are also what
@@ -29,7 +32,8 @@ from .. import _backend
 
 BACKENDS = ("cpu", "torch")
 
-_OPS = {"rope": "rope_forward", "swiglu": "swiglu_forward", "rms_norm": "rms_norm_forward"}
+_OPS = {"rope": "rope_forward", "swiglu": "swiglu_forward", "rms_norm": "rms_norm_forward",
+        "add_rms_norm": "add_rms_norm_forward"}
 
 
 # ============================================================================================== references
@@ -54,6 +58,11 @@ def rms_norm_reference(x: Tensor, weight: Tensor, eps: float = 1e-6) -> Tensor:
     xf = x.float()
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     return weight * xf.to(x.dtype)
+
+
+def add_rms_norm_reference(x: Tensor, residual: Tensor, weight: Tensor, eps: float = 1e-6) -> tuple[Tensor, Tensor]:
+    s = x + residual
+    return s, rms_norm_reference(s, weight, eps)
 
 
 # ============================================================================================== dispatch
@@ -162,3 +171,17 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float = 1e-6, *, backend: str | Non
             return torch.ops.saferlhf.rms_norm(x, weight, float(eps))
         return _RMSNorm.apply(x, weight, float(eps))
     return rms_norm_reference(x, weight, eps)
+
+
+def add_rms_norm(x: Tensor, residual: Tensor, weight: Tensor, eps: float = 1e-6, *, backend: str | None = None
+                 ) -> tuple[Tensor, Tensor]:
+    """``(s, rms_norm(s, weight, eps))`` with ``s = x + residual`` (x, residual ``[..., H]`` of one shape, weight
+    ``[H]``): bit-identical to the two separate ops, in one pass (the C++ node of ``saferlhf::add_rms_norm``);
+    without it (other dtypes, backend ``torch``, an older extension) the two ops run separately."""
+    if x.shape != residual.shape:
+        raise ValueError(f"add_rms_norm: x {tuple(x.shape)} and residual {tuple(residual.shape)} differ")
+    if _use_kernel("add_rms_norm", backend, (x, residual, weight)) and cpp_autograd("add_rms_norm"):
+        s, y = torch.ops.saferlhf.add_rms_norm(x, residual, weight, float(eps))
+        return s, y
+    s = x + residual
+    return s, rms_norm(s, weight, eps, backend=backend)
