@@ -32,6 +32,7 @@
 #include <atomic>
 #include <cmath>
 #include <limits>
+#include <memory>
 #include <optional>
 #include <tuple>
 #include <type_traits>
@@ -175,6 +176,34 @@ inline float hsum(Vec v) {
   return s;
 }
 
+// Uninitialised float scratch of a work unit (std::vector would zero-fill buffers that are written before use).
+class Scratch {
+ public:
+  explicit Scratch(int64_t n) : p_(n > 0 ? new float[n] : nullptr) {}
+  float* data() { return p_.get(); }
+
+ private:
+  std::unique_ptr<float[]> p_;
+};
+
+// sum_d a[d] b[d] over d < D (vector lanes, then the lanes in order).
+inline float row_dot(const float* a, const float* b, int64_t D) {
+  Vec acc(0.0f);
+  int64_t d = 0;
+  for (; d + W <= D; d += W) acc = Vec::fma(Vec::load(a + d), Vec::load(b + d), acc);
+  float tail = 0.0f;
+  for (; d < D; ++d) tail += a[d] * b[d];
+  return hsum(acc) + tail;
+}
+
+// dst[d] = src[d] * scale for d < D.
+inline void scaled_copy(const float* src, float scale, float* dst, int64_t D) {
+  const Vec s(scale);
+  int64_t d = 0;
+  for (; d + W <= D; d += W) (Vec::load(src + d) * s).store(dst + d);
+  for (; d < D; ++d) dst[d] = src[d] * scale;
+}
+
 // Everything a work unit needs to know about the problem.
 struct Problem {
   int64_t D, Dp, Hq, Hk, rep;
@@ -314,15 +343,21 @@ std::tuple<Tensor, Tensor> attention_forward(const Tensor& q, const Tensor& k, c
     const Segment& sg = pb.segments[u / pb.Hk];
     const int64_t g = u % pb.Hk;
     const int64_t Lp = round_up(sg.len, W), Dp = pb.Dp, D = pb.D;
-    std::vector<float> kt(D * Lp), vr(Lp * Dp), qb(kRows * Dp), s(kRows * Lp), ob(kRows * Dp);
+    const bool direct = D == Dp;  // rows need no padding: read v / full blocks of q and write out in place
+    Scratch kt(D * Lp), vr(direct ? 0 : Lp * Dp), qb(kRows * Dp), s(kRows * Lp), ob(kRows * Dp);
     load_keys(kv, sg, g, pb, Lp, kt.data(), nullptr);
-    load_keys(vv, sg, g, pb, Lp, nullptr, vr.data());
+    if (!direct) load_keys(vv, sg, g, pb, Lp, nullptr, vr.data());
+    const float* v_rows = direct ? vv.row(sg.b, sg.start, g) : vr.data();
+    const int64_t ld_v = direct ? vv.sl : Dp;
     for (int64_t h = g * pb.rep; h < (g + 1) * pb.rep; ++h) {
       float* lse_h = lse_p + (sg.b * pb.Hq + h) * L + sg.start;
       for (int64_t i0 = 0; i0 < sg.len; i0 += kRows) {
         const Block bl = block_of(pb, i0, sg.len);
-        load_rows(qv, sg, h, pb, bl, qb.data());
-        rows_times_cols(qb.data(), Dp, kt.data(), Lp, D, bl.jt0, bl.jt1, pb.scale, s.data(), Lp);
+        const bool in_place = direct && bl.rows == kRows;
+        const float* qa = in_place ? qv.row(sg.b, sg.start + i0, h) : qb.data();
+        const int64_t ld_q = in_place ? qv.sl : Dp;
+        if (!in_place) load_rows(qv, sg, h, pb, bl, qb.data());
+        rows_times_cols(qa, ld_q, kt.data(), Lp, D, bl.jt0, bl.jt1, pb.scale, s.data(), Lp);
         mask_block(pb, bl, s.data(), Lp);
         for (int r = 0; r < bl.rows; ++r) {
           float* row = s.data() + r * Lp;
@@ -341,9 +376,13 @@ std::tuple<Tensor, Tensor> attention_forward(const Tensor& q, const Tensor& k, c
           lse_h[i0 + r] = mx + std::log(total);
         }
         for (int r = bl.rows; r < kRows; ++r) std::fill(s.data() + r * Lp + bl.jt0, s.data() + r * Lp + bl.jt1, 0.0f);
-        weights_times_rows(s.data(), Lp, vr.data(), Dp, bl.jt0, bl.jhi, Dp, ob.data(), Dp);
-        for (int64_t r = 0; r < bl.rows; ++r)
-          std::copy(ob.data() + r * Dp, ob.data() + r * Dp + D, ov.row(sg.b, sg.start + i0 + r, h));
+        if (in_place) {
+          weights_times_rows(s.data(), Lp, v_rows, ld_v, bl.jt0, bl.jhi, Dp, ov.row(sg.b, sg.start + i0, h), ov.sl);
+        } else {
+          weights_times_rows(s.data(), Lp, v_rows, ld_v, bl.jt0, bl.jhi, Dp, ob.data(), Dp);
+          for (int64_t r = 0; r < bl.rows; ++r)
+            std::copy(ob.data() + r * Dp, ob.data() + r * Dp + D, ov.row(sg.b, sg.start + i0 + r, h));
+        }
       }
     }
   });
@@ -375,28 +414,35 @@ std::tuple<Tensor, Tensor, Tensor> attention_backward(const Tensor& dout, const 
     const Segment& sg = pb.segments[u / pb.Hk];
     const int64_t g = u % pb.Hk;
     const int64_t Lp = round_up(sg.len, W), Dp = pb.Dp, D = pb.D;
-    std::vector<float> kt(D * Lp), kr(Lp * Dp), vt(D * Lp), dk_acc(Lp * Dp, 0.0f), dv_acc(Lp * Dp, 0.0f),
-        qb(kRows * Dp), dob(kRows * Dp), p(kRows * Lp), dp(kRows * Lp), dqb(kRows * Dp);
-    load_keys(kv, sg, g, pb, Lp, kt.data(), kr.data());
+    const bool direct = D == Dp;  // rows need no padding: read k / full blocks of q and dout in place
+    Scratch kt(D * Lp), kr(direct ? 0 : Lp * Dp), vt(D * Lp), dk_acc(Lp * Dp), dv_acc(Lp * Dp), qb(kRows * Dp),
+        dob(kRows * Dp), p(kRows * Lp), dp(kRows * Lp), dqb(kRows * Dp);
+    std::fill(dk_acc.data(), dk_acc.data() + Lp * Dp, 0.0f);
+    std::fill(dv_acc.data(), dv_acc.data() + Lp * Dp, 0.0f);
+    load_keys(kv, sg, g, pb, Lp, kt.data(), direct ? nullptr : kr.data());
     load_keys(vv, sg, g, pb, Lp, vt.data(), nullptr);
+    const float* k_rows = direct ? kv.row(sg.b, sg.start, g) : kr.data();
+    const int64_t ld_k = direct ? kv.sl : Dp;
     for (int64_t h = g * pb.rep; h < (g + 1) * pb.rep; ++h) {
       const float* lse_h = lse_p + (sg.b * pb.Hq + h) * L + sg.start;
       for (int64_t i0 = 0; i0 < sg.len; i0 += kRows) {
         const Block bl = block_of(pb, i0, sg.len);
-        load_rows(qv, sg, h, pb, bl, qb.data());
-        load_rows(dov, sg, h, pb, bl, dob.data());
-        float delta[kRows] = {};
-        for (int64_t r = 0; r < bl.rows; ++r) {
-          const float* o = ov.row(sg.b, sg.start + i0 + r, h);
-          const float* d_o = dob.data() + r * Dp;
-          float acc = 0.0f;
-          for (int64_t d = 0; d < D; ++d) acc += d_o[d] * o[d];
-          delta[r] = acc;
+        // A full block of a head dim with no padding reads q / dout where they are; the rest goes through zero-padded
+        // copies (rows past the block end must be zeros: their weights are 0 and 0 * garbage could be NaN).
+        const bool in_place = direct && bl.rows == kRows;
+        const float* qa = in_place ? qv.row(sg.b, sg.start + i0, h) : qb.data();
+        const float* da = in_place ? dov.row(sg.b, sg.start + i0, h) : dob.data();
+        const int64_t ld_q = in_place ? qv.sl : Dp, ld_d = in_place ? dov.sl : Dp;
+        if (!in_place) {
+          load_rows(qv, sg, h, pb, bl, qb.data());
+          load_rows(dov, sg, h, pb, bl, dob.data());
         }
+        float delta[kRows] = {};
+        for (int64_t r = 0; r < bl.rows; ++r) delta[r] = row_dot(da + r * ld_d, ov.row(sg.b, sg.start + i0 + r, h), D);
         // p = exp(s - lse) (0 where masked), dp = dout . v, ds = p (dp - delta) (written over dp).
-        rows_times_cols(qb.data(), Dp, kt.data(), Lp, D, bl.jt0, bl.jt1, pb.scale, p.data(), Lp);
+        rows_times_cols(qa, ld_q, kt.data(), Lp, D, bl.jt0, bl.jt1, pb.scale, p.data(), Lp);
         mask_block(pb, bl, p.data(), Lp);
-        rows_times_cols(dob.data(), Dp, vt.data(), Lp, D, bl.jt0, bl.jt1, 1.0f, dp.data(), Lp);
+        rows_times_cols(da, ld_d, vt.data(), Lp, D, bl.jt0, bl.jt1, 1.0f, dp.data(), Lp);
         for (int r = 0; r < kRows; ++r) {
           float* pr = p.data() + r * Lp;
           float* dr = dp.data() + r * Lp;
@@ -407,23 +453,16 @@ std::tuple<Tensor, Tensor, Tensor> attention_backward(const Tensor& dout, const 
             (e * (Vec::load(dr + j) - dl)).store(dr + j);
           }
         }
-        accumulate_outer(p.data(), Lp, dob.data(), Dp, bl.jt0, bl.jhi, Dp, dv_acc.data(), Dp);
-        accumulate_outer(dp.data(), Lp, qb.data(), Dp, bl.jt0, bl.jhi, Dp, dk_acc.data(), Dp);
-        weights_times_rows(dp.data(), Lp, kr.data(), Dp, bl.jt0, bl.jhi, Dp, dqb.data(), Dp);
-        for (int64_t r = 0; r < bl.rows; ++r) {
-          float* dst = dqv.row(sg.b, sg.start + i0 + r, h);
-          const float* src = dqb.data() + r * Dp;
-          for (int64_t d = 0; d < D; ++d) dst[d] = src[d] * pb.scale;
-        }
+        accumulate_outer(p.data(), Lp, da, ld_d, bl.jt0, bl.jhi, Dp, dv_acc.data(), Dp);
+        accumulate_outer(dp.data(), Lp, qa, ld_q, bl.jt0, bl.jhi, Dp, dk_acc.data(), Dp);
+        weights_times_rows(dp.data(), Lp, k_rows, ld_k, bl.jt0, bl.jhi, Dp, dqb.data(), Dp);
+        for (int64_t r = 0; r < bl.rows; ++r)
+          scaled_copy(dqb.data() + r * Dp, pb.scale, dqv.row(sg.b, sg.start + i0 + r, h), D);
       }
     }
     for (int64_t j = 0; j < sg.len; ++j) {
-      float* dkr = dkv.row(sg.b, sg.start + j, g);
-      float* dvr = dvv.row(sg.b, sg.start + j, g);
-      for (int64_t d = 0; d < D; ++d) {
-        dkr[d] = dk_acc[j * Dp + d] * pb.scale;
-        dvr[d] = dv_acc[j * Dp + d];
-      }
+      scaled_copy(dk_acc.data() + j * Dp, pb.scale, dkv.row(sg.b, sg.start + j, g), D);
+      std::copy(dv_acc.data() + j * Dp, dv_acc.data() + j * Dp + D, dvv.row(sg.b, sg.start + j, g));
     }
   });
   return {dq, dk, dv};
