@@ -19,10 +19,16 @@
 #include <torch/extension.h>
 #include <torch/library.h>
 
+#include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 
+#include <algorithm>
 #include <optional>
 #include <string_view>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 namespace saferlhf_linear {
 
@@ -39,6 +45,70 @@ Tensor linear_pointwise(const Tensor& x, const Tensor& w, const std::optional<Te
                                            c10::string_view, c10::List<std::optional<at::Scalar>>,
                                            std::optional<c10::string_view>)>();
   return op.call(x, w, b, "none", c10::List<std::optional<at::Scalar>>(), std::nullopt);
+}
+
+// ------------------------------------------------------------------------------------------------- transpose
+// dst [N, M] = src [M, N]^T for fp32 row-major matrices with row strides lds / ldd, in tiles of 16 x 16.
+#if defined(__AVX512F__)
+// One 16 x 16 tile in registers: three interleave stages (32-, 64-, 128-bit) and a final 256-bit one.
+inline void transpose_tile16(const float* src, int64_t lds, float* dst, int64_t ldd) {
+  __m512 r[16], t[16];
+  for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(src + i * lds);
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {
+    r[i] = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t[i]), _mm512_castps_pd(t[i + 2])));
+    r[i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t[i]), _mm512_castps_pd(t[i + 2])));
+    r[i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t[i + 1]), _mm512_castps_pd(t[i + 3])));
+    r[i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t[i + 1]), _mm512_castps_pd(t[i + 3])));
+  }
+  for (int i = 0; i < 16; i += 8)
+    for (int j = 0; j < 4; ++j) {
+      t[i + j] = _mm512_shuffle_f32x4(r[i + j], r[i + j + 4], 0x88);
+      t[i + j + 4] = _mm512_shuffle_f32x4(r[i + j], r[i + j + 4], 0xdd);
+    }
+  for (int j = 0; j < 8; ++j) {
+    r[j] = _mm512_shuffle_f32x4(t[j], t[j + 8], 0x88);
+    r[j + 8] = _mm512_shuffle_f32x4(t[j], t[j + 8], 0xdd);
+  }
+  for (int k = 0; k < 16; ++k) _mm512_storeu_ps(dst + k * ldd, r[k]);  // r[k] = column k of the tile
+}
+#endif
+
+void transpose_block(const float* src, int64_t lds, float* dst, int64_t ldd, int64_t rows, int64_t cols) {
+#if defined(__AVX512F__)
+  if (rows == 16 && cols == 16) return transpose_tile16(src, lds, dst, ldd);
+#endif
+  for (int64_t j = 0; j < cols; ++j)
+    for (int64_t i = 0; i < rows; ++i) dst[j * ldd + i] = src[i * lds + j];
+}
+
+// Why not x.t().contiguous(): torch's strided copy moves ~4-5 GB/s here; the 16 x 16 register tiles several times
+// that, which is what makes a transposed copy cheaper than MKL's slower transposed-left product (see backward).
+Tensor transpose_2d(const Tensor& x) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 2,
+              "transpose_2d: a 2-D fp32 CPU tensor expected, got ", x.sizes(), " ", x.scalar_type());
+  const Tensor src = x.stride(1) == 1 ? x : x.contiguous();
+  const int64_t M = src.size(0), N = src.size(1), lds = src.stride(0);
+  Tensor out = at::empty({N, M}, src.options());
+  if (M == 0 || N == 0) return out;
+  const float* sp = src.data_ptr<float>();
+  float* dp = out.data_ptr<float>();
+  // Blocks of kB x kB (64 KiB read + 64 KiB written: L2-resident), each walked in 16 x 16 register tiles.
+  constexpr int64_t T = 16, kB = 128;
+  const int64_t row_blocks = (M + kB - 1) / kB, col_blocks = (N + kB - 1) / kB;
+  at::parallel_for(0, row_blocks * col_blocks, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t i0 = (b % row_blocks) * kB, j0 = (b / row_blocks) * kB;
+      const int64_t i1 = std::min(M, i0 + kB), j1 = std::min(N, j0 + kB);
+      for (int64_t j = j0; j < j1; j += T)
+        for (int64_t i = i0; i < i1; i += T)
+          transpose_block(sp + i * lds + j, lds, dp + j * M + i, M, std::min(T, i1 - i), std::min(T, j1 - j));
+    }
+  });
+  return out;
 }
 
 void check(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias, const Tensor& forward_weight) {
@@ -83,7 +153,9 @@ class LinearFunction : public torch::autograd::Function<LinearFunction> {
     if (!dy.is_contiguous()) dy = dy.contiguous();
     Tensor dx, dw, db;
     if (ctx->needs_input_grad(0)) dx = linear_pointwise(dy, weight.t(), std::nullopt);
-    if (ctx->needs_input_grad(1)) dw = dy.t().mm(x2d);
+    // dW = dy.T @ x as oneDNN's A @ B.T with A = dy.T made contiguous and B = x.T a strided view (fast for the
+    // weight operand): ~1.15-1.3x MKL's dy.t().mm(x), transposed copy included.
+    if (ctx->needs_input_grad(1)) dw = linear_pointwise(transpose_2d(dy), x2d.t(), std::nullopt);
     if (ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(2)) db = dy.sum(0);
     return {dx, dw, db, Tensor()};
   }
@@ -109,8 +181,12 @@ Tensor onednn_linear_cpu(const Tensor& x, const Tensor& weight, const std::optio
 
 TORCH_LIBRARY_FRAGMENT(saferlhf, m) {
   m.def("onednn_linear(Tensor x, Tensor weight, Tensor? bias, Tensor forward_weight) -> Tensor");
+  m.def("transpose_2d(Tensor x) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(saferlhf, CPU, m) { m.impl("onednn_linear", &saferlhf_linear::onednn_linear_cpu); }
+TORCH_LIBRARY_IMPL(saferlhf, CPU, m) {
+  m.impl("onednn_linear", &saferlhf_linear::onednn_linear_cpu);
+  m.impl("transpose_2d", &saferlhf_linear::transpose_2d);
+}
 
 TORCH_LIBRARY_IMPL(saferlhf, Autograd, m) { m.impl("onednn_linear", &saferlhf_linear::onednn_linear_autograd); }

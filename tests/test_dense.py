@@ -176,3 +176,24 @@ def test_model_outputs_and_gradients_agree_with_f_linear(monkeypatch):
     assert float((lp1 - lp0).abs().max()) <= 1e-5
     for a, c in zip(g1, g0):
         torch.testing.assert_close(a, c, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.skipif(not lin._cpp_transpose(), reason="the compiled extension has no saferlhf::transpose_2d")
+@pytest.mark.parametrize("shape", [(1, 1), (16, 16), (17, 33), (640, 256), (5, 300), (129, 130), (0, 7)])
+def test_transpose_2d_is_an_exact_transposed_copy(shape):
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(1))
+    y = torch.ops.saferlhf.transpose_2d(x)
+    assert y.is_contiguous() and torch.equal(y, x.t())
+    strided = torch.randn(shape[0], shape[1] + 9)[:, 4:4 + shape[1]]  # row stride != width
+    assert torch.equal(torch.ops.saferlhf.transpose_2d(strided), strided.t())
+
+
+@needs_onednn
+@pytest.mark.parametrize("m,n,k", [(640, 256, 128), (33, 17, 40), (1, 5, 3)])
+def test_matmul_tn_matches_mm(m, n, k):
+    g = torch.Generator().manual_seed(2)
+    a, b = torch.randn(m, n, generator=g), torch.randn(m, k, generator=g)
+    out = lin.matmul_tn(a, b)
+    assert out.shape == (n, k)
+    ref = a.double().t() @ b.double()
+    assert float((out.double() - ref).abs().max()) <= 2e-5 * m ** 0.5 * 4
