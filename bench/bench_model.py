@@ -25,6 +25,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from saferlhf_fast.benchmarks import harness  # noqa: E402
 from saferlhf_fast.benchmarks import model as bench_model  # noqa: E402
+from saferlhf_fast.runtime import tune_allocator  # noqa: E402
 
 
 def print_table(rows: list[dict]) -> None:
@@ -57,6 +58,7 @@ def main(argv=None) -> None:
     ap.add_argument("--csv", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "model.csv"))
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args(argv)
+    tune_allocator()  # the process settings of the saferlhf-fast CLI, for both providers
     if args.threads:
         torch.set_num_threads(args.threads)
     harness.set_command("python bench/bench_model.py " + " ".join(map(shlex.quote, sys.argv[1:] if argv is None
