@@ -342,8 +342,9 @@ def test_backend_cpu_without_the_op_is_an_error(monkeypatch):
 def test_cpp_and_python_autograd_nodes_give_identical_bits(autograd_node, monkeypatch):
     """The C++ nodes call the same kernels as the Python twins, so outputs and gradients agree bit for bit; an
     unused rope output gets a zero gradient."""
-    if autograd_node != "cpp_node":
-        pytest.skip("compares the two nodes once")
+    if not _backend.has_op("rope"):
+        pytest.skip("the compiled extension has no saferlhf::rope / swiglu / rms_norm autograd ops")
+    monkeypatch.setattr(layers, "cpp_autograd", _backend.has_op)  # the C++ nodes, whatever the fixture chose
     g = _gen(7)
     x = torch.randn(6, 5, 48, generator=g)
     w = torch.randn(48, generator=g)
