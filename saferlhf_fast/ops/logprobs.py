@@ -151,11 +151,10 @@ class _LinearLogprobs(torch.autograd.Function):
         grad_entropy = _maybe_grad(grad_entropy, lse)
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_hidden = torch.empty_like(hidden) if need_h else None
-        # fp32 accumulator for the weight gradient: bf16 accumulation over many chunks would lose bits.
         n = hidden.shape[0]
-        single = n <= chunk and weight.dtype == torch.float32  # one chunk: grad_weight = logits.T @ h, no zero fill
-        grad_weight = (torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
-                       if need_w and not single else None)
+        # fp32 sum of the chunks' weight gradients (bf16 accumulation over many chunks would lose bits); the first
+        # chunk's product initialises it, so no [V, H] block is zero-filled.
+        grad_weight = None
         dlogits = getattr(ctx, "dlogits", None)
         ctx.dlogits = None
         for start in range(0, n, chunk):
@@ -182,14 +181,16 @@ class _LinearLogprobs(torch.autograd.Function):
             if need_h:
                 grad_hidden[start:stop] = matmul_nn(logits, weight)
             if need_w:
-                if single:
-                    grad_weight = torch.mm(logits.t(), h)
+                if grad_weight is None:
+                    grad_weight = torch.mm(logits.t(), h).float()
                 elif logits.dtype == torch.float32:
                     grad_weight.addmm_(logits.t(), h)
                 else:
                     grad_weight += (logits.t() @ h).float()
             del logits
         if need_w:
+            if grad_weight is None:  # no rows
+                grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
             grad_weight = grad_weight.to(weight.dtype)
         return grad_hidden, grad_weight, None, None, None, None, None, None
 
