@@ -110,12 +110,16 @@ def matmul_nn(dy: Tensor, weight: Tensor) -> Tensor:
 
 
 @functools.lru_cache(maxsize=None)
-def _cpp_linear() -> bool:
-    """Whether the compiled extension has ``saferlhf::onednn_linear`` (else :class:`_OneDNNLinear` runs the same
-    products from Python)."""
+def _extension_has(op: str) -> bool:
+    """Whether the compiled extension registers ``saferlhf::<op>`` (asked once per op: it is on the hot path)."""
     from .._backend import has_op
 
-    return has_op("onednn_linear")
+    return has_op(op)
+
+
+def _cpp_linear() -> bool:
+    """Whether ``saferlhf::onednn_linear`` exists (else :class:`_OneDNNLinear` runs the same products from Python)."""
+    return _extension_has("onednn_linear")
 
 
 def matmul_tn(a: Tensor, b: Tensor) -> Tensor:
@@ -123,21 +127,13 @@ def matmul_tn(a: Tensor, b: Tensor) -> Tensor:
     oneDNN's ``A @ B.T`` on ``A = a.T`` made contiguous by the extension's ``transpose_2d`` and ``B = b.T`` as a
     strided view -- 1.15-1.3x MKL's transposed-left ``torch.mm`` at the decoder's shapes, copy included --
     else ``torch.mm(a.t(), b)``."""
-    if eligible(a, b) and _cpp_transpose():
+    if eligible(a, b) and _extension_has("transpose_2d"):
         return linear_pointwise(torch.ops.saferlhf.transpose_2d(a), b.t(), None)
     return torch.mm(a.t(), b)
 
 
-@functools.lru_cache(maxsize=None)
-def _cpp_transpose() -> bool:
-    from .._backend import has_op
-
-    return has_op("transpose_2d")
-
-
 class _OneDNNLinear(torch.autograd.Function):
     """Python twin of the extension's ``onednn_linear`` (used when the extension is missing or older)."""
-
 
     @staticmethod
     def forward(ctx, x2d, weight, bias, forward_weight):
