@@ -62,17 +62,13 @@ SAFERLHF_KERNEL(attention_backward, "saferlhf::attention_backward",
                                                    int64_t))
 #undef SAFERLHF_KERNEL
 
-inline Tensor last_dim_contiguous(const Tensor& t) {
-  return (t.dim() == 0 || t.stride(-1) == 1 || t.size(-1) <= 1) ? t : t.contiguous();
-}
-
-// An incoming gradient autograd left undefined (that output was not used) is zeros.
-inline Tensor grad_or_zeros(const Tensor& g, const Tensor& like) {
-  return g.defined() ? last_dim_contiguous(g) : at::zeros_like(like);
-}
+// An incoming gradient autograd left undefined (that output was not used) is zeros.  Layouts are the kernels'
+// business: layer_ops.cpp reads any strides with a contiguous last dim (copying otherwise); attention_backward needs
+// a contiguous head dim (made below).
+inline Tensor grad_or_zeros(const Tensor& g, const Tensor& like) { return g.defined() ? g : at::zeros_like(like); }
 
 inline Tensor grad_or_zeros(const Tensor& g, c10::IntArrayRef shape, const at::TensorOptions& options) {
-  return g.defined() ? last_dim_contiguous(g) : at::zeros(shape, options);
+  return g.defined() ? g : at::zeros(shape, options);
 }
 
 // ------------------------------------------------------------------------------------------------------- rope
@@ -80,7 +76,7 @@ class RopeFunction : public torch::autograd::Function<RopeFunction> {
  public:
   static tensor_list forward(AutogradContext* ctx, const Tensor& q, const Tensor& k, const Tensor& cos,
                              const Tensor& sin_signed) {
-    auto [q_out, k_out] = rope_forward().call(last_dim_contiguous(q), last_dim_contiguous(k), cos, sin_signed);
+    auto [q_out, k_out] = rope_forward().call(q, k, cos, sin_signed);
     ctx->save_for_backward({cos, sin_signed});
     ctx->saved_data["q_shape"] = q.sizes().vec();  // shapes only: zeros for an unused output's gradient
     ctx->saved_data["k_shape"] = k.sizes().vec();
@@ -105,7 +101,7 @@ std::tuple<Tensor, Tensor> rope_autograd(const Tensor& q, const Tensor& k, const
 }
 
 std::tuple<Tensor, Tensor> rope_cpu(const Tensor& q, const Tensor& k, const Tensor& cos, const Tensor& sin_signed) {
-  return rope_forward().call(last_dim_contiguous(q), last_dim_contiguous(k), cos, sin_signed);
+  return rope_forward().call(q, k, cos, sin_signed);
 }
 
 // ----------------------------------------------------------------------------------------------------- swiglu
@@ -199,7 +195,9 @@ class AttentionFunction : public torch::autograd::Function<AttentionFunction> {
     const auto s = ctx->get_saved_variables();
     std::optional<Tensor> cu;
     if (ctx->saved_data.count("cu_seqlens")) cu = ctx->saved_data["cu_seqlens"].toTensor();
-    auto [dq, dk, dv] = attention_backward().call(grad_or_zeros(grads[0], s[3]), s[0], s[1], s[2], s[3], s[4], cu,
+    Tensor dout = grad_or_zeros(grads[0], s[3]);
+    if (dout.stride(-1) != 1) dout = dout.contiguous();
+    auto [dq, dk, dv] = attention_backward().call(dout, s[0], s[1], s[2], s[3], s[4], cu,
                                                   ctx->saved_data["scale"].toDouble(),
                                                   ctx->saved_data["window"].toInt());
     return {dq, dk, dv, Tensor(), Tensor(), Tensor()};
