@@ -47,7 +47,7 @@ cuda-check:
 
 # Standalone build of the C++/CUDA core with its ctest suite.
 ctest:
-	cmake -S . -B build/cmake -G Ninja -DCMAKE_BUILD_TYPE=Release -DSAFERLHF_BUILD_BINDING=OFF
+	cmake -S . -B build/cmake -G Ninja -DCMAKE_BUILD_TYPE=Release
 	cmake --build build/cmake -j $(JOBS)
 	ctest --test-dir build/cmake --output-on-failure
 

@@ -60,9 +60,11 @@ ext_modules, cmdclass = extensions()
 
 setup(
     # saferlhf_fast/kernels is a symlink to the top-level kernels/ folder, so the Triton kernels ship as
-    # saferlhf_fast.kernels and also import from a plain source checkout (PYTHONPATH=.).
+    # saferlhf_fast.kernels and also import from a plain source checkout (PYTHONPATH=.).  kernels/ has no
+    # __init__.py (a namespace package), so it is never a top-level `kernels` that would shadow Hugging Face's.
     packages=[
         "saferlhf_fast",
+        "saferlhf_fast.kernels",
         *[p.rstrip("/").replace("/", ".") for p in sorted(glob.glob("saferlhf_fast/*/")) if os.path.exists(p + "__init__.py")],
     ],
     ext_modules=ext_modules,

@@ -1,7 +1,7 @@
 """Backend discovery and choice for the ops.
 
 Backends: ``torch`` (reference), ``cpu`` (C++ kernels of the compiled extension), ``cuda`` (CUDA kernels of the
-compiled extension), ``triton`` (kernels in ``saferlhf_fast.kernels``; on CPU tensors only under
+compiled extension), ``triton`` (kernels in ``saferlhf_fast.kernels``, launched through ``saferlhf_fast.kernels.launchers``; on CPU tensors only under
 ``TRITON_INTERPRET=1``).  Choice order: the ``backend=`` argument, then ``$SAFERLHF_BACKEND``, then the default
 for the tensors' device (cpu -> ``cpu``; cuda -> ``triton``, then ``cuda``).  A default that is not available
 falls back to ``torch`` with a one-line warning naming what is missing; a backend asked for by name that is not
@@ -18,6 +18,7 @@ import torch
 
 BACKENDS = ("torch", "cpu", "cuda", "triton")
 ENV_VAR = "SAFERLHF_BACKEND"
+TRITON_LAUNCHERS = "saferlhf_fast.kernels.launchers"
 
 
 @functools.lru_cache(maxsize=None)
@@ -45,7 +46,7 @@ def triton_status():
     try:
         import triton  # noqa: F401
 
-        importlib.import_module("saferlhf_fast.kernels")
+        importlib.import_module(TRITON_LAUNCHERS)
     except Exception as exc:
         return False, f"triton not usable ({type(exc).__name__}: {exc})"
     return True, None
@@ -123,5 +124,5 @@ def kernel_module(name: str):
         extension()
         return torch.ops.saferlhf
     if name == "triton":
-        return importlib.import_module("saferlhf_fast.kernels")
+        return importlib.import_module(TRITON_LAUNCHERS)
     raise ValueError(f"backend {name!r} has no kernel module")

@@ -22,7 +22,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("triton kernels on CPU need TRITON_INTERPRET=1 before triton is imported", allow_module_level=True)
 
-K = pytest.importorskip("saferlhf_fast.kernels")
+K = pytest.importorskip("saferlhf_fast.kernels.launchers")
 IGN = ref.IGNORE_INDEX
 
 
