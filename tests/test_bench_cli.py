@@ -188,3 +188,17 @@ def test_bench_scripts_are_thin_wrappers(tmp_path, capsys, keep_threads):
     check_rows(rows, "python bench/bench_model.py --batch 1")
     assert {r["kernel"] for r in rows} == {"generate", "train_fwd_bwd"}
     assert "vs HF" in capsys.readouterr().out
+
+
+def test_bench_writes_untracked_results_unless_refresh(tmp_path, monkeypatch, capsys):
+    """A plain `bench` run never edits the committed results: rows go to runs/bench/ (path printed); only
+    --refresh writes bench/results/."""
+    monkeypatch.chdir(tmp_path)
+    args = ["bench", "ops", "--sizes", "tiny", "--reps", "1", "--warmup", "0", "--no-memory", "--kernels", "gae"]
+    assert main(args) == 0
+    plain = tmp_path / "runs" / "bench" / "ops-cpu.csv"
+    assert plain.is_file() and not (tmp_path / "bench").exists()
+    assert f"rows written to {os.path.join('runs', 'bench', 'ops-cpu.csv')}" in capsys.readouterr().out
+    assert main([*args, "--refresh"]) == 0
+    assert (tmp_path / "bench" / "results" / "ops-cpu.csv").is_file()
+    check_rows(read_rows(plain), "saferlhf-fast bench ops")
