@@ -130,6 +130,17 @@ def test_beaver_score_model_loads_without_bias(lm, tmp_path, layout):
     assert load_normalizer(path) is None  # do_normalize false
 
 
+@pytest.mark.parametrize("layout", ["bin-sharded", "safetensors"])
+def test_beaver_score_model_with_transformers_backend(lm, tmp_path, layout):
+    """``backend='hf'`` reads the same head (no bias) from every layout."""
+    model = from_pretrained(beaver_folder(lm, str(tmp_path / "rm"), layout), head="score", backend="hf")
+    assert model.score_head.bias is None
+    ids, mask, lengths = _batch()
+    with torch.no_grad():
+        ends = model(ids, mask).end_scores
+    assert float((ends - hand_end_scores(lm, ids, mask, lengths)).abs().max()) <= 1e-4
+
+
 def test_saved_score_model_keeps_its_bias_setting(lm, tmp_path):
     """Without a bias: config.json says so (both spellings) and no bias tensor is written; with one: it is kept."""
     from safetensors.torch import load_file
