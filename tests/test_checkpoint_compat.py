@@ -162,6 +162,78 @@ def test_saved_score_model_keeps_its_bias_setting(lm, tmp_path):
                        torch.tensor([0.75]))
 
 
+def reference_score_model(path: str, spelling: str):
+    """``path`` loaded by a transcription of the reference's ``LlamaForScore`` (``ScoreModelMixin.init_score_head``):
+    head bias from config ``score_bias`` (later code, default True) or ``bias`` (released models, default False),
+    normalizer buffers set from config mean / var; -> (model, transformers' loading info)."""
+    from torch import nn
+    from transformers import LlamaModel, LlamaPreTrainedModel
+
+    class Normalizer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("mean", torch.zeros(1))
+            self.register_buffer("var", torch.ones(1))
+            self.register_buffer("count", torch.zeros(1, dtype=torch.long))
+
+    class LlamaForScore(LlamaPreTrainedModel):
+        def __init__(self, config):
+            super().__init__(config)
+            self.model = LlamaModel(config)
+            bias = getattr(config, spelling, spelling == "score_bias")
+            self.score_head = nn.Linear(config.hidden_size, config.score_dim, bias=bias)
+            self.normalizer = Normalizer()
+            self.post_init()
+            with torch.no_grad():
+                for name in ("mean", "var"):
+                    if getattr(config, name, None) is not None:
+                        getattr(self.normalizer, name).copy_(torch.tensor(getattr(config, name)))
+
+    return LlamaForScore.from_pretrained(path, dtype=torch.float32, output_loading_info=True)
+
+
+@pytest.mark.parametrize("spelling", ["score_bias", "bias"])
+@pytest.mark.parametrize("bias", [None, 0.25])
+def test_reference_loads_what_we_save(lm, tmp_path, spelling, bias):
+    """A beaver model through our load and save, into the reference's class (either spelling): every tensor
+    found, nothing unexpected, the same head and the same normalizer statistics."""
+    stats = {"mean": [0.5], "var": [4.0], "count": [7]}
+    ours = from_pretrained(beaver_folder(lm, str(tmp_path / "rm"), "bin", bias=bias, buffers=stats), head="score")
+    ours.save_pretrained(str(tmp_path / "saved"))
+    ref, info = reference_score_model(str(tmp_path / "saved"), spelling)
+    assert not info["unexpected_keys"] and not info["missing_keys"] and not info["mismatched_keys"]
+    assert torch.equal(ref.score_head.weight, ours.score_head.weight)
+    assert (ref.score_head.bias is None) == (bias is None)
+    if bias is not None:
+        assert torch.equal(ref.score_head.bias, ours.score_head.bias)
+    for name, value in stats.items():
+        assert getattr(ref.normalizer, name).tolist() == value, name
+
+
+def test_reference_loads_our_trained_normalizer(lm, tmp_path):
+    """``rm --normalize_score_during_training``: the reference's class finds the trained statistics in the
+    weights and config.json, and our loader applies the same ones."""
+    out = tmp_path / "rm"
+    assert main(["rm", "--model_name_or_path", lm, "--train_datasets", "synthetic-preference/train:0.005",
+                 "--max_length", "48", "--per_device_train_batch_size", "4", "--epochs", "1",
+                 "--normalize_score_during_training", "True", "--normalizer_type", "ExponentialMovingAverage",
+                 "--output_dir", str(out), "--progress", "false"]) == 0
+    trained = json.load(open(out / "score_normalizer.json"))
+    assert trained["count"] > 0 and trained["var"] != 1.0
+    ref, info = reference_score_model(str(out), "score_bias")
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    assert ref.normalizer.mean.item() == trained["mean"]
+    assert ref.normalizer.var.item() == trained["var"]
+    assert ref.normalizer.count.item() == trained["count"]
+    cfg = json.load(open(out / "config.json"))
+    assert cfg["do_normalize"] is True and cfg["normalizer_type"] == "ExponentialMovingAverage"
+    assert cfg["mean"] == [trained["mean"]]
+    os.remove(out / "score_normalizer.json")  # the reference's layout alone gives the same normalizer
+    norm = load_normalizer(str(out))
+    assert norm.function == "affine" and int(norm.count) == trained["count"]
+    assert float(norm.mean) == trained["mean"]
+
+
 def test_score_bias_spelling_of_later_reference_code(lm, tmp_path):
     """``score_bias`` (the reference's later spelling) wins over ``bias``."""
     path = beaver_folder(lm, str(tmp_path / "rm"), bias=0.5, config_extra={"score_bias": True})

@@ -31,6 +31,8 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_m
                     "vocab.json", "merges.txt", "added_tokens.json", "generation_config.json", "chat_template.jinja")
 # Keys of a checkpoint that hold no weights of ours.
 _IGNORED = (re.compile(r".*rotary_emb\.inv_freq$"), re.compile(r"^normalizer\."))
+# The reference's score-normalizer buffers (score_dim 1: shape [1]; count int64).
+NORMALIZER_BUFFERS = ("normalizer.mean", "normalizer.var", "normalizer.count")
 
 
 class UnsupportedArchitectureError(ValueError):
@@ -337,6 +339,7 @@ def build_model(config: ModelConfig, head: str, state: dict[str, torch.Tensor], 
     weights and the file of each tensor, for the errors."""
     if head not in HEADS:
         raise ValueError(f"unknown head {head!r}; choose 'lm' or 'score'")
+    normalizer_state = {k: state[k] for k in NORMALIZER_BUFFERS if k in state}
     state = _normalise_keys(state)
     kwargs, bias_from = {}, ""
     if head == "score":
@@ -382,6 +385,8 @@ def build_model(config: ModelConfig, head: str, state: dict[str, torch.Tensor], 
             nn.init.normal_(model.score_head.weight, std=config.initializer_range)
             if model.score_head.bias is not None:
                 nn.init.zeros_(model.score_head.bias)
+    if head == "score":
+        model.normalizer_state = normalizer_state  # written back on save (not a buffer of ours: not trained)
     return model
 
 
@@ -505,6 +510,8 @@ def save_pretrained(model: DecoderModel, save_directory: str, *, max_shard_size=
         if dtype is not None and t.is_floating_point():
             t = t.to(dtype)
         state[name] = t.to("cpu").contiguous()
+    if model.head == "score":
+        state.update(normalizer_tensors(model))
     limit = _parse_size(max_shard_size)
     shards: list[dict] = [{}]
     size = 0
@@ -541,6 +548,22 @@ def save_pretrained(model: DecoderModel, save_directory: str, *, max_shard_size=
         for name in _TOKENIZER_FILES:
             if os.path.exists(os.path.join(source, name)):
                 shutil.copy2(os.path.join(source, name), os.path.join(save_directory, name))
+
+
+def normalizer_tensors(model) -> dict[str, torch.Tensor]:
+    """The reference's ``normalizer.*`` buffers for a saved score model, so that its ``from_pretrained`` finds every
+    tensor: the statistics the model carries (``model.normalizer_state``: loaded with it, or set by the score
+    trainer), else config.json's ``mean`` / ``var``, else mean 0, var 1; count 0 when unknown."""
+    carried = getattr(model, "normalizer_state", None) or {}
+    extra = model.config.extra
+    defaults = {"normalizer.mean": (extra.get("mean") or [0.0], torch.float32),
+                "normalizer.var": (extra.get("var") or [1.0], torch.float32),
+                "normalizer.count": ([0], torch.int64)}
+    out = {}
+    for name, (value, dtype) in defaults.items():
+        t = carried.get(name)
+        out[name] = (t if t is not None else torch.tensor(value)).detach().to("cpu", dtype).reshape(1).contiguous()
+    return out
 
 
 def convert_gguf(gguf_path: str, save_directory: str, *, dtype: torch.dtype = torch.float32,

@@ -304,9 +304,11 @@ class ScoreTrainer(Trainer):
         # config.json carries the reference's score-model keys too.
         extra = self.model.config.extra
         extra.update(score_type=self.score_type, do_normalize=self.normalizer is not None)
-        if self.normalizer is not None:  # the reference's model reads its statistics from config mean / var
-            extra.update(normalizer_type=self.normalizer.kind, momentum=self.normalizer.momentum,
-                         mean=[float(self.normalizer.mean)], var=[float(self.normalizer.var)])
+        if self.normalizer is not None:  # the reference's layout: config mean / var and the normalizer.* buffers
+            n = self.normalizer
+            extra.update(normalizer_type=n.kind, momentum=n.momentum, mean=[float(n.mean)], var=[float(n.var)])
+            self.model.normalizer_state = {f"normalizer.{k}": getattr(n, k).detach().reshape(1).cpu()
+                                           for k in ("mean", "var", "count")}
         super().save_model(path)
         if not distributed.is_main():
             return
