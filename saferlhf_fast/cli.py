@@ -144,8 +144,8 @@ def _config_command(command: str):
 
 def _run_config_command(args) -> int:
     """Every configured job.  Bad input, configuration or checkpoint: one line on stderr, exit status 2, and no
-    output folder left behind by this run.  RL jobs: a NaN / inf in rewards, costs, losses or gradients: one line on stderr, exit
-    status 3, the last checkpoint untouched."""
+    output folder left behind by this run.  RL jobs: a NaN / inf in rewards, costs, losses or gradients: one line on
+    stderr, exit status 3, the last checkpoint untouched."""
     import shutil
 
     from .data import DataError

@@ -2,7 +2,6 @@
 under autocast on a tiny model and reports finite metrics; the sampler takes half-precision logits."""
 import json
 import math
-import os
 
 import pytest
 import torch
