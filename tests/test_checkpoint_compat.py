@@ -270,6 +270,18 @@ def test_normalizer_statistics_from_config_for_a_cost_model(lm, tmp_path):
     assert float(norm(torch.tensor(-1.0))) == pytest.approx(-1.0 / (0.5 + 1e-8), rel=1e-7)
 
 
+def test_identity_normalizer_type_still_applies_saved_statistics(lm, tmp_path):
+    """``normalizer_type`` None is the reference's IdentityNormalizer: with ``do_normalize`` its (saved) statistics
+    still normalise; an update only counts."""
+    path = beaver_folder(lm, str(tmp_path / "rm"), "safetensors", do_normalize=True, normalizer_type=None,
+                         buffers={"mean": [1.0], "var": [9.0], "count": [2]})
+    norm = load_normalizer(path)
+    assert norm.kind is None and norm.function == "affine"
+    assert float(norm(torch.tensor(7.0))) == pytest.approx(2.0, rel=1e-7)
+    norm.update(torch.tensor([100.0, -50.0, 3.0]))
+    assert float(norm.mean) == 1.0 and float(norm.var) == 9.0 and int(norm.count) == 5
+
+
 def _score_cli(path: str, out, capsys) -> tuple[dict, torch.Tensor]:
     rc = main(["score", "--model_name_or_path", path, "--datasets", DATA, "--max_length", "48", "--output_dir",
                str(out)])

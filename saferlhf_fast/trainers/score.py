@@ -156,16 +156,14 @@ class ScoreNormalizer(torch.nn.Module):
         n = x.numel()
         batch_mean = x.mean()
         batch_var = x.var() if n > 1 else torch.zeros_like(batch_mean)
-        if self.kind is None:
-            pass
-        elif self.kind == "RunningMeanStd":
+        if self.kind == "RunningMeanStd":
             total = self.count + n
             delta = batch_mean - self.mean
             new_mean = self.mean + delta * n / total
             m2 = self.var * self.count + batch_var * n + delta.square() * self.count * n / total
             self.mean.copy_(new_mean)
             self.var.copy_(m2 / total)
-        else:
+        elif self.kind == "ExponentialMovingAverage":
             self.mean.mul_(self.momentum).add_((1 - self.momentum) * batch_mean)
             self.var.mul_(self.momentum).add_((1 - self.momentum) * batch_var)
         self.count += n
@@ -202,7 +200,6 @@ def read_score_info(path: str) -> dict:
 
 # The reference's score types and the normalize function each implies.
 NORMALIZE_FUNCTIONS = {"reward": "affine", "cost": "scale", "critic": "identity"}
-REFERENCE_BUFFERS = ("normalizer.mean", "normalizer.var", "normalizer.count")
 
 
 def load_normalizer(path: str) -> ScoreNormalizer | None:
@@ -225,7 +222,7 @@ def reference_normalizer(path: str) -> ScoreNormalizer | None:
     function of its ``score_type`` and the statistics of the weights' ``normalizer.mean`` / ``var`` / ``count``
     buffers, else of config.json's ``mean`` / ``var`` (as the reference's ``from_pretrained``: the buffers
     overwrite what the config set), else mean 0, var 1."""
-    from ..models.checkpoint import CheckpointError, read_config, read_tensors
+    from ..models.checkpoint import NORMALIZER_BUFFERS, CheckpointError, read_config, read_tensors
 
     config_path = os.path.join(path, "config.json")
     cfg = read_config(config_path) if os.path.isfile(config_path) else {}
@@ -238,7 +235,7 @@ def reference_normalizer(path: str) -> ScoreNormalizer | None:
         norm = ScoreNormalizer(cfg.get("normalizer_type"), NORMALIZE_FUNCTIONS[score_type], cfg.get("momentum"))
     except ConfigError as exc:
         raise CheckpointError(f"{config_path}: {exc}") from exc
-    saved = read_tensors(path, REFERENCE_BUFFERS)
+    saved = read_tensors(path, NORMALIZER_BUFFERS)
     for name, value in (("mean", cfg.get("mean")), ("var", cfg.get("var")), ("count", None)):
         value = saved.get(f"normalizer.{name}", value)
         if value is None:
