@@ -148,12 +148,13 @@ def _config_command(command: str):
 
 
 def _run_config_command(args) -> int:
-    """Every configured job.  Bad input or configuration: one line on stderr, exit status 2, and no output folder
-    left behind by this run.  RL jobs: a NaN / inf in rewards, costs, losses or gradients: one line on stderr, exit
-    status 3, the last checkpoint untouched."""
+    """Every configured job.  Bad input, configuration or checkpoint: one line on stderr, exit status 2, and no
+    output folder left behind by this run.  RL jobs: a NaN / inf in rewards, costs, losses or gradients: one line on
+    stderr, exit status 3, the last checkpoint untouched."""
     import shutil
 
     from .data import DataError
+    from .models.checkpoint import CheckpointError, UnsupportedArchitectureError
     from .trainers.config import ConfigError, config_from_args
     from .trainers.ppo import NonFiniteError
 
@@ -164,7 +165,7 @@ def _run_config_command(args) -> int:
         out_dir = cfg.output_dir
         existed = out_dir is None or os.path.exists(out_dir)
         runner(cfg)
-    except (DataError, ConfigError) as err:
+    except (DataError, ConfigError, CheckpointError, UnsupportedArchitectureError) as err:
         if not existed and out_dir and os.path.isdir(out_dir):
             shutil.rmtree(out_dir, ignore_errors=True)
         print(f"saferlhf-fast {args.command}: error: {err}", file=sys.stderr)

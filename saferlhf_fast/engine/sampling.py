@@ -96,14 +96,15 @@ def next_token(logits: Tensor, params: SamplingParams, seen: Tensor | None, gene
 
     ``native``: one compiled op (``saferlhf::sample_tokens``: the same draw -- one fp64 uniform per row, inverse
     CDF over the vocabulary in index order -- and the log-prob from the training forward's log-prob kernel) when
-    ``native_sampling_ok``; the caller checks that once per generate call."""
+    ``native_sampling_ok``; the caller checks that once per generate call.  Logits of any float dtype (bf16 / fp16
+    under autocast) are read as fp32: the op takes contiguous fp32 rows, the torch path computes in fp32."""
     if native:
         b = logits.shape[0]
         greedy = not params.do_sample
         u = (logits.new_empty(0, dtype=torch.float64) if greedy
              else torch.rand(b, dtype=torch.float64, device=logits.device, generator=generator))
-        return torch.ops.saferlhf.sample_tokens(logits.contiguous(), u, float(params.temperature), int(params.top_k),
-                                                greedy)
+        return torch.ops.saferlhf.sample_tokens(logits.float().contiguous(), u, float(params.temperature),
+                                                int(params.top_k), greedy)
     logits = logits.float()
     tempered = logits / params.temperature if params.temperature != 1.0 else logits
     logp_all = torch.log_softmax(tempered, dim=-1)

@@ -49,6 +49,8 @@ class ArenaConfig:
     top_p: float = _f(1.0, "nucleus sampling (with --do_sample)")
     repetition_penalty: float = _f(1.0, "repetition penalty")
     seed: int = _f(42, "seed for sampling and dataset proportions")
+    fp16: bool = _f(False, "fp16 autocast for generation and scoring (weights stay fp32)")
+    bf16: bool = _f(False, "bf16 autocast for generation and scoring (weights stay fp32)")
     device: str = _f("auto", "cpu, cuda, cuda:N or auto")
     attn_backend: str | None = _f(None, "attention backend of the models")
     output_dir: str | None = _f(None, "write arena.json (summary) and arena.jsonl (every prompt) here")
@@ -66,6 +68,13 @@ class ArenaConfig:
             raise ConfigError("missing required option(s): " + ", ".join("--" + m for m in missing))
         if self.per_device_eval_batch_size < 1 or self.max_length < 2:
             raise ConfigError("--per_device_eval_batch_size must be >= 1 and --max_length >= 2")
+        if self.fp16 and self.bf16:
+            raise ConfigError("--fp16 and --bf16 are exclusive")
+
+    def autocast(self, device: torch.device):
+        """``torch.autocast`` in the dtype of ``--bf16`` / ``--fp16`` (disabled when neither is set)."""
+        dtype = torch.bfloat16 if self.bf16 else torch.float16 if self.fp16 else None
+        return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
 
 # ------------------------------------------------------------------------------------------------ pieces
@@ -249,7 +258,8 @@ def run_arena(cfg: ArenaConfig) -> dict:
     for side in ("red", "blue"):
         flag = f"{side}_corpus_model_name_or_path"
         model, tok = _load_policy(flag, getattr(cfg, flag), device, cfg.attn_backend, cfg.max_length)
-        outputs[side] = generate_responses(model, tok, records, device=device, **gen_kw)
+        with cfg.autocast(device):
+            outputs[side] = generate_responses(model, tok, records, device=device, **gen_kw)
         del model
     prompts_red, resp_red = outputs["red"]
     prompts_blue, resp_blue = outputs["blue"]
@@ -259,8 +269,9 @@ def run_arena(cfg: ArenaConfig) -> dict:
     for kind in ("reward", "cost"):
         flag = f"{kind}_model_name_or_path"
         model, tok, norm = _load_scorer(flag, getattr(cfg, flag), device, cfg.attn_backend, cfg.max_length)
-        scores[kind] = {side: score_texts(model, tok, norm, *outputs[side], max_length=cfg.max_length,
-                                          batch_size=cfg.per_device_eval_batch_size) for side in ("red", "blue")}
+        with cfg.autocast(device):
+            scores[kind] = {side: score_texts(model, tok, norm, *outputs[side], max_length=cfg.max_length,
+                                              batch_size=cfg.per_device_eval_batch_size) for side in ("red", "blue")}
         del model
     if shard is not None:
         outputs, scores = _gather_sides(outputs, scores)

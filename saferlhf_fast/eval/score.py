@@ -51,14 +51,27 @@ class ScoreEvalConfig:
             raise ConfigError("--per_device_eval_batch_size must be >= 1 and --max_length >= 2")
 
 
+def _folder_score_type(path: str) -> str:
+    """``score_type`` of a score-model folder: score_normalizer.json, else config.json (the reference's field)."""
+    score_type = read_score_info(path).get("score_type")
+    config_path = os.path.join(path, "config.json")
+    if score_type is None and os.path.isfile(config_path):
+        with open(config_path, encoding="utf-8") as f:
+            score_type = json.load(f).get("score_type")
+    if score_type is None:
+        raise ConfigError(f"{path}: unknown score type (neither score_normalizer.json nor config.json names one): "
+                          "pass --score_type reward|cost")
+    if score_type not in ("reward", "cost"):
+        raise ConfigError(f"{path}: score_type {score_type!r} is not a reward or cost model: pass --score_type "
+                          "reward|cost")
+    return score_type
+
+
 def evaluate_score_model(cfg: ScoreEvalConfig) -> dict:
     path = cfg.model_name_or_path
     if not os.path.isdir(path):
         raise ConfigError(f"--model_name_or_path {path}: no such folder")
-    info = read_score_info(path)
-    score_type = cfg.score_type or info.get("score_type")
-    if score_type is None:
-        raise ConfigError(f"{path}: unknown score type (no score_normalizer.json): pass --score_type reward|cost")
+    score_type = cfg.score_type or _folder_score_type(path)
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
     tokenizer = load_tokenizer(cfg.tokenizer_name_or_path or path, cfg.max_length)

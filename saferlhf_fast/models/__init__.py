@@ -12,6 +12,7 @@ from .attention import BACKENDS as ATTN_BACKENDS
 from .attention import StaticKVCache
 from .checkpoint import (
     SUPPORTED_MODEL_TYPES,
+    CheckpointError,
     UnsupportedArchitectureError,
     build_model,
     config_from_hf,
@@ -35,6 +36,7 @@ from .memory import freeze, offload, on_device, onload
 __all__ = [
     "ATTN_BACKENDS",
     "CausalLMOutput",
+    "CheckpointError",
     "DecoderModel",
     "LlamaForCausalLM",
     "LlamaForScore",

@@ -1,10 +1,13 @@
 """Hugging Face checkpoints in and out: config.json <-> ``ModelConfig``, safetensors (sharded or not, fp32 / bf16 /
-fp16), ``pytorch_model.bin``, the reference's ``LlamaForScore`` layout (``score_head.weight`` / ``score_head.bias``)
-and GGUF files (dequantised by transformers).
+fp16), ``pytorch_model.bin`` (sharded or not), the reference's ``LlamaForScore`` layout (``score_head.weight``, and
+``score_head.bias`` when the config's ``score_bias`` / ``bias`` says so: the released beaver models have none) and
+GGUF files (dequantised by transformers).
 
-Parameter names are the Hugging Face ones, so loading is: read tensors, drop the few keys that carry no weights,
-check that nothing is missing or left over, cast, copy.  What we save loads in ``transformers``
-(``AutoModelForCausalLM.from_pretrained``) and back in here.
+Parameter names are the Hugging Face ones, so loading is: read tensors, drop the few keys that carry no weights
+(the reference's ``normalizer.*`` statistics are read by ``trainers.score.load_normalizer``), check that nothing is
+missing or left over, cast, copy.  A checkpoint that does not load raises ``CheckpointError``: one line naming the
+file and the tensors.  What we save loads in ``transformers`` (``AutoModelForCausalLM.from_pretrained``), in the
+reference's ``AutoModelForScore`` and back in here.
 """
 from __future__ import annotations
 
@@ -28,10 +31,32 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_m
                     "vocab.json", "merges.txt", "added_tokens.json", "generation_config.json", "chat_template.jinja")
 # Keys of a checkpoint that hold no weights of ours.
 _IGNORED = (re.compile(r".*rotary_emb\.inv_freq$"), re.compile(r"^normalizer\."))
+# The reference's score-normalizer buffers (score_dim 1: shape [1]; count int64).
+NORMALIZER_BUFFERS = ("normalizer.mean", "normalizer.var", "normalizer.count")
 
 
 class UnsupportedArchitectureError(ValueError):
     """The checkpoint's architecture is not one the native decoder implements."""
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not load: an unreadable, truncated or empty file, or tensors missing, unexpected or of
+    the wrong shape.  ``str(err)`` is one line naming the file and the tensors; the command line prints it and exits
+    with status 2."""
+
+
+class MissingWeightsError(CheckpointError, FileNotFoundError):
+    """A checkpoint folder without a weights file."""
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+def _names(names) -> str:
+    names = sorted(names)
+    return f"{names[:8]}{' ...' if len(names) > 8 else ''}"
 
 
 # ============================================================================================== config
@@ -122,8 +147,10 @@ def config_from_hf(d: dict) -> ModelConfig:
     return cfg
 
 
-def config_to_hf(cfg: ModelConfig, head: str = "lm", dtype: torch.dtype | None = None) -> dict:
-    """config.json dict for ``cfg`` that transformers (4.45+ and 5.x) reads back to the same model."""
+def config_to_hf(cfg: ModelConfig, head: str = "lm", dtype: torch.dtype | None = None, *,
+                 score_bias: bool = True) -> dict:
+    """config.json dict for ``cfg`` that transformers (4.45+ and 5.x) reads back to the same model (``score_bias``:
+    whether a score head has a bias)."""
     d = dict(cfg.extra)
     arch = (_SCORE_ARCH if head == "score" else _CAUSAL_ARCH)[cfg.model_type]
     d.update(
@@ -159,8 +186,8 @@ def config_to_hf(cfg: ModelConfig, head: str = "lm", dtype: torch.dtype | None =
                 (i for i, t in enumerate(cfg.layer_types) if t == "sliding_attention"), cfg.num_hidden_layers)
         elif d.get("max_window_layers") is None:
             d["max_window_layers"] = cfg.num_hidden_layers
-    if head == "score":
-        d.update(score_dim=1, bias=True, score_type=d.get("score_type", "reward"))
+    if head == "score":  # "bias": the reference's released models; "score_bias": its later code
+        d.update(score_dim=1, bias=score_bias, score_bias=score_bias, score_type=d.get("score_type", "reward"))
     if dtype is not None:
         d["torch_dtype"] = str(dtype).replace("torch.", "")
     return d
@@ -172,34 +199,124 @@ def _read_json(path: str) -> dict:
         return json.load(f)
 
 
-def read_state_dict(directory: str) -> dict[str, torch.Tensor]:
-    """All tensors of a checkpoint directory (safetensors, sharded or not; else pytorch_model.bin)."""
-    from safetensors.torch import load_file
+def read_config(path: str) -> dict:
+    """config.json as a dict; ``CheckpointError`` when it is not valid JSON."""
+    try:
+        return _read_json(path)
+    except ValueError as exc:
+        raise CheckpointError(f"{path}: not valid JSON ({_one_line(exc)})") from exc
 
-    def files_from_index(index_name: str) -> list[str]:
-        index = _read_json(os.path.join(directory, index_name))
-        return sorted(set(index["weight_map"].values()))
 
-    if os.path.exists(os.path.join(directory, "model.safetensors.index.json")):
-        files, loader = files_from_index("model.safetensors.index.json"), load_file
-    elif os.path.exists(os.path.join(directory, "model.safetensors")):
-        files, loader = ["model.safetensors"], load_file
-    elif os.path.exists(os.path.join(directory, "pytorch_model.bin.index.json")):
-        files, loader = files_from_index("pytorch_model.bin.index.json"), _torch_load
-    elif os.path.exists(os.path.join(directory, "pytorch_model.bin")):
-        files, loader = ["pytorch_model.bin"], _torch_load
-    else:
-        raise FileNotFoundError(
-            f"no weights in {directory!r} (looked for model.safetensors[.index.json] and pytorch_model.bin[.index.json])"
-        )
-    state: dict[str, torch.Tensor] = {}
-    for name in files:
-        state.update(loader(os.path.join(directory, name)))
+_WEIGHT_FILES = ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin.index.json",
+                 "pytorch_model.bin")
+
+
+def weight_files(directory: str) -> tuple[str, dict | None, list[str]]:
+    """(the file naming the weights: the index or the single file, the index's weight_map or None, the weight
+    files), in the order transformers prefers: safetensors (sharded, single), then pytorch_model.bin."""
+    label = next((os.path.join(directory, n) for n in _WEIGHT_FILES if os.path.exists(os.path.join(directory, n))),
+                 None)
+    if label is None:
+        raise MissingWeightsError(f"no weights in {directory!r} (looked for model.safetensors[.index.json] and "
+                                  "pytorch_model.bin[.index.json])")
+    if not label.endswith(".index.json"):
+        return label, None, [label]
+    try:
+        weight_map = read_config(label)["weight_map"]
+        files = sorted(set(weight_map.values()))
+    except (KeyError, TypeError, AttributeError) as exc:
+        raise CheckpointError(f"{label}: no weight_map of tensor name -> file ({_one_line(exc)})") from exc
+    return label, weight_map, [os.path.join(directory, f) for f in files]
+
+
+def load_weights_file(path: str, mmap: bool = False) -> dict[str, torch.Tensor]:
+    """The tensors of one safetensors file or torch pickle; ``CheckpointError`` when it is absent, unreadable
+    (truncated, empty, not a checkpoint) or holds no tensors.  ``mmap``: a zip-format pickle is mapped, not read,
+    so picking a few tensors out of it costs only those."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: weights file not found")
+    if os.path.getsize(path) == 0:
+        raise CheckpointError(f"{path}: empty file (0 bytes)")
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            state = load_file(path)
+        else:
+            state = _torch_load(path, mmap)
+    except Exception as exc:  # safetensors, pickle and zip errors alike: the file is not a readable checkpoint
+        raise CheckpointError(f"{path}: cannot read the tensors ({type(exc).__name__}: {_one_line(exc)})") from exc
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path}: not a dict of tensor name -> tensor (got {type(state).__name__})")
+    if not state:
+        raise CheckpointError(f"{path}: holds no tensors")
     return state
 
 
-def _torch_load(path: str) -> dict:
+def _torch_load(path: str, mmap: bool) -> dict:
+    if mmap:
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:  # a legacy (non-zip) pickle cannot be mapped
+            pass
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def read_checkpoint(directory: str) -> tuple[dict[str, torch.Tensor], dict[str, str], str]:
+    """(tensors, the file each tensor came from, the file naming the weights) of a checkpoint folder."""
+    label, weight_map, files = weight_files(directory)
+    state: dict[str, torch.Tensor] = {}
+    sources: dict[str, str] = {}
+    for path in files:
+        tensors = load_weights_file(path)
+        state.update(tensors)
+        sources.update(dict.fromkeys(tensors, path))
+    absent = set(weight_map or ()) - set(state)
+    if absent:
+        shard = os.path.join(directory, weight_map[min(absent)])
+        raise CheckpointError(f"{shard}: missing {_names(absent)} (listed in {os.path.basename(label)})")
+    return state, sources, label
+
+
+def read_state_dict(directory: str) -> dict[str, torch.Tensor]:
+    """All tensors of a checkpoint directory (safetensors, sharded or not; else pytorch_model.bin, sharded or
+    not)."""
+    return read_checkpoint(directory)[0]
+
+
+def read_tensors(directory: str, names) -> dict[str, torch.Tensor]:
+    """Those of ``names`` that a checkpoint folder holds, reading only the files that hold them (safetensors: only
+    those tensors)."""
+    label, weight_map, files = weight_files(directory)
+    if weight_map is not None:
+        files = sorted({os.path.join(directory, weight_map[n]) for n in names if n in weight_map})
+    out = {}
+    for path in files:
+        if path.endswith(".safetensors"):
+            from safetensors import safe_open
+
+            try:
+                with safe_open(path, framework="pt") as f:
+                    out.update({n: f.get_tensor(n) for n in names if n in f.keys()})
+            except Exception as exc:
+                raise CheckpointError(f"{path}: cannot read the tensors ({type(exc).__name__}: "
+                                      f"{_one_line(exc)})") from exc
+        else:
+            state = load_weights_file(path, mmap=True)
+            out.update({n: state[n].clone() for n in names if n in state})
+    return out
+
+
+def score_bias_of(extra: dict, state: dict[str, torch.Tensor]) -> tuple[bool, str]:
+    """(whether the score head has a bias, where that was read): config ``score_bias`` (the reference's later code),
+    else config ``bias`` (its released models), else whether the checkpoint holds ``score_head.bias`` (a fresh head:
+    with bias)."""
+    for key in ("score_bias", "bias"):
+        if extra.get(key) is not None:
+            return bool(extra[key]), f"config.json \"{key}\": {json.dumps(bool(extra[key]))}"
+    if "score_head.weight" in state:
+        return "score_head.bias" in state, "the checkpoint's tensors"
+    return True, "the default for a fresh head"
 
 
 def _normalise_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -216,13 +333,19 @@ def _materialise(model: DecoderModel, device) -> None:
 
 
 def build_model(config: ModelConfig, head: str, state: dict[str, torch.Tensor], *, dtype=torch.float32,
-                device="cpu", attn_backend: str | None = None, strict: bool = True) -> DecoderModel:
-    """A model of ``head`` with the weights of ``state`` (HF names)."""
+                device="cpu", attn_backend: str | None = None, strict: bool = True, source: str | None = None,
+                sources: dict[str, str] | None = None) -> DecoderModel:
+    """A model of ``head`` with the weights of ``state`` (HF names).  ``source`` / ``sources``: the file naming the
+    weights and the file of each tensor, for the errors."""
     if head not in HEADS:
         raise ValueError(f"unknown head {head!r}; choose 'lm' or 'score'")
+    normalizer_state = {k: state[k] for k in NORMALIZER_BUFFERS if k in state}
     state = _normalise_keys(state)
+    kwargs, bias_from = {}, ""
+    if head == "score":
+        kwargs["score_bias"], bias_from = score_bias_of(config.extra, state)
     with torch.device("meta"):
-        model = HEADS[head](config, attn_backend=attn_backend)
+        model = HEADS[head](config, attn_backend=attn_backend, **kwargs)
     _materialise(model, device)
     model.to(dtype)
     expected = set(model.state_dict().keys())
@@ -237,18 +360,12 @@ def build_model(config: ModelConfig, head: str, state: dict[str, torch.Tensor], 
     for k in dropped:
         state.pop(k)
     missing = expected - set(state)
-    init_score_head = head == "score" and missing == {"score_head.weight", "score_head.bias"}
+    init_score_head = head == "score" and missing == {k for k in expected if k.startswith("score_head.")}
     if init_score_head:
         missing = set()
     unexpected = set(state) - expected
     if missing or (unexpected and strict):
-        parts = []
-        if missing:
-            parts.append(f"missing {sorted(missing)[:8]}{' ...' if len(missing) > 8 else ''}")
-        if unexpected:
-            parts.append(f"unexpected {sorted(unexpected)[:8]}{' ...' if len(unexpected) > 8 else ''}")
-        hint = " (a score checkpoint has no lm_head: load it with head='score')" if "lm_head.weight" in missing else ""
-        raise ValueError(f"checkpoint does not match the {config.model_type} {head} model: {'; '.join(parts)}{hint}")
+        _raise_mismatch(config, head, missing, unexpected, source, sources or {}, bias_from)
     params = dict(model.named_parameters(remove_duplicate=False))
     with torch.no_grad():
         for name, tensor in state.items():
@@ -256,7 +373,9 @@ def build_model(config: ModelConfig, head: str, state: dict[str, torch.Tensor], 
                 continue
             target = params[name]
             if target.shape != tensor.shape:
-                raise ValueError(f"{name}: checkpoint shape {tuple(tensor.shape)} != model shape {tuple(target.shape)}")
+                where = (sources or {}).get(name, source)
+                raise CheckpointError(f"{where + ': ' if where else ''}{name}: checkpoint shape "
+                                      f"{tuple(tensor.shape)} != model shape {tuple(target.shape)}")
             target.copy_(tensor)
         if head == "lm":
             model.tie_weights()
@@ -264,11 +383,40 @@ def build_model(config: ModelConfig, head: str, state: dict[str, torch.Tensor], 
             logger.info("score_head not in the checkpoint: initialised (normal(0, %g) weight, zero bias)",
                         config.initializer_range)
             nn.init.normal_(model.score_head.weight, std=config.initializer_range)
-            nn.init.zeros_(model.score_head.bias)
+            if model.score_head.bias is not None:
+                nn.init.zeros_(model.score_head.bias)
+    if head == "score":
+        model.normalizer_state = normalizer_state  # written back on save (not a buffer of ours: not trained)
     return model
 
 
+def _raise_mismatch(config: ModelConfig, head: str, missing: set, unexpected: set, source: str | None,
+                    sources: dict[str, str], bias_from: str) -> None:
+    """``CheckpointError``: one line naming the file(s) and the missing / unexpected tensors."""
+    parts = []
+    if missing:
+        parts.append(f"missing {_names(missing)}")
+    if unexpected:
+        files = sorted({sources[k] for k in unexpected if k in sources} - {source})
+        parts.append(f"unexpected {_names(unexpected)}" + (f" (in {', '.join(files)})" if files else ""))
+    hint = ""
+    if "lm_head.weight" in missing:
+        hint = " (a score checkpoint has no lm_head: load it with head='score')"
+    elif "score_head.bias" in missing | unexpected:
+        hint = f" (score head {'with' if 'score_head.bias' in missing else 'without'} bias per {bias_from})"
+    prefix = f"{source}: " if source else ""
+    raise CheckpointError(f"{prefix}checkpoint does not match the {config.model_type} {head} model: "
+                          f"{'; '.join(parts)}{hint}")
+
+
 # ============================================================================================== public
+def _check_score_config(d: dict, config_path: str) -> None:
+    """The reference's score-model fields our score head covers: ``score_dim`` 1."""
+    if d.get("score_dim", 1) != 1:
+        raise CheckpointError(f"{config_path}: score_dim {d['score_dim']!r} is not supported (the score head has one "
+                              "output)")
+
+
 def _resolve_gguf(path: str, gguf_file: str | None) -> tuple[str, str] | None:
     if gguf_file is not None:
         return path, gguf_file
@@ -310,17 +458,20 @@ def from_pretrained(path: str, head: str = "lm", dtype: torch.dtype = torch.floa
     gguf = _resolve_gguf(path, gguf_file)
     if gguf is not None:
         config_dict, state = load_gguf_hf(*gguf)
-        source = None
+        source, sources, label = None, None, None
     else:
         config_path = os.path.join(path, "config.json")
         if not os.path.exists(config_path):
             raise FileNotFoundError(f"{config_path} not found (pass a checkpoint directory or a .gguf file)")
-        config_dict = _read_json(config_path)
+        config_dict = read_config(config_path)
         config_from_hf(config_dict)  # architecture check before reading gigabytes
-        state = read_state_dict(path)
+        if head == "score":
+            _check_score_config(config_dict, config_path)
+        state, sources, label = read_checkpoint(path)
         source = path
     config = config_from_hf(config_dict)
-    model = build_model(config, head, state, dtype=dtype, device=device, attn_backend=attn_backend)
+    model = build_model(config, head, state, dtype=dtype, device=device, attn_backend=attn_backend, source=label,
+                        sources=sources)
     model.source_dir = source
     return model.eval()  # as transformers: call .train() to train
 
@@ -359,6 +510,8 @@ def save_pretrained(model: DecoderModel, save_directory: str, *, max_shard_size=
         if dtype is not None and t.is_floating_point():
             t = t.to(dtype)
         state[name] = t.to("cpu").contiguous()
+    if model.head == "score":
+        state.update(normalizer_tensors(model))
     limit = _parse_size(max_shard_size)
     shards: list[dict] = [{}]
     size = 0
@@ -386,12 +539,31 @@ def save_pretrained(model: DecoderModel, save_directory: str, *, max_shard_size=
             json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
     saved_dtype = dtype or model.dtype
     with open(os.path.join(save_directory, "config.json"), "w") as f:
-        json.dump(config_to_hf(model.config, model.head, saved_dtype), f, indent=2, sort_keys=True)
+        score_head = getattr(model, "score_head", None)
+        score_bias = score_head is not None and score_head.bias is not None
+        json.dump(config_to_hf(model.config, model.head, saved_dtype, score_bias=score_bias), f, indent=2,
+                  sort_keys=True)
     source = getattr(model, "source_dir", None)
     if copy_tokenizer and source and os.path.abspath(source) != os.path.abspath(save_directory):
         for name in _TOKENIZER_FILES:
             if os.path.exists(os.path.join(source, name)):
                 shutil.copy2(os.path.join(source, name), os.path.join(save_directory, name))
+
+
+def normalizer_tensors(model) -> dict[str, torch.Tensor]:
+    """The reference's ``normalizer.*`` buffers for a saved score model, so that its ``from_pretrained`` finds every
+    tensor: the statistics the model carries (``model.normalizer_state``: loaded with it, or set by the score
+    trainer), else config.json's ``mean`` / ``var``, else mean 0, var 1; count 0 when unknown."""
+    carried = getattr(model, "normalizer_state", None) or {}
+    extra = model.config.extra
+    defaults = {"normalizer.mean": (extra.get("mean") or [0.0], torch.float32),
+                "normalizer.var": (extra.get("var") or [1.0], torch.float32),
+                "normalizer.count": ([0], torch.int64)}
+    out = {}
+    for name, (value, dtype) in defaults.items():
+        t = carried.get(name)
+        out[name] = (t if t is not None else torch.tensor(value)).detach().to("cpu", dtype).reshape(1).contiguous()
+    return out
 
 
 def convert_gguf(gguf_path: str, save_directory: str, *, dtype: torch.dtype = torch.float32,

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from .. import ops
 from ..ops.reference import IGNORE_INDEX
+from .checkpoint import score_bias_of
 from .llama import CausalLMOutput, ScoreOutput, positions_from_mask
 
 
@@ -20,7 +21,7 @@ class HFModel(nn.Module):
 
     is_hf = True
 
-    def __init__(self, hf_model: nn.Module, head: str = "lm"):
+    def __init__(self, hf_model: nn.Module, head: str = "lm", score_bias: bool = True):
         super().__init__()
         self.hf = hf_model
         self.head = head
@@ -29,9 +30,11 @@ class HFModel(nn.Module):
         self.config = SimpleNamespace(eos_token_id=c.eos_token_id, pad_token_id=c.pad_token_id,
                                       vocab_size=c.vocab_size, hidden_size=c.hidden_size, hf=c)
         if head == "score":
-            self.score_head = nn.Linear(c.hidden_size, 1, bias=True, dtype=hf_model.dtype, device=hf_model.device)
+            self.score_head = nn.Linear(c.hidden_size, 1, bias=score_bias, dtype=hf_model.dtype,
+                                        device=hf_model.device)
             nn.init.normal_(self.score_head.weight, std=getattr(c, "initializer_range", 0.02))
-            nn.init.zeros_(self.score_head.bias)
+            if score_bias:
+                nn.init.zeros_(self.score_head.bias)
 
     @classmethod
     def from_pretrained(cls, path: str, head: str = "lm", dtype=torch.float32, device="cpu", gguf_file=None):
@@ -46,8 +49,11 @@ class HFModel(nn.Module):
         if head == "lm":
             model = cls(AutoModelForCausalLM.from_pretrained(directory, **kwargs).to(device), head)
         elif head == "score":
-            model = cls(AutoModel.from_pretrained(directory, **kwargs).to(device), head)
-            _load_score_head(model.score_head, directory)
+            saved = {} if gguf_file is not None else _saved_score_head(directory)
+            hf_model = AutoModel.from_pretrained(directory, **kwargs).to(device)
+            score_bias, _ = score_bias_of(hf_model.config.to_dict(), saved)
+            model = cls(hf_model, head, score_bias)
+            _load_score_head(model.score_head, saved, directory)
         else:
             raise ValueError(f"unknown head {head!r}; choose 'lm' or 'score'")
         return model
@@ -105,24 +111,43 @@ class HFModel(nn.Module):
         if self.head == "score":
             from safetensors.torch import save_file
 
-            save_file({"score_head.weight": self.score_head.weight.detach().cpu().contiguous(),
-                       "score_head.bias": self.score_head.bias.detach().cpu().contiguous()},
+            tensors = {"score_head.weight": self.score_head.weight}
+            if self.score_head.bias is not None:
+                tensors["score_head.bias"] = self.score_head.bias
+            save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()},
                       os.path.join(save_directory, "score_head.safetensors"))
 
 
-def _load_score_head(head: nn.Linear, directory: str) -> None:
-    from safetensors import safe_open
+_SCORE_HEAD = ("score_head.weight", "score_head.bias")
 
-    if not os.path.isdir(directory):
+
+def _saved_score_head(directory: str) -> dict[str, Tensor]:
+    """The score head tensors of a folder: from its checkpoint (any layout), else from the
+    ``score_head.safetensors`` that ``HFModel.save_pretrained`` writes; {} when it has none."""
+    from .checkpoint import MissingWeightsError, load_weights_file, read_tensors
+
+    try:
+        saved = read_tensors(directory, _SCORE_HEAD)
+    except MissingWeightsError:
+        saved = {}
+    extra = os.path.join(directory, "score_head.safetensors")
+    if "score_head.weight" not in saved and os.path.isfile(extra):
+        saved = {k: v for k, v in load_weights_file(extra).items() if k in _SCORE_HEAD}
+    return saved
+
+
+def _load_score_head(head: nn.Linear, saved: dict[str, Tensor], directory: str) -> None:
+    """Copy the saved head in (a fresh head stays as initialised); a bias the head lacks, or lacks in the
+    checkpoint, is a ``CheckpointError``."""
+    from .checkpoint import CheckpointError
+
+    if "score_head.weight" not in saved:
         return
-    for name in sorted(os.listdir(directory)):
-        if not name.endswith(".safetensors"):
-            continue
-        with safe_open(os.path.join(directory, name), framework="pt") as f:
-            keys = set(f.keys())
-            if "score_head.weight" in keys:
-                with torch.no_grad():
-                    head.weight.copy_(f.get_tensor("score_head.weight"))
-                    if "score_head.bias" in keys:
-                        head.bias.copy_(f.get_tensor("score_head.bias"))
-                return
+    if ("score_head.bias" in saved) != (head.bias is not None):
+        state = "unexpected" if "score_head.bias" in saved else "missing"
+        raise CheckpointError(f"{directory}: {state} ['score_head.bias'] (the config's score_bias / bias says "
+                              f"{head.bias is not None})")
+    with torch.no_grad():
+        head.weight.copy_(saved["score_head.weight"])
+        if head.bias is not None:
+            head.bias.copy_(saved["score_head.bias"])

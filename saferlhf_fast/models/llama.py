@@ -9,8 +9,9 @@ Two heads on one backbone (``LlamaModel``):
 * ``LlamaForCausalLM``: ``model(ids, mask).logits`` ``[B, L, V]``; ``token_logprobs`` feeds the last hidden states
   and the lm_head weight to ``ops.linear_logprobs``, so training never materialises ``[tokens, V]`` logits;
   ``forward_cached`` is the engine's prefill / decode step on a ``StaticKVCache``.
-* ``LlamaForScore``: ``score_head = Linear(H, 1, bias=True)`` on every position: ``scores`` ``[B, L]`` and
-  ``end_scores`` ``[B]`` (score at the last real token), as the reference's score models.
+* ``LlamaForScore``: ``score_head = Linear(H, 1)`` (with or without bias, as the checkpoint's config says) on every
+  position: ``scores`` ``[B, L]`` and ``end_scores`` ``[B]`` (score at the last real token), as the reference's score
+  models.
 
 Positions follow the attention mask exactly as transformers does for left-padded batches:
 ``position_ids = cumsum(mask) - 1`` (pads get 1), so results equal ``transformers`` on padded batches too.
@@ -501,13 +502,14 @@ class LlamaForCausalLM(DecoderModel):
 
 
 class LlamaForScore(DecoderModel):
-    """Backbone + ``score_head = Linear(H, 1, bias=True)`` (the reference's ``LlamaForScore``)."""
+    """Backbone + ``score_head = Linear(H, 1, bias=score_bias)`` (the reference's ``LlamaForScore``; its released
+    beaver models have no bias: ``score = w . h``)."""
 
     head = "score"
 
-    def __init__(self, config: ModelConfig, attn_backend: str | None = None):
+    def __init__(self, config: ModelConfig, attn_backend: str | None = None, score_bias: bool = True):
         super().__init__(config, attn_backend)
-        self.score_head = nn.Linear(config.hidden_size, 1, bias=True)
+        self.score_head = nn.Linear(config.hidden_size, 1, bias=score_bias)
         self._init_weights()
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, position_ids: Tensor | None = None,

@@ -452,6 +452,7 @@ class PPOTrainer:
             flag = f"{name}_model_name_or_path"
             init = getattr(cfg, flag) or getattr(cfg, flag.replace("_critic", ""))
             critic = self._load(flag, os.path.join(ckpt, name) if ckpt else init, "score", True)
+            critic.config.extra.update(score_type="critic", do_normalize=False)  # saved as the reference saves critics
             if cfg.critic_gradient_checkpointing:
                 critic.set_gradient_checkpointing(True)
             self.critics.append(critic)

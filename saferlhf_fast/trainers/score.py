@@ -130,14 +130,20 @@ def pair_metrics(score_type: str, first: Tensor, second: Tensor, sign: Tensor | 
 class ScoreNormalizer(torch.nn.Module):
     """Running statistics of end scores, updated on every training batch when
     ``--normalize_score_during_training``; the loss then sees normalized scores.  Reward: affine
-    ``(x - mu) / (sigma + 1e-8)``; cost: scale-only ``x / (sigma + 1e-8)`` (0 stays the safe/unsafe boundary).
-    ``RunningMeanStd`` merges batch moments exactly (parallel Welford); ``ExponentialMovingAverage`` blends them
-    with ``momentum``.  The statistics are constants for the gradient."""
+    ``(x - mu) / (sigma + 1e-8)``; cost: scale-only ``x / (sigma + 1e-8)`` (0 stays the safe/unsafe boundary);
+    critic: identity; ``translate``: ``x - mu``.  ``RunningMeanStd`` merges batch moments exactly (parallel
+    Welford); ``ExponentialMovingAverage`` blends them with ``momentum``; ``None`` (the reference's identity
+    normalizer) only counts.  The statistics are constants for the gradient."""
 
-    def __init__(self, kind: str = "RunningMeanStd", function: str = "affine", momentum: float | None = None):
+    KINDS = ("RunningMeanStd", "ExponentialMovingAverage", None)
+    FUNCTIONS = ("affine", "scale", "translate", "identity")
+
+    def __init__(self, kind: str | None = "RunningMeanStd", function: str = "affine", momentum: float | None = None):
         super().__init__()
-        if kind not in ("RunningMeanStd", "ExponentialMovingAverage"):
+        if kind not in self.KINDS:
             raise ConfigError(f"--normalizer_type {kind!r}: expected RunningMeanStd or ExponentialMovingAverage")
+        if function not in self.FUNCTIONS:
+            raise ConfigError(f"normalize function {function!r}: expected one of {', '.join(self.FUNCTIONS)}")
         self.kind, self.function = kind, function
         self.momentum = 0.9 if momentum is None else float(momentum)
         self.register_buffer("mean", torch.zeros(()))
@@ -157,7 +163,7 @@ class ScoreNormalizer(torch.nn.Module):
             m2 = self.var * self.count + batch_var * n + delta.square() * self.count * n / total
             self.mean.copy_(new_mean)
             self.var.copy_(m2 / total)
-        else:
+        elif self.kind == "ExponentialMovingAverage":
             self.mean.mul_(self.momentum).add_((1 - self.momentum) * batch_mean)
             self.var.mul_(self.momentum).add_((1 - self.momentum) * batch_var)
         self.count += n
@@ -169,6 +175,10 @@ class ScoreNormalizer(torch.nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if self.function == "affine":
             return (x - self.mean) / (self.std + 1e-8)
+        if self.function == "translate":
+            return x - self.mean
+        if self.function == "identity":
+            return x
         return x / (self.std + 1e-8)
 
     def as_dict(self) -> dict:
@@ -188,15 +198,52 @@ def read_score_info(path: str) -> dict:
         return json.load(f)
 
 
+# The reference's score types and the normalize function each implies.
+NORMALIZE_FUNCTIONS = {"reward": "affine", "cost": "scale", "critic": "identity"}
+
+
 def load_normalizer(path: str) -> ScoreNormalizer | None:
-    """The trained normalizer of a score-model folder, or None when it was trained without one."""
+    """The normalizer inference applies to a score-model folder's scores, or None.  Ours: ``score_normalizer.json``;
+    else the reference's format (``reference_normalizer``)."""
     info = read_score_info(path)
+    if not info:
+        return reference_normalizer(path)
     if not info.get("do_normalize"):
         return None
     norm = ScoreNormalizer(info["normalizer_type"], info["normalize_function"], info.get("momentum"))
     norm.mean.fill_(info["mean"])
     norm.var.fill_(info["var"])
     norm.count.fill_(info["count"])
+    return norm
+
+
+def reference_normalizer(path: str) -> ScoreNormalizer | None:
+    """The reference's normalizer of a score-model folder: applied when config.json has ``do_normalize``, with the
+    function of its ``score_type`` and the statistics of the weights' ``normalizer.mean`` / ``var`` / ``count``
+    buffers, else of config.json's ``mean`` / ``var`` (as the reference's ``from_pretrained``: the buffers
+    overwrite what the config set), else mean 0, var 1."""
+    from ..models.checkpoint import NORMALIZER_BUFFERS, CheckpointError, read_config, read_tensors
+
+    config_path = os.path.join(path, "config.json")
+    cfg = read_config(config_path) if os.path.isfile(config_path) else {}
+    if not cfg.get("do_normalize"):
+        return None
+    score_type = cfg.get("score_type", "reward")
+    if score_type not in NORMALIZE_FUNCTIONS:
+        raise CheckpointError(f"{config_path}: score_type {score_type!r}: expected reward, cost or critic")
+    try:
+        norm = ScoreNormalizer(cfg.get("normalizer_type"), NORMALIZE_FUNCTIONS[score_type], cfg.get("momentum"))
+    except ConfigError as exc:
+        raise CheckpointError(f"{config_path}: {exc}") from exc
+    saved = read_tensors(path, NORMALIZER_BUFFERS)
+    for name, value in (("mean", cfg.get("mean")), ("var", cfg.get("var")), ("count", None)):
+        value = saved.get(f"normalizer.{name}", value)
+        if value is None:
+            continue
+        value = torch.as_tensor(value)
+        if value.numel() != 1:
+            raise CheckpointError(f"{path}: normalizer.{name} has {value.numel()} values (score_dim 1 expected)")
+        getattr(norm, name).fill_(value.reshape(()).item())
     return norm
 
 
@@ -254,8 +301,11 @@ class ScoreTrainer(Trainer):
         # config.json carries the reference's score-model keys too.
         extra = self.model.config.extra
         extra.update(score_type=self.score_type, do_normalize=self.normalizer is not None)
-        if self.normalizer is not None:
-            extra.update(normalizer_type=self.normalizer.kind, momentum=self.normalizer.momentum)
+        if self.normalizer is not None:  # the reference's layout: config mean / var and the normalizer.* buffers
+            n = self.normalizer
+            extra.update(normalizer_type=n.kind, momentum=n.momentum, mean=[float(n.mean)], var=[float(n.var)])
+            self.model.normalizer_state = {f"normalizer.{k}": getattr(n, k).detach().reshape(1).cpu()
+                                           for k in ("mean", "var", "count")}
         super().save_model(path)
         if not distributed.is_main():
             return
