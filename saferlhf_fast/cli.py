@@ -158,7 +158,11 @@ def _run_config_command(args) -> int:
     from .trainers.config import ConfigError, config_from_args
     from .trainers.ppo import NonFiniteError
 
+    from .trainers.launcher_flags import launcher_notes
+
     config_cls, runner = _config_command(args.command)
+    for note in launcher_notes(args, config_cls):
+        print(f"saferlhf-fast {args.command}: {note}", file=sys.stderr)
     out_dir, existed = None, True
     try:
         cfg = config_from_args(config_cls, args)
@@ -200,10 +204,12 @@ def _config_commands():
 
 def _add_config_commands(sub) -> None:
     from .trainers.config import add_config_arguments
+    from .trainers.launcher_flags import add_launcher_arguments
 
     for name, cls, text in _config_commands():
         p = sub.add_parser(name, help=text, description=text)
         add_config_arguments(p, cls)
+        add_launcher_arguments(p, cls)
         p.set_defaults(func=_run_config_command)
 
 

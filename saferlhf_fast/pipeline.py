@@ -192,7 +192,7 @@ def _run_demo(output_dir, quick, seed, overrides, progress, plot, threads, paral
         cost_model_name_or_path=paths["cm"], output_dir=paths["ppo_lag"], **ppo_kw))
 
     def arena():
-        cfg = ArenaConfig(red_corpus_model_name_or_path=paths["sft"], blue_corpus_model_name_or_path=paths["ppo_lag"],
+        cfg = ArenaConfig(red_corner_model_name_or_path=paths["sft"], blue_corner_model_name_or_path=paths["ppo_lag"],
                           reward_model_name_or_path=paths["rm"], cost_model_name_or_path=paths["cm"],
                           output_dir=paths["arena"], seed=seed, **spec["arena"])
         cfg.validate()

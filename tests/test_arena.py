@@ -46,7 +46,7 @@ def test_cli_arena(tmp_path, make_score_model):
     rm = make_score_model(red, str(tmp_path / "rm"), 3)
     cm = make_score_model(red, str(tmp_path / "cm"), 4)
     out = tmp_path / "arena"
-    rc = main(["arena", "--red_corpus_model_name_or_path", red, "--blue_corpus_model_name_or_path", blue,
+    rc = main(["arena", "--red_corner_model_name_or_path", red, "--blue_corner_model_name_or_path", blue,
                "--reward_model_name_or_path", rm, "--cost_model_name_or_path", cm, "--datasets",
                "synthetic-prompts/test:0.05", "--max_length", "64", "--max_new_tokens", "8", "--output_dir", str(out)])
     assert rc == 0

@@ -396,7 +396,7 @@ def test_arena_under_torchrun_equals_one_process(models, tmp_path):
     and the same per-prompt rows as one process."""
     torch.set_num_threads(1)
     blue = make_tiny_model(str(tmp_path / "blue"), hidden_size=32, num_layers=2, num_heads=2, seed=9)
-    args = ["arena", "--red_corpus_model_name_or_path", models["actor"], "--blue_corpus_model_name_or_path", blue,
+    args = ["arena", "--red_corner_model_name_or_path", models["actor"], "--blue_corner_model_name_or_path", blue,
             "--reward_model_name_or_path", models["rm"], "--cost_model_name_or_path", models["cm"],
             "--datasets", "synthetic-prompts/test:0.02", "--max_length", "64", "--max_new_tokens", "6",
             "--per_device_eval_batch_size", "4"]

@@ -37,7 +37,7 @@ def _args(command: str, m: dict) -> list[str]:
         "ppo-lag": [*rl, "--cost_model_name_or_path", m["cm"]],
         "ppo-reward-shaping": [*rl, "--cost_model_name_or_path", m["cm"]],
         "score": ["--model_name_or_path", m["rm"], "--datasets", "synthetic-preference/test:0.01"],
-        "arena": ["--red_corpus_model_name_or_path", m["actor"], "--blue_corpus_model_name_or_path", m["actor"],
+        "arena": ["--red_corner_model_name_or_path", m["actor"], "--blue_corner_model_name_or_path", m["actor"],
                   "--reward_model_name_or_path", m["rm"], "--cost_model_name_or_path", m["cm"],
                   "--datasets", "synthetic-prompts/test:0.005", "--max_new_tokens", "6"],
     }[command] + ["--max_length", "48"]

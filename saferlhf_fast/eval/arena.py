@@ -36,8 +36,10 @@ from ..trainers.score import load_normalizer
 class ArenaConfig:
     """``saferlhf-fast arena`` (flag names: the reference's arena evaluation)."""
 
-    red_corpus_model_name_or_path: str | None = _f(None, "the red policy (e.g. the SFT model)", required=True)
-    blue_corpus_model_name_or_path: str | None = _f(None, "the blue policy (e.g. the PPO-Lag model)", required=True)
+    red_corner_model_name_or_path: str | None = _f(None, "the red policy (e.g. the SFT model)", required=True,
+                                                   aliases=("red_corpus_model_name_or_path",))
+    blue_corner_model_name_or_path: str | None = _f(None, "the blue policy (e.g. the PPO-Lag model)", required=True,
+                                                    aliases=("blue_corpus_model_name_or_path",))
     reward_model_name_or_path: str | None = _f(None, "reward model folder", required=True)
     cost_model_name_or_path: str | None = _f(None, "cost model folder", required=True)
     datasets: list[str] = _f([], "prompt datasets NAME[:PROPORTION[:PATH]] ...", required=True)
@@ -51,6 +53,7 @@ class ArenaConfig:
     seed: int = _f(42, "seed for sampling and dataset proportions")
     fp16: bool = _f(False, "fp16 autocast for generation and scoring (weights stay fp32)")
     bf16: bool = _f(False, "bf16 autocast for generation and scoring (weights stay fp32)")
+    tf32: bool | None = _f(None, "allow TF32 matmuls on CUDA")
     device: str = _f("auto", "cpu, cuda, cuda:N or auto")
     attn_backend: str | None = _f(None, "attention backend of the models")
     output_dir: str | None = _f(None, "write arena.json (summary) and arena.jsonl (every prompt) here")
@@ -61,7 +64,7 @@ class ArenaConfig:
         return "arena"
 
     def validate(self) -> None:
-        missing = [n for n in ("red_corpus_model_name_or_path", "blue_corpus_model_name_or_path",
+        missing = [n for n in ("red_corner_model_name_or_path", "blue_corner_model_name_or_path",
                                "reward_model_name_or_path", "cost_model_name_or_path", "datasets")
                    if not getattr(self, n)]
         if missing:
@@ -249,6 +252,8 @@ def run_arena(cfg: ArenaConfig) -> dict:
     distributed.init(cfg.device)
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
+    if cfg.tf32 is not None and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = bool(cfg.tf32)
     records = load_records(cfg.datasets, seed=cfg.seed)
     shard = (distributed.rank(), distributed.world_size()) if distributed.is_distributed() else None
     gen_kw = dict(max_length=cfg.max_length, max_new_tokens=cfg.max_new_tokens,
@@ -256,7 +261,7 @@ def run_arena(cfg: ArenaConfig) -> dict:
                   top_p=cfg.top_p, repetition_penalty=cfg.repetition_penalty, seed=cfg.seed, shard=shard)
     outputs = {}
     for side in ("red", "blue"):
-        flag = f"{side}_corpus_model_name_or_path"
+        flag = f"{side}_corner_model_name_or_path"
         model, tok = _load_policy(flag, getattr(cfg, flag), device, cfg.attn_backend, cfg.max_length)
         with cfg.autocast(device):
             outputs[side] = generate_responses(model, tok, records, device=device, **gen_kw)
@@ -285,7 +290,7 @@ def run_arena(cfg: ArenaConfig) -> dict:
     summary["config"] = asdict(cfg)
     if not distributed.is_main():
         return summary
-    print(format_summary(summary, cfg.red_corpus_model_name_or_path, cfg.blue_corpus_model_name_or_path))
+    print(format_summary(summary, cfg.red_corner_model_name_or_path, cfg.blue_corner_model_name_or_path))
     if cfg.output_dir:
         tmp = cfg.output_dir.rstrip("/") + ".tmp-arena"
         shutil.rmtree(tmp, ignore_errors=True)

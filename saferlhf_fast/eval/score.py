@@ -35,6 +35,7 @@ class ScoreEvalConfig:
     seed: int = _f(42, "seed for dataset proportions")
     fp16: bool = _f(False, "fp16 autocast")
     bf16: bool = _f(False, "bf16 autocast")
+    tf32: bool | None = _f(None, "allow TF32 matmuls on CUDA")
     device: str = _f("auto", "cpu, cuda, cuda:N or auto")
     attn_backend: str | None = _f(None, "attention backend of the model")
     output_dir: str | None = _f(None, "write eval_results.json and scores.jsonl here")
@@ -74,6 +75,8 @@ def evaluate_score_model(cfg: ScoreEvalConfig) -> dict:
     score_type = cfg.score_type or _folder_score_type(path)
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
+    if cfg.tf32 is not None and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = bool(cfg.tf32)
     tokenizer = load_tokenizer(cfg.tokenizer_name_or_path or path, cfg.max_length)
     dataset_class = PreferenceDataset if score_type == "reward" else SafetyPreferenceDataset
     dataset = dataset_class(cfg.datasets, tokenizer, cfg.max_length, seed=cfg.seed)

@@ -42,7 +42,7 @@ class TrainConfig:
     per_device_eval_batch_size: int = _f(16, "evaluation batch size")
     gradient_accumulation_steps: int = _f(1, "micro-batches per optimizer step")
     gradient_checkpointing: bool = _f(False, "recompute activations in backward to save memory")
-    lr: float = _f(2e-5, "peak learning rate")
+    lr: float = _f(2e-5, "peak learning rate", aliases=("learning_rate",))
     lr_scheduler_type: str = _f("cosine", "learning-rate schedule",
                                 choices=["cosine", "linear", "constant", "constant_with_warmup"])
     lr_warmup_ratio: float = _f(0.03, "fraction of the optimizer steps spent warming up linearly")
@@ -133,7 +133,10 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
                         help="YAML file of options (keys: the flag names); flags given here win")
     for f in dataclasses.fields(cls):
         tp, is_list = _base_type(hints[f.name])
-        kw = {"default": argparse.SUPPRESS, "help": f.metadata.get("help", "")}
+        kw = {"default": argparse.SUPPRESS, "help": f.metadata.get("help", ""), "dest": f.name}
+        aliases = f.metadata.get("aliases", ())
+        if aliases:
+            kw["help"] += " (also " + ", ".join("--" + a for a in aliases) + ")"
         if f.default is not dataclasses.MISSING and f.default is not None:
             kw["help"] += f" (default: {f.default})"
         elif f.default_factory is not dataclasses.MISSING and f.default_factory():
@@ -149,7 +152,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
                 kw["const"] = f.metadata.get("const")
             if "choices" in f.metadata:
                 kw["choices"] = f.metadata["choices"]
-        parser.add_argument("--" + f.name, **kw)
+        parser.add_argument("--" + f.name, *("--" + a for a in aliases), **kw)
 
 
 def _coerce(cls, name: str, value, source: str):
@@ -193,11 +196,13 @@ def config_from_args(cls: type, args: argparse.Namespace | dict):
     given.pop("func", None)
     given.pop("command", None)
     names = {f.name for f in dataclasses.fields(cls)}
+    aliases = {a: f.name for f in dataclasses.fields(cls) for a in f.metadata.get("aliases", ())}
     values: dict = {}
     path = given.pop("config", None)
     if path:
         for key, value in load_yaml(path).items():
             key = str(key).lstrip("-").replace("-", "_")
+            key = aliases.get(key, key)
             if key not in names:
                 raise ConfigError(f"{path}: unknown option '{key}'")
             values[key] = _coerce(cls, key, value, path)

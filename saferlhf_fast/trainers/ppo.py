@@ -124,6 +124,8 @@ class PPOConfig:
     num_return_sequences: int = _f(1, "responses sampled per prompt")
     repetition_penalty: float = _f(1.0, "repetition penalty")
     # ---- algorithm
+    normalize_reward: bool = _f(False, "normalize the reward model's scores with the statistics it was trained with "
+                                       "(its normalizer); off: raw scores, as the reference")
     kl_coeff: float = _f(0.02, "KL penalty coefficient beta")
     clip_range_ratio: float = _f(0.2, "PPO ratio clip epsilon")
     clip_range_score: float = _f(50.0, "clip of the per-token rewards / costs")
@@ -136,14 +138,15 @@ class PPOConfig:
     update_iters: int = _f(1, "PPO passes over each rollout batch")
     per_device_prompt_batch_size: int = _f(16, "prompts per rollout")
     per_device_train_batch_size: int = _f(16, "sequences per RL update (micro-batch)")
+    gradient_accumulation_steps: int = _f(1, "RL micro-batches per optimizer step (losses averaged over them)")
     per_device_eval_batch_size: int = _f(16, "prompts per evaluation batch")
-    actor_lr: float = _f(1e-5, "actor peak learning rate")
+    actor_lr: float = _f(1e-5, "actor peak learning rate", aliases=("actor_learning_rate",))
     actor_weight_decay: float = _f(0.01, "actor AdamW weight decay")
     actor_lr_scheduler_type: str = _f("cosine", "actor schedule",
                                       choices=["cosine", "linear", "constant", "constant_with_warmup"])
     actor_lr_warmup_ratio: float = _f(0.0, "fraction of actor steps spent warming up (the PPO-Lag script: 0.03)")
     actor_gradient_checkpointing: bool = _f(False, "recompute actor activations in backward")
-    critic_lr: float = _f(5e-6, "critic peak learning rate")
+    critic_lr: float = _f(5e-6, "critic peak learning rate", aliases=("critic_learning_rate",))
     critic_weight_decay: float = _f(0.0, "critic AdamW weight decay")
     critic_lr_scheduler_type: str = _f("constant", "critic schedule",
                                        choices=["cosine", "linear", "constant", "constant_with_warmup"])
@@ -193,7 +196,7 @@ class PPOConfig:
         if missing:
             raise ConfigError("missing required option(s): " + ", ".join("--" + m for m in missing))
         for name in ("epochs", "update_iters", "per_device_prompt_batch_size", "per_device_train_batch_size",
-                     "per_device_eval_batch_size", "num_return_sequences"):
+                     "per_device_eval_batch_size", "num_return_sequences", "gradient_accumulation_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name} must be >= 1, got {getattr(self, name)}")
         if self.max_length < 2:
@@ -233,9 +236,11 @@ class PPOLagConfig(PPOConfig):
 
     cost_model_name_or_path: str | None = _f(None, "cost model folder (saferlhf-fast cm)", required=True)
     cost_critic_model_name_or_path: str | None = _f(None, "cost critic initialisation (default: the cost model)")
+    normalize_cost: bool = _f(False, "normalize the cost model's scores with the statistics it was trained with "
+                                     "(its normalizer); off: raw scores, as the reference")
     threshold: float = _f(0.0, "cost threshold (-d of the paper): lambda grows while J_C > threshold")
     lambda_init: float = _f(1.0, "initial Lagrange multiplier")
-    lambda_lr: float = _f(0.1, "learning rate of log(lambda)")
+    lambda_lr: float = _f(0.1, "learning rate of log(lambda)", aliases=("lambda_learning_rate",))
     lambda_max: float | None = _f(None, "cap on lambda (the PPO-Lag script uses 5.0)")
     lambda_update_delay_steps: int = _f(0, "RL steps before lambda starts to move")
     episode_cost_window_size: int = _f(128, "J_C is the mean of the last N rollout end costs")
@@ -257,7 +262,10 @@ class RewardShapingConfig(PPOConfig):
     """``saferlhf-fast ppo-reward-shaping``: PPO on ``R - nu * C`` with nu fixed (``--lambda_init``), one critic."""
 
     cost_model_name_or_path: str | None = _f(None, "cost model folder (saferlhf-fast cm)", required=True)
+    normalize_cost: bool = _f(False, "normalize the cost model's scores with the statistics it was trained with "
+                                     "(its normalizer); off: raw scores, as the reference")
     lambda_init: float = _f(1.0, "the fixed shaping coefficient nu")
+    episode_cost_window_size: int = _f(128, "train/episode_cost is the mean of the last N rollout end costs")
 
     algorithm = "ppo-reward-shaping"
 
@@ -265,6 +273,8 @@ class RewardShapingConfig(PPOConfig):
         super().validate()
         if self.lambda_init < 0:
             raise ConfigError(f"--lambda_init (nu) must be >= 0, got {self.lambda_init}")
+        if self.episode_cost_window_size < 1:
+            raise ConfigError(f"--episode_cost_window_size must be >= 1, got {self.episode_cost_window_size}")
 
 
 CONFIGS = {"ppo": PPOConfig, "ppo-lag": PPOLagConfig, "ppo-reward-shaping": RewardShapingConfig}
@@ -438,12 +448,12 @@ class PPOTrainer:
             self.actor.set_gradient_checkpointing(True)
         self.reference = self._load("actor_model_name_or_path", cfg.actor_model_name_or_path, "lm", False)
         self.reward_model = self._load("reward_model_name_or_path", cfg.reward_model_name_or_path, "score", False)
-        self.reward_normalizer = self._normalizer(cfg.reward_model_name_or_path)
+        self.reward_normalizer = self._normalizer(cfg.reward_model_name_or_path) if cfg.normalize_reward else None
         self.reward_tokenizer = self._score_tokenizer(cfg.reward_model_name_or_path)
         self.cost_model = self.cost_normalizer = self.cost_tokenizer = None
         if cfg.uses_cost:
             self.cost_model = self._load("cost_model_name_or_path", cfg.cost_model_name_or_path, "score", False)
-            self.cost_normalizer = self._normalizer(cfg.cost_model_name_or_path)
+            self.cost_normalizer = self._normalizer(cfg.cost_model_name_or_path) if cfg.normalize_cost else None
             self.cost_tokenizer = self._score_tokenizer(cfg.cost_model_name_or_path)
         names = ["reward_critic"] + (["cost_critic"] if self.algorithm == "ppo-lag" else [])
         self.critic_names = names
