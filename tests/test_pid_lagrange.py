@@ -240,3 +240,83 @@ def test_same_lambda_on_every_rank_from_the_global_mean(tmp_path):
         ref.episode_costs.clear()
         ref.observe([sum(w) / len(w) for w in wins])
         assert r0["values"][step] == pytest.approx(ref.update(step), rel=1e-12)
+
+
+# ------------------------------------------------------------------------------------------------ PPO-Lag with pid
+@pytest.fixture(scope="module")
+def models(tmp_path_factory, make_score_model):
+    root = tmp_path_factory.mktemp("pid_models")
+    actor = make_tiny_model(str(root / "actor"), hidden_size=32, num_layers=2, num_heads=2, seed=1)
+    return {"actor": actor, "rm": make_score_model(actor, str(root / "rm"), 2),
+            "cm": make_score_model(actor, str(root / "cm"), 3, bias=0.3)}
+
+
+PID_FLAGS = dict(lambda_optimizer="pid", lambda_init=0.5, pid_kp=0.5, pid_ki=0.2, pid_kd=0.3, pid_d_delay=2,
+                 pid_delta_p_ema_alpha=0.5, pid_delta_d_ema_alpha=0.5, threshold=-0.5)
+
+
+def _config(models, out, **kw):
+    base = dict(actor_model_name_or_path=models["actor"], reward_model_name_or_path=models["rm"],
+                cost_model_name_or_path=models["cm"], train_datasets=["synthetic-prompts/train:0.008"],
+                output_dir=str(out), max_length=64, max_new_tokens=8, per_device_prompt_batch_size=4,
+                per_device_train_batch_size=2, update_iters=2, progress=False, actor_lr=1e-3, critic_lr=1e-3,
+                actor_lr_warmup_ratio=0.3, kl_coeff=0.1, seed=3, **PID_FLAGS)
+    base.update(kw)
+    cfg = PPOLagConfig(**base)
+    cfg.validate()
+    return cfg
+
+
+def _rows(out):
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [{k: v for k, v in json.loads(line).items() if not k.startswith(("time/", "perf/"))}
+                for line in f if line.strip()]
+
+
+def test_cli_ppo_lag_pid_runs_and_logs_lambda(models, tmp_path):
+    out = tmp_path / "run"
+    flags = [x for k, v in PID_FLAGS.items() for x in ("--" + k, str(v))]
+    rc = main(["ppo-lag", "--actor_model_name_or_path", models["actor"], "--reward_model_name_or_path", models["rm"],
+               "--cost_model_name_or_path", models["cm"], "--train_datasets", "synthetic-prompts/train:0.006",
+               "--output_dir", str(out), "--max_length", "48", "--max_new_tokens", "6",
+               "--per_device_prompt_batch_size", "4", "--per_device_train_batch_size", "4", "--kl_coeff", "0.01",
+               "--progress", "false", *flags])
+    assert rc == 0
+    train = [r for r in _rows(out) if "train/actor_loss" in r]
+    assert len(train) == 3
+    # replay the controller on the logged J_C: the logged lambdas are its outputs
+    replay = PIDLagrangeMultiplier(0.5, 0.5, 0.2, 0.3, 2, 0.5, 0.5, threshold=-0.5, window=1)
+    for step, row in enumerate(train):
+        replay.episode_costs.clear()
+        replay.observe([row["train/episode_cost"]])
+        assert row["train/lambda"] == pytest.approx(replay.update(step), rel=1e-6)
+    assert len({r["train/lambda"] for r in train}) == 3  # it moved every step
+    assert json.load(open(out / "arguments.json"))["lambda_optimizer"] == "pid"
+
+
+def test_pid_resume_equals_uninterrupted_run(models, tmp_path):
+    from safetensors.torch import load_file
+
+    PPOTrainer(_config(models, tmp_path / "a")).train()
+    r = PPOTrainer(_config(models, tmp_path / "b", max_steps=1)).train()
+    assert r["stopped_at"] == 1
+    state = torch.load(tmp_path / "b" / "checkpoint-1" / "trainer_state.pt", weights_only=False)["lagrange"]
+    assert state["kind"] == "pid" and len(state["cost_ds"]) == 2 and state["delta_p"] != 0.0
+    probe = PPOTrainer(_config(models, tmp_path / "b", resume="auto"))
+    probe.load_checkpoint(str(tmp_path / "b" / "checkpoint-1"))
+    assert probe.lagrange.state_dict() == state
+    PPOTrainer(_config(models, tmp_path / "b", resume="auto")).train()
+    for name in ("model.safetensors", "reward_critic/model.safetensors", "cost_critic/model.safetensors"):
+        a, b = load_file(tmp_path / "a" / name), load_file(tmp_path / "b" / name)
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+    ra, rb = (json.load(open(tmp_path / x / "results.json")) for x in "ab")
+    assert ra["lambda"] == rb["lambda"] and ra["rl_steps"] == rb["rl_steps"] == 12
+    rows_a, rows_b = _rows(tmp_path / "a"), _rows(tmp_path / "b")
+    assert rows_a == rows_b
+    assert len({r["train/lambda"] for r in rows_a if "train/lambda" in r}) > 4
+
+
+def test_resume_with_the_other_optimizer_is_refused(models, tmp_path):
+    PPOTrainer(_config(models, tmp_path / "c", max_steps=1)).train()
+    with pytest.raises(ValueError, match="resume with --lambda_optimizer pid"):
+        PPOTrainer(_config(models, tmp_path / "c", resume="auto", lambda_optimizer="sgd", lambda_init=1.0)).train()
