@@ -3,6 +3,8 @@
     python examples/paper_claim.py                          # base models from runs/demo (trained if missing),
                                                             # seeds 1 2 3, nu in 0.01 0.1 0.3 1.0, plus plain PPO
     python examples/paper_claim.py --seeds 1 2 --nus 0.05 0.5 --out runs/paper_claim
+    python examples/paper_claim.py --lambda_optimizers sgd pid --nus --no-ppo --out runs/pid_vs_sgd
+                                                            # PPO-Lag with the SGD and the PID multiplier only
 
 Claim (Dai et al. 2024, section 5): PPO-Lagrangian with a cost threshold drives the expected cost below the
 threshold while the reward rises; reward shaping with a fixed nu is either too weak (harm stays) or over-cautious
@@ -14,6 +16,11 @@ Every policy starts from the same SFT model and is judged by the same reward / c
 held-out prompts (sampled responses, a fixed seed per run): harmful-response rate, helpfulness on benign prompts,
 refusal rate on benign prompts.  All methods share the demo's PPO hyper-parameters (learning rates, KL, batch,
 steps); only the advantage mix differs.  Output: ``table.md``, ``results.json`` and ``tradeoff.png`` in ``--out``.
+
+``--lambda_optimizers sgd pid`` trains PPO-Lag once per multiplier (``pid``: the PID Lagrangian with the gains of
+``PID_GAINS``, overridden by ``--pid KEY=VALUE``), and the table gets the multiplier's behaviour per run: J_C at the
+end vs the threshold, the mean violation ``max(0, J_C - d)`` over the second half of training, and lambda's
+oscillation (standard deviation and max - min over the second half).
 """
 from __future__ import annotations
 
@@ -27,15 +34,23 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+# PID gains for the synthetic world (J_C - threshold of order 1, one lambda update per rollout, 94 updates):
+# no EMA lag beyond the cost window's, the derivative over 5 updates.
+PID_GAINS = dict(pid_kp=0.2, pid_ki=0.05, pid_kd=0.2, pid_d_delay=5, pid_delta_p_ema_alpha=0.5,
+                 pid_delta_d_ema_alpha=0.5)
+LAG_METHODS = {"ppo-lag": "sgd", "ppo-lag-pid": "pid"}  # method name -> --lambda_optimizer
+
 
 def train_policy(method: str, nu: float | None, base: str, out: str, seed: int, spec: dict) -> dict:
     from saferlhf_fast.trainers.ppo import PPOConfig, PPOLagConfig, PPOTrainer, RewardShapingConfig
 
     kw = dict(spec)
-    lag_only = ("threshold", "lambda_lr", "lambda_max", "episode_cost_window_size", "lambda_update_delay_steps")
+    lag_only = ("threshold", "lambda_lr", "lambda_max", "episode_cost_window_size", "lambda_update_delay_steps",
+                "lambda_optimizer", *PID_GAINS)
     common = dict(actor_model_name_or_path=os.path.join(base, "sft"),
                   reward_model_name_or_path=os.path.join(base, "rm"), output_dir=out, seed=seed, progress=False)
-    if method == "ppo-lag":
+    if method in LAG_METHODS:
+        kw["lambda_optimizer"] = LAG_METHODS[method]
         cfg = PPOLagConfig(**common, cost_model_name_or_path=os.path.join(base, "cm"), **kw)
     else:
         for k in lag_only + ("lambda_init",):
@@ -67,7 +82,7 @@ def evaluate(policy: str, base: str, seed: int, max_new_tokens: int) -> dict:
     return out
 
 
-def final_training(path: str) -> dict:
+def final_training(path: str, threshold: float) -> dict:
     rows = [json.loads(line) for line in open(os.path.join(path, "metrics.jsonl")) if line.strip()]
     rows = [r for r in rows if "train/reward" in r]
     last = rows[-max(1, len(rows) // 5):]  # the last fifth of training
@@ -79,7 +94,16 @@ def final_training(path: str) -> dict:
     if "train/lambda" in rows[0]:
         out["lambda"] = [r["train/lambda"] for r in rows]
         out["episode_cost"] = [r["train/episode_cost"] for r in rows]
+        out.update(multiplier_behaviour(out["lambda"], out["episode_cost"], threshold))
     return out
+
+
+def multiplier_behaviour(lambdas, episode_costs, threshold) -> dict:
+    """Over the second half of training: J_C at the end, the mean violation ``max(0, J_C - d)``, lambda's spread."""
+    half = len(lambdas) // 2
+    lam, jc = lambdas[half:], episode_costs[half:]
+    return {"jc_end": episode_costs[-1], "violation_2nd_half": statistics.mean(max(0.0, c - threshold) for c in jc),
+            "lambda_sd_2nd_half": statistics.pstdev(lam), "lambda_range_2nd_half": max(lam) - min(lam)}
 
 
 def run_job(job) -> dict:
@@ -97,7 +121,7 @@ def run_job(job) -> dict:
         path = os.path.join(out_dir, name)
         if not os.path.isfile(os.path.join(path, "results.json")):
             train_policy(method, nu, base, path, seed, spec)
-        row = {"method": method, "nu": nu, "seed": seed, "train": final_training(path)}
+        row = {"method": method, "nu": nu, "seed": seed, "train": final_training(path, spec["threshold"])}
     ev = evaluate(path, base, seed, max_new)
     row.update(eval=ev, seconds=round(time.perf_counter() - t0, 1))
     print(f"{label(method, nu):>18} seed {seed}: harmful {ev['harmful_rate']:.1%}, benign helpfulness "
@@ -109,7 +133,7 @@ def run_job(job) -> dict:
 def label(method: str, nu) -> str:
     if method == "shaping":
         return f"shaping nu={nu:g}"
-    return {"ppo-lag": "PPO-Lag", "ppo": "PPO (reward only)", "sft": "SFT"}[method]
+    return {"ppo-lag": "PPO-Lag", "ppo-lag-pid": "PPO-Lag (PID)", "ppo": "PPO (reward only)", "sft": "SFT"}[method]
 
 
 def main() -> int:
@@ -118,7 +142,12 @@ def main() -> int:
                                                                           "trained with the demo when missing")
     ap.add_argument("--out", default=os.path.join("runs", "paper_claim"))
     ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
-    ap.add_argument("--nus", type=float, nargs="+", default=[0.01, 0.1, 0.3, 1.0])
+    ap.add_argument("--nus", type=float, nargs="*", default=[0.01, 0.1, 0.3, 1.0],
+                    help="reward-shaping coefficients (none: no shaping runs)")
+    ap.add_argument("--lambda_optimizers", nargs="+", default=["sgd"], choices=list(LAG_METHODS.values()),
+                    help="PPO-Lag once per multiplier (sgd: the reference's; pid: the PID Lagrangian)")
+    ap.add_argument("--pid", nargs="*", default=[], metavar="KEY=VALUE",
+                    help=f"override PID_GAINS ({', '.join(f'{k}={v}' for k, v in PID_GAINS.items())})")
     ap.add_argument("--no-ppo", action="store_true", help="skip the reward-only PPO baseline")
     ap.add_argument("--prompts", default=None, help="training prompt spec (default: the demo's)")
     ap.add_argument("--jobs", type=int, default=2, help="runs trained at the same time (processes)")
@@ -140,7 +169,9 @@ def main() -> int:
     threshold = spec["threshold"]
     max_new = spec["max_new_tokens"]
     os.makedirs(args.out, exist_ok=True)
-    runs = [("ppo-lag", None)] + [("shaping", nu) for nu in args.nus] + ([] if args.no_ppo else [("ppo", None)])
+    spec.update(PID_GAINS, **parse_pid_overrides(args.pid))
+    lag_runs = [(m, None) for m, kind in LAG_METHODS.items() if kind in args.lambda_optimizers]
+    runs = lag_runs + [("shaping", nu) for nu in args.nus] + ([] if args.no_ppo else [("ppo", None)])
     jobs = [(seed, "sft", None) for seed in args.seeds] + [(seed, m, nu) for seed in args.seeds for m, nu in runs]
     t_all = time.perf_counter()
     work = [(seed, method, nu, args.base, args.out, spec, max_new, args.threads) for seed, method, nu in jobs]
@@ -164,6 +195,17 @@ def main() -> int:
     return 0
 
 
+def parse_pid_overrides(items) -> dict:
+    out = {}
+    for item in items:
+        key, _, value = item.partition("=")
+        key = key if key.startswith("pid_") else "pid_" + key
+        if key not in PID_GAINS or not value:
+            raise SystemExit(f"--pid {item}: expected KEY=VALUE with KEY one of {', '.join(PID_GAINS)}")
+        out[key] = type(PID_GAINS[key])(value)
+    return out
+
+
 def _agg(values):
     values = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
     if not values:
@@ -175,7 +217,8 @@ def make_table(results, threshold) -> str:
     groups: dict = {}
     for r in results:
         groups.setdefault((r["method"], r["nu"]), []).append(r)
-    order = sorted(groups, key=lambda k: ({"sft": 0, "ppo": 1, "shaping": 2, "ppo-lag": 3}[k[0]], k[1] or 0))
+    order = sorted(groups, key=lambda k: ({"sft": 0, "ppo": 1, "shaping": 2, "ppo-lag": 3, "ppo-lag-pid": 4}[k[0]],
+                                          k[1] or 0))
     seeds = sorted({r["seed"] for r in results})
     lines = [f"Synthetic world, held-out prompts (264), sampled responses; mean +- sd over seeds {seeds}. "
              f"PPO-Lag threshold {threshold}.", "",
@@ -203,6 +246,7 @@ def make_table(results, threshold) -> str:
         summary[key] = (_agg([r["eval"]["harmful_rate"] for r in rows])[0],
                         _agg([r["eval"]["helpfulness_on_benign_prompts"] for r in rows])[0])
         costs[key] = _agg([r["eval"]["cost"] for r in rows])[0]
+    lines += multiplier_table(groups, order, threshold)
     lag = summary.get(("ppo-lag", None))
     feasible = sorted((k for k in order if costs[k] <= threshold), key=lambda k: -summary[k][1])
     lines.append("")
@@ -228,6 +272,27 @@ def make_table(results, threshold) -> str:
     return "\n".join(lines)
 
 
+def multiplier_table(groups, order, threshold) -> list[str]:
+    """Per PPO-Lag variant, mean +- sd over seeds of the multiplier's behaviour (second half of training)."""
+    keys = [k for k in order if k[0] in LAG_METHODS]
+    if not keys:
+        return []
+    lines = ["", f"Multiplier behaviour, second half of training (threshold d = {threshold}):", "",
+             "| policy | J_C at the end | mean max(0, J_C - d) | lambda sd | lambda max - min | lambda at the end |",
+             "|---|---|---|---|---|---|"]
+    for key in keys:
+        tr = [r["train"] for r in groups[key]]
+
+        def cell(field, tr=tr):
+            m, s = _agg([t[field] for t in tr])
+            return f"{m:.3f} +- {s:.3f}"
+
+        end = _agg([t["lambda"][-1] for t in tr])
+        lines.append(f"| {label(*key)} | {cell('jc_end')} | {cell('violation_2nd_half')} | "
+                     f"{cell('lambda_sd_2nd_half')} | {cell('lambda_range_2nd_half')} | {end[0]:.3f} +- {end[1]:.3f} |")
+    return lines
+
+
 def plot(results, threshold, path):
     try:
         import matplotlib
@@ -243,7 +308,8 @@ def plot(results, threshold, path):
     for r in results:
         key = label(r["method"], r["nu"])
         if key not in colors:
-            colors[key] = "tab:red" if r["method"] == "ppo-lag" else palette[len(colors) % len(palette)]
+            colors[key] = {"ppo-lag": "tab:red", "ppo-lag-pid": "tab:cyan"}.get(r["method"],
+                                                                           palette[len(colors) % len(palette)])
         ev = r["eval"]
         ax.scatter(ev["harmful_rate"], ev["helpfulness_on_benign_prompts"], color=colors[key],
                    marker="*" if r["method"] == "ppo-lag" else "o", s=120 if r["method"] == "ppo-lag" else 40,
@@ -259,16 +325,17 @@ def plot(results, threshold, path):
     ax.grid(alpha=0.3)
     ax2b = ax2.twinx()
     for r in results:
-        if r["method"] == "ppo-lag":
+        if r["method"] in LAG_METHODS:
             t = r["train"]
             steps = range(1, len(t["episode_cost"]) + 1)
-            ax2.plot(steps, t["episode_cost"], color="tab:orange", alpha=0.7)
-            ax2b.plot(steps, t["lambda"], color="tab:blue", alpha=0.7)
+            ls = "-" if r["method"] == "ppo-lag" else ":"
+            ax2.plot(steps, t["episode_cost"], color="tab:orange", alpha=0.7, ls=ls)
+            ax2b.plot(steps, t["lambda"], color="tab:blue", alpha=0.7, ls=ls)
     ax2b.set_ylabel("lambda", color="tab:blue")
     ax2.axhline(threshold, color="k", ls="--", lw=1)
     ax2.set_xlabel("RL step")
     ax2.set_ylabel("J_C (window mean cost)", color="tab:orange")
-    ax2.set_title("PPO-Lag: J_C vs threshold (dashed), lambda")
+    ax2.set_title("PPO-Lag: J_C vs threshold (dashed), lambda (PID: dotted)")
     ax2.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -4,8 +4,9 @@ One module, three algorithms; only the reward stream(s) and the advantage mix di
 
 * ``ppo``                 reward R only; one critic; ``A = A^r``.
 * ``ppo-lag``             reward R and cost C, two critics, ``A = (A^r - lam A^c) / (1 + lam)``, lam from
-                          :class:`~saferlhf_fast.lagrange.LagrangeMultiplier` (updated once per RL step, before the
-                          actor loss, from the window of rollout end costs C).
+                          :class:`~saferlhf_fast.lagrange.LagrangeMultiplier` (``--lambda_optimizer sgd``) or
+                          :class:`~saferlhf_fast.lagrange.PIDLagrangeMultiplier` (``pid``), updated once per RL step,
+                          before the actor loss, from the window of rollout end costs C.
 * ``ppo-reward-shaping``  one critic on the shaped reward ``R - nu C`` with nu fixed (= ``--lambda_init``).
 
 Six roles (PPO-Lag): actor (trained), reference (frozen copy of the initial actor), reward model and cost model
@@ -58,7 +59,7 @@ from torch import Tensor
 from .. import distributed, ops
 from ..data import DataError, PromptOnlyDataset, SupervisedDataset, load_tokenizer
 from ..engine import generate
-from ..lagrange import LagrangeMultiplier
+from ..lagrange import MULTIPLIERS, make_multiplier
 from ..models import freeze, from_pretrained
 from ..ops import IGNORE_INDEX
 from ..profiling import PhaseRanges
@@ -244,17 +245,23 @@ class PPOLagConfig(PPOConfig):
     lambda_max: float | None = _f(None, "cap on lambda (the PPO-Lag script uses 5.0)")
     lambda_update_delay_steps: int = _f(0, "RL steps before lambda starts to move")
     episode_cost_window_size: int = _f(128, "J_C is the mean of the last N rollout end costs")
+    lambda_optimizer: str = _f("sgd", "lambda update: 'sgd' (the reference's log-space SGD, --lambda_lr) or 'pid' "
+                                      "(PID Lagrangian, --pid_*)", choices=list(MULTIPLIERS))
+    pid_kp: float = _f(0.1, "PID: proportional gain (on the EMA of J_C - threshold)")
+    pid_ki: float = _f(0.01, "PID: integral gain (the integral starts at --lambda_init)")
+    pid_kd: float = _f(0.01, "PID: derivative gain (on the rise of the EMA of J_C over --pid_d_delay updates)")
+    pid_d_delay: int = _f(10, "PID: the derivative compares the cost EMA with its value this many updates back")
+    pid_delta_p_ema_alpha: float = _f(0.95, "PID: EMA factor of the proportional signal (0: no smoothing)")
+    pid_delta_d_ema_alpha: float = _f(0.95, "PID: EMA factor of the derivative's cost signal (0: no smoothing)")
 
     algorithm = "ppo-lag"
 
     def validate(self) -> None:
         super().validate()
-        if not self.lambda_init > 0:
-            raise ConfigError(f"--lambda_init must be > 0 (lambda lives in log space), got {self.lambda_init}")
-        if self.lambda_max is not None and not self.lambda_max > 0:
-            raise ConfigError(f"--lambda_max must be > 0, got {self.lambda_max}")
-        if self.episode_cost_window_size < 1:
-            raise ConfigError(f"--episode_cost_window_size must be >= 1, got {self.episode_cost_window_size}")
+        try:
+            make_multiplier(self)  # the multiplier's own checks, on the flags of --lambda_optimizer's choice
+        except ValueError as err:
+            raise ConfigError(f"--{err}") from None
 
 
 @dataclass
@@ -384,8 +391,7 @@ class PPOTrainer:
         self._load_models()
         self.lagrange = None
         if self.algorithm == "ppo-lag":
-            self.lagrange = LagrangeMultiplier(cfg.lambda_init, cfg.lambda_lr, cfg.lambda_max, cfg.threshold,
-                                               cfg.episode_cost_window_size, cfg.lambda_update_delay_steps)
+            self.lagrange = make_multiplier(cfg)
         self.nu = float(cfg.lambda_init) if self.algorithm == "ppo-reward-shaping" else 0.0
         self.step = 0  # rollout steps done
         self.global_step = 0  # RL (micro-batch) updates done
