@@ -1,0 +1,394 @@
+"""Ahead-of-time compile of every Triton kernel in kernels/ with Triton's own compiler (``make triton-check``).
+
+The tests run the kernels under the CPU interpreter (``TRITON_INTERPRET=1``), which accepts code the real compiler
+rejects.  This compiles each ``@triton.jit`` kernel for real NVIDIA targets (``GPUTarget("cuda", 80, 32)`` and
+``GPUTarget("cuda", 90, 32)`` by default) through the whole pipeline (TTIR -> TTGIR -> LLVM -> PTX -> ptxas cubin),
+with no GPU, no CUDA driver and no torch: ``triton.compile`` is given the target explicitly, so it never asks
+``driver.active`` for one, and ptxas is the one shipped inside the triton wheel.
+
+What is compiled is what the launchers launch.  Each kernel module lists its kernels in ``AOT_KERNELS``: the
+argument types its launchers pass (``"{dtype}"`` standing for the dtypes they accept), the constexpr flags, and the
+module's ``launch_config(size, gpu)``, the very function the launchers call for ``BLOCK_*`` / ``num_warps``.  Every
+config that ``launch_config`` returns for some size on a GPU is compiled (sizes 1 .. 2**31, deduplicated), for every
+dtype and flag combination, for every arch.  Pointers carry the 16-byte divisibility hint the JIT gives aligned
+torch tensors; integer arguments are compiled as plain i32 (the JIT may also specialise ``== 1`` / ``% 16 == 0``
+values: those variants are not compiled here).  The check fails when a module defines a ``@triton.jit`` kernel that
+no ``AOT_KERNELS`` entry (or kernel, as a helper) reaches, or when an entry's argument names drift from the kernel's.
+
+The kernel modules are loaded from their files under private names with the interpreter switched off (so this runs
+next to interpreter tests in one process, and needs neither torch nor the saferlhf_fast package): run it as
+``python -m saferlhf_fast.benchmarks.triton_aot`` or, where torch is absent, ``python -P
+saferlhf_fast/benchmarks/triton_aot.py``.
+
+Prints one row per (kernel, config, dtype, arch): registers (from the cubin), spill stores / loads and stack frame
+(from the ptxas log), shared memory and num_warps (Triton's metadata); writes them as CSV (default
+``runs/triton-aot/triton-aot-<triton version>.csv``).  Exits 1 with the compiler's message when a kernel fails.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+if __name__ == "__main__" and sys.path and sys.path[0] and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
+    # Run as a file: its folder (which holds profile.py, ops.py, ...) must not shadow other modules.
+    sys.path.pop(0)
+
+import argparse  # noqa: E402
+import contextlib  # noqa: E402
+import csv  # noqa: E402
+import importlib.util  # noqa: E402
+import io  # noqa: E402
+import itertools  # noqa: E402
+import re  # noqa: E402
+import struct  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+
+KERNELS_DIR = Path(__file__).resolve().parent.parent / "kernels"
+DEFAULT_ARCHS = (80, 90)
+# launch_config keys that are compile options rather than kernel parameters
+_OPTION_KEYS = ("num_warps", "num_stages", "num_ctas", "maxnreg")
+
+
+@dataclass
+class Job:
+    module: str  # kernels/<module>.py
+    kernel: object  # the JITFunction
+    signature: dict  # {param: triton type or "constexpr"}, in parameter order
+    constexprs: dict  # {param: value}
+    options: dict  # compile options (num_warps, ...)
+    dtype: str
+
+    @property
+    def name(self) -> str:
+        return self.kernel.__name__
+
+    @property
+    def config(self) -> str:
+        return " ".join(f"{k}={int(v) if isinstance(v, bool) else v}" for k, v in {**self.constexprs, **self.options}.items())
+
+
+@dataclass
+class Result:
+    job: Job
+    arch: int
+    triton_version: str
+    registers: int = 0
+    spill_stores: int = 0
+    spill_loads: int = 0
+    stack: int = 0
+    shared: int = 0
+    num_warps: int = 0
+    cubin_bytes: int = 0
+    seconds: float = 0.0
+    error: str = ""
+
+    def row(self) -> dict:
+        return {
+            "kernel": self.job.name, "module": self.job.module, "config": self.job.config, "dtype": self.job.dtype,
+            "arch": f"sm_{self.arch}", "triton": self.triton_version, "registers": self.registers,
+            "spill_stores": self.spill_stores, "spill_loads": self.spill_loads, "stack": self.stack,
+            "shared": self.shared, "num_warps": self.num_warps, "cubin_bytes": self.cubin_bytes,
+            "compile_s": f"{self.seconds:.2f}", "ok": int(not self.error),
+        }
+
+
+COLUMNS = ["kernel", "module", "config", "dtype", "arch", "triton", "registers", "spill_stores", "spill_loads",
+           "stack", "shared", "num_warps", "cubin_bytes", "compile_s", "ok"]
+
+
+def load_kernel_modules(kernels_dir: Path = KERNELS_DIR) -> dict:
+    """{module stem: module} of every kernels/*.py that defines a ``@triton.jit`` function, loaded from its file under a
+    private name with the Triton interpreter off (so its functions are real ``JITFunction``s)."""
+    import triton
+
+    mods = {}
+    for path in sorted(Path(kernels_dir).glob("*.py")):
+        if "triton.jit" not in path.read_text():
+            continue  # e.g. launchers.py, which imports the package
+        name = f"_saferlhf_triton_aot.{path.stem}"
+        spec = importlib.util.spec_from_file_location(name, path)
+        mod = importlib.util.module_from_spec(spec)
+        with triton.knobs.runtime.scope():
+            triton.knobs.runtime.interpret = False
+            sys.modules[name] = mod
+            try:
+                spec.loader.exec_module(mod)
+            except BaseException:
+                sys.modules.pop(name, None)
+                raise
+        mods[path.stem] = mod
+    if not mods:
+        raise SystemExit(f"triton_aot: no @triton.jit kernels found under {kernels_dir}")
+    return mods
+
+
+def _jit_functions(mod) -> dict:
+    from triton.runtime.jit import JITFunction
+
+    return {
+        name: obj for name, obj in vars(mod).items()
+        if isinstance(obj, JITFunction) and getattr(obj.fn, "__module__", None) == mod.__name__
+    }
+
+
+def _launch_configs(launch_config) -> list:
+    """Every distinct config ``launch_config(size, gpu=True)`` gives, over sizes 1 .. 2**31."""
+    seen = []
+    for k in range(32):
+        for size in ((1 << k) - 1, 1 << k, (1 << k) + 1):
+            if size < 1:
+                continue
+            cfg = launch_config(size, True)
+            if cfg not in seen:
+                seen.append(cfg)
+    return seen
+
+
+def build_jobs(mods: dict, kernel_filter: str | None = None, quick: bool = False) -> list:
+    """All (kernel, dtype, flags, config) jobs of the modules' ``AOT_KERNELS``; raises ValueError on a kernel no
+    entry covers or an entry whose argument names do not match its kernel."""
+    jobs, problems = [], []
+    for stem, mod in mods.items():
+        jits = _jit_functions(mod)
+        entries = getattr(mod, "AOT_KERNELS", [])
+        roots = []
+        for entry in entries:
+            kernel = jits.get(entry["kernel"])
+            if kernel is None:
+                problems.append(f"kernels/{stem}.py: AOT_KERNELS names {entry['kernel']!r}, not a @triton.jit function")
+                continue
+            roots.append(kernel)
+            params = [p.name for p in kernel.params]
+            constexpr = [p.name for p in kernel.params if p.is_constexpr]
+            sig_names = list(entry["signature"])
+            if sorted(sig_names) != sorted(p for p in params if p not in constexpr):
+                problems.append(
+                    f"kernels/{stem}.py: AOT_KERNELS signature of {kernel.__name__} names {sig_names}, "
+                    f"the kernel's runtime parameters are {[p for p in params if p not in constexpr]}"
+                )
+                continue
+            flags = dict(entry.get("flags", {}))
+            configs = _launch_configs(entry["launch_config"])
+            if quick:
+                configs = [configs[0], configs[-1]] if len(configs) > 1 else configs
+            for cfg in configs:
+                const_keys = set(flags) | {k for k in cfg if k not in _OPTION_KEYS}
+                if const_keys != set(constexpr):
+                    problems.append(
+                        f"kernels/{stem}.py: {kernel.__name__} has constexpr parameters {constexpr}, "
+                        f"AOT_KERNELS flags + launch_config give {sorted(const_keys)}"
+                    )
+                    break
+            else:
+                for dtype, flag_vals, cfg in itertools.product(
+                    entry["dtypes"], itertools.product(*flags.values()), configs
+                ):
+                    consts = {**dict(zip(flags, flag_vals)), **{k: v for k, v in cfg.items() if k not in _OPTION_KEYS}}
+                    sig = {
+                        p: "constexpr" if p in constexpr else entry["signature"][p].format(dtype=dtype) for p in params
+                    }
+                    jobs.append(Job(
+                        module=stem, kernel=kernel, signature=sig,
+                        constexprs={p: consts[p] for p in params if p in consts},
+                        options={k: v for k, v in cfg.items() if k in _OPTION_KEYS}, dtype=dtype,
+                    ))
+        # every @triton.jit function must be an entry's kernel or reached from one (a helper it calls)
+        reached = {k.__name__ for k in roots}
+        frontier = list(roots)
+        while frontier:
+            src = frontier.pop().src
+            for name, fn in jits.items():
+                if name not in reached and re.search(rf"\b{re.escape(name)}\b", src):
+                    reached.add(name)
+                    frontier.append(fn)
+        for name in sorted(set(jits) - reached):
+            problems.append(
+                f"kernels/{stem}.py: @triton.jit {name} is neither in AOT_KERNELS nor called by a kernel there"
+            )
+    if problems:
+        raise ValueError("\n".join(problems))
+    if kernel_filter:
+        jobs = [j for j in jobs if kernel_filter in j.name]
+    return jobs
+
+
+EIATTR_REGCOUNT = 0x2F
+
+
+def cubin_registers(cubin: bytes, name: str) -> int:
+    """Registers per thread of kernel ``name``, read from the cubin as the driver does: the ``EIATTR_REGCOUNT``
+    attribute of the ELF's ``.nv.info`` section (a (symbol index, count) pair, in both the sm_80 and the CUDA 13
+    sm_90a layouts); -1 if absent."""
+    if cubin[:4] != b"\x7fELF" or cubin[4] != 2:  # ELF64 only
+        return -1
+    e = "<" if cubin[5] == 1 else ">"
+    shoff, = struct.unpack_from(e + "Q", cubin, 0x28)
+    shentsize, shnum, shstrndx = struct.unpack_from(e + "HHH", cubin, 0x3A)
+    # sh_name, sh_type, sh_flags, sh_addr, sh_offset, sh_size, sh_link, sh_info, sh_addralign, sh_entsize
+    secs = [struct.unpack_from(e + "IIQQQQIIQQ", cubin, shoff + i * shentsize) for i in range(shnum)]
+
+    def data(sec):
+        return cubin[sec[4]:sec[4] + sec[5]]
+
+    def cstr(buf, off):
+        return buf[off:buf.index(b"\0", off)].decode(errors="replace")
+
+    shstr = data(secs[shstrndx])
+    by_name = {cstr(shstr, sec[0]): sec for sec in secs}
+    symtab, info = by_name.get(".symtab"), by_name.get(".nv.info")
+    if symtab is None or info is None:
+        return -1
+    strtab = data(secs[symtab[6]])
+    syms = data(symtab)
+    sym_names = [cstr(strtab, struct.unpack_from(e + "I", syms, off)[0]) for off in range(0, len(syms), 24)]
+    buf, p = data(info), 0
+    while p + 2 <= len(buf):
+        fmt, attr = buf[p], buf[p + 1]
+        p += 2
+        if fmt == 0x04:  # EIFMT_SVAL: u16 size, payload
+            size, = struct.unpack_from(e + "H", buf, p)
+            payload = buf[p + 2:p + 2 + size]
+            p += 2 + size
+            if attr == EIATTR_REGCOUNT and size == 8:
+                sym, count = struct.unpack(e + "II", payload)
+                if sym < len(sym_names) and sym_names[sym] == name:
+                    return count
+        elif fmt == 0x03:  # EIFMT_HVAL
+            p += 2
+        elif fmt == 0x02:  # EIFMT_BVAL
+            p += 1
+        elif fmt != 0x01:  # EIFMT_NVAL has no payload; anything else: unknown layout
+            break
+    return -1
+
+
+_PTXAS_SPILLS = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
+_PTXAS_REGS = re.compile(r"Used (\d+) registers")
+
+
+def compile_job(job: Job, arch: int) -> Result:
+    """Compile one job for ``GPUTarget("cuda", arch, 32)``; the Result's ``error`` holds the compiler's message on
+    failure."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from triton.compiler.compiler import make_backend
+
+    target = GPUTarget("cuda", arch, 32)
+    res = Result(job=job, arch=arch, triton_version=triton.__version__)
+    backend = make_backend(target)
+    params = [p.name for p in job.kernel.params]
+    # the JIT's alignment hint for 16-byte aligned pointers (what torch allocations get)
+    attrs = {(i,): backend.parse_attr("D") for i, p in enumerate(params) if job.signature[p].startswith("*")}
+    src = ASTSource(fn=job.kernel, signature=dict(job.signature), constexprs=dict(job.constexprs), attrs=attrs)
+    log = io.StringIO()
+    t0 = time.perf_counter()
+    try:
+        with contextlib.redirect_stdout(log):
+            compiled = triton.compile(src, target=target, options=dict(job.options))
+    except Exception as exc:  # noqa: BLE001 - the compiler's own message is the point
+        res.seconds = time.perf_counter() - t0
+        captured = log.getvalue().strip()
+        res.error = f"{type(exc).__name__}: {exc}" + (f"\n{captured[-4000:]}" if captured else "")
+        return res
+    res.seconds = time.perf_counter() - t0
+    cubin = compiled.asm.get("cubin", b"")
+    res.cubin_bytes = len(cubin)
+    res.registers = cubin_registers(cubin, compiled.metadata.name) if cubin else -1
+    text = log.getvalue()
+    m = _PTXAS_SPILLS.search(text)
+    if m:
+        res.stack, res.spill_stores, res.spill_loads = (int(x) for x in m.groups())
+    else:
+        res.stack = res.spill_stores = res.spill_loads = -1
+    m = _PTXAS_REGS.search(text)
+    if m and res.registers < 0:
+        res.registers = int(m.group(1))
+    elif m and int(m.group(1)) != res.registers:
+        print(f"triton_aot: {job.name} sm_{arch}: ptxas reports {m.group(1)} registers, the cubin {res.registers}",
+              file=sys.stderr)
+    res.shared = int(compiled.metadata.shared)
+    res.num_warps = int(compiled.metadata.num_warps)
+    if not cubin:
+        res.error = "no cubin produced"
+    return res
+
+
+@contextlib.contextmanager
+def compile_env():
+    """Fresh throw-away cache (every kernel really goes through ptxas, ~/.triton is left alone) and the ptxas log
+    printed (captured by compile_job)."""
+    import triton
+
+    with tempfile.TemporaryDirectory(prefix="triton-aot-") as tmp, \
+            triton.knobs.cache.scope(), triton.knobs.compilation.scope(), triton.knobs.nvidia.scope():
+        triton.knobs.cache.dir = tmp
+        triton.knobs.compilation.always_compile = True
+        triton.knobs.nvidia.dump_ptxas_log = True
+        yield
+
+
+def _fmt(row: dict) -> str:
+    return (f"{row['kernel']:<22} {row['config']:<45} {row['dtype']:<5} {row['arch']:<6} {row['registers']:>4} "
+            f"{row['spill_stores']:>6}/{row['spill_loads']:<6} {row['stack']:>5} {row['shared']:>6} {row['num_warps']:>5}"
+            f" {row['compile_s']:>6}")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="triton_aot", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--arch", type=int, nargs="+", default=list(DEFAULT_ARCHS),
+                    help="compute capabilities to compile for (default 80 90)")
+    ap.add_argument("--out", default=None,
+                    help="CSV path (default runs/triton-aot/triton-aot-<triton version>.csv)")
+    ap.add_argument("--kernel", default=None, help="only kernels whose name contains this")
+    ap.add_argument("--quick", action="store_true", help="only the smallest and largest launch config per kernel")
+    args = ap.parse_args(argv)
+
+    import triton
+
+    out = Path(args.out or os.path.join("runs", "triton-aot", f"triton-aot-{triton.__version__}.csv"))
+    mods = load_kernel_modules()
+    try:
+        jobs = build_jobs(mods, args.kernel, args.quick)
+    except ValueError as exc:
+        print(f"triton_aot: kernels/ and their AOT_KERNELS disagree:\n{exc}", file=sys.stderr)
+        return 1
+    print(f"triton {triton.__version__} ({Path(triton.__file__).parent}); {len(jobs)} kernel configs x "
+          f"{len(args.arch)} archs from {KERNELS_DIR}", flush=True)
+    print(_fmt({"kernel": "kernel", "config": "config", "dtype": "dtype", "arch": "arch", "registers": "regs",
+                "spill_stores": "spills", "spill_loads": "st/ld", "stack": "stack", "shared": "shared",
+                "num_warps": "warps", "compile_s": "sec"}), flush=True)
+    results, t0 = [], time.perf_counter()
+    with compile_env():
+        for job in jobs:
+            for arch in args.arch:
+                res = compile_job(job, arch)
+                results.append(res)
+                print(_fmt(res.row()) + ("  FAILED" if res.error else ""), flush=True)
+                if res.error:
+                    print(res.error, file=sys.stderr, flush=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=COLUMNS)
+        w.writeheader()
+        for res in results:
+            w.writerow(res.row())
+    failed = [r for r in results if r.error]
+    spilled = [r for r in results if r.spill_stores > 0 or r.spill_loads > 0]
+    print(f"{len(results) - len(failed)}/{len(results)} compiled in {time.perf_counter() - t0:.1f}s "
+          f"({len(spilled)} with register spills); wrote {out}")
+    if failed:
+        print(f"triton_aot: {len(failed)} kernel configs failed to compile with triton {triton.__version__}:",
+              file=sys.stderr)
+        for r in failed:
+            print(f"  {r.job.name} [{r.job.config}] {r.job.dtype} sm_{r.arch}: {r.error.splitlines()[0]}",
+                  file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
