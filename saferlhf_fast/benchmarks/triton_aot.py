@@ -30,9 +30,13 @@ import os
 import sys
 from pathlib import Path
 
-if __name__ == "__main__" and sys.path and sys.path[0] and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
-    # Run as a file: its folder (which holds profile.py, ops.py, ...) must not shadow other modules.
-    sys.path.pop(0)
+if __name__ == "__main__":
+    # Under TRITON_INTERPRET=1 triton's own tl.* helpers (tl.cdiv, ...) become interpreter functions when triton is
+    # imported, and the compiler cannot lower them: this process compiles, so it imports triton without it.
+    os.environ.pop("TRITON_INTERPRET", None)
+    if sys.path and sys.path[0] and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
+        # Run as a file: its folder (which holds profile.py, ops.py, ...) must not shadow other modules.
+        sys.path.pop(0)
 
 import argparse  # noqa: E402
 import contextlib  # noqa: E402
@@ -67,7 +71,8 @@ class Job:
 
     @property
     def config(self) -> str:
-        return " ".join(f"{k}={int(v) if isinstance(v, bool) else v}" for k, v in {**self.constexprs, **self.options}.items())
+        items = {**self.constexprs, **self.options}.items()
+        return " ".join(f"{k}={int(v) if isinstance(v, bool) else v}" for k, v in items)
 
 
 @dataclass
@@ -84,6 +89,7 @@ class Result:
     cubin_bytes: int = 0
     seconds: float = 0.0
     error: str = ""
+    cubin: bytes = b""  # not in the CSV
 
     def row(self) -> dict:
         return {
@@ -295,7 +301,7 @@ def compile_job(job: Job, arch: int) -> Result:
         res.error = f"{type(exc).__name__}: {exc}" + (f"\n{captured[-4000:]}" if captured else "")
         return res
     res.seconds = time.perf_counter() - t0
-    cubin = compiled.asm.get("cubin", b"")
+    cubin = res.cubin = compiled.asm.get("cubin", b"")
     res.cubin_bytes = len(cubin)
     res.registers = cubin_registers(cubin, compiled.metadata.name) if cubin else -1
     text = log.getvalue()
@@ -320,9 +326,16 @@ def compile_job(job: Job, arch: int) -> Result:
 @contextlib.contextmanager
 def compile_env():
     """Fresh throw-away cache (every kernel really goes through ptxas, ~/.triton is left alone) and the ptxas log
-    printed (captured by compile_job)."""
+    printed (captured by compile_job).  RuntimeError if triton was imported in interpreter mode."""
     import triton
+    import triton.language.standard as std
 
+    if any(type(v).__name__ == "InterpretedFunction" for v in vars(std).values()):
+        raise RuntimeError(
+            "triton was imported with TRITON_INTERPRET=1, so its own tl.* helpers are interpreter functions the "
+            "compiler cannot lower: run the AOT compile in a process that imports triton without it "
+            "(python -m saferlhf_fast.benchmarks.triton_aot drops the variable before it imports triton)"
+        )
     with tempfile.TemporaryDirectory(prefix="triton-aot-") as tmp, \
             triton.knobs.cache.scope(), triton.knobs.compilation.scope(), triton.knobs.nvidia.scope():
         triton.knobs.cache.dir = tmp
@@ -333,8 +346,8 @@ def compile_env():
 
 def _fmt(row: dict) -> str:
     return (f"{row['kernel']:<22} {row['config']:<45} {row['dtype']:<5} {row['arch']:<6} {row['registers']:>4} "
-            f"{row['spill_stores']:>6}/{row['spill_loads']:<6} {row['stack']:>5} {row['shared']:>6} {row['num_warps']:>5}"
-            f" {row['compile_s']:>6}")
+            f"{row['spill_stores']:>6}/{row['spill_loads']:<6} {row['stack']:>5} {row['shared']:>6} "
+            f"{row['num_warps']:>5} {row['compile_s']:>6}")
 
 
 def main(argv=None) -> int:
