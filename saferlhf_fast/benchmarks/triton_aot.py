@@ -80,6 +80,7 @@ class Result:
     job: Job
     arch: int
     triton_version: str
+    ptxas: str = ""
     registers: int = 0
     spill_stores: int = 0
     spill_loads: int = 0
@@ -94,14 +95,15 @@ class Result:
     def row(self) -> dict:
         return {
             "kernel": self.job.name, "module": self.job.module, "config": self.job.config, "dtype": self.job.dtype,
-            "arch": f"sm_{self.arch}", "triton": self.triton_version, "registers": self.registers,
+            "arch": f"sm_{self.arch}", "triton": self.triton_version, "ptxas": self.ptxas,
+            "registers": self.registers,
             "spill_stores": self.spill_stores, "spill_loads": self.spill_loads, "stack": self.stack,
             "shared": self.shared, "num_warps": self.num_warps, "cubin_bytes": self.cubin_bytes,
             "compile_s": f"{self.seconds:.2f}", "ok": int(not self.error),
         }
 
 
-COLUMNS = ["kernel", "module", "config", "dtype", "arch", "triton", "registers", "spill_stores", "spill_loads",
+COLUMNS = ["kernel", "module", "config", "dtype", "arch", "triton", "ptxas", "registers", "spill_stores", "spill_loads",
            "stack", "shared", "num_warps", "cubin_bytes", "compile_s", "ok"]
 
 
@@ -271,6 +273,17 @@ def cubin_registers(cubin: bytes, name: str) -> int:
     return -1
 
 
+def ptxas_version(arch: int) -> str:
+    """CUDA release of the ptxas this triton runs for ``arch`` (its bundled one unless TRITON_PTXAS_PATH says
+    otherwise; 3.9 takes ``ptxas-blackwell`` from sm_90 on, 3.6 from sm_100 on); "" if it cannot tell."""
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+
+        return str(get_ptxas(arch).version)
+    except Exception:  # noqa: BLE001 - a private helper; the version is only informative
+        return ""
+
+
 _PTXAS_SPILLS = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
 _PTXAS_REGS = re.compile(r"Used (\d+) registers")
 
@@ -284,7 +297,7 @@ def compile_job(job: Job, arch: int) -> Result:
     from triton.compiler.compiler import make_backend
 
     target = GPUTarget("cuda", arch, 32)
-    res = Result(job=job, arch=arch, triton_version=triton.__version__)
+    res = Result(job=job, arch=arch, triton_version=triton.__version__, ptxas=ptxas_version(arch))
     backend = make_backend(target)
     params = [p.name for p in job.kernel.params]
     # the JIT's alignment hint for 16-byte aligned pointers (what torch allocations get)
@@ -350,6 +363,42 @@ def _fmt(row: dict) -> str:
             f"{row['num_warps']:>5} {row['compile_s']:>6}")
 
 
+def markdown_table(csv_paths) -> str:
+    """docs/kernels.md's table from CSVs of earlier runs: per kernel (rows) and (arch, triton version) (columns),
+    ``registers min-max / shared bytes max`` over all its configs, dtypes and flags, and the spill total."""
+    rows = []
+    for p in csv_paths:
+        with open(p, newline="") as f:
+            rows += list(csv.DictReader(f))
+    cols = sorted({(r["arch"], r["triton"]) for r in rows},
+                  key=lambda c: (c[0], tuple(int(x) for x in re.findall(r"\d+", c[1]))))
+    kernels = list(dict.fromkeys(r["kernel"] for r in rows))
+    lines = [
+        "| kernel | configs x dtypes x flags | " + " | ".join(f"{a} triton {v}" for a, v in cols) + " |",
+        "|---|---|" + "---|" * len(cols),
+    ]
+    for k in kernels:
+        mine = [r for r in rows if r["kernel"] == k]
+        first = [r for r in mine if (r["arch"], r["triton"]) == cols[0]]
+        blocks = sorted({int(m.group(1)) for r in first for m in [re.search(r"BLOCK_\w+=(\d+)", r["config"])] if m})
+        cells = []
+        for c in cols:
+            sel = [r for r in mine if (r["arch"], r["triton"]) == c]
+            if not sel:
+                cells.append("-")
+                continue
+            regs = [int(r["registers"]) for r in sel]
+            spills = sum(int(r["spill_stores"]) + int(r["spill_loads"]) for r in sel)
+            bad = sum(r["ok"] != "1" for r in sel)
+            cell = f"{min(regs)}-{max(regs)} / {max(int(r['shared']) for r in sel)}"
+            cell += f", {spills} B spilled" if spills else ""
+            cell += f", {bad} FAILED" if bad else ""
+            cells.append(cell)
+        span = f"{blocks[0]}..{blocks[-1]}" if blocks else "-"
+        lines.append(f"| `{k}` | {len(first)} (BLOCK {span}) | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="triton_aot", description=__doc__.split("\n\n")[0])
     ap.add_argument("--arch", type=int, nargs="+", default=list(DEFAULT_ARCHS),
@@ -358,7 +407,12 @@ def main(argv=None) -> int:
                     help="CSV path (default runs/triton-aot/triton-aot-<triton version>.csv)")
     ap.add_argument("--kernel", default=None, help="only kernels whose name contains this")
     ap.add_argument("--quick", action="store_true", help="only the smallest and largest launch config per kernel")
+    ap.add_argument("--table", nargs="+", metavar="CSV",
+                    help="compile nothing: print the markdown table of docs/kernels.md from these CSVs")
     args = ap.parse_args(argv)
+    if args.table:
+        print(markdown_table(args.table))
+        return 0
 
     import triton
 
@@ -369,7 +423,8 @@ def main(argv=None) -> int:
     except ValueError as exc:
         print(f"triton_aot: kernels/ and their AOT_KERNELS disagree:\n{exc}", file=sys.stderr)
         return 1
-    print(f"triton {triton.__version__} ({Path(triton.__file__).parent}); {len(jobs)} kernel configs x "
+    ptxas = ", ".join(f"sm_{a}: ptxas {ptxas_version(a) or '?'}" for a in args.arch)
+    print(f"triton {triton.__version__} ({Path(triton.__file__).parent}; {ptxas}); {len(jobs)} kernel configs x "
           f"{len(args.arch)} archs from {KERNELS_DIR}", flush=True)
     print(_fmt({"kernel": "kernel", "config": "config", "dtype": "dtype", "arch": "arch", "registers": "regs",
                 "spill_stores": "spills", "spill_loads": "st/ld", "stack": "stack", "shared": "shared",
