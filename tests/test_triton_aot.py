@@ -81,6 +81,29 @@ def test_cli_writes_csv(tmp_path):
     assert all(r["arch"] == "sm_90" and r["ok"] == "1" and int(r["registers"]) > 0 for r in rows)
 
 
+def test_rejected_kernel_fails_with_the_compiler_message(tmp_path):
+    # tl.arange over 12 lanes: not a power of two, which the compiler refuses
+    (tmp_path / "bad.py").write_text(textwrap.dedent('''
+        import triton
+        import triton.language as tl
+
+
+        @triton.jit
+        def _bad(x_ptr, BLOCK: tl.constexpr):
+            offs = tl.arange(0, BLOCK)
+            tl.store(x_ptr + offs, tl.load(x_ptr + offs) + 1.0)
+
+
+        AOT_KERNELS = [{"kernel": "_bad", "launch_config": lambda n, gpu=True: {"BLOCK": 12, "num_warps": 1},
+                        "dtypes": ("fp32",), "signature": {"x_ptr": "*{dtype}"}}]
+    '''))
+    proc = _run(["-m", "saferlhf_fast.benchmarks.triton_aot", "--kernels-dir", str(tmp_path), "--arch", "90",
+                 "--out", str(tmp_path / "bad.csv")])
+    assert proc.returncode == 1
+    assert "_bad" in proc.stderr and "power of 2" in proc.stderr
+    assert "FAILED" in proc.stdout
+
+
 def test_interpreted_triton_is_refused():
     # this process imported triton under TRITON_INTERPRET=1 (conftest.py) when it runs without a GPU
     if type(triton.language.standard.cdiv).__name__ != "InterpretedFunction":

@@ -90,6 +90,7 @@ class Result:
     cubin_bytes: int = 0
     seconds: float = 0.0
     error: str = ""
+    error_line: str = ""  # the message's last line (the cause, for a CompilationError)
     cubin: bytes = b""  # not in the CSV
 
     def row(self) -> dict:
@@ -312,6 +313,8 @@ def compile_job(job: Job, arch: int) -> Result:
         res.seconds = time.perf_counter() - t0
         captured = log.getvalue().strip()
         res.error = f"{type(exc).__name__}: {exc}" + (f"\n{captured[-4000:]}" if captured else "")
+        lines = [ln for ln in str(exc).splitlines() if ln.strip()]
+        res.error_line = f"{type(exc).__name__}: {lines[-1].strip() if lines else ''}"
         return res
     res.seconds = time.perf_counter() - t0
     cubin = res.cubin = compiled.asm.get("cubin", b"")
@@ -406,6 +409,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None,
                     help="CSV path (default runs/triton-aot/triton-aot-<triton version>.csv)")
     ap.add_argument("--kernel", default=None, help="only kernels whose name contains this")
+    ap.add_argument("--kernels-dir", default=str(KERNELS_DIR), help="folder of kernel modules (default: kernels/)")
     ap.add_argument("--quick", action="store_true", help="only the smallest and largest launch config per kernel")
     ap.add_argument("--table", nargs="+", metavar="CSV",
                     help="compile nothing: print the markdown table of docs/kernels.md from these CSVs")
@@ -417,7 +421,7 @@ def main(argv=None) -> int:
     import triton
 
     out = Path(args.out or os.path.join("runs", "triton-aot", f"triton-aot-{triton.__version__}.csv"))
-    mods = load_kernel_modules()
+    mods = load_kernel_modules(args.kernels_dir)
     try:
         jobs = build_jobs(mods, args.kernel, args.quick)
     except ValueError as exc:
@@ -425,7 +429,7 @@ def main(argv=None) -> int:
         return 1
     ptxas = ", ".join(f"sm_{a}: ptxas {ptxas_version(a) or '?'}" for a in args.arch)
     print(f"triton {triton.__version__} ({Path(triton.__file__).parent}; {ptxas}); {len(jobs)} kernel configs x "
-          f"{len(args.arch)} archs from {KERNELS_DIR}", flush=True)
+          f"{len(args.arch)} archs from {args.kernels_dir}", flush=True)
     print(_fmt({"kernel": "kernel", "config": "config", "dtype": "dtype", "arch": "arch", "registers": "regs",
                 "spill_stores": "spills", "spill_loads": "st/ld", "stack": "stack", "shared": "shared",
                 "num_warps": "warps", "compile_s": "sec"}), flush=True)
@@ -452,7 +456,7 @@ def main(argv=None) -> int:
         print(f"triton_aot: {len(failed)} kernel configs failed to compile with triton {triton.__version__}:",
               file=sys.stderr)
         for r in failed:
-            print(f"  {r.job.name} [{r.job.config}] {r.job.dtype} sm_{r.arch}: {r.error.splitlines()[0]}",
+            print(f"  {r.job.name} [{r.job.config}] {r.job.dtype} sm_{r.arch}: {r.error_line or r.error}",
                   file=sys.stderr)
         return 1
     return 0
