@@ -77,7 +77,10 @@ def test_cli_writes_csv(tmp_path):
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert str(out) in proc.stdout
     rows = list(csv.DictReader(out.open()))
-    assert [r["config"] for r in rows] == ["BLOCK_T=16 num_warps=1", "BLOCK_T=1024 num_warps=4"]
+    assert [(r["config"], r["ints"]) for r in rows] == [
+        ("BLOCK_T=16 num_warps=1", "any"), ("BLOCK_T=16 num_warps=1", "%16"),
+        ("BLOCK_T=1024 num_warps=4", "any"), ("BLOCK_T=1024 num_warps=4", "%16"),
+    ]
     assert all(r["arch"] == "sm_90" and r["ok"] == "1" and int(r["registers"]) > 0 for r in rows)
 
 

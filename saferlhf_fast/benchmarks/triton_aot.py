@@ -54,6 +54,9 @@ KERNELS_DIR = Path(__file__).resolve().parent.parent / "kernels"
 DEFAULT_ARCHS = (80, 90)
 # launch_config keys that are compile options rather than kernel parameters
 _OPTION_KEYS = ("num_warps", "num_stages", "num_ctas", "maxnreg")
+# How integer arguments are specialised: "any" value (plain i32) or all multiples of 16 (the JIT's "D" hint, what
+# T = 512, V = 49152 and their row strides get at launch)
+INT_SPECS = ("any", "%16")
 
 
 @dataclass
@@ -64,6 +67,7 @@ class Job:
     constexprs: dict  # {param: value}
     options: dict  # compile options (num_warps, ...)
     dtype: str
+    ints: str = "any"  # one of INT_SPECS
 
     @property
     def name(self) -> str:
@@ -96,7 +100,7 @@ class Result:
     def row(self) -> dict:
         return {
             "kernel": self.job.name, "module": self.job.module, "config": self.job.config, "dtype": self.job.dtype,
-            "arch": f"sm_{self.arch}", "triton": self.triton_version, "ptxas": self.ptxas,
+            "ints": self.job.ints, "arch": f"sm_{self.arch}", "triton": self.triton_version, "ptxas": self.ptxas,
             "registers": self.registers,
             "spill_stores": self.spill_stores, "spill_loads": self.spill_loads, "stack": self.stack,
             "shared": self.shared, "num_warps": self.num_warps, "cubin_bytes": self.cubin_bytes,
@@ -104,7 +108,7 @@ class Result:
         }
 
 
-COLUMNS = ["kernel", "module", "config", "dtype", "arch", "triton", "ptxas", "registers", "spill_stores", "spill_loads",
+COLUMNS = ["kernel", "module", "config", "dtype", "ints", "arch", "triton", "ptxas", "registers", "spill_stores", "spill_loads",
            "stack", "shared", "num_warps", "cubin_bytes", "compile_s", "ok"]
 
 
@@ -156,9 +160,9 @@ def _launch_configs(launch_config) -> list:
     return seen
 
 
-def build_jobs(mods: dict, kernel_filter: str | None = None, quick: bool = False) -> list:
-    """All (kernel, dtype, flags, config) jobs of the modules' ``AOT_KERNELS``; raises ValueError on a kernel no
-    entry covers or an entry whose argument names do not match its kernel."""
+def build_jobs(mods: dict, kernel_filter: str | None = None, quick: bool = False, ints=INT_SPECS) -> list:
+    """All (kernel, dtype, flags, config, integer specialisation) jobs of the modules' ``AOT_KERNELS``; raises
+    ValueError on a kernel no entry covers or an entry whose argument names do not match its kernel."""
     jobs, problems = [], []
     for stem, mod in mods.items():
         jits = _jit_functions(mod)
@@ -192,8 +196,8 @@ def build_jobs(mods: dict, kernel_filter: str | None = None, quick: bool = False
                     )
                     break
             else:
-                for dtype, flag_vals, cfg in itertools.product(
-                    entry["dtypes"], itertools.product(*flags.values()), configs
+                for dtype, flag_vals, cfg, int_spec in itertools.product(
+                    entry["dtypes"], itertools.product(*flags.values()), configs, ints
                 ):
                     consts = {**dict(zip(flags, flag_vals)), **{k: v for k, v in cfg.items() if k not in _OPTION_KEYS}}
                     sig = {
@@ -202,7 +206,7 @@ def build_jobs(mods: dict, kernel_filter: str | None = None, quick: bool = False
                     jobs.append(Job(
                         module=stem, kernel=kernel, signature=sig,
                         constexprs={p: consts[p] for p in params if p in consts},
-                        options={k: v for k, v in cfg.items() if k in _OPTION_KEYS}, dtype=dtype,
+                        options={k: v for k, v in cfg.items() if k in _OPTION_KEYS}, dtype=dtype, ints=int_spec,
                     ))
         # every @triton.jit function must be an entry's kernel or reached from one (a helper it calls)
         reached = {k.__name__ for k in roots}
@@ -301,8 +305,13 @@ def compile_job(job: Job, arch: int) -> Result:
     res = Result(job=job, arch=arch, triton_version=triton.__version__, ptxas=ptxas_version(arch))
     backend = make_backend(target)
     params = [p.name for p in job.kernel.params]
-    # the JIT's alignment hint for 16-byte aligned pointers (what torch allocations get)
-    attrs = {(i,): backend.parse_attr("D") for i, p in enumerate(params) if job.signature[p].startswith("*")}
+    # the JIT's divisibility hint: 16-byte aligned pointers (what torch allocations get) and, for ints="%16",
+    # integers that are multiples of 16
+    ints = ("i32", "i64", "u32", "u64") if job.ints == "%16" else ()
+    attrs = {
+        (i,): backend.parse_attr("D") for i, p in enumerate(params)
+        if job.signature[p].startswith("*") or job.signature[p] in ints
+    }
     src = ASTSource(fn=job.kernel, signature=dict(job.signature), constexprs=dict(job.constexprs), attrs=attrs)
     log = io.StringIO()
     t0 = time.perf_counter()
@@ -361,7 +370,8 @@ def compile_env():
 
 
 def _fmt(row: dict) -> str:
-    return (f"{row['kernel']:<22} {row['config']:<45} {row['dtype']:<5} {row['arch']:<6} {row['registers']:>4} "
+    return (f"{row['kernel']:<22} {row['config']:<45} {row['dtype']:<5} {row['ints']:<4} {row['arch']:<6} "
+            f"{row['registers']:>4} "
             f"{row['spill_stores']:>6}/{row['spill_loads']:<6} {row['stack']:>5} {row['shared']:>6} "
             f"{row['num_warps']:>5} {row['compile_s']:>6}")
 
@@ -411,6 +421,8 @@ def main(argv=None) -> int:
     ap.add_argument("--kernel", default=None, help="only kernels whose name contains this")
     ap.add_argument("--kernels-dir", default=str(KERNELS_DIR), help="folder of kernel modules (default: kernels/)")
     ap.add_argument("--quick", action="store_true", help="only the smallest and largest launch config per kernel")
+    ap.add_argument("--ints", choices=[*INT_SPECS, "both"], default="both",
+                    help="integer arguments compiled as any value, as multiples of 16 (the JIT's hint), or both")
     ap.add_argument("--table", nargs="+", metavar="CSV",
                     help="compile nothing: print the markdown table of docs/kernels.md from these CSVs")
     args = ap.parse_args(argv)
@@ -423,14 +435,15 @@ def main(argv=None) -> int:
     out = Path(args.out or os.path.join("runs", "triton-aot", f"triton-aot-{triton.__version__}.csv"))
     mods = load_kernel_modules(args.kernels_dir)
     try:
-        jobs = build_jobs(mods, args.kernel, args.quick)
+        jobs = build_jobs(mods, args.kernel, args.quick, INT_SPECS if args.ints == "both" else (args.ints,))
     except ValueError as exc:
         print(f"triton_aot: kernels/ and their AOT_KERNELS disagree:\n{exc}", file=sys.stderr)
         return 1
     ptxas = ", ".join(f"sm_{a}: ptxas {ptxas_version(a) or '?'}" for a in args.arch)
     print(f"triton {triton.__version__} ({Path(triton.__file__).parent}; {ptxas}); {len(jobs)} kernel configs x "
           f"{len(args.arch)} archs from {args.kernels_dir}", flush=True)
-    print(_fmt({"kernel": "kernel", "config": "config", "dtype": "dtype", "arch": "arch", "registers": "regs",
+    print(_fmt({"kernel": "kernel", "config": "config", "dtype": "dtype", "ints": "ints", "arch": "arch",
+                "registers": "regs",
                 "spill_stores": "spills", "spill_loads": "st/ld", "stack": "stack", "shared": "shared",
                 "num_warps": "warps", "compile_s": "sec"}), flush=True)
     results, t0 = [], time.perf_counter()
