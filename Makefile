@@ -48,13 +48,18 @@ cuda-check:
 # Compile every Triton kernel in kernels/ for sm_80 and sm_90 with Triton's own compiler (no GPU, driver or torch
 # needed): once with the project venv's triton, once with triton 3.6.0 (what the GPU machines run) in a small
 # triton-only venv. One row per kernel / config / dtype / arch; CSVs in runs/triton-aot/ (docs/kernels.md).
+# TRITON_AOT_ARGS: e.g. --quick (smallest and largest block only) or --arch 90.
 TRITON36_VENV ?= .venv-triton36
+TRITON_AOT_ARGS ?=
 triton-check: $(STAMP)
-	$(VPY) -m saferlhf_fast.benchmarks.triton_aot
 	test -x $(TRITON36_VENV)/bin/python || $(PYTHON) -m venv $(TRITON36_VENV)
 	$(TRITON36_VENV)/bin/python -c "import triton; assert triton.__version__ == '3.6.0'" 2>/dev/null \
 	  || $(TRITON36_VENV)/bin/pip install -q triton==3.6.0
-	$(TRITON36_VENV)/bin/python saferlhf_fast/benchmarks/triton_aot.py
+	@# both versions always run (and write their CSV); the target fails if either had a failure
+	rc=0; \
+	$(VPY) -m saferlhf_fast.benchmarks.triton_aot $(TRITON_AOT_ARGS) || rc=1; \
+	$(TRITON36_VENV)/bin/python saferlhf_fast/benchmarks/triton_aot.py $(TRITON_AOT_ARGS) || rc=1; \
+	exit $$rc
 
 # Standalone build of the C++/CUDA core with its ctest suite.
 ctest:

@@ -376,9 +376,16 @@ def _fmt(row: dict) -> str:
             f"{row['num_warps']:>5} {row['compile_s']:>6}")
 
 
+def _block(config: str) -> int:
+    m = re.search(r"BLOCK_\w+=(\d+)", config)
+    return int(m.group(1)) if m else 0
+
+
 def markdown_table(csv_paths) -> str:
-    """docs/kernels.md's table from CSVs of earlier runs: per kernel (rows) and (arch, triton version) (columns),
-    ``registers min-max / shared bytes max`` over all its configs, dtypes and flags, and the spill total."""
+    """docs/kernels.md's tables from CSVs of earlier runs, per kernel (rows) and (arch, triton version) (columns):
+    ``registers min-max / shared bytes max`` over all of a kernel's compiles, then ``registers / shared bytes`` at
+    its largest block with the multiple-of-16 integer hint (long rows, large vocabularies), max over dtypes and
+    flags.  Spills and failures are appended to a cell."""
     rows = []
     for p in csv_paths:
         with open(p, newline="") as f:
@@ -386,29 +393,33 @@ def markdown_table(csv_paths) -> str:
     cols = sorted({(r["arch"], r["triton"]) for r in rows},
                   key=lambda c: (c[0], tuple(int(x) for x in re.findall(r"\d+", c[1]))))
     kernels = list(dict.fromkeys(r["kernel"] for r in rows))
-    lines = [
-        "| kernel | configs x dtypes x flags | " + " | ".join(f"{a} triton {v}" for a, v in cols) + " |",
-        "|---|---|" + "---|" * len(cols),
-    ]
+    head = " | ".join(f"{a} triton {v}" for a, v in cols)
+
+    def cell(sel, span: bool) -> str:
+        if not sel:
+            return "-"
+        regs = [int(r["registers"]) for r in sel]
+        text = f"{min(regs)}-{max(regs)}" if span else f"{max(regs)}"
+        text += f" / {max(int(r['shared']) for r in sel)}"
+        spills = sum(int(r["spill_stores"]) + int(r["spill_loads"]) for r in sel)
+        bad = sum(r["ok"] != "1" for r in sel)
+        return text + (f", {spills} B spilled" if spills else "") + (f", {bad} FAILED" if bad else "")
+
+    lines = [f"| kernel | compiles per arch (BLOCK) | {head} |", "|---|---|" + "---|" * len(cols)]
     for k in kernels:
         mine = [r for r in rows if r["kernel"] == k]
         first = [r for r in mine if (r["arch"], r["triton"]) == cols[0]]
-        blocks = sorted({int(m.group(1)) for r in first for m in [re.search(r"BLOCK_\w+=(\d+)", r["config"])] if m})
-        cells = []
-        for c in cols:
-            sel = [r for r in mine if (r["arch"], r["triton"]) == c]
-            if not sel:
-                cells.append("-")
-                continue
-            regs = [int(r["registers"]) for r in sel]
-            spills = sum(int(r["spill_stores"]) + int(r["spill_loads"]) for r in sel)
-            bad = sum(r["ok"] != "1" for r in sel)
-            cell = f"{min(regs)}-{max(regs)} / {max(int(r['shared']) for r in sel)}"
-            cell += f", {spills} B spilled" if spills else ""
-            cell += f", {bad} FAILED" if bad else ""
-            cells.append(cell)
-        span = f"{blocks[0]}..{blocks[-1]}" if blocks else "-"
-        lines.append(f"| `{k}` | {len(first)} (BLOCK {span}) | " + " | ".join(cells) + " |")
+        blocks = sorted({_block(r["config"]) for r in first})
+        cells = [cell([r for r in mine if (r["arch"], r["triton"]) == c], True) for c in cols]
+        lines.append(f"| `{k}` | {len(first)} ({blocks[0]}..{blocks[-1]}) | " + " | ".join(cells) + " |")
+    lines += ["", f"| kernel | largest config, ints=%16 | {head} |", "|---|---|" + "---|" * len(cols)]
+    for k in kernels:
+        mine = [r for r in rows if r["kernel"] == k and r.get("ints", "%16") == "%16"]
+        top = max(_block(r["config"]) for r in mine)
+        mine = [r for r in mine if _block(r["config"]) == top]
+        cfg = " ".join(t for t in mine[0]["config"].split() if t.startswith(("BLOCK_", "num_")))  # not the flags
+        cells = [cell([r for r in mine if (r["arch"], r["triton"]) == c], False) for c in cols]
+        lines.append(f"| `{k}` | {cfg} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
