@@ -10,18 +10,21 @@ What is compiled is what the launchers launch.  Each kernel module lists its ker
 argument types its launchers pass (``"{dtype}"`` standing for the dtypes they accept), the constexpr flags, and the
 module's ``launch_config(size, gpu)``, the very function the launchers call for ``BLOCK_*`` / ``num_warps``.  Every
 config that ``launch_config`` returns for some size on a GPU is compiled (sizes 1 .. 2**31, deduplicated), for every
-dtype and flag combination, for every arch.  Pointers carry the 16-byte divisibility hint the JIT gives aligned
-torch tensors; integer arguments are compiled as plain i32 (the JIT may also specialise ``== 1`` / ``% 16 == 0``
-values: those variants are not compiled here).  The check fails when a module defines a ``@triton.jit`` kernel that
-no ``AOT_KERNELS`` entry (or kernel, as a helper) reaches, or when an entry's argument names drift from the kernel's.
+dtype and flag combination, for every arch, and twice over the integer arguments: as any i32 (``ints=any``) and with
+the JIT's multiple-of-16 hint on all of them (``ints=%16``, what T = 512 or V = 49152 and their strides get).
+Pointers carry the 16-byte divisibility hint the JIT gives aligned torch tensors.  Not compiled: the JIT's ``== 1``
+integer specialisation, and mixes of hinted and unhinted integers.  The check fails when a module defines a
+``@triton.jit`` kernel that no ``AOT_KERNELS`` entry (or kernel, as a helper) reaches, or when an entry's argument
+names drift from the kernel's.
 
-The kernel modules are loaded from their files under private names with the interpreter switched off (so this runs
-next to interpreter tests in one process, and needs neither torch nor the saferlhf_fast package): run it as
-``python -m saferlhf_fast.benchmarks.triton_aot`` or, where torch is absent, ``python -P
-saferlhf_fast/benchmarks/triton_aot.py``.
+The kernel modules are loaded from their files under private names with the interpreter switched off, so this needs
+neither torch nor the saferlhf_fast package: run it as ``python -m saferlhf_fast.benchmarks.triton_aot`` or, where
+torch is absent, ``python saferlhf_fast/benchmarks/triton_aot.py``.  Compiling needs a process whose triton was
+imported without ``TRITON_INTERPRET`` (``compile_env`` refuses otherwise); run as a program this drops the variable
+before it imports triton.
 
-Prints one row per (kernel, config, dtype, arch): registers (from the cubin), spill stores / loads and stack frame
-(from the ptxas log), shared memory and num_warps (Triton's metadata); writes them as CSV (default
+Prints one row per (kernel, config, dtype, ints, arch): registers (from the cubin), spill stores / loads and stack
+frame (from the ptxas log), shared memory and num_warps (Triton's metadata); writes them as CSV (default
 ``runs/triton-aot/triton-aot-<triton version>.csv``).  Exits 1 with the compiler's message when a kernel fails.
 """
 from __future__ import annotations
@@ -108,8 +111,8 @@ class Result:
         }
 
 
-COLUMNS = ["kernel", "module", "config", "dtype", "ints", "arch", "triton", "ptxas", "registers", "spill_stores", "spill_loads",
-           "stack", "shared", "num_warps", "cubin_bytes", "compile_s", "ok"]
+COLUMNS = ["kernel", "module", "config", "dtype", "ints", "arch", "triton", "ptxas", "registers", "spill_stores",
+           "spill_loads", "stack", "shared", "num_warps", "cubin_bytes", "compile_s", "ok"]
 
 
 def load_kernel_modules(kernels_dir: Path = KERNELS_DIR) -> dict:
