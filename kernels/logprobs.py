@@ -19,7 +19,10 @@ from __future__ import annotations
 
 import contextlib
 
-import torch
+try:
+    import torch
+except ImportError:  # the ahead-of-time compile check (saferlhf_fast/benchmarks/triton_aot.py) needs only triton
+    torch = None
 import triton
 import triton.language as tl
 
@@ -35,6 +38,45 @@ def _block_v(v: int, gpu: bool) -> int:
 def _num_warps(block: int) -> int:
     # about 16 elements per thread, 1..8 warps
     return max(1, min(8, block // 512))
+
+
+def launch_config(v: int, gpu: bool = True) -> dict:
+    """The constexpr / launch options of both kernels for a vocabulary of ``v``: what the launchers pass, and what
+    saferlhf_fast/benchmarks/triton_aot.py compiles ahead of time (for every ``v``)."""
+    block = _block_v(v, gpu)
+    return {"BLOCK_V": block, "num_warps": _num_warps(block)}
+
+
+# Triton names of the logits dtypes the launchers accept (grad_logits has the dtype of logits).
+LOGITS_DTYPES = ("fp32", "bf16", "fp16")
+_TORCH_DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+# The argument types the launchers pass, "{dtype}" one of LOGITS_DTYPES, and the constexpr flags;
+# saferlhf_fast/benchmarks/triton_aot.py compiles every combination at every launch_config and checks that the names
+# match the kernels' parameters.
+AOT_KERNELS = [
+    {
+        "kernel": "_logprobs_fwd_kernel",
+        "launch_config": launch_config,
+        "dtypes": LOGITS_DTYPES,
+        "flags": {"WITH_ENTROPY": (False, True)},
+        "signature": {
+            "logits_ptr": "*{dtype}", "labels_ptr": "*i64", "logp_ptr": "*fp32", "lse_ptr": "*fp32",
+            "ent_ptr": "*fp32", "V": "i32", "stride_row": "i32", "inv_temp": "fp32", "ignore_index": "i32",
+        },
+    },
+    {
+        "kernel": "_logprobs_bwd_kernel",
+        "launch_config": launch_config,
+        "dtypes": LOGITS_DTYPES,
+        "flags": {"HAS_GRAD_ENTROPY": (False, True)},
+        "signature": {
+            "grad_logp_ptr": "*fp32", "grad_ent_ptr": "*fp32", "logits_ptr": "*{dtype}", "labels_ptr": "*i64",
+            "lse_ptr": "*fp32", "ent_ptr": "*fp32", "grad_ptr": "*{dtype}", "V": "i32", "stride_row": "i32",
+            "stride_grad_row": "i32", "inv_temp": "fp32", "ignore_index": "i32",
+        },
+    },
+]
 
 
 def _device_ctx(t: torch.Tensor):
@@ -122,7 +164,7 @@ def _logprobs_bwd_kernel(
 def _check_logits(logits: torch.Tensor) -> None:
     if logits.dim() != 2:
         raise ValueError(f"logits must be [N, V], got {tuple(logits.shape)}")
-    if logits.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+    if logits.dtype not in tuple(getattr(torch, _TORCH_DTYPE_NAMES[d]) for d in LOGITS_DTYPES):
         raise TypeError(f"logits must be fp32 / bf16 / fp16, got {logits.dtype}")
     if logits.shape[1] > 1 and logits.stride(1) != 1:
         raise ValueError("logits must have stride(1) == 1")
@@ -141,13 +183,11 @@ def logprobs_forward(logits, labels, temperature, ignore_index, with_entropy):
         return logp, lse, entropy
     if v == 0:
         raise ValueError("logits must have at least one column")
-    gpu = dev.type == "cuda"
-    block = _block_v(v, gpu)
     with _device_ctx(logits):
         _logprobs_fwd_kernel[(n,)](
             logits, labels, logp, lse, entropy,
             v, logits.stride(0), 1.0 / float(temperature), int(ignore_index),
-            WITH_ENTROPY=bool(with_entropy), BLOCK_V=block, num_warps=_num_warps(block),
+            WITH_ENTROPY=bool(with_entropy), **launch_config(v, dev.type == "cuda"),
         )
     return logp, lse, entropy
 
@@ -168,12 +208,10 @@ def logprobs_backward(grad_logp, grad_entropy, logits, labels, lse, entropy, tem
     entropy = entropy.to(torch.float32).contiguous()
     has_ge = grad_entropy is not None
     grad_entropy = grad_entropy.to(torch.float32).contiguous() if has_ge else grad_logp  # dummy pointer
-    gpu = logits.device.type == "cuda"
-    block = _block_v(v, gpu)
     with _device_ctx(logits):
         _logprobs_bwd_kernel[(n,)](
             grad_logp, grad_entropy, logits, labels, lse, entropy, grad_logits,
             v, logits.stride(0), grad_logits.stride(0), 1.0 / float(temperature), int(ignore_index),
-            HAS_GRAD_ENTROPY=has_ge, BLOCK_V=block, num_warps=_num_warps(block),
+            HAS_GRAD_ENTROPY=has_ge, **launch_config(v, logits.device.type == "cuda"),
         )
     return None

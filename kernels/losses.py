@@ -17,7 +17,10 @@ from __future__ import annotations
 
 import contextlib
 
-import torch
+try:
+    import torch
+except ImportError:  # the ahead-of-time compile check (saferlhf_fast/benchmarks/triton_aot.py) needs only triton
+    torch = None
 import triton
 import triton.language as tl
 
@@ -32,6 +35,49 @@ def _block_t(t: int, gpu: bool) -> int:
 
 def _num_warps(block: int) -> int:
     return max(1, min(4, block // 256))
+
+
+def launch_config(t: int, gpu: bool = True) -> dict:
+    """The constexpr / launch options of the three kernels for rows of length ``t``: what the launchers pass, and
+    what saferlhf_fast/benchmarks/triton_aot.py compiles ahead of time (for every ``t``)."""
+    block = _block_t(t, gpu)
+    return {"BLOCK_T": block, "num_warps": _num_warps(block)}
+
+
+# The argument types the launchers pass (everything is fp32 after _rows) and the constexpr flags;
+# saferlhf_fast/benchmarks/triton_aot.py compiles every combination at every launch_config and checks that the names
+# match the kernels' parameters.
+AOT_KERNELS = [
+    {
+        "kernel": "_ppo_clip_kernel",
+        "launch_config": launch_config,
+        "dtypes": ("fp32",),
+        "flags": {"HAS_COST": (False, True)},
+        "signature": {
+            "logp_ptr": "*fp32", "old_ptr": "*fp32", "adv_r_ptr": "*fp32", "adv_c_ptr": "*fp32", "mask_ptr": "*fp32",
+            "loss_ptr": "*fp32", "grad_ptr": "*fp32", "T": "i32", "lam": "fp32", "one_plus_lam": "fp32",
+            "lo": "fp32", "hi": "fp32",
+        },
+    },
+    {
+        "kernel": "_clipped_value_kernel",
+        "launch_config": launch_config,
+        "dtypes": ("fp32",),
+        "signature": {
+            "values_ptr": "*fp32", "old_ptr": "*fp32", "returns_ptr": "*fp32", "mask_ptr": "*fp32",
+            "loss_ptr": "*fp32", "grad_ptr": "*fp32", "T": "i32", "clip": "fp32",
+        },
+    },
+    {
+        "kernel": "_kl_rewards_kernel",
+        "launch_config": launch_config,
+        "dtypes": ("fp32",),
+        "signature": {
+            "reward_ptr": "*fp32", "cost_ptr": "*fp32", "logp_ptr": "*fp32", "ref_ptr": "*fp32", "mask_ptr": "*fp32",
+            "rewards_ptr": "*fp32", "costs_ptr": "*fp32", "T": "i32", "kl_coeff": "fp32", "clip": "fp32",
+        },
+    },
+]
 
 
 def _device_ctx(t: torch.Tensor):
@@ -176,12 +222,11 @@ def ppo_clip_objective(logprobs, old_logprobs, reward_advantages, cost_advantage
     lam = float(multiplier)
     eps = float(clip_range)
     gpu = logprobs.device.type == "cuda"
-    block = _block_t(t, gpu)
     with _device_ctx(logprobs):
         _ppo_clip_kernel[(r,)](
             logprobs, old_logprobs, reward_advantages, cost_advantages, mask, row_loss, grad,
             t, lam, 1.0 + lam, 1.0 - eps, 1.0 + eps,
-            HAS_COST=has_cost, BLOCK_T=block, num_warps=_num_warps(block),
+            HAS_COST=has_cost, **launch_config(t, gpu),
         )
     return row_loss, grad
 
@@ -195,12 +240,11 @@ def clipped_value_objective(values, old_values, returns, mask, clip_range):
     if r == 0:
         return row_loss, grad
     gpu = values.device.type == "cuda"
-    block = _block_t(t, gpu)
     with _device_ctx(values):
         _clipped_value_kernel[(r,)](
             values, old_values, returns, mask, row_loss, grad,
             t, float(clip_range),
-            BLOCK_T=block, num_warps=_num_warps(block),
+            **launch_config(t, gpu),
         )
     return row_loss, grad
 
@@ -218,11 +262,10 @@ def kl_penalized_rewards(reward, cost, logprobs, ref_logprobs, mask, kl_coeff, c
     if r == 0 or t == 0:
         return rewards, costs
     gpu = logprobs.device.type == "cuda"
-    block = _block_t(t, gpu)
     with _device_ctx(logprobs):
         _kl_rewards_kernel[(r,)](
             reward, cost, logprobs, ref_logprobs, mask, rewards, costs,
             t, float(kl_coeff), float(clip_range_score),
-            BLOCK_T=block, num_warps=_num_warps(block),
+            **launch_config(t, gpu),
         )
     return rewards, costs
