@@ -1,13 +1,18 @@
 #!/usr/bin/env bash
-# One command on a fresh GPU machine (torch + triton preinstalled, nothing fetched):
+# One command on a fresh GPU machine (torch + triton preinstalled, nothing installed or fetched):
 #   bench/gpu_suite.sh OUT_DIR [--quick]
-# builds the CUDA extension in place, runs the GPU tests, runs every benchmark at GPU sizes (ops, roofline,
-# generate, train-step, ppo-step, a profiled PPO step), and writes CSV + PNG + markdown + logs into OUT_DIR:
-#   suite.log, <step>.log, tests*.xml, {ops,roofline,model,ppo-step}-<device>.csv, plots/*.png,
-#   performance.md (`saferlhf-fast bench report` of the CSVs), profile/{trace.json,profile.md,phases.csv,kernels.csv}
+# builds the CUDA extension in place for this GPU's arch only, runs the GPU tests, runs every benchmark at GPU sizes
+# (ops, roofline, generate, train-step, ppo-step, a profiled PPO step), and leaves at most 8 files in OUT_DIR
+# (what a lent GPU machine returns):
+#   suite.log                     every step with its status and seconds
+#   performance.md                `saferlhf-fast bench report` of the CSVs
+#   {ops,roofline,model,ppo-step}-<device>.csv   the rows to commit under bench/results/ (device name and date inside)
+#   suite.tar.gz                  everything else: per-step logs, junit XML, plots, the profile (trace dropped first
+#                                 if the archive would pass 15 MiB)
 # On a machine without a GPU it builds the CPU extension, runs the CPU test subset and every benchmark at tiny
 # sizes on the CPU instead (the GPU parts are skipped, and said so).  --quick: tiny sizes and 2 reps everywhere
-# (a smoke run of the whole suite, GPU or not; the numbers mean nothing).
+# (a smoke run of the whole suite, GPU or not; the numbers mean nothing).  SUITE_SKIP_BUILD=1 / SUITE_SKIP_TESTS=1
+# skip the build / the tests (a rehearsal against an already-built checkout).
 # Every step is logged and time-limited (STEP_TIMEOUT seconds, default 300); a failing step does not stop the
 # others; the exit status is 1 when any step failed.
 set -uo pipefail
@@ -15,7 +20,8 @@ OUT=${1:?usage: bench/gpu_suite.sh OUT_DIR [--quick]}
 QUICK=0
 [ "${2:-}" = "--quick" ] && QUICK=1
 mkdir -p "$OUT"
-OUT=$(cd "$OUT" && pwd)
+DEST=$(cd "$OUT" && pwd)
+OUT=$(mktemp -d "${TMPDIR:-/tmp}/gpu_suite.XXXXXX")  # the work folder; DEST gets the packed result
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 if [ -z "${PYTHON:-}" ] && [ -x .venv/bin/python ]; then PY=.venv/bin/python; fi
@@ -49,8 +55,11 @@ fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 CLI=($PY -m saferlhf_fast.cli)
 
-step build env MAX_JOBS=${MAX_JOBS:-16} $PY setup.py build_ext --inplace
-if [ "$HAS_GPU" = 1 ]; then
+if [ "${SUITE_SKIP_BUILD:-0}" = 1 ]; then log "SUITE_SKIP_BUILD=1: using the extension already built"; else
+  step build env MAX_JOBS=${MAX_JOBS:-16} $PY setup.py build_ext --inplace
+fi
+if [ "${SUITE_SKIP_TESTS:-0}" = 1 ]; then log "SUITE_SKIP_TESTS=1: tests skipped"
+elif [ "$HAS_GPU" = 1 ]; then
   step tests_gpu $PY -m pytest -q tests -m gpu --junitxml="$OUT/tests_gpu.xml"
   step tests_kernels $PY -m pytest -q tests/test_triton_kernels.py tests/test_ops.py tests/test_bench_cli.py \
     -m "not slow" --junitxml="$OUT/tests_kernels.xml"
@@ -73,5 +82,17 @@ if [ ${#CSVS[@]} -gt 0 ]; then
   step plots "${CLI[@]}" bench plot --csv "${CSVS[@]}" --out "$OUT/plots"
   step report sh -c "$(printf '%q ' "${CLI[@]}") bench report --csv $(printf '%q ' "${CSVS[@]}") > $(printf '%q' "$OUT/performance.md")"
 fi
-log "done in $((SECONDS - T_START)) s, status $STATUS; files in $OUT"
+log "done in $((SECONDS - T_START)) s, status $STATUS"
+
+# Pack: the CSVs, the report and the log stay loose; everything else goes into one archive (at most 8 files).
+for f in "$OUT"/*.csv "$OUT/performance.md"; do [ -f "$f" ] && mv "$f" "$DEST/"; done
+pack() { tar -czf "$DEST/suite.tar.gz" -C "$OUT" --exclude=suite.log "$@" .; }
+pack
+if [ "$(stat -c %s "$DEST/suite.tar.gz")" -gt $((15 * 1024 * 1024)) ]; then
+  log "suite.tar.gz over 15 MiB: packed again without the profiler trace"
+  pack --exclude=./profile/trace.json
+fi
+log "files in $DEST: $(cd "$DEST" && ls | tr '\n' ' ')"
+mv "$OUT/suite.log" "$DEST/suite.log"
+rm -rf "$OUT"
 exit $STATUS
