@@ -295,6 +295,8 @@ ALIASES: dict[str, str] = {}
 
 
 def register(info: DatasetInfo) -> DatasetInfo:
+    if ALIASES.get(info.name, info.name) != info.name:
+        raise ValueError(f"dataset name '{info.name}' is already an alias of '{ALIASES[info.name]}'")
     for alias in info.aliases:
         if alias in REGISTRY or ALIASES.get(alias, info.name) != info.name:
             raise ValueError(f"dataset alias '{alias}' is already taken")
