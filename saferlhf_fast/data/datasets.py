@@ -156,10 +156,11 @@ class SupervisedDataset(TokenizedDataset):
         masked from the end of each assistant turn to the end of the next user turn (token counts of the
         tokenized prefixes, each truncated to max_length)."""
         prefixes = [self._dialogue_prefixes(r) for r in records]
-        flat = [t for p in prefixes for t in p]
-        lengths = iter(min(len(ids), self.max_length) for ids in
-                       self.tokenizer(flat, add_special_tokens=True, verbose=False)["input_ids"]) if flat else iter(())
-        full = self._tokenize([p[-1] for p in prefixes]) if prefixes else []
+        if not prefixes:
+            return []
+        flat = self.tokenizer([t for p in prefixes for t in p], add_special_tokens=True, verbose=False)["input_ids"]
+        lengths = iter(min(len(ids), self.max_length) for ids in flat)
+        full = self._tokenize([p[-1] for p in prefixes])
         out = []
         for p, ids in zip(prefixes, full):
             offsets = [0] + [next(lengths) for _ in p]
