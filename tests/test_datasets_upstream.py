@@ -365,7 +365,8 @@ def test_names_must_be_unique(tmp_path):
     with pytest.raises(DataError, match="'alpaca' is given twice \\('alpaca' and 'stanford-alpaca' name the same"):
         load_records([f"alpaca:1:{path}", f"stanford-alpaca:0.5:{path}"])
     with pytest.raises(DataError, match="given twice"):
-        load_records([path, path])
+        load_records([path, f"{path}:0"])  # the same string twice, even when dropped (base.py line 228)
+    assert len(load_records([f"alpaca:1:{path}", f"stanford-alpaca:0:{path}"])) == 1  # dropped: not read
 
 
 def test_prompt_only_dedup_keeps_the_last_copy(tmp_path, tok):

@@ -470,10 +470,14 @@ def select(n: int, proportion: float | Fraction, seed) -> list[int]:
 
 
 def _check_unique(specs: list[DatasetSpec]) -> None:
-    """Names must be unique (as in the reference implementation); two names of one registered dataset are an
-    error too (the reference would silently apply the last one's proportion to both)."""
+    """Names must be unique (as in the reference implementation); two names of one registered dataset that are
+    both read are an error too (the reference would silently apply the last one's proportion to both)."""
+    names = [spec.name for spec in specs]
+    for name in names:
+        if names.count(name) > 1:
+            raise DataError(f"dataset '{name}' is given twice; give each dataset once")
     seen: dict[str, str] = {}
-    for spec in specs:
+    for spec in (s for s in specs if s.proportion != 0):
         info = resolve(spec.name)
         key = info.name if info is not None else spec.name
         if key in seen:
