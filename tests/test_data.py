@@ -146,7 +146,7 @@ def test_parse_spec():
 def test_select_proportions():
     assert select(10, 1.0, 0) == list(range(10))
     half = select(10, 0.5, 0)
-    assert len(half) == 5 and half == sorted(half) and half == select(10, 0.5, 0)
+    assert len(half) == 5 and len(set(half)) == 5 and half == select(10, 0.5, 0)  # drawn order (see upstream tests)
     twice = select(10, 2.5, 0)
     assert len(twice) == 25 and twice[:20] == list(range(10)) * 2
 

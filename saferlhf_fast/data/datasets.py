@@ -1,12 +1,13 @@
 """Tokenized datasets and their collators (spec section 2).
 
 * :class:`SupervisedDataset` -- ``prompt + response + eos``; labels are the input ids with the prompt tokens set
-  to ``IGNORE_INDEX`` (loss on response tokens only).
+  to ``IGNORE_INDEX`` (loss on response tokens only); a dialogue row trains on every assistant turn.
 * :class:`PreferenceDataset` -- (better, worse) sequences; the collator right-pads and stacks them into one
   ``2B`` batch, better rows first.
 * :class:`SafetyPreferenceDataset` -- (safer, unsafer) sequences and their safety labels; rejects a pair whose
   "safer" response is labelled unsafe while the other is labelled safe, or whose two sequences are token-identical.
-* :class:`PromptOnlyDataset` -- templated prompts, deduplicated; the collator left-pads them for generation.
+* :class:`PromptOnlyDataset` -- templated prompts, deduplicated (the last of equal prompts kept, in row order);
+  the collator left-pads them for generation.
 
 Everything is tokenized when the dataset is built, so bad rows fail before any training starts.  Sequences are
 truncated to ``max_length`` tokens (as in the reference implementation); a prompt that leaves no room for a
@@ -23,7 +24,7 @@ from torch.utils.data import Dataset
 from ..ops import IGNORE_INDEX
 from .errors import DataError
 from .sources import Record, load_records
-from .template import CHAT_TEMPLATES, format_chat_prompt, format_prompt
+from .template import CHAT_TEMPLATES, PROMPT_ASSISTANT, PROMPT_BEGIN, PROMPT_USER, format_chat_prompt, format_prompt
 
 logger = logging.getLogger(__name__)
 
@@ -115,15 +116,59 @@ class TokenizedDataset(Dataset):
 
 
 class SupervisedDataset(TokenizedDataset):
+    """Instruction rows (loss on the response) and dialogue rows (loss on every assistant turn), in row order."""
+
     def _build(self, records):
+        singles = [i for i, r in enumerate(records) if "dialogue" not in r.data]
+        items = dict(zip(singles, self._single_turn_items([records[i] for i in singles])))
+        dialogues = [i for i, r in enumerate(records) if "dialogue" in r.data]
+        items.update(zip(dialogues, self._dialogue_items([records[i] for i in dialogues])))
+        self.items.extend(items[i] for i in range(len(records)))
+
+    def _single_turn_items(self, records) -> list[dict]:
+        if not records:
+            return []
         prompts = self._prompt_texts(records)
         answers = [r.answer() for r in records]
         prompt_lens = self._check_prompts(records, prompts)
         eos = self.tokenizer.eos_token
+        out = []
         for ids, n_prompt in zip(self._tokenize([p + a + eos for p, a in zip(prompts, answers)]), prompt_lens):
             labels = ids.clone()
             labels[:n_prompt] = IGNORE_INDEX
-            self.items.append({"input_ids": ids, "labels": labels})
+            out.append({"input_ids": ids, "labels": labels})
+        return out
+
+    def _dialogue_prefixes(self, rec: Record) -> list[str]:
+        """The text after each turn, as the reference builds it: ``PROMPT_BEGIN``, then ``USER: {turn}
+        ASSISTANT:`` for a user turn and ``{turn}{eos}`` for an assistant turn."""
+        if self.chat_template != "reference":
+            raise rec.error("dialogue", "dialogue rows need --chat_template reference")
+        text, prefixes = PROMPT_BEGIN, []
+        for i, turn in enumerate(rec.dialogue()):
+            text += PROMPT_USER.format(input=turn) + PROMPT_ASSISTANT if i % 2 == 0 else \
+                turn + self.tokenizer.eos_token
+            prefixes.append(text)
+        return prefixes
+
+    def _dialogue_items(self, records) -> list[dict]:
+        """The reference's ``SupervisedDataset.preprocess`` for a dialogue: the ids of the whole text; labels
+        masked from the end of each assistant turn to the end of the next user turn (token counts of the
+        tokenized prefixes, each truncated to max_length)."""
+        prefixes = [self._dialogue_prefixes(r) for r in records]
+        if not prefixes:
+            return []
+        flat = self.tokenizer([t for p in prefixes for t in p], add_special_tokens=True, verbose=False)["input_ids"]
+        lengths = iter(min(len(ids), self.max_length) for ids in flat)
+        full = self._tokenize([p[-1] for p in prefixes])
+        out = []
+        for p, ids in zip(prefixes, full):
+            offsets = [0] + [next(lengths) for _ in p]
+            labels = ids.clone()
+            for begin, end in zip(offsets[::2], offsets[1::2]):
+                labels[begin:end] = IGNORE_INDEX
+            out.append({"input_ids": ids, "labels": labels})
+        return out
 
     def collator(self):
         return SupervisedCollator(self.pad_token_id)
@@ -187,17 +232,14 @@ class SafetyPreferenceDataset(TokenizedDataset):
 
 
 class PromptOnlyDataset(TokenizedDataset):
-    """Templated prompts, deduplicated (first occurrence kept).  Items carry ``is_harmful`` when the row has it."""
+    """Templated prompts, deduplicated as the reference does: of equal prompts the last one is kept, and the kept
+    rows stay in row order.  Items carry ``is_harmful`` when the row has it."""
 
     def _build(self, records):
         prompts = self._prompt_texts(records)
-        seen: set[str] = set()
-        keep = []
-        for rec, prompt in zip(records, prompts):
-            if prompt not in seen:
-                seen.add(prompt)
-                keep.append((rec, prompt))
-        records, prompts = [k[0] for k in keep], [k[1] for k in keep]
+        last = {prompt: i for i, prompt in enumerate(prompts)}
+        keep = sorted(last.values())
+        records, prompts = [records[i] for i in keep], [prompts[i] for i in keep]
         self._check_prompts(records, prompts)
         for rec, prompt, ids in zip(records, prompts, self._tokenize(prompts)):
             item = {"input_ids": ids, "prompt": prompt}

@@ -1,15 +1,24 @@
 """Rows from files, folders and the hub; the dataset registry; ``NAME[:PROPORTION[:PATH]]`` specs.
 
-A :class:`Record` is one raw row plus where it came from; its accessors read the fields of the three row
-families (PKU-SafeRLHF preference rows, instruction rows, prompt-only rows) and raise :class:`DataError`
-naming the file, the row and the field when one is missing or has the wrong type.
+A :class:`Record` is one raw row plus where it came from; its accessors read the fields of the four row
+families (PKU-SafeRLHF preference rows, instruction rows, prompt-only rows, dialogue rows) and raise
+:class:`DataError` naming the file, the row and the field when one is missing or has the wrong type.
+
+A spec's proportion and the rows it selects follow the reference implementation
+(``safe_rlhf/datasets/base.py``: ``parse_dataset`` and ``TokenizedDataset._merge_raw_datasets``); the names it
+registers, with their row mappings, are in :mod:`.upstream`.
 """
 from __future__ import annotations
 
+import bz2
+import gzip
 import json
+import lzma
 import numbers
 import os
+import re
 from dataclasses import dataclass, field
+from fractions import Fraction
 from pathlib import Path
 from typing import Callable
 
@@ -60,10 +69,20 @@ class Record:
         raise self.error(name, f"expected true or false, got {describe(value)}")
 
     # ---- the row families -------------------------------------------------------------------------------
+    def dialogue(self) -> list[str]:
+        """The turns ``[user, assistant, user, ...]`` of a dialogue row (trained on every assistant turn)."""
+        value = self.data.get("dialogue")
+        if not isinstance(value, list) or not value or not all(isinstance(x, str) for x in value):
+            raise self.error("dialogue", f"expected a non-empty list of strings, got {describe(value)}")
+        return list(value)
+
     def prompt(self) -> str | list[str]:
         """The user input: ``prompt`` (a string, or a conversation ``[user, assistant, ..., user]``), alpaca's
         ``instruction`` (+ ``input``), or ``input``."""
         d = self.data
+        if "dialogue" in d:
+            raise self.error("dialogue", "a dialogue row has no single prompt; dialogue datasets are for "
+                                         "supervised fine-tuning only (as in the reference implementation)")
         if "prompt" in d:
             value = d["prompt"]
             if isinstance(value, list):
@@ -91,6 +110,24 @@ class Record:
 
 
 # ------------------------------------------------------------------------------------------------ files
+_COMPRESSED = {".gz": gzip.open, ".xz": lzma.open, ".bz2": bz2.open}
+_READERS = (".jsonl", ".json", ".parquet")
+
+
+def _kind(path: str | Path) -> tuple[str, Callable | None]:
+    """(format suffix, decompressing opener or None): ``train.jsonl.xz`` -> ``(".jsonl", lzma.open)``."""
+    suffixes = [x.lower() for x in Path(path).suffixes]
+    opener = _COMPRESSED.get(suffixes[-1]) if suffixes else None
+    if opener is not None:
+        suffixes = suffixes[:-1]
+    return (suffixes[-1] if suffixes else ""), opener
+
+
+def _open_text(path: str):
+    opener = _kind(path)[1] or open
+    return opener(path, "rt", encoding="utf-8")
+
+
 def _records_from_dicts(rows, source: str) -> list[Record]:
     out = []
     for i, row in enumerate(rows, start=1):
@@ -102,7 +139,7 @@ def _records_from_dicts(rows, source: str) -> list[Record]:
 
 def read_jsonl(path: str) -> list[Record]:
     out = []
-    with open(path, encoding="utf-8") as f:
+    with _open_text(path) as f:
         for lineno, line in enumerate(f, start=1):
             if not line.strip():
                 continue
@@ -118,7 +155,7 @@ def read_jsonl(path: str) -> list[Record]:
 
 def read_json(path: str) -> list[Record]:
     try:
-        with open(path, encoding="utf-8") as f:
+        with _open_text(path) as f:
             data = json.load(f)
     except json.JSONDecodeError as e:
         raise DataError(f"invalid JSON ({e.msg} at line {e.lineno} column {e.colno})", source=path) from None
@@ -150,55 +187,83 @@ def _from_hf_dataset(ds, source: str, split: str | None) -> list[Record]:
     return _records_from_dicts(ds.to_list() if hasattr(ds, "to_list") else list(ds), source)
 
 
-def read_folder(path: str, split: str | None = None) -> list[Record]:
-    """A ``datasets.save_to_disk`` folder, a folder with ``<split>.jsonl``, or any folder ``datasets`` reads."""
-    p = Path(path)
-    if split is not None:
-        for ext in (".jsonl", ".json", ".parquet"):
-            if (p / f"{split}{ext}").is_file():
-                return read_file(str(p / f"{split}{ext}"))
+_SPLITS = ("train", "test", "validation", "valid", "dev", "eval")
+
+
+def _split_words(relative: Path) -> set[str]:
+    """The split names a data file's path mentions as a word (``data/train-00000-of-00001.parquet``: train),
+    as the ``datasets`` library's default data-file patterns read them."""
+    return {w for w in re.split(r"[-._ 0-9/\\]+", relative.as_posix().lower()) if w in _SPLITS}
+
+
+def data_files(folder: str | Path, split: str = "train") -> list[Path]:
+    """The data files of ``split`` under ``folder`` (searched recursively, sorted, hidden paths skipped): those
+    whose path names the split; for ``train``, all of them when no file names any split."""
+    root = Path(folder)
+    files = sorted(p for p in root.rglob("*") if p.is_file() and _kind(p)[0] in _READERS
+                   and not any(part.startswith(".") for part in p.relative_to(root).parts))
+    named = [p for p in files if split in _split_words(p.relative_to(root))]
+    if named or split != "train":
+        return named
+    return [p for p in files if not _split_words(p.relative_to(root))]
+
+
+def read_folder(path: str, split: str | None = None, data_dir: str | None = None) -> list[Record]:
+    """A ``datasets.save_to_disk`` folder, or the ``split`` files (default train) of a folder laid out as on the
+    hub (``[data_dir/]train.jsonl[.xz]``, ``data/train-*.parquet``, ...)."""
+    p = Path(path) / data_dir if data_dir else Path(path)
+    if any((p / marker).is_file() for marker in ("dataset_info.json", "dataset_dict.json", "state.json")):
+        return _from_hf_dataset(_datasets_module(path).load_from_disk(str(p)), str(p), split)
+    if not p.is_dir():
+        raise DataError(f"no folder '{data_dir}' inside (the data_dir of this dataset)", source=path)
+    files = data_files(p, split or "train")
+    if not files:
+        raise DataError(f"no .jsonl/.json/.parquet (optionally .gz/.xz/.bz2) files of split '{split or 'train'}' "
+                        f"in this folder", source=str(p))
+    return [record for f in files for record in read_file(str(f))]
+
+
+def _datasets_module(source: str):
     try:
         import datasets
     except ImportError:
-        raise DataError("reading a dataset folder needs the 'datasets' package (pip install datasets)",
-                        source=path) from None
-    if (p / "dataset_info.json").is_file() or (p / "dataset_dict.json").is_file() or (p / "state.json").is_file():
-        return _from_hf_dataset(datasets.load_from_disk(str(p)), path, split)
-    try:
-        return _from_hf_dataset(datasets.load_dataset(str(p), split=split), path, None)
-    except Exception as e:  # noqa: BLE001 - any reader failure becomes one clear line
-        raise DataError(f"cannot read this folder as a dataset ({type(e).__name__}: {e})", source=path) from None
+        raise DataError("reading a dataset folder saved by `datasets` needs the 'datasets' package "
+                        "(pip install datasets)", source=source) from None
+    return datasets
 
 
-def read_file(path: str, split: str | None = None) -> list[Record]:
-    """Rows of a local .jsonl / .json / .parquet file or dataset folder.  Raises DataError when empty."""
+def read_file(path: str, split: str | None = None, data_dir: str | None = None) -> list[Record]:
+    """Rows of a local .jsonl / .json / .parquet file (optionally compressed) or dataset folder.  Raises DataError
+    when empty."""
+    path = os.path.expanduser(path)
     if os.path.isdir(path):
-        records = read_folder(path, split)
+        records = read_folder(path, split, data_dir)
     elif not os.path.exists(path):
         raise DataError("no such file or folder", source=path)
     else:
-        suffix = Path(path).suffix.lower()
+        suffix = _kind(path)[0]
         readers = {".jsonl": read_jsonl, ".json": read_json, ".parquet": read_parquet}
-        if suffix not in readers:
-            raise DataError(f"unknown file type '{suffix}' (expected .jsonl, .json, .parquet or a folder)",
-                            source=path)
+        if suffix not in readers or (suffix == ".parquet" and _kind(path)[1] is not None):
+            raise DataError(f"unknown file type '{''.join(Path(path).suffixes)}' (expected .jsonl, .json, .parquet, "
+                            f"a .jsonl/.json compressed as .gz/.xz/.bz2, or a folder)", source=path)
         records = readers[suffix](path)
     if not records:
         raise DataError("no rows (empty file)", source=path)
     return records
 
 
-def read_hub(hub_id: str, split: str, name: str) -> list[Record]:
+def read_hub(hub_id: str, split: str, name: str, data_dir: str | None = None) -> list[Record]:
+    where = f"{hub_id}" + (f", data_dir {data_dir}" if data_dir else "") + f", split {split}"
     try:
         import datasets
     except ImportError:
-        raise DataError(f"dataset '{name}' lives on the Hugging Face hub ({hub_id}); install 'datasets', or pass "
+        raise DataError(f"dataset '{name}' lives on the Hugging Face hub ({where}); install 'datasets', or pass "
                         f"a local copy as {name}:1.0:PATH") from None
     try:
-        ds = datasets.load_dataset(hub_id, split=split)
+        ds = datasets.load_dataset(hub_id, data_dir=data_dir, split=split)
     except Exception as e:  # noqa: BLE001
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise DataError(f"cannot load '{name}' ({hub_id}, split {split}) from the hub: {msg}; offline, pass a local "
+        raise DataError(f"cannot load '{name}' ({where}) from the hub: {msg}; offline, pass a local "
                         f"copy as {name}:1.0:PATH") from None
     return _from_hf_dataset(ds, f"{hub_id}[{split}]", None)
 
@@ -206,28 +271,46 @@ def read_hub(hub_id: str, split: str, name: str) -> list[Record]:
 # ------------------------------------------------------------------------------------------------ registry
 @dataclass(frozen=True)
 class DatasetInfo:
+    """A registered dataset.  Rows come from ``bundled`` (a file under data/bundled/), ``loader``, a local PATH,
+    or the hub (``hub`` with ``data_dir`` and ``split``); ``mapper`` turns one row of the source's own schema into
+    our row (run on the selected rows only); ``reader`` reads a local PATH when the source has its own layout."""
+
     name: str
-    kind: str  # "preference" | "instruction" | "prompt"
+    kind: str  # "preference" | "instruction" | "prompt" | "dialogue"
     description: str
     hub: str | None = None  # hub id, read with ``split``
     split: str | None = None
     bundled: str | None = None  # file under data/bundled/
     loader: Callable[[], list[Record]] | None = field(default=None, compare=False)
+    aliases: tuple[str, ...] = ()
+    data_dir: str | None = None
+    mapper: Callable[[Record], Record] | None = field(default=None, compare=False)
+    reader: Callable[[str], list[Record]] | None = field(default=None, compare=False)
+    local_only: bool = False  # no hub copy that ``datasets`` can load: a local PATH is required
+    unavailable: str | None = None  # why the name cannot be loaded (kept so that it fails with this line)
 
 
 REGISTRY: dict[str, DatasetInfo] = {}
+ALIASES: dict[str, str] = {}
 
 
 def register(info: DatasetInfo) -> DatasetInfo:
+    if ALIASES.get(info.name, info.name) != info.name:
+        raise ValueError(f"dataset name '{info.name}' is already an alias of '{ALIASES[info.name]}'")
+    for alias in info.aliases:
+        if alias in REGISTRY or ALIASES.get(alias, info.name) != info.name:
+            raise ValueError(f"dataset alias '{alias}' is already taken")
+        ALIASES[alias] = info.name
     REGISTRY[info.name] = info
     return info
 
 
+def resolve(name: str) -> DatasetInfo | None:
+    """The registered dataset called ``name`` or aliased so; None for anything else."""
+    return REGISTRY.get(ALIASES.get(name, name))
+
+
 for _split in ("train", "test"):
-    register(DatasetInfo(f"PKU-SafeRLHF/{_split}", "preference", "PKU-Alignment/PKU-SafeRLHF",
-                         hub="PKU-Alignment/PKU-SafeRLHF", split=_split))
-    register(DatasetInfo(f"PKU-SafeRLHF-30K/{_split}", "preference", "PKU-Alignment/PKU-SafeRLHF-30K",
-                         hub="PKU-Alignment/PKU-SafeRLHF-30K", split=_split))
     register(DatasetInfo(f"synthetic-preference/{_split}", "preference",
                          "synthetic world: PKU-SafeRLHF-format pairs (train has label noise, test is clean)",
                          bundled=f"preference_{_split}.jsonl"))
@@ -236,9 +319,6 @@ for _split in ("train", "test"):
                          bundled=f"sft_{_split}.jsonl"))
     register(DatasetInfo(f"synthetic-prompts/{_split}", "prompt", "synthetic world: distinct prompts, half harmful",
                          bundled=f"prompts_{_split}.jsonl"))
-register(DatasetInfo("PKU-SafeRLHF-10K/train", "preference", "PKU-Alignment/PKU-SafeRLHF-10K",
-                     hub="PKU-Alignment/PKU-SafeRLHF-10K", split="train"))
-register(DatasetInfo("alpaca", "instruction", "tatsu-lab/alpaca", hub="tatsu-lab/alpaca", split="train"))
 
 
 def _real(which: str) -> Callable[[], list[Record]]:
@@ -260,45 +340,100 @@ register(DatasetInfo("real-prompts", "prompt", "harmbench + bastion", loader=_re
 # ------------------------------------------------------------------------------------------------ specs
 @dataclass(frozen=True)
 class DatasetSpec:
+    """``proportion``: a float (the fraction of the rows, > 1 repeats them), or a negative integer
+    :class:`~fractions.Fraction` ``-N`` (from ``N/-1``: exactly N rows)."""
+
     name: str
-    proportion: float = 1.0
+    proportion: float | Fraction = 1.0
     path: str | None = None
 
     def __str__(self) -> str:
-        return self.name if self.path is None and self.proportion == 1.0 else \
-            f"{self.name}:{self.proportion:g}" + (f":{self.path}" if self.path else "")
+        prop = f"{-self.proportion.numerator}/-1" if isinstance(self.proportion, Fraction) else \
+            f"{self.proportion:g}"
+        return self.name if self.path is None and prop == "1" else \
+            f"{self.name}:{prop}" + (f":{self.path}" if self.path else "")
+
+
+def _spec_error(text: str, message: str) -> DataError:
+    return DataError(f"dataset spec {text!r}: {message} (expected NAME[:PROPORTION[:PATH]], PROPORTION a number, "
+                     f"a fraction A/B, or N/-1 for exactly N rows)")
+
+
+def _parse_fraction(text: str, prop: str) -> float | Fraction:
+    """``A/B`` -> A / B as a float; ``N/-1`` -> ``Fraction(N, -1)`` (N rows), ``0/-1`` -> 0.0 (base.py
+    ``parse_dataset``)."""
+    parts = [x.strip() for x in prop.split("/")]
+    if len(parts) != 2:
+        raise _spec_error(text, f"proportion {prop!r} has more than one '/'")
+    left, right = parts
+    try:
+        if right == "-1":
+            count = Fraction(int(left), -1)
+            if count > 0:
+                raise _spec_error(text, f"row count {prop!r} must be N/-1 with N >= 0")
+            return count if count != 0 else 0.0
+        return float(left) / float(right)
+    except ValueError:
+        raise _spec_error(text, f"proportion {prop!r} is not a fraction A/B or N/-1") from None
+    except ZeroDivisionError:
+        raise _spec_error(text, f"proportion {prop!r} divides by zero") from None
+
+
+def _parse_proportion(text: str, prop: str) -> float | Fraction:
+    if prop == "":
+        return 1.0
+    if "/" in prop:
+        value = _parse_fraction(text, prop)
+    else:
+        try:
+            value = float(prop)
+        except ValueError:
+            raise _spec_error(text, f"proportion {prop!r} is not a number") from None
+    if isinstance(value, float) and not 0.0 <= value < float("inf"):
+        raise _spec_error(text, f"proportion must be a finite number >= 0, got {prop}")
+    return value
 
 
 def parse_dataset_spec(text: str) -> DatasetSpec:
-    """``NAME[:PROPORTION[:PATH]]``.  NAME is a registered name or a local file / folder."""
+    """``NAME[:PROPORTION[:PATH]]``.  NAME is a registered name or alias, or a local file / folder.  PROPORTION as
+    in the reference implementation: empty or missing = 1; a number >= 0 (0 drops the dataset, > 1 repeats
+    rows); ``A/B`` = A / B; ``N/-1`` = exactly N rows.  PATH: a local copy (``~`` expanded)."""
     if isinstance(text, DatasetSpec):
         return text
-    name, _, rest = str(text).partition(":")
-    prop_text, _, path = rest.partition(":")
+    name, colon, rest = str(text).partition(":")
+    prop_text, colon2, path = rest.partition(":")
     if not name:
-        raise DataError(f"dataset spec {text!r}: empty name (expected NAME[:PROPORTION[:PATH]])")
-    proportion = 1.0
-    if prop_text:
-        try:
-            proportion = float(prop_text)
-        except ValueError:
-            raise DataError(f"dataset spec {text!r}: proportion {prop_text!r} is not a number") from None
-        if not proportion > 0 or proportion != proportion or proportion == float("inf"):
-            raise DataError(f"dataset spec {text!r}: proportion must be a positive number, got {prop_text}")
-    return DatasetSpec(name, proportion, path or None)
+        raise _spec_error(str(text), "empty name")
+    proportion = _parse_proportion(str(text), prop_text) if colon else 1.0
+    if colon2 and not path:
+        raise _spec_error(str(text), "empty PATH after the second ':'")
+    return DatasetSpec(name, proportion, os.path.expanduser(path) if path else None)
+
+
+def _unknown(name: str) -> DataError:
+    known = ", ".join(sorted(REGISTRY))
+    return DataError(f"unknown dataset name '{name}' (known: {known}; aliases: see docs/data.md; or give a local "
+                     f".jsonl/.json/.parquet file or folder, or NAME:PROPORTION:PATH)")
+
+
+def _local_records(info: DatasetInfo | None, path: str) -> list[Record]:
+    path = os.path.expanduser(path)
+    if info is not None and info.reader is not None:
+        return info.reader(path)
+    return read_file(path, split=info.split if info else None, data_dir=info.data_dir if info else None)
 
 
 def load_spec_records(spec: DatasetSpec) -> list[Record]:
-    """All rows of one dataset (before the proportion is applied)."""
-    info = REGISTRY.get(spec.name)
+    """All rows of one dataset (before the proportion is applied), in the source's own schema."""
+    info = resolve(spec.name)
+    if info is not None and info.unavailable:
+        raise DataError(f"dataset '{spec.name}': {info.unavailable}")
     if spec.path is not None:
-        return read_file(spec.path, split=info.split if info else None)
+        return _local_records(info, spec.path)
     if info is None:
-        if os.path.exists(spec.name):
+        if os.path.exists(os.path.expanduser(spec.name)):
             return read_file(spec.name)
-        known = ", ".join(sorted(REGISTRY))
-        raise DataError(f"unknown dataset name '{spec.name}' (known: {known}; or give a local .jsonl/.json/.parquet "
-                        f"file or folder, or NAME:PROPORTION:PATH)")
+        raise _unknown(spec.name)
     if info.bundled is not None:
         path = BUNDLED_DIR / info.bundled
         if not path.exists():
@@ -306,29 +441,74 @@ def load_spec_records(spec: DatasetSpec) -> list[Record]:
         return read_file(str(path))
     if info.loader is not None:
         return info.loader()
-    return read_hub(info.hub, info.split, info.name)
+    if info.local_only:
+        raise DataError(f"dataset '{spec.name}' ({info.hub}) cannot be read from the hub (as in the reference "
+                        f"implementation); download it and pass the folder as {spec.name}:1.0:PATH")
+    return read_hub(info.hub, info.split, spec.name, info.data_dir)
 
 
-def select(n: int, proportion: float, seed: int) -> list[int]:
-    """Indices of ``round(n * proportion)`` rows: whole passes over all rows for the integer part of a
-    proportion > 1, then a subset drawn without replacement with a fixed seed (kept in file order)."""
-    k = int(round(n * proportion))
-    indices = list(range(n)) * (k // n)
-    rest = k - len(indices)
-    if rest:
-        indices += sorted(np.random.default_rng(seed).choice(n, size=rest, replace=False).tolist())
+def selected_count(n: int, proportion: float | Fraction) -> int:
+    """How many rows a proportion selects out of ``n`` (base.py ``_merge_raw_datasets``)."""
+    if isinstance(proportion, Fraction):
+        return abs(int(proportion))
+    return round(n * proportion)
+
+
+def select(n: int, proportion: float | Fraction, seed) -> list[int]:
+    """Row indices as the reference implementation selects them: whole passes ``0..n-1`` while at least ``n``
+    rows remain to select, then ``default_rng(seed).choice(n, size=rest, replace=False)`` in the order drawn.
+    ``seed``: an int or a :class:`numpy.random.SeedSequence` (:func:`load_records` passes the children of
+    ``SeedSequence(seed).spawn(number of datasets)``)."""
+    k = selected_count(n, proportion)
+    indices: list[int] = []
+    while k >= n > 0:
+        indices.extend(range(n))
+        k -= n
+    if k > 0:
+        indices.extend(np.random.default_rng(seed).choice(n, size=k, replace=False).tolist())
     return indices
 
 
+def _check_unique(specs: list[DatasetSpec]) -> None:
+    """Names must be unique (as in the reference implementation); two names of one registered dataset that are
+    both read are an error too (the reference would silently apply the last one's proportion to both)."""
+    names = [spec.name for spec in specs]
+    for name in names:
+        if names.count(name) > 1:
+            raise DataError(f"dataset '{name}' is given twice; give each dataset once")
+    seen: dict[str, str] = {}
+    for spec in (s for s in specs if s.proportion != 0):
+        info = resolve(spec.name)
+        key = info.name if info is not None else spec.name
+        if key in seen:
+            same = "" if seen[key] == spec.name else f" ('{seen[key]}' and '{spec.name}' name the same dataset)"
+            raise DataError(f"dataset '{key}' is given twice{same}; give each dataset once")
+        seen[key] = spec.name
+
+
+def _mapped(records: list[Record], indices: list[int], info: DatasetInfo | None) -> list[Record]:
+    if info is None or info.mapper is None:
+        return [records[j] for j in indices]
+    cache: dict[int, Record] = {}
+    for j in indices:
+        if j not in cache:
+            cache[j] = info.mapper(records[j])
+    return [cache[j] for j in indices]
+
+
 def load_records(specs, seed: int = 42) -> list[Record]:
-    """Rows of several ``NAME[:PROPORTION[:PATH]]`` datasets, concatenated in order."""
+    """Rows of several ``NAME[:PROPORTION[:PATH]]`` datasets, concatenated in order.  A dataset with proportion 0
+    is dropped before it is read; each other dataset draws its subset with its own child of
+    ``numpy.random.SeedSequence(seed)``."""
     if isinstance(specs, (str, DatasetSpec)):
         specs = [specs]
+    parsed = [parse_dataset_spec(spec) for spec in specs]
+    _check_unique(parsed)
+    kept = [spec for spec in parsed if spec.proportion != 0]
     out: list[Record] = []
-    for i, spec in enumerate(specs):
-        spec = parse_dataset_spec(spec)
+    for spec, seed_seq in zip(kept, np.random.SeedSequence(seed).spawn(len(kept))):
         records = load_spec_records(spec)
-        out.extend(records[j] for j in select(len(records), spec.proportion, seed + i))
+        out.extend(_mapped(records, select(len(records), spec.proportion, seed_seq), resolve(spec.name)))
     if not out:
-        raise DataError(f"datasets {', '.join(map(str, specs))}: no rows selected (proportion too small?)")
+        raise DataError(f"datasets {', '.join(map(str, parsed))}: no rows selected (proportion too small?)")
     return out
