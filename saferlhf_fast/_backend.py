@@ -23,11 +23,16 @@ TRITON_LAUNCHERS = "saferlhf_fast.kernels.launchers"
 
 @functools.lru_cache(maxsize=None)
 def extension():
-    """The compiled extension module (``saferlhf_fast._C``) or None, with the reason it is missing."""
+    """The compiled extension module (``saferlhf_fast._C``) or None, with the reason it is missing.  Importing it
+    registers the fake implementations of its ops (``ops/fakes.py``)."""
     try:
-        return importlib.import_module("saferlhf_fast._C"), None
+        mod = importlib.import_module("saferlhf_fast._C")
     except Exception as exc:  # ImportError, or an ABI mismatch raising OSError / RuntimeError
         return None, f"compiled extension saferlhf_fast._C not importable ({type(exc).__name__}: {exc})"
+    from .ops import fakes  # the ops' fake implementations, for torch.compile (docs/kernels.md)
+
+    fakes.register()
+    return mod, None
 
 
 def has_op(name: str) -> bool:
