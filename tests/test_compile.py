@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch._dynamo
+import torch._inductor.config
 
 from saferlhf_fast import _backend, ops
 from saferlhf_fast.models.llama import LlamaForCausalLM, ModelConfig
@@ -21,8 +22,11 @@ TOL = dict(rtol=1e-5, atol=1e-5)
 
 @pytest.fixture(autouse=True)
 def _fresh_dynamo():
+    """A clean dynamo cache per test; inductor compiles its C++ kernels in this process (a worker pool costs more
+    than it saves on the small CI machines)."""
     torch._dynamo.reset()
-    yield
+    with torch._inductor.config.patch(compile_threads=1):
+        yield
     torch._dynamo.reset()
 
 
@@ -53,6 +57,23 @@ def _run(fn, model, *args):
     return loss.detach(), out.detach(), _grads(model)
 
 
+def _recording_inductor(seen: set):
+    """inductor, after noting the ``saferlhf::`` ops in dynamo's graph (autograd.Function bodies included)."""
+    from torch._inductor.compile_fx import compile_fx
+
+    def backend(gm, example_inputs):
+        for mod in gm.modules():
+            if isinstance(mod, torch.fx.GraphModule):
+                seen.update(str(n.target).removesuffix(".default").split(".")[-1]
+                            for n in mod.graph.nodes if n.op == "call_function" and "saferlhf" in str(n.target))
+        return compile_fx(gm, example_inputs)
+    return backend
+
+
+# the layer ops, attention and the log-prob kernels the model's CPU fp32 training step dispatches to
+_TRAIN_OPS = {"rms_norm", "add_rms_norm", "rope", "swiglu", "attention", "logprobs_forward"}
+
+
 def test_train_step_compiles_fullgraph_and_matches_eager():
     model = _tiny_model()
     assert model.backend() == "native"  # the C++ attention kernel, not SDPA
@@ -62,7 +83,9 @@ def test_train_step_compiles_fullgraph_and_matches_eager():
     mask = (labels != ops.IGNORE_INDEX).float()
     step = _train_step(model)
     eager = _run(step, model, ids, labels, mask)
-    compiled = _run(torch.compile(step, backend="inductor", fullgraph=True), model, ids, labels, mask)
+    seen = set()
+    compiled = _run(torch.compile(step, backend=_recording_inductor(seen), fullgraph=True), model, ids, labels, mask)
+    assert _TRAIN_OPS <= seen, f"ops missing from the compiled graph: {_TRAIN_OPS - seen}"
     torch.testing.assert_close(compiled[0], eager[0], **TOL)
     torch.testing.assert_close(compiled[1], eager[1], **TOL)
     assert eager[2].keys() == compiled[2].keys() and len(eager[2]) == len(list(model.parameters()))
@@ -97,7 +120,9 @@ def test_ppo_loss_path_compiles_fullgraph_and_matches_eager():
     x = _ppo_inputs()
     eager_loss, eager_adv = _ppo_loss(**x)
     eager_grads = torch.autograd.grad(eager_loss, [x["logp"], x["values"]])
-    loss, adv = torch.compile(_ppo_loss, backend="inductor", fullgraph=True)(**x)
+    seen = set()
+    loss, adv = torch.compile(_ppo_loss, backend=_recording_inductor(seen), fullgraph=True)(**x)
+    assert {"kl_penalized_rewards", "gae_forward", "ppo_clip_objective", "clipped_value_objective"} <= seen, seen
     grads = torch.autograd.grad(loss, [x["logp"], x["values"]])
     torch.testing.assert_close(loss, eager_loss, **TOL)
     torch.testing.assert_close(adv, eager_adv, **TOL)
