@@ -1,6 +1,7 @@
 """torch.compile (inductor, CPU) over the ``saferlhf::`` ops: the tiny model's training step -- forward through the
 fused layer ops, native attention and oneDNN linears, loss from ``ops.linear_logprobs``, backward -- and the PPO
-loss path (``ops.gae``, ``ops.kl_penalized_rewards``, ``ops.ppo_lag_actor_loss``, ``ops.critic_loss``) compile with
+loss path (``ops.gae``, ``ops.kl_penalized_rewards``, ``ops.ppo_lag_actor_loss``, ``ops.critic_loss``) and
+``ops.gather_logprobs`` with entropy compile with
 ``fullgraph=True`` (no graph break at all) and give the eager values and gradients to 1e-5 (fp32, rtol = atol =
 1e-5: the compiled graph runs the same kernels; only the fused torch ops around them may round differently).
 ``model.token_logprobs`` does break graphs, on the model's data-dependent row selection (``nonzero``) and packing
@@ -70,8 +71,9 @@ def _recording_inductor(seen: set):
     return backend
 
 
-# the layer ops, attention and the log-prob kernels the model's CPU fp32 training step dispatches to
-_TRAIN_OPS = {"rms_norm", "add_rms_norm", "rope", "swiglu", "attention", "logprobs_forward"}
+# the layer ops, attention and the log-prob kernels the model's CPU fp32 training step dispatches to (one lm_head
+# chunk: linear_logprobs runs logprobs_backward in its forward)
+_TRAIN_OPS = {"rms_norm", "add_rms_norm", "rope", "swiglu", "attention", "logprobs_forward", "logprobs_backward"}
 
 
 def test_train_step_compiles_fullgraph_and_matches_eager():
@@ -149,3 +151,34 @@ def test_token_logprobs_breaks_come_from_the_model_not_the_ops():
     ours = [w for w in where if "saferlhf_fast/ops/" in w or w.endswith("_backend.py")]
     assert not ours, [b.reason.splitlines()[0] for b, w in zip(ex.break_reasons, where) if w in ours]
     assert all("saferlhf_fast/models/" in w for w in where), where
+
+
+def _gather_loss(logits, labels):
+    """-mean log p(label) - 0.01 mean entropy from full logits (``ops.gather_logprobs``)."""
+    logp, entropy = ops.gather_logprobs(logits, labels, temperature=0.9, return_entropy=True)
+    return -logp.mean() - 0.01 * entropy.mean(), logp
+
+
+def test_gather_logprobs_compiles_fullgraph_and_matches_eager():
+    torch.manual_seed(3)
+    logits = torch.randn(2, 5, 33, requires_grad=True)
+    labels = torch.randint(0, 33, (2, 5))
+    labels[0, 0] = ops.IGNORE_INDEX
+    eager_loss, eager_logp = _gather_loss(logits, labels)
+    (eager_grad,) = torch.autograd.grad(eager_loss, logits)
+    seen = set()
+    loss, logp = torch.compile(_gather_loss, backend=_recording_inductor(seen), fullgraph=True)(logits, labels)
+    (grad,) = torch.autograd.grad(loss, logits)
+    assert {"logprobs_forward", "logprobs_backward"} <= seen, seen
+    torch.testing.assert_close(loss, eager_loss, **TOL)
+    torch.testing.assert_close(logp, eager_logp, **TOL)
+    torch.testing.assert_close(grad, eager_grad, **TOL)
+
+
+def test_compiled_label_check_raises():
+    """Under torch.compile an out-of-range label still stops the kernel (an in-graph assertion)."""
+    f = torch.compile(lambda x, y: ops.gather_logprobs(x, y), backend="inductor", fullgraph=True)
+    logits = torch.randn(4, 7)
+    assert f(logits, torch.tensor([0, 6, -100, 3])).shape == (4,)
+    with pytest.raises(RuntimeError, match="out of range"):
+        f(logits, torch.tensor([0, 7, 1, 2]))

@@ -175,3 +175,29 @@ def test_sample_tokens_fake_function(greedy):
 
 def test_register_is_idempotent():
     assert fakes.register() == fakes.registered()
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_decode_step_fake_function(packed):
+    """The (unregistered) decode_step fake, called on the arguments of a real step, allocates what the kernel
+    returns: logits [B, V] from a packed [V, H] or a plain [H, V] lm_head (V != H here)."""
+    from saferlhf_fast.engine import fast_decode as fd
+    from saferlhf_fast.models.llama import LlamaForCausalLM, ModelConfig
+
+    if "decode_step" not in fakes.defined_ops():
+        pytest.skip("the extension has no saferlhf::decode_step")
+    if packed and not fd.onednn_available():
+        pytest.skip("no MKL-DNN linear in this torch build")
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(ModelConfig(vocab_size=40, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2))
+    b, p = 2, 3
+    cache = model.allocate_cache(b, p + 2)
+    plan = fd.DecodePlan(model, cache, b, torch.ones(b, p, dtype=torch.bool), packed=packed)
+    assert plan.native
+    args = (torch.tensor([1, 2]), torch.tensor([3, 3]), plan.embed, plan.weights, plan.biases, plan.norm_w,
+            plan.lm_head.w, cache.k, cache.v, plan.cos, plan.sin, plan.additive2d, plan.window_list, p, plan.nh,
+            plan.nkv, plan.inter, float(plan.layers[0].eps1), plan.packed)
+    with torch.no_grad():
+        real = OPS.decode_step(*args)
+    assert _meta(fakes._FAKES["decode_step"](*args)) == _meta(real) and real.shape == (b, 40)

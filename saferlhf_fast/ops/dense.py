@@ -23,8 +23,8 @@ plain row-major weight and 195-215 on a weight prepacked into its blocked layout
   6-layer training step.  Without the extension the Python twin (``_OneDNNLinear``) runs them.
 
 Anything else -- other dtypes, CUDA, autocast, tensor subclasses (FSDP's DTensor), a torch without oneDNN,
-``$SAFERLHF_ONEDNN_LINEAR=0``, or code traced by torch.compile -- takes ``F.linear``, the reference.  Both sum in fp32 in their own orders, so
-results agree to fp32 rounding (``tests/test_dense.py``).
+``$SAFERLHF_ONEDNN_LINEAR=0``, or code traced by torch.compile -- takes ``F.linear``, the reference.  Both sum in
+fp32 in their own orders, so results agree to fp32 rounding (``tests/test_dense.py``).
 """
 from __future__ import annotations
 

@@ -170,7 +170,7 @@ def _add_rms_norm_forward(x, residual, weight, eps):
 
 
 @fake("add_rms_norm_backward")
-def _add_rms_norm_backward(dy, dsum, sum, weight, rstd):
+def _add_rms_norm_backward(dy, dsum, sum, weight, rstd):  # noqa: A002 (the schema's argument names)
     """-> (d sum shaped as sum, dweight ``[H]``)."""
     return _contiguous(sum), _contiguous(sum, (sum.shape[-1],))
 
