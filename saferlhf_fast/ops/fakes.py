@@ -243,6 +243,11 @@ def register() -> list[str]:
     return done
 
 
+def missing() -> list[str]:
+    """Ops the extension defines that have no registered fake (the CompositeImplicitAutograd ones aside)."""
+    return sorted(set(defined_ops()) - set(registered()) - set(COMPOSITE_IMPLICIT))
+
+
 def registered() -> list[str]:
     """Names of the ops :func:`register` gave a fake (empty before it ran)."""
     return list(_REGISTERED or [])
