@@ -11,8 +11,10 @@ registers a fake for each op the loaded extension defines (an older build may la
 
 Ops whose C++ kernel is registered as ``CompositeImplicitAutograd`` (``m.def(schema, fn)`` in
 ``csrc/decode_ops.cpp``: ``decode_step``, ``sample_tokens``) cannot take a fake: the dispatcher runs that kernel at
-the autograd key, above the fake-tensor mode, and torch refuses a Meta kernel beside it.  Their fakes are written
-here and :func:`register` skips them (:data:`COMPOSITE_IMPLICIT` lists them) until the C++ side registers them as
+the autograd key, above the fake-tensor mode, and torch refuses a Meta kernel beside it.  (A Python
+``CompositeExplicitAutograd`` kernel does not displace it; a Python ``CPU`` kernel would, at the price of a Python
+call per decode step and private FakeTensorMode tables.)  Their fakes are written here and :func:`register` skips
+them (:data:`COMPOSITE_IMPLICIT` lists them) until the C++ side registers them as
 ``TORCH_LIBRARY_IMPL(saferlhf, CPU, m)`` kernels; then they are registered like the others.
 """
 from __future__ import annotations
