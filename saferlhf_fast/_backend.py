@@ -21,18 +21,36 @@ ENV_VAR = "SAFERLHF_BACKEND"
 TRITON_LAUNCHERS = "saferlhf_fast.kernels.launchers"
 
 
-@functools.lru_cache(maxsize=None)
+# (module or None, reason): set by the first extension() call.  A plain global rather than an lru_cache, so that
+# torch.compile reads it instead of tracing into the import.
+_EXTENSION: tuple | None = None
+
+
 def extension():
-    """The compiled extension module (``saferlhf_fast._C``) or None, with the reason it is missing."""
+    """The compiled extension module (``saferlhf_fast._C``) or None, with the reason it is missing.  Importing it
+    registers the fake implementations of its ops (``ops/fakes.py``)."""
+    global _EXTENSION
+    if _EXTENSION is None:
+        _EXTENSION = _load_extension()
+    return _EXTENSION
+
+
+def _load_extension():
     try:
-        return importlib.import_module("saferlhf_fast._C"), None
+        mod = importlib.import_module("saferlhf_fast._C")
     except Exception as exc:  # ImportError, or an ABI mismatch raising OSError / RuntimeError
         return None, f"compiled extension saferlhf_fast._C not importable ({type(exc).__name__}: {exc})"
+    from .ops import fakes  # the ops' fake implementations, for torch.compile (docs/kernels.md)
+
+    fakes.register()
+    return mod, None
 
 
+@torch.compiler.assume_constant_result
 def has_op(name: str) -> bool:
     """Whether the compiled extension imports and registers ``torch.ops.saferlhf.<name>`` (the ``*_ops.cpp`` sources
-    add ops outside the backend contract: the decode step, the sampler, attention)."""
+    add ops outside the backend contract: the decode step, the sampler, attention).  A constant under
+    torch.compile (evaluated once while tracing)."""
     mod, _ = extension()
     try:
         return mod is not None and hasattr(torch.ops.saferlhf, name)

@@ -22,9 +22,9 @@ plain row-major weight and 195-215 on a weight prepacked into its blocked layout
   ``torch.autograd.Function`` around the same products costs ~60 us more per projection and step, ~2.5 ms of a
   6-layer training step.  Without the extension the Python twin (``_OneDNNLinear``) runs them.
 
-Anything else -- other dtypes, CUDA, autocast, tensor subclasses (FSDP's DTensor), a torch without oneDNN, or
-``$SAFERLHF_ONEDNN_LINEAR=0`` -- takes ``F.linear``, the reference.  Both sum in fp32 in their own orders, so
-results agree to fp32 rounding (``tests/test_dense.py``).
+Anything else -- other dtypes, CUDA, autocast, tensor subclasses (FSDP's DTensor), a torch without oneDNN,
+``$SAFERLHF_ONEDNN_LINEAR=0``, or code traced by torch.compile -- takes ``F.linear``, the reference.  Both sum in
+fp32 in their own orders, so results agree to fp32 rounding (``tests/test_dense.py``).
 """
 from __future__ import annotations
 
@@ -40,9 +40,15 @@ BACKENDS = ("onednn", "torch")
 ENV_VAR = "SAFERLHF_ONEDNN_LINEAR"
 
 
-@functools.lru_cache(maxsize=None)
+@torch.compiler.assume_constant_result
 def onednn_available() -> bool:
-    """Whether this torch has oneDNN's linear op and its weight packing (CPU builds with MKL-DNN)."""
+    """Whether this torch has oneDNN's linear op and its weight packing (CPU builds with MKL-DNN); a constant under
+    torch.compile."""
+    return _onednn_available()
+
+
+@functools.lru_cache(maxsize=None)
+def _onednn_available() -> bool:
     try:
         return bool(torch.backends.mkldnn.is_available()
                     and hasattr(torch.ops.mkldnn, "_linear_pointwise")
@@ -56,8 +62,11 @@ def _plain(t: Tensor | None) -> bool:
 
 
 def eligible(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> bool:
-    """Whether the oneDNN path takes these tensors (see the module docstring for what falls back)."""
-    return (x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
+    """Whether the oneDNN path takes these tensors (see the module docstring for what falls back).  Never under
+    torch.compile: inductor lowers ``mkldnn._linear_pointwise`` only for constant (frozen) weights, and picks its
+    own GEMM for ``F.linear`` / ``mm``."""
+    return (not torch.compiler.is_compiling()
+            and x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
             and weight.device.type == "cpu" and weight.dim() == 2
             and (bias is None or bias.dtype == torch.float32)
             and _plain(x) and _plain(weight) and _plain(bias)
@@ -109,9 +118,15 @@ def matmul_nn(dy: Tensor, weight: Tensor) -> Tensor:
     return dy @ weight
 
 
-@functools.lru_cache(maxsize=None)
+@torch.compiler.assume_constant_result
 def _extension_has(op: str) -> bool:
-    """Whether the compiled extension registers ``saferlhf::<op>`` (asked once per op: it is on the hot path)."""
+    """Whether the compiled extension registers ``saferlhf::<op>`` (a constant under torch.compile)."""
+    return _extension_has_cached(op)
+
+
+@functools.lru_cache(maxsize=None)
+def _extension_has_cached(op: str) -> bool:
+    """(asked once per op: it is on the hot path)"""
     from .._backend import has_op
 
     return has_op(op)

@@ -84,11 +84,17 @@ def _use_kernel(op: str, backend: str | None, tensors: tuple[Tensor, ...]) -> bo
                for t in tensors)
 
 
-@functools.lru_cache(maxsize=None)
+@torch.compiler.assume_constant_result
 def cpp_autograd(name: str) -> bool:
     """Whether the extension has the differentiable op ``saferlhf::<name>`` (``csrc/autograd_ops.cpp``: the same
     kernels behind a C++ autograd node, ~30 us less interpreter overhead per op and step than the Python
-    ``torch.autograd.Function`` twins below, which run when the extension is older)."""
+    ``torch.autograd.Function`` twins below, which run when the extension is older).  A constant under
+    torch.compile."""
+    return _cpp_autograd(name)
+
+
+@functools.lru_cache(maxsize=None)
+def _cpp_autograd(name: str) -> bool:
     return _backend.has_op(name)
 
 

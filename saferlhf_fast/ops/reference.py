@@ -43,8 +43,14 @@ def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
 
 
 def check_labels(labels: Tensor, vocab_size: int, ignore_index: int = IGNORE_INDEX) -> None:
-    """Raise ``ValueError`` when a label is outside ``[0, vocab_size)`` and is not ``ignore_index``."""
+    """Raise ``ValueError`` when a label is outside ``[0, vocab_size)`` and is not ``ignore_index``.  Under
+    torch.compile the check is an assertion inside the graph (``torch._assert_async``: a ``RuntimeError`` when the
+    compiled code runs), so the data-dependent test does not break the graph."""
     bad = ((labels < 0) | (labels >= vocab_size)) & (labels != ignore_index)
+    if torch.compiler.is_compiling():
+        torch._assert_async(~bad.any(), f"a label is out of range for vocabulary size {vocab_size} "
+                                        f"(valid: 0..{vocab_size - 1}, or ignore_index={ignore_index})")
+        return
     if bool(bad.any()):
         idx = tuple(int(i) for i in bad.nonzero()[0].tolist())
         raise ValueError(
