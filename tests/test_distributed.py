@@ -61,7 +61,7 @@ def _ppo_config(models, out, **kw):
                 cost_model_name_or_path=models["cm"], train_datasets=["synthetic-prompts/train:0.008"],
                 output_dir=str(out), max_length=64, max_new_tokens=8, per_device_prompt_batch_size=4,
                 per_device_train_batch_size=4, progress=False, actor_lr=1e-3, critic_lr=1e-3, kl_coeff=0.1,
-                lambda_lr=0.5, seed=3)
+                lambda_lr=0.5, lambda_max=5.0, seed=3)  # lambda_max: the reference script's cap (no overflow)
     base.update(kw)
     cfg = PPOLagConfig(**base)
     cfg.validate()

@@ -206,8 +206,8 @@ def reference_step(trainer, snap, mb: Rollout, old_from_forward: bool):
     return losses, lam_value, {"r_adv": r_adv, "c_adv": c_adv, "returns": returns}
 
 
-def assert_same_weights(a, b, atol=1e-5):
-    # After AdamW steps at lr 1e-3, 1e-5 is 1% of a step.  The two sides may sum in different orders (oneDNN vs
+def assert_same_weights(a, b, atol=2e-5):
+    # After AdamW steps at lr 1e-3, 2e-5 is 2% of a step.  The two sides may sum in different orders (oneDNN vs
     # MKL matmuls, end rows only vs the full score forward), and AdamW's first steps are nearly sign(g) / (1 + eps/|g|),
     # which turns fp32 rounding in a near-zero gradient element into a few 1e-6 of weight; a wrong formula moves
     # weights by ~lr.
