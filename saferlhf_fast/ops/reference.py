@@ -177,12 +177,21 @@ def kl_penalized_rewards(
 
 
 # ----------------------------------------------------------------------------------------------- losses
+def clamp_closed(x: Tensor, low, high) -> Tensor:
+    """``clamp(x, low, high)`` whose gradient passes on the closed interval ``low <= x <= high`` (1 there, 0 outside).
+
+    The subgradient at an exact boundary is a convention: torch's own ``clamp`` passed it up to 2.13 and gives 0
+    from 2.14 on.  The kernels and this reference keep one convention, the closed interval, on every torch, so the
+    loss gradients do not depend on the installed torch (the boundary is a measure-zero set of ratios / values)."""
+    return torch.where((x >= low) & (x <= high), x, torch.clamp(x, low, high))
+
+
 def ppo_objective(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, clip_range: float) -> Tensor:
     """Elementwise clipped surrogate ``min(A*rho, A*clip(rho, 1-eps, 1+eps))``, rho = exp(logp - logp_old)."""
     ratio = torch.exp(logprobs.float() - old_logprobs.float())
     adv = advantages.float()
     surrogate1 = adv * ratio
-    surrogate2 = adv * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
+    surrogate2 = adv * clamp_closed(ratio, 1.0 - clip_range, 1.0 + clip_range)
     return torch.minimum(surrogate1, surrogate2)
 
 
@@ -219,7 +228,7 @@ def critic_objective(values: Tensor, old_values: Tensor, returns: Tensor, clip_r
     values = values.float()
     old_values = old_values.float()
     returns = returns.float()
-    values_clipped = torch.clamp(values, old_values - clip_range, old_values + clip_range)
+    values_clipped = clamp_closed(values, old_values - clip_range, old_values + clip_range)
     return torch.maximum(torch.square(values - returns), torch.square(values_clipped - returns))
 
 
