@@ -79,6 +79,7 @@ def test_dpo_loss_matches_hand_computation(tiny):
     assert float(loss.detach()) == pytest.approx(float(expected), rel=1e-5)
     assert metrics["reward_margin"] == pytest.approx(float(0.1 * (d_w - d_l)), rel=1e-4, abs=1e-7)
     assert metrics["better_sample_reward"] == pytest.approx(float(0.1 * d_w), rel=1e-4, abs=1e-7)
+    assert metrics["reward"] == pytest.approx(float(0.1 * (d_w + d_l)), rel=1e-4, abs=1e-7)  # the reference's sum
     # the reference's slice [diverge, end + 1] of the log-prob array: skips token 4, counts the pad after the end
     bug_w = (full_p[0, 4:6] - full_r[0, 4:6]).sum()
     bug_l = (full_p[1, 4:7] - full_r[1, 4:7]).sum()
@@ -96,7 +97,7 @@ def test_cli_dpo(tiny, tmp_path):
     rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
     train = [r for r in rows if "train/loss" in r]
     assert len(train) == 4
-    for key in ("better_sample_reward", "worse_sample_reward", "reward_accuracy", "reward_margin"):
+    for key in ("reward", "better_sample_reward", "worse_sample_reward", "reward_accuracy", "reward_margin"):
         assert f"train/{key}" in train[0] and f"eval/{key}" in rows[-1]
     assert train[0]["train/loss"] == pytest.approx(-F.logsigmoid(torch.tensor(0.0)).item(), rel=1e-4)
     assert (out / "model.safetensors").exists()

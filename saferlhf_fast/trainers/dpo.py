@@ -81,6 +81,7 @@ def dpo_loss(policy_logps: Tensor, ref_logps: Tensor, beta: float):
         br, wr = beta * better, beta * worse
         metrics = {
             "loss": float(loss),
+            "reward": float((br + wr).mean()),  # the reference's train/reward: better + worse sample reward
             "better_sample_reward": float(br.mean()),
             "worse_sample_reward": float(wr.mean()),
             "reward_accuracy": float((br > wr).float().mean()),
