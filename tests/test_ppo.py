@@ -487,6 +487,13 @@ def test_cli_baselines(models, tmp_path, command):
     assert "train/lambda" not in row and "train/cost_critic_loss" not in row
     assert ("train/cost" in row) == (command == "ppo-reward-shaping")
     assert not os.path.exists(out / "cost_critic")
+    if command == "ppo-reward-shaping":  # the reference's names for the shaped stream, and J_C of the window
+        assert row["train/shaped_reward"] == pytest.approx(row["train/reward"] - 2.0 * row["train/cost"], abs=1e-5)
+        for key in ("with_kl_penalty", "advantage", "return", "value"):
+            assert f"train/shaped_reward_{key}" in row and f"train/reward_{key}" not in row
+        assert row["train/episode_cost"] == pytest.approx(row["train/cost"], abs=1e-5)  # first rollout: the window
+    else:
+        assert "train/episode_cost" not in row and "train/reward_advantage" in row
 
 
 def test_cli_errors(models, tmp_path, capsys):

@@ -59,7 +59,7 @@ from torch import Tensor
 from .. import distributed, ops
 from ..data import DataError, PromptOnlyDataset, SupervisedDataset, load_tokenizer
 from ..engine import generate
-from ..lagrange import MULTIPLIERS, make_multiplier
+from ..lagrange import MULTIPLIERS, EpisodeCostWindow, make_multiplier
 from ..models import freeze, from_pretrained
 from ..ops import IGNORE_INDEX
 from ..profiling import PhaseRanges
@@ -392,6 +392,11 @@ class PPOTrainer:
         self.lagrange = None
         if self.algorithm == "ppo-lag":
             self.lagrange = make_multiplier(cfg)
+        # J_C of the last --episode_cost_window_size end costs: the multiplier's own window for PPO-Lag; reward
+        # shaping keeps one to log train/episode_cost, as the reference.
+        self.cost_window = self.lagrange
+        if self.algorithm == "ppo-reward-shaping":
+            self.cost_window = EpisodeCostWindow(cfg.episode_cost_window_size)
         self.nu = float(cfg.lambda_init) if self.algorithm == "ppo-reward-shaping" else 0.0
         self.step = 0  # rollout steps done
         self.global_step = 0  # RL (micro-batch) updates done
@@ -624,9 +629,9 @@ class PPOTrainer:
                     mb.old_logprobs = mb.response_slice(lp).float() * rmf
                 mb.old_values = torch.stack([self._critic_values(c, mb) for c in self.critics])
             out.append(mb)
-        if self.lagrange is not None:
+        if self.cost_window is not None:
             for mb in out:
-                self.lagrange.observe(mb.cost)
+                self.cost_window.observe(mb.cost)
         return out
 
     # ---------------------------------------------------------------------------------------------- updates
@@ -760,14 +765,21 @@ class PPOTrainer:
             m["train/cost_critic_loss"] = float(critic_losses[1])
             m["train/lambda"] = self.lagrange.value
             m["train/episode_cost"] = episode_cost
+        elif self.algorithm == "ppo-reward-shaping":
+            m["train/episode_cost"] = self.cost_window.episode_cost()
         m["train/reward"] = float(mb.reward.mean())
         if mb.cost is not None:
             m["train/cost"] = float(mb.cost.mean())
+        # The reward stream's name: reward shaping trains on R - nu * C, logged as the reference names it.
+        stream = "reward"
+        if self.algorithm == "ppo-reward-shaping":
+            stream = "shaped_reward"
+            m["train/shaped_reward"] = float((mb.reward - self.nu * mb.cost).mean())
         m.update({
-            "train/reward_with_kl_penalty": float((mb.rewards[0] * mask).sum(-1).mean()),
-            "train/reward_advantage": _masked_mean(mb.advantages[0], mask),
-            "train/reward_return": _masked_mean(mb.returns[0], mask),
-            "train/reward_value": _masked_mean(values[0].detach(), mask),
+            f"train/{stream}_with_kl_penalty": float((mb.rewards[0] * mask).sum(-1).mean()),
+            f"train/{stream}_advantage": _masked_mean(mb.advantages[0], mask),
+            f"train/{stream}_return": _masked_mean(mb.returns[0], mask),
+            f"train/{stream}_value": _masked_mean(values[0].detach(), mask),
         })
         if self.algorithm == "ppo-lag":
             m.update({
