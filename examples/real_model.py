@@ -476,6 +476,7 @@ def main(argv=None) -> int:
         max_steps=args.rl_steps if args.rl_steps < per_epoch * epochs else None,
         per_device_prompt_batch_size=args.prompt_batch, per_device_train_batch_size=args.prompt_batch,
         actor_lr=args.actor_lr, critic_lr=args.critic_lr, actor_lr_scheduler_type="constant",
+        actor_weight_decay=0.01, critic_lr_scheduler_type="constant",
         kl_coeff=args.kl_coeff, threshold=threshold, lambda_init=args.lambda_init, lambda_lr=args.lambda_lr,
         lambda_max=args.lambda_max, episode_cost_window_size=args.episode_cost_window_size, seed=args.seed,
         save_total_limit=1, progress=False)

@@ -45,7 +45,7 @@ class TrainConfig:
     lr: float = _f(2e-5, "peak learning rate", aliases=("learning_rate",))
     lr_scheduler_type: str = _f("cosine", "learning-rate schedule",
                                 choices=["cosine", "linear", "constant", "constant_with_warmup"])
-    lr_warmup_ratio: float = _f(0.03, "fraction of the optimizer steps spent warming up linearly")
+    lr_warmup_ratio: float = _f(0.0, "fraction of the optimizer steps spent warming up linearly")
     weight_decay: float = _f(0.0, "AdamW weight decay (not on biases and layer-norm weights)")
     adam_betas: list[float] = _f([0.9, 0.95], "AdamW betas")
     max_grad_norm: float = _f(1.0, "gradient clipping (global norm)")

@@ -3,7 +3,7 @@
 Per preference pair (better y_w, worse y_l of the same prompt), with the frozen reference = the initial model::
 
     Delta_y = sum_{t in S_y} [ log pi(y_t | y_<t) - log pi_ref(y_t | y_<t) ]
-    loss    = -log sigmoid( beta * (Delta_w - Delta_l) )             beta = --scale_coeff (0.1)
+    loss    = -log sigmoid( beta * (Delta_w - Delta_l) )             beta = --scale_coeff (0.02)
 
 ``S_y`` runs over the token positions of sequence y from the first position where the two sequences differ
 (*included*) to y's own last real token (its eos; padding excluded).  The reference implementation slices its
@@ -33,7 +33,7 @@ from .modeling import token_logprobs
 class DPOConfig(TrainConfig):
     """``saferlhf-fast dpo``."""
 
-    scale_coeff: float = _f(0.1, "beta of the DPO loss")
+    scale_coeff: float = _f(0.02, "beta of the DPO loss (the reference's DPO script passes 0.1)")
 
     @property
     def command(self) -> str:

@@ -142,14 +142,14 @@ class PPOConfig:
     gradient_accumulation_steps: int = _f(1, "RL micro-batches per optimizer step (losses averaged over them)")
     per_device_eval_batch_size: int = _f(16, "prompts per evaluation batch")
     actor_lr: float = _f(1e-5, "actor peak learning rate", aliases=("actor_learning_rate",))
-    actor_weight_decay: float = _f(0.01, "actor AdamW weight decay")
+    actor_weight_decay: float = _f(0.0, "actor AdamW weight decay")
     actor_lr_scheduler_type: str = _f("cosine", "actor schedule",
                                       choices=["cosine", "linear", "constant", "constant_with_warmup"])
     actor_lr_warmup_ratio: float = _f(0.0, "fraction of actor steps spent warming up (the PPO-Lag script: 0.03)")
     actor_gradient_checkpointing: bool = _f(False, "recompute actor activations in backward")
     critic_lr: float = _f(5e-6, "critic peak learning rate", aliases=("critic_learning_rate",))
     critic_weight_decay: float = _f(0.0, "critic AdamW weight decay")
-    critic_lr_scheduler_type: str = _f("constant", "critic schedule",
+    critic_lr_scheduler_type: str = _f("cosine", "critic schedule (the reference's scripts pass constant)",
                                        choices=["cosine", "linear", "constant", "constant_with_warmup"])
     critic_lr_warmup_ratio: float = _f(0.0, "fraction of critic steps spent warming up (not for 'constant')")
     critic_gradient_checkpointing: bool = _f(False, "recompute critic activations in backward")

@@ -250,13 +250,12 @@ def reference_normalizer(path: str) -> ScoreNormalizer | None:
 # ------------------------------------------------------------------------------------------------ trainers
 @dataclass
 class ScoreConfig(TrainConfig):
-    """``saferlhf-fast rm`` / ``cm`` (defaults: the reference RM / CM scripts: 2 epochs, lr 2e-5 cosine, weight decay
-    0.1, regularization 0.001, batch 16)."""
+    """``saferlhf-fast rm`` / ``cm`` (defaults: the reference's argparse; its RM / CM scripts pass 2 epochs, lr 2e-5
+    cosine, weight decay 0.1, regularization 0.001, batch 16)."""
 
-    epochs: int = _f(2, "passes over the training data")
-    weight_decay: float = _f(0.1, "AdamW weight decay (not on biases and layer-norm weights)")
+    weight_decay: float = _f(1e-6, "AdamW weight decay (not on biases and layer-norm weights)")
     loss_type: str = _f("sequence-wise", "score loss", choices=["sequence-wise", "token-wise"])
-    regularization: float = _f(0.001, "L2 penalty on the scores")
+    regularization: float = _f(0.0, "L2 penalty on the scores")
     normalize_score_during_training: bool = _f(False, "normalize scores with running statistics while training")
     normalizer_type: str | None = _f(None, "running statistics kind",
                                      choices=["RunningMeanStd", "ExponentialMovingAverage"])

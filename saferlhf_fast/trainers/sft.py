@@ -15,11 +15,10 @@ from .modeling import token_logprobs
 
 @dataclass
 class SFTConfig(TrainConfig):
-    """``saferlhf-fast sft`` (defaults: the reference SFT script: 3 epochs, lr 2e-5 cosine, batch 4 x 8)."""
+    """``saferlhf-fast sft`` (defaults: the reference's argparse; its SFT script passes 3 epochs, lr 2e-5 cosine,
+    batch 4 x 8)."""
 
-    epochs: int = _f(3, "passes over the training data")
-    per_device_train_batch_size: int = _f(4, "micro-batch size")
-    gradient_accumulation_steps: int = _f(8, "micro-batches per optimizer step")
+    weight_decay: float = _f(1e-6, "AdamW weight decay (not on biases and layer-norm weights)")
 
     @property
     def command(self) -> str:
