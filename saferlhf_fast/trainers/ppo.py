@@ -505,12 +505,20 @@ class PPOTrainer:
         """The reference's ``total_training_steps``: prompt batches x epochs x update_iters x micro-batches."""
         return self.rollouts_per_epoch() * self.config.epochs * self.config.update_iters * self.rl_steps_per_rollout()
 
+    def optimizer_updates(self) -> int:
+        """Optimizer steps of each schedule: one per ``--gradient_accumulation_steps`` RL micro-batches, the last
+        group of a rollout included (the reference: ``total_training_steps // gradient_accumulation_steps``; the
+        same when a rollout's micro-batches divide evenly)."""
+        per_rollout = self.config.update_iters * self.rl_steps_per_rollout()
+        groups = math.ceil(per_rollout / self.config.gradient_accumulation_steps)
+        return self.rollouts_per_epoch() * self.config.epochs * groups
+
     def total_steps(self) -> int:
         return self.rollouts_per_epoch() * self.config.epochs
 
     def _build_optimizers(self) -> None:
         cfg = self.config
-        total = self.total_rl_steps()
+        total = self.optimizer_updates()
         betas = tuple(cfg.adam_betas)
 
         def make(model, lr, wd, kind, warmup_ratio):
@@ -519,7 +527,7 @@ class PPOTrainer:
                 opt = torch.optim.AdamW(optimizer_groups(model, wd), lr=lr, betas=betas, eps=1e-8, fused=True)
             except (RuntimeError, TypeError, ValueError):
                 opt = torch.optim.AdamW(optimizer_groups(model, wd), lr=lr, betas=betas, eps=1e-8)
-            warmup = math.ceil(warmup_ratio * total)
+            warmup = int(total * warmup_ratio)  # the reference's int(), not a ceiling
             return opt, torch.optim.lr_scheduler.LambdaLR(opt, schedule_lambda(kind, warmup, total))
 
         self.actor_optimizer, self.actor_scheduler = make(self.actor, cfg.actor_lr, cfg.actor_weight_decay,
@@ -658,8 +666,11 @@ class PPOTrainer:
                 return columns(mb.input_ids, mb.attention_mask, mb.prompt_length - 1, mb.response_length).float()
             return mb.response_slice(critic(mb.input_ids, mb.attention_mask).scores).float()
 
-    def rl_step(self, mb: Rollout) -> dict:
-        """One PPO update (actor + critics) on a micro-batch; returns the spec's metrics."""
+    def rl_step(self, mb: Rollout, boundary: bool = True) -> dict:
+        """One PPO update (actor + critics) on a micro-batch; returns the spec's metrics.
+
+        With ``--gradient_accumulation_steps G`` the losses are scaled by ``1 / G`` (as DeepSpeed's engine does) and
+        the optimizers step only at a ``boundary``: every G-th RL micro-batch of a rollout and its last one."""
         cfg = self.config
         timings = self.timings
         mask = mb.response_mask
@@ -712,13 +723,23 @@ class PPOTrainer:
         for name, loss in zip(self.critic_names, critic_losses):
             self._guard(loss.detach(), f"{name} loss")
         # 5. Backward, clip, check, then step (no model moves unless every gradient is finite).
+        accum = cfg.gradient_accumulation_steps
         t4 = time.perf_counter()
         self.phases.to("actor")
-        actor_loss.backward()
-        actor_norm = torch.nn.utils.clip_grad_norm_(self.actor.parameters(), cfg.max_grad_norm)
+        (actor_loss / accum if accum > 1 else actor_loss).backward()
         t5 = time.perf_counter()
         self.phases.to("critics")
-        sum(critic_losses).backward()
+        (sum(critic_losses) / accum if accum > 1 else sum(critic_losses)).backward()
+        t6 = time.perf_counter()
+        if not boundary:
+            self.phases.to(None)
+            timings["actor"] += t5 - t4
+            timings["critics"] += t6 - t5
+            return distributed.reduce_metrics(self._metrics(mb, values, actor_loss, critic_losses, episode_cost,
+                                                            self._lrs()))
+        self.phases.to("actor")
+        actor_norm = torch.nn.utils.clip_grad_norm_(self.actor.parameters(), cfg.max_grad_norm)
+        self.phases.to("critics")
         critic_norms = [torch.nn.utils.clip_grad_norm_(c.parameters(), cfg.max_grad_norm) for c in self.critics]
         t6 = time.perf_counter()
         self.phases.to("actor")
@@ -729,9 +750,6 @@ class PPOTrainer:
         except NonFiniteError:
             self._zero_grads()
             raise
-        lrs = {"actor_lr": self.actor_optimizer.param_groups[0]["lr"]}
-        lrs.update({f"{name}_lr": opt.param_groups[0]["lr"] for name, opt in zip(self.critic_names,
-                                                                                  self.critic_optimizers)})
         self.actor_optimizer.step()
         self.actor_scheduler.step()
         self.actor_optimizer.zero_grad(set_to_none=True)
@@ -745,7 +763,15 @@ class PPOTrainer:
         self.phases.to(None)
         timings["actor"] += (t5 - t4) + (t7 - t6)
         timings["critics"] += (t6 - t5) + (t8 - t7)
-        return distributed.reduce_metrics(self._metrics(mb, values, actor_loss, critic_losses, episode_cost, lrs))
+        # The learning rates after the schedulers' step, as the reference logs them.
+        return distributed.reduce_metrics(self._metrics(mb, values, actor_loss, critic_losses, episode_cost,
+                                                        self._lrs()))
+
+    def _lrs(self) -> dict:
+        lrs = {"actor_lr": self.actor_optimizer.param_groups[0]["lr"]}
+        lrs.update({f"{name}_lr": opt.param_groups[0]["lr"] for name, opt in zip(self.critic_names,
+                                                                                  self.critic_optimizers)})
+        return lrs
 
     def _zero_grads(self) -> None:
         self.actor_optimizer.zero_grad(set_to_none=True)
@@ -979,9 +1005,11 @@ class PPOTrainer:
         t0 = time.perf_counter()
         micro = self.rollout(batch, self._rollout_seed(self.epoch, self.batch_index))
         rows = []
+        n, k = cfg.update_iters * len(micro), 0
         for _ in range(cfg.update_iters):
             for mb in micro:
-                info = self.rl_step(mb)
+                k += 1
+                info = self.rl_step(mb, boundary=k % cfg.gradient_accumulation_steps == 0 or k == n)
                 if self.ptx_dataset is not None:
                     info.update(self.ptx_step())
                 self.global_step += 1
