@@ -64,8 +64,12 @@ from ..ops import IGNORE_INDEX
 from ..profiling import PhaseRanges
 from .base import (
     STATE_FILE,
+    NonFiniteError,
+    StopSignals,
+    check_finite,
     checkpoint_or_stop,
-    find_checkpoint,
+    clip_gradients,
+    data_fingerprint,
     maybe_shard,
     open_run_logger,
     optimizer_groups,
@@ -76,20 +80,20 @@ from .base import (
     rng_state,
     schedule_lambda,
     seed_everything,
+    resolve_resume,
     set_rng_state,
+    staged_checkpoint,
+    stop_if_signalled,
     warn_single_process_flags,
+    write_run_info,
 )
-from .config import ConfigError, _f
+from .config import ALLOW_CHANGES_HELP, OVERWRITE_HELP, ConfigError, _f, check_common
 from .metrics import MetricsLogger
 from .score import load_normalizer
 from .sft import sft_loss
 
 GAMMA = 1.0  # fixed in the reference implementation
 GAE_LAMBDA = 0.95
-
-
-class NonFiniteError(RuntimeError):
-    """A reward, cost, loss or gradient is NaN / inf: the run stops before any weight is touched."""
 
 
 # ================================================================================================ configs
@@ -166,6 +170,7 @@ class PPOConfig:
                                   "(False: a full replica on every rank)")
     # ---- output
     output_dir: str | None = _f(None, "final actor (+ critics), checkpoints and metrics", required=True)
+    overwrite_output_dir: bool = _f(False, OVERWRITE_HELP)
     log_type: str = _f("none", "extra metrics sink besides metrics.jsonl", choices=["none", "tensorboard", "wandb"])
     log_dir: str | None = _f(None, "TensorBoard / W&B directory (default: OUTPUT_DIR/logs)")
     log_project: str | None = _f(None, "W&B project")
@@ -174,6 +179,7 @@ class PPOConfig:
     save_total_limit: int = _f(2, "checkpoints kept (oldest removed)")
     resume: str | None = _f(None, "continue from a checkpoint folder, or 'auto': the latest in OUTPUT_DIR",
                             nargs="?", const="auto")
+    resume_allow_changes: list[str] | None = _f(None, ALLOW_CHANGES_HELP)
     max_steps: int | None = _f(None, "stop after this many rollout steps (a checkpoint is written); the schedule "
                                      "still spans all epochs, so --resume finishes the same run")
     progress: bool = _f(True, "show a progress bar")
@@ -192,6 +198,7 @@ class PPOConfig:
         missing = [f.name for f in dataclasses.fields(self) if f.metadata.get("required") and not getattr(self, f.name)]
         if missing:
             raise ConfigError("missing required option(s): " + ", ".join("--" + m for m in missing))
+        check_common(self)
         for name in ("epochs", "update_iters", "per_device_prompt_batch_size", "per_device_train_batch_size",
                      "per_device_eval_batch_size", "num_return_sequences"):
             if getattr(self, name) < 1:
@@ -370,7 +377,8 @@ class PPOTrainer:
                             if cfg.ptx_datasets else None)
         if self.ptx_dataset is not None and cfg.ptx_coeff == 0:
             distributed.print0("warning: --ptx_datasets given with --ptx_coeff 0: the PTX loss has no effect")
-        self.resume_from = self._resume_path()
+        self._fingerprint: str | None = None
+        self.resume_from = resolve_resume(cfg, self.data_fingerprint)
         self._load_models()
         self.lagrange = None
         if self.algorithm == "ppo-lag":
@@ -408,16 +416,11 @@ class PPOTrainer:
             train, eval_ = split_dataset(train, cfg.eval_split_ratio, cfg.seed)
         return train, eval_
 
-    def _resume_path(self) -> str | None:
-        cfg = self.config
-        if not cfg.resume:
-            return None
-        path = find_checkpoint(cfg.output_dir) if cfg.resume == "auto" else cfg.resume
-        if path is None:
-            return None
-        if not os.path.isfile(os.path.join(path, STATE_FILE)):
-            raise ConfigError(f"--resume {path}: not a checkpoint folder (no {STATE_FILE})")
-        return path
+    def data_fingerprint(self) -> str:
+        """Hash of the tokenized prompt (and PTX) rows (saved in checkpoints; a resume on other data is refused)."""
+        if self._fingerprint is None:
+            self._fingerprint = data_fingerprint(self.train_dataset, self.ptx_dataset)
+        return self._fingerprint
 
     def _load(self, flag: str, path: str, head: str, trainable: bool):
         self._check_folder(flag, path)
@@ -614,13 +617,8 @@ class PPOTrainer:
 
     # ---------------------------------------------------------------------------------------------- updates
     def _guard(self, x: Tensor, what: str) -> None:
-        x = distributed.to_local(x)
-        if not distributed.all_true(bool(torch.isfinite(x).all())):  # every rank stops together
-            last = find_checkpoint(self.config.output_dir) if self.config.output_dir else None
-            raise NonFiniteError(
-                f"non-finite {what} at rollout step {self.step + 1} (RL step {self.global_step + 1}); stopping "
-                f"before any weight is updated. Last good checkpoint: {last or 'none written yet'}. "
-                f"Lower --actor_lr / --critic_lr, check the reward and cost models, or resume from the checkpoint.")
+        check_finite(x, what, f"rollout step {self.step + 1} (RL step {self.global_step + 1})", self.config.output_dir,
+                     "Lower --actor_lr / --critic_lr, check the reward and cost models, or resume from the checkpoint.")
 
     def _actor_logprobs(self, mb: Rollout) -> Tensor:
         with self.autocast():
@@ -693,11 +691,11 @@ class PPOTrainer:
         t4 = time.perf_counter()
         self.phases.to("actor")
         actor_loss.backward()
-        actor_norm = torch.nn.utils.clip_grad_norm_(self.actor.parameters(), cfg.max_grad_norm)
+        actor_norm = clip_gradients(self.actor.parameters(), cfg.max_grad_norm)
         t5 = time.perf_counter()
         self.phases.to("critics")
         sum(critic_losses).backward()
-        critic_norms = [torch.nn.utils.clip_grad_norm_(c.parameters(), cfg.max_grad_norm) for c in self.critics]
+        critic_norms = [clip_gradients(c.parameters(), cfg.max_grad_norm) for c in self.critics]
         t6 = time.perf_counter()
         self.phases.to("actor")
         try:
@@ -794,7 +792,7 @@ class PPOTrainer:
         loss = sft_loss(logp, batch["labels"])
         self._guard(loss.detach(), "PTX loss")
         (cfg.ptx_coeff * loss).backward()
-        norm = distributed.to_local(torch.nn.utils.clip_grad_norm_(self.actor.parameters(), cfg.max_grad_norm))
+        norm = distributed.to_local(clip_gradients(self.actor.parameters(), cfg.max_grad_norm))
         try:
             self._guard(norm, "actor gradient (PTX)")
         except NonFiniteError:
@@ -871,13 +869,15 @@ class PPOTrainer:
         """``OUTPUT_DIR/checkpoint-<step>/``: actor/, reward_critic/ [, cost_critic/], trainer_state.pt; written to a
         temporary folder and renamed into place, so a kill leaves either the old or the new checkpoint."""
         cfg = self.config
-        final = os.path.join(cfg.output_dir, f"checkpoint-{self.step}")
-        tmp = os.path.join(cfg.output_dir, f".checkpoint-{self.step}.tmp")
         main = distributed.is_main()
+        with staged_checkpoint(cfg.output_dir, self.step) as tmp:
+            self._write_checkpoint(tmp, main)
         if main:
-            shutil.rmtree(tmp, ignore_errors=True)
-            os.makedirs(tmp)
+            self._prune_checkpoints()
         distributed.barrier()
+        return os.path.join(cfg.output_dir, f"checkpoint-{self.step}")
+
+    def _write_checkpoint(self, tmp: str, main: bool) -> None:
         self.actor.save_pretrained(os.path.join(tmp, "actor"))  # consolidated Hugging Face export (rank 0 writes)
         if main:
             self.tokenizer.save_pretrained(os.path.join(tmp, "actor"))
@@ -886,16 +886,13 @@ class PPOTrainer:
         if distributed.is_distributed():  # model + optimizer shards (DCP): resumable on any number of processes
             distributed.save_sharded(os.path.join(tmp, distributed.SHARDED_DIR), self._sharded_items())
         state = self.state_dict()
+        fingerprint = self.data_fingerprint()
         if main:
             torch.save(state, os.path.join(tmp, STATE_FILE))
             with open(os.path.join(tmp, "trainer_state.json"), "w", encoding="utf-8") as f:
                 json.dump({"step": self.step, "global_step": self.global_step, "total_steps": self.total_steps(),
                            "lambda": self.lagrange.value if self.lagrange is not None else None}, f, indent=2)
-            shutil.rmtree(final, ignore_errors=True)
-            os.rename(tmp, final)
-            self._prune_checkpoints()
-        distributed.barrier()
-        return final
+            write_run_info(tmp, self.config, fingerprint)
 
     def _prune_checkpoints(self) -> None:
         prune_checkpoints(self.config.output_dir, self.config.save_total_limit)
@@ -987,7 +984,9 @@ class PPOTrainer:
         collate = _collator_of(self.train_dataset)
         last_eval: dict = {}
         history = []
+        signals = StopSignals()
         try:
+            signals.__enter__()
             if self.step == 0 and not self.resume_from:
                 last_eval = self._log_eval(logger)
             bar = tqdm(total=total, initial=self.step, desc=cfg.command, disable=not cfg.progress or not main,
@@ -1017,6 +1016,7 @@ class PPOTrainer:
                     bar.set_postfix({k: f"{v:.3f}" for k, v in post.items()})
                     if cfg.need_eval and cfg.eval_strategy == "steps" and self.step % cfg.eval_interval == 0:
                         last_eval = self._log_eval(logger)
+                    stop_if_signalled(signals, self.step, total, self.save_checkpoint)
                     if checkpoint_or_stop(cfg, self.step, total, self.save_checkpoint):
                         stopped = True
                         break
@@ -1026,6 +1026,7 @@ class PPOTrainer:
                     last_eval = self._log_eval(logger)
                 if epoch + 1 < cfg.epochs:
                     self.save_checkpoint()
+            signals.__exit__(None, None, None)
             bar.close()
             elapsed = time.perf_counter() - t0
             if stopped:
@@ -1053,6 +1054,7 @@ class PPOTrainer:
                                f"steps, {elapsed:.1f} s)")
             return summary
         finally:
+            signals.__exit__(None, None, None)
             logger.close()
 
 
