@@ -511,3 +511,37 @@ def test_read_only_output_folder(tiny, tmp_path, monkeypatch, capsys):
     out = tmp_path / "out"
     assert main(argv("sft", common(tiny, output_dir=str(out)))) == 2
     assert f"--output_dir {out}: cannot write (Read-only file system)" in one_line_error(capsys)
+
+
+def test_ppo_lag_sigint_checkpoint_resumes_to_the_same_weights(tiny, tmp_path, make_score_model):
+    from saferlhf_fast.trainers.ppo import PPOLagConfig, PPOTrainer
+    from saferlhf_fast.trainers.safety import Interrupted
+
+    rm = make_score_model(tiny, str(tmp_path / "rm"), 2)
+    cm = make_score_model(tiny, str(tmp_path / "cm"), 3, bias=0.3)
+
+    def trainer(out, **kw):
+        cfg = PPOLagConfig(actor_model_name_or_path=tiny, reward_model_name_or_path=rm, cost_model_name_or_path=cm,
+                           train_datasets=["synthetic-prompts/train:0.008"], output_dir=str(out), max_length=64,
+                           max_new_tokens=6, per_device_prompt_batch_size=4, per_device_train_batch_size=4,
+                           progress=False, actor_lr=1e-3, critic_lr=1e-3, kl_coeff=0.1, lambda_lr=0.5, seed=3, **kw)
+        cfg.validate()
+        return PPOTrainer(cfg)
+
+    trainer(tmp_path / "a").train()
+    interrupted = trainer(tmp_path / "b")
+    one_rollout = interrupted.train_one_rollout
+
+    def rollout_then_sigint(batch, logger=None):
+        rows = one_rollout(batch, logger)
+        os.kill(os.getpid(), signal.SIGINT)  # delivered to the handler train() installed
+        return rows
+
+    interrupted.train_one_rollout = rollout_then_sigint
+    with pytest.raises(Interrupted, match="SIGINT after step 1 of 3: checkpoint saved to .*checkpoint-1") as info:
+        interrupted.train()
+    assert info.value.exit_code == 130
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+    trainer(tmp_path / "b", resume="auto").train()
+    for name in ("", "reward_critic", "cost_critic"):
+        assert_same_weights(tmp_path / "a" / name, tmp_path / "b" / name)
