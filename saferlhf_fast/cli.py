@@ -105,9 +105,8 @@ def _bench_report(args) -> int:
 
 def _demo(args) -> int:
     """The whole Safe RLHF pipeline on the bundled synthetic world: SFT -> RM -> CM -> PPO-Lag -> arena."""
-    from .pipeline import run_demo
-
     from .data import DataError
+    from .pipeline import run_demo
     from .trainers.config import ConfigError
 
     print("saferlhf-fast demo: tiny Llama, synthetic world, SFT -> reward model -> cost model -> PPO-Lagrangian -> "

@@ -14,8 +14,7 @@ import pytest
 import torch
 
 from saferlhf_fast.cli import main
-from saferlhf_fast.trainers import SFTConfig, SFTTrainer, config_from_args
-from saferlhf_fast.trainers import safety
+from saferlhf_fast.trainers import SFTConfig, SFTTrainer, config_from_args, safety
 from saferlhf_fast.trainers.modeling import make_tiny_model
 from saferlhf_fast.trainers.safety import NonFiniteError, RunLock
 
@@ -432,7 +431,7 @@ def test_checkpoint_files_and_folders_are_fsynced_before_the_rename(tiny, tmp_pa
     monkeypatch.setattr(os, "rename", rename)
     sft(common(tiny, output_dir=str(out), max_steps=1)).train()
     tmp = os.path.realpath(out / ".checkpoint-1.tmp")
-    src, dst, n_before = next(r for r in renamed if r[1].endswith("checkpoint-1"))
+    n_before = next(n for _, dst, n in renamed if dst.endswith("checkpoint-1"))
     before = set(synced[:n_before])
     for name in ("model.safetensors", "trainer_state.pt", "manifest.json", "run.json"):
         assert os.path.join(tmp, name) in before, name

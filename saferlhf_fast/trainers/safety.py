@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import errno
 import fcntl
 import hashlib
 import json
@@ -439,9 +438,9 @@ def _comparable(info: dict, defaults: dict) -> dict:
     """The settings of a run, per-device batch sizes as global ones (world size x per device)."""
     world = info.get("world_size", 1)
     out = {**defaults, **info["config"]}
-    for key in out:
-        if key.startswith("per_device_") and key in FIXED and isinstance(out[key], int):
-            out[key] = out[key] * world
+    for key, value in out.items():
+        if key.startswith("per_device_") and key in FIXED and isinstance(value, int):
+            out[key] = value * world
     out["data"] = info.get("data")
     return out
 
