@@ -544,3 +544,13 @@ def test_ppo_lag_sigint_checkpoint_resumes_to_the_same_weights(tiny, tmp_path, m
     trainer(tmp_path / "b", resume="auto").train()
     for name in ("", "reward_critic", "cost_critic"):
         assert_same_weights(tmp_path / "a" / name, tmp_path / "b" / name)
+
+
+def test_unreadable_trainer_state_is_one_line(tiny, tmp_path, capsys):
+    out = tmp_path / "out"
+    sft(common(tiny, output_dir=str(out), max_steps=1)).train()
+    state = out / "checkpoint-1" / "trainer_state.pt"
+    state.write_bytes(b"\0" * state.stat().st_size)  # same size: the manifest cannot tell
+    assert main(argv("sft", common(tiny, output_dir=str(out), resume="auto"))) == 2
+    err = one_line_error(capsys)
+    assert f"--resume {out}/checkpoint-1: trainer_state.pt is unreadable" in err

@@ -52,6 +52,7 @@ from .safety import (  # noqa: F401 - re-exported: the names the trainers and te
     find_checkpoint,
     fsync_dir,
     fsync_tree,
+    load_state,
     resolve_resume,
     staged_checkpoint,
     write_run_info,
@@ -416,7 +417,7 @@ class Trainer:
         prune_checkpoints(self.config.output_dir, self.config.save_total_limit)
 
     def _load_checkpoint(self, path: str) -> None:
-        blob = torch.load(os.path.join(path, STATE_FILE), map_location="cpu", weights_only=False)
+        blob = load_state(path)
         shards = os.path.join(path, distributed.SHARDED_DIR)
         if os.path.isdir(shards):  # saved under torchrun: DCP reshards to this world size
             distributed.load_sharded(shards, {"model": (self.model, self.optimizer)})

@@ -70,6 +70,7 @@ from .base import (
     checkpoint_or_stop,
     clip_gradients,
     data_fingerprint,
+    load_state,
     maybe_shard,
     open_run_logger,
     optimizer_groups,
@@ -898,7 +899,7 @@ class PPOTrainer:
         prune_checkpoints(self.config.output_dir, self.config.save_total_limit)
 
     def load_checkpoint(self, path: str) -> None:
-        blob = torch.load(os.path.join(path, STATE_FILE), map_location="cpu", weights_only=False)
+        blob = load_state(path)
         if blob.get("algorithm", self.algorithm) != self.algorithm:
             raise ConfigError(f"--resume {path}: a {blob['algorithm']} checkpoint, not {self.algorithm}")
         shards = os.path.join(path, distributed.SHARDED_DIR)

@@ -325,6 +325,16 @@ def pick_checkpoint(cfg) -> str | None:
     return None
 
 
+def load_state(checkpoint: str) -> dict:
+    """The trainer state of a checkpoint; an unreadable one is a one-line ``ConfigError``."""
+    path = os.path.join(checkpoint, STATE_FILE)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # noqa: BLE001 - torch.load raises many kinds for a damaged file
+        raise ConfigError(f"--resume {checkpoint}: {STATE_FILE} is unreadable ({type(e).__name__}: "
+                          f"{str(e).splitlines()[0] if str(e) else 'damaged'}); resume an earlier checkpoint") from None
+
+
 def fsync_tree(root: str) -> None:
     """fsync every file and folder under ``root`` (``root`` included)."""
     for folder, _, files in os.walk(root):
