@@ -131,10 +131,14 @@ def prepare_output_dir(output_dir: str, overwrite: bool) -> None:
     """Refuse a non-empty folder (``overwrite``: remove only the entries a previous demo wrote there, and only in a
     folder carrying the demo's marker), then create it and mark it."""
     from .trainers.config import ConfigError
+    from .trainers.safety import LOCK_FILE, lock_holder
 
     if os.path.exists(output_dir) and not os.path.isdir(output_dir):
         raise ConfigError(f"--output_dir {output_dir}: exists and is not a folder")
-    entries = sorted(os.listdir(output_dir)) if os.path.isdir(output_dir) else []
+    holder = lock_holder(output_dir)
+    if holder is not None:
+        raise ConfigError(f"--output_dir {output_dir} is in use by another run (pid {holder}, {LOCK_FILE})")
+    entries = sorted(n for n in os.listdir(output_dir) if n != LOCK_FILE) if os.path.isdir(output_dir) else []
     if entries and not overwrite:
         shown = ", ".join(entries[:4]) + (", ..." if len(entries) > 4 else "")
         raise ConfigError(f"--output_dir {output_dir} is not empty ({shown}); pass --overwrite_output_dir to replace "
@@ -158,7 +162,11 @@ def run_demo(output_dir: str = os.path.join("runs", "demo"), *, quick: bool = Fa
     model), one core each.  ``overwrite``: reuse a previous demo's folder (see :func:`prepare_output_dir`)."""
     import torch
 
+    from .trainers.safety import RunLock
+
     prepare_output_dir(output_dir, overwrite)
+    lock = RunLock(output_dir)
+    lock.acquire()
     threads = threads or default_threads()
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -166,6 +174,7 @@ def run_demo(output_dir: str = os.path.join("runs", "demo"), *, quick: bool = Fa
         return _run_demo(output_dir, quick, seed, overrides, progress, plot, threads, parallel)
     finally:
         torch.set_num_threads(previous_threads)
+        lock.release()
 
 
 def _run_demo(output_dir, quick, seed, overrides, progress, plot, threads, parallel) -> DemoResult:

@@ -554,3 +554,13 @@ def test_unreadable_trainer_state_is_one_line(tiny, tmp_path, capsys):
     assert main(argv("sft", common(tiny, output_dir=str(out), resume="auto"))) == 2
     err = one_line_error(capsys)
     assert f"--resume {out}/checkpoint-1: trainer_state.pt is unreadable" in err
+
+
+def test_demo_keeps_out_of_a_folder_in_use(tmp_path, capsys):
+    lock = RunLock(str(tmp_path))
+    lock.acquire()
+    try:
+        assert main(["demo", "--quick", "--output_dir", str(tmp_path), "--overwrite_output_dir"]) == 2
+        assert f"is in use by another run (pid {os.getpid()}" in capsys.readouterr().err
+    finally:
+        lock.release()
