@@ -564,3 +564,10 @@ def test_demo_keeps_out_of_a_folder_in_use(tmp_path, capsys):
         assert f"is in use by another run (pid {os.getpid()}" in capsys.readouterr().err
     finally:
         lock.release()
+
+
+def test_arena_rejects_a_nan_temperature(tiny, capsys):
+    rc = main(["arena", "--red_corpus_model_name_or_path", tiny, "--blue_corpus_model_name_or_path", tiny,
+               "--reward_model_name_or_path", tiny, "--cost_model_name_or_path", tiny, "--datasets",
+               "synthetic-prompts/test", "--temperature", "nan"])
+    assert rc == 2 and "--temperature must be a finite number, got nan" in one_line_error(capsys)

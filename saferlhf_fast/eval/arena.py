@@ -28,7 +28,7 @@ from ..data import PromptOnlyDataset, load_records, load_tokenizer, synthetic
 from ..engine import generate
 from ..models import freeze, from_pretrained
 from ..trainers.base import resolve_device, seed_everything
-from ..trainers.config import ConfigError, _f
+from ..trainers.config import ConfigError, _f, check_finite_numbers
 from ..trainers.score import load_normalizer
 
 
@@ -66,6 +66,7 @@ class ArenaConfig:
             raise ConfigError("missing required option(s): " + ", ".join("--" + m for m in missing))
         if self.per_device_eval_batch_size < 1 or self.max_length < 2:
             raise ConfigError("--per_device_eval_batch_size must be >= 1 and --max_length >= 2")
+        check_finite_numbers(self)
 
 
 # ------------------------------------------------------------------------------------------------ pieces

@@ -120,11 +120,17 @@ def _floats(cfg):
             yield from ((f.name, v) for v in (value if is_list else [value]))
 
 
-def check_common(cfg) -> None:
-    """The value checks every training command shares (one line each, exit status 2)."""
+def check_finite_numbers(cfg) -> None:
+    """Every float option of every command is a finite number."""
     for name, value in _floats(cfg):
         if not math.isfinite(value):
             raise ConfigError(f"--{name} must be a finite number, got {value}")
+
+
+def check_common(cfg) -> None:
+    """The value checks every training command shares (one line each, exit status 2)."""
+    check_finite_numbers(cfg)
+    for name, value in _floats(cfg):
         if (name == "lr" or name.endswith(("_lr", "weight_decay", "max_grad_norm"))) and value < 0:
             raise ConfigError(f"--{name} must be >= 0, got {value}" +
                               (" (0 turns clipping off)" if name == "max_grad_norm" else ""))
