@@ -499,4 +499,5 @@ def resolve_resume(cfg, fingerprint) -> str | None:
     check_output_dir(cfg, path)
     if path is not None:
         check_settings(cfg, path, fingerprint())
+    distributed.barrier()  # every rank has looked at OUTPUT_DIR before rank 0 writes there
     return path
