@@ -462,7 +462,7 @@ class Trainer:
         last_eval: dict = {}
         signals = StopSignals()
         try:
-            signals.__enter__()
+            signals.install()
             if self.state.step == 0 and not self.resume_from:
                 last_eval = self._log_eval(logger)
             self.model.train()
@@ -522,7 +522,7 @@ class Trainer:
                     last_eval = self._log_eval(logger)
                 if epoch + 1 < cfg.epochs:
                     self.save_checkpoint()
-            signals.__exit__(None, None, None)
+            signals.restore()
             bar.close()
             elapsed = time.perf_counter() - t0
             if stopped:
@@ -543,7 +543,7 @@ class Trainer:
             distributed.barrier()
             return summary
         finally:
-            signals.__exit__(None, None, None)
+            signals.restore()
             logger.close()
 
     def _guard(self, x: torch.Tensor, what: str, epoch: int, micro: int) -> None:

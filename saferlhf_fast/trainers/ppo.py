@@ -987,7 +987,7 @@ class PPOTrainer:
         history = []
         signals = StopSignals()
         try:
-            signals.__enter__()
+            signals.install()
             if self.step == 0 and not self.resume_from:
                 last_eval = self._log_eval(logger)
             bar = tqdm(total=total, initial=self.step, desc=cfg.command, disable=not cfg.progress or not main,
@@ -1027,7 +1027,7 @@ class PPOTrainer:
                     last_eval = self._log_eval(logger)
                 if epoch + 1 < cfg.epochs:
                     self.save_checkpoint()
-            signals.__exit__(None, None, None)
+            signals.restore()
             bar.close()
             elapsed = time.perf_counter() - t0
             if stopped:
@@ -1055,7 +1055,7 @@ class PPOTrainer:
                                f"steps, {elapsed:.1f} s)")
             return summary
         finally:
-            signals.__exit__(None, None, None)
+            signals.restore()
             logger.close()
 
 

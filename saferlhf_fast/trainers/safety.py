@@ -232,8 +232,8 @@ def clip_gradients(parameters, max_norm: float) -> torch.Tensor:
 
 # ------------------------------------------------------------------------------------------------ signals
 class StopSignals:
-    """Within ``with``: the first SIGINT / SIGTERM is noted (``requested()`` then returns its number, agreed over
-    ranks) and the default handlers come back, so a second signal ends the process at once."""
+    """Between ``install()`` and ``restore()``: the first SIGINT / SIGTERM is noted (``requested()`` then returns its
+    number, agreed over ranks) and the default handlers come back, so a second signal ends the process at once."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -241,16 +241,15 @@ class StopSignals:
         self.received: int | None = None
         self._previous: dict = {}
 
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
+    def install(self) -> None:
+        if threading.current_thread() is threading.main_thread():  # Python handles signals there only
             self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
-        return self
 
-    def __exit__(self, *exc):
+    def restore(self) -> None:
+        """The handlers from before ``install()`` (a no-op the second time)."""
         for s, handler in self._previous.items():
             signal.signal(s, handler)
         self._previous = {}
-        return False
 
     def _handle(self, signum, frame):
         self.received = signum
