@@ -571,3 +571,12 @@ def test_arena_rejects_a_nan_temperature(tiny, capsys):
                "--reward_model_name_or_path", tiny, "--cost_model_name_or_path", tiny, "--datasets",
                "synthetic-prompts/test", "--temperature", "nan"])
     assert rc == 2 and "--temperature must be a finite number, got nan" in one_line_error(capsys)
+
+
+def test_interrupted_crosses_a_process_boundary():
+    import pickle
+
+    from saferlhf_fast.trainers.safety import Interrupted
+
+    err = pickle.loads(pickle.dumps(Interrupted(signal.SIGTERM, "out/checkpoint-3", 3, 9)))
+    assert err.exit_code == 143 and str(err).startswith("interrupted by SIGTERM after step 3 of 9")

@@ -54,7 +54,11 @@ class Interrupted(Exception):
         name = signal.Signals(signum).name
         super().__init__(f"interrupted by {name} after step {step} of {total}: checkpoint saved to {checkpoint}; "
                          f"run the same command with --resume to continue")
+        self.fields = (signum, checkpoint, step, total)
         self.exit_code = 128 + signum
+
+    def __reduce__(self):  # crosses process boundaries (the demo trains two models in worker processes)
+        return Interrupted, self.fields
 
 
 # ------------------------------------------------------------------------------------------------ output folders
