@@ -580,3 +580,13 @@ def test_interrupted_crosses_a_process_boundary():
 
     err = pickle.loads(pickle.dumps(Interrupted(signal.SIGTERM, "out/checkpoint-3", 3, 9)))
     assert err.exit_code == 143 and str(err).startswith("interrupted by SIGTERM after step 3 of 9")
+
+
+def test_run_file_names():
+    ours = ["checkpoint-12", "checkpoint-3.damaged", ".checkpoint-4.tmp", ".final.tmp", "model.safetensors",
+            "model-00001-of-00002.safetensors", "model.safetensors.index.json", "config.json", "tokenizer.json",
+            "tokenizer_config.json", "metrics.jsonl", "arguments.json", "results.json", "reward_critic", "cost_critic",
+            "score_normalizer.json", safety.LOCK_FILE]
+    theirs = ["notes.txt", "data", "checkpoint-x", "checkpoints", "sft", "train.jsonl", "logs", "config.yaml"]
+    assert all(safety.is_run_file(n) for n in ours)
+    assert not any(safety.is_run_file(n) for n in theirs)

@@ -55,7 +55,7 @@ class TrainConfig:
     lr_warmup_ratio: float = _f(0.03, "fraction of the optimizer steps spent warming up linearly")
     weight_decay: float = _f(0.0, "AdamW weight decay (not on biases and layer-norm weights)")
     adam_betas: list[float] = _f([0.9, 0.95], "AdamW betas")
-    max_grad_norm: float = _f(1.0, "gradient clipping (global norm)")
+    max_grad_norm: float = _f(1.0, "gradient clipping (global norm; 0: off)")
     seed: int = _f(42, "random seed (data order, initialisation, sampling)")
     fp16: bool = _f(False, "fp16 autocast")
     bf16: bool = _f(False, "bf16 autocast (weights and optimizer state stay fp32)")

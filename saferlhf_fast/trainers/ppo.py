@@ -155,7 +155,7 @@ class PPOConfig:
     critic_lr_warmup_ratio: float = _f(0.0, "fraction of critic steps spent warming up (not for 'constant')")
     critic_gradient_checkpointing: bool = _f(False, "recompute critic activations in backward")
     adam_betas: list[float] = _f([0.9, 0.95], "AdamW betas")
-    max_grad_norm: float = _f(1.0, "gradient clipping (global norm, per model)")
+    max_grad_norm: float = _f(1.0, "gradient clipping (global norm, per model; 0: off)")
     seed: int = _f(42, "random seed (data order, sampling)")
     fp16: bool = _f(False, "fp16 autocast")
     bf16: bool = _f(False, "bf16 autocast (weights and optimizer state stay fp32)")

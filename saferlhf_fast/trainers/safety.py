@@ -39,8 +39,8 @@ CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 _RUN_FILE_RE = re.compile(r"^(checkpoint-\d+(\.damaged)?|\.checkpoint-\d+\.(tmp|old)|\.final\.tmp|.*\.safetensors"
                           r"|.*\.safetensors\.index\.json|tokenizer.*|chat_template\..*)$")
 _RUN_FILES = {"config.json", "generation_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.json",
-              "merges.txt", "score_normalizer.json", "metrics.jsonl", "arguments.json", "results.json",
-              "reward_critic", "cost_critic", LOCK_FILE}
+              "merges.txt", "score_normalizer.json", "metrics.jsonl", "metrics.jsonl.tmp", "arguments.json",
+              "results.json", "reward_critic", "cost_critic", LOCK_FILE}
 
 
 class NonFiniteError(RuntimeError):
