@@ -590,3 +590,34 @@ def test_run_file_names():
     theirs = ["notes.txt", "data", "checkpoint-x", "checkpoints", "sft", "train.jsonl", "logs", "config.yaml"]
     assert all(safety.is_run_file(n) for n in ours)
     assert not any(safety.is_run_file(n) for n in theirs)
+
+
+KILLED_IN_COMMIT = textwrap.dedent("""
+    import os, signal, sys
+    import torch
+    torch.set_num_threads(int(sys.argv[1]))
+    from saferlhf_fast.trainers import safety
+    commit, calls = safety.commit_folder, []
+    def killed_in_second_commit(tmp, final):
+        calls.append(final)
+        if len(calls) == 2:  # the new checkpoint is complete and durable, not yet renamed into place
+            safety.write_manifest(tmp)
+            safety.fsync_tree(tmp)
+            os.kill(os.getpid(), signal.SIGKILL)
+        return commit(tmp, final)
+    safety.commit_folder = killed_in_second_commit
+    from saferlhf_fast.cli import main
+    sys.exit(main(sys.argv[2:]))
+""")
+
+
+def test_sigkill_before_the_rename_resumes_to_the_same_weights(tiny, reference, tmp_path):
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-c", KILLED_IN_COMMIT, str(torch.get_num_threads()),
+                           *argv("sft", common(tiny, output_dir=str(out), save_interval=2))],
+                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": ROOT}, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    assert {"checkpoint-2", ".checkpoint-4.tmp", safety.LOCK_FILE} <= set(os.listdir(out))
+    sft(common(tiny, output_dir=str(out), resume="auto")).train()  # the dead run's lock does not block
+    assert_same_weights(out, reference[0])
+    assert train_rows(out) == list(range(1, reference[1] + 1))
