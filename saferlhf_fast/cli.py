@@ -110,12 +110,18 @@ def _bench_report(args) -> int:
 
 def _demo(args) -> int:
     """The whole Safe RLHF pipeline on the bundled synthetic world: SFT -> RM -> CM -> PPO-Lag -> arena."""
+    from .data import DataError
     from .pipeline import run_demo
+    from .trainers.config import ConfigError
 
     print("saferlhf-fast demo: tiny Llama, synthetic world, SFT -> reward model -> cost model -> PPO-Lagrangian -> "
           f"arena (output: {args.output_dir})")
-    run_demo(args.output_dir, quick=args.quick, seed=args.seed, progress=args.progress)
-    return 0
+    try:
+        return _guarded("demo", lambda: run_demo(args.output_dir, quick=args.quick, seed=args.seed,
+                                                 progress=args.progress, overwrite=args.overwrite_output_dir))
+    except (DataError, ConfigError) as err:
+        print(f"saferlhf-fast demo: error: {err}", file=sys.stderr)
+        return 2
 
 
 def _config_command(command: str):
@@ -148,16 +154,15 @@ def _config_command(command: str):
 
 
 def _run_config_command(args) -> int:
-    """Every configured job.  Bad input, configuration or checkpoint: one line on stderr, exit status 2, and no
-    output folder left behind by this run.  RL jobs: a NaN / inf in rewards, costs, losses or gradients: one line on
-    stderr, exit status 3, the last checkpoint untouched."""
+    """Every configured job.  Bad input, configuration or checkpoint (an output folder that is not this run's
+    included): one line on stderr, exit status 2, and no output folder left behind by this run.  A NaN / inf in
+    rewards, costs, losses or gradients: one line, exit status 3, the last checkpoint untouched.  SIGINT / SIGTERM: a
+    checkpoint, one line, exit status 130 / 143.  A failed write (disk full, read-only): one line, exit status 1."""
     import shutil
 
     from .data import DataError
     from .models.checkpoint import CheckpointError, UnsupportedArchitectureError
     from .trainers.config import ConfigError, config_from_args
-    from .trainers.ppo import NonFiniteError
-
     from .trainers.launcher_flags import launcher_notes
 
     config_cls, runner = _config_command(args.command)
@@ -168,15 +173,32 @@ def _run_config_command(args) -> int:
         cfg = config_from_args(config_cls, args)
         out_dir = cfg.output_dir
         existed = out_dir is None or os.path.exists(out_dir)
-        runner(cfg)
+        return _guarded(args.command, lambda: runner(cfg))
     except (DataError, ConfigError, CheckpointError, UnsupportedArchitectureError) as err:
         if not existed and out_dir and os.path.isdir(out_dir):
             shutil.rmtree(out_dir, ignore_errors=True)
         print(f"saferlhf-fast {args.command}: error: {err}", file=sys.stderr)
         return 2
+
+
+def _guarded(command: str, job) -> int:
+    """Run ``job``; the run-time failures of a training job as one line on stderr and an exit status."""
+    from .trainers.safety import Interrupted, NonFiniteError
+
+    try:
+        job()
     except NonFiniteError as err:
-        print(f"saferlhf-fast {args.command}: stopped: {err}", file=sys.stderr)
+        print(f"saferlhf-fast {command}: stopped: {err}", file=sys.stderr)
         return 3
+    except Interrupted as err:
+        print(f"saferlhf-fast {command}: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print(f"saferlhf-fast {command}: interrupted (no checkpoint written at this point)", file=sys.stderr)
+        return 130
+    except OSError as err:
+        print(f"saferlhf-fast {command}: error: {err}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -293,6 +315,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="the embedded default job (CPU, minutes)")
     demo.add_argument("--quick", action="store_true", help="tiny sizes (seconds; the numbers mean nothing)")
     demo.add_argument("--output_dir", default=os.path.join("runs", "demo"), help="where every stage and the report go")
+    demo.add_argument("--overwrite_output_dir", action="store_true",
+                      help="replace a previous demo's stage folders and reports there (nothing else)")
     demo.add_argument("--seed", type=int, default=42)
     demo.add_argument("--progress", action="store_true", help="show progress bars")
     demo.set_defaults(func=_demo)

@@ -124,13 +124,51 @@ def default_threads() -> int:
     return max(1, int(os.environ.get("SAFERLHF_DEMO_THREADS", "1")))
 
 
+DEMO_MARKER = ".saferlhf-demo"  # written into the output folder the demo uses: its entries below are the demo's
+DEMO_ENTRIES = ("init", "sft", "rm", "cm", "ppo_lag", "arena", "commands.sh", "report.md", "report.json",
+                "training.png")
+
+
+def prepare_output_dir(output_dir: str, overwrite: bool) -> None:
+    """Refuse a non-empty folder (``overwrite``: remove only the entries a previous demo wrote there, and only in a
+    folder carrying the demo's marker), then create it and mark it."""
+    from .trainers.config import ConfigError
+    from .trainers.safety import LOCK_FILE, lock_holder
+
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        raise ConfigError(f"--output_dir {output_dir}: exists and is not a folder")
+    holder = lock_holder(output_dir)
+    if holder is not None:
+        raise ConfigError(f"--output_dir {output_dir} is in use by another run (pid {holder}, {LOCK_FILE})")
+    entries = sorted(n for n in os.listdir(output_dir) if n != LOCK_FILE) if os.path.isdir(output_dir) else []
+    if entries and not overwrite:
+        shown = ", ".join(entries[:4]) + (", ..." if len(entries) > 4 else "")
+        raise ConfigError(f"--output_dir {output_dir} is not empty ({shown}); pass --overwrite_output_dir to replace "
+                          "a previous demo's outputs there (nothing else is removed), or choose another folder")
+    ours = [e for e in entries if e in DEMO_ENTRIES]
+    if ours and not os.path.isfile(os.path.join(output_dir, DEMO_MARKER)):
+        raise ConfigError(f"--output_dir {output_dir}: {', '.join(ours)} not written by the demo (no {DEMO_MARKER}); "
+                          "choose another folder")
+    for name in ours:
+        path = os.path.join(output_dir, name)
+        shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
+    os.makedirs(output_dir, exist_ok=True)
+    with open(os.path.join(output_dir, DEMO_MARKER), "w", encoding="utf-8") as f:
+        f.write("saferlhf-fast demo output folder\n")
+
+
 def run_demo(output_dir: str = os.path.join("runs", "demo"), *, quick: bool = False, seed: int = 42,
              overrides: dict | None = None, progress: bool = False, plot: bool = True,
-             threads: int | None = None, parallel: bool = True) -> DemoResult:
+             threads: int | None = None, parallel: bool = True, overwrite: bool = False) -> DemoResult:
     """``parallel``: train the reward and the cost model at the same time in two processes (both only need the SFT
-    model), one core each."""
+    model), one core each.  ``overwrite``: reuse a previous demo's folder (see :func:`prepare_output_dir`)."""
     import torch
 
+    from .trainers.safety import RunLock
+
+    prepare_output_dir(output_dir, overwrite)
+    lock = RunLock(output_dir)
+    lock.acquire()
     threads = threads or default_threads()
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -138,6 +176,7 @@ def run_demo(output_dir: str = os.path.join("runs", "demo"), *, quick: bool = Fa
         return _run_demo(output_dir, quick, seed, overrides, progress, plot, threads, parallel)
     finally:
         torch.set_num_threads(previous_threads)
+        lock.release()
 
 
 def _run_demo(output_dir, quick, seed, overrides, progress, plot, threads, parallel) -> DemoResult:
@@ -147,8 +186,6 @@ def _run_demo(output_dir, quick, seed, overrides, progress, plot, threads, paral
     spec = _merge(DEMO, QUICK) if quick else _merge(DEMO, {})
     if overrides:
         spec = _merge(spec, overrides)
-    shutil.rmtree(output_dir, ignore_errors=True)
-    os.makedirs(output_dir)
     paths = {k: os.path.join(output_dir, k) for k in ("init", "sft", "rm", "cm", "ppo_lag", "arena")}
     result = DemoResult(output_dir)
     commands = []

@@ -429,7 +429,8 @@ def test_nan_reward_stops_with_checkpoint_intact(models, tmp_path):
     PPOTrainer(make_config(models, out, max_steps=1, **kw)).train()
     ckpt = out / "checkpoint-1"
     before = {p: p.read_bytes() for p in ckpt.rglob("*") if p.is_file()}
-    trainer = PPOTrainer(make_config(models, out, resume="auto", reward_model_name_or_path=models["nan_rm"], **kw))
+    trainer = PPOTrainer(make_config(models, out, resume="auto", reward_model_name_or_path=models["nan_rm"],
+                                     resume_allow_changes=["reward_model_name_or_path"], **kw))
     actor_before = copy.deepcopy(trainer.actor)
     with pytest.raises(NonFiniteError, match="reward-model end scores.*checkpoint-1"):
         trainer.train()

@@ -28,7 +28,7 @@ from ..data import PromptOnlyDataset, load_records, load_tokenizer, synthetic
 from ..engine import generate
 from ..models import freeze, from_pretrained
 from ..trainers.base import resolve_device, seed_everything
-from ..trainers.config import ConfigError, _f
+from ..trainers.config import ConfigError, _f, check_finite_numbers
 from ..trainers.score import load_normalizer
 
 
@@ -73,6 +73,7 @@ class ArenaConfig:
             raise ConfigError("--per_device_eval_batch_size must be >= 1 and --max_length >= 2")
         if self.fp16 and self.bf16:
             raise ConfigError("--fp16 and --bf16 are exclusive")
+        check_finite_numbers(self)
 
     def autocast(self, device: torch.device):
         """``torch.autocast`` in the dtype of ``--bf16`` / ``--fp16`` (disabled when neither is set)."""

@@ -27,7 +27,6 @@ import json
 import math
 import os
 import random
-import re
 import shutil
 import time
 
@@ -40,9 +39,24 @@ from ..data import DataError, load_tokenizer
 from ..data.tokenizer import save_tokenizer
 from .config import ConfigError, TrainConfig
 from .metrics import MetricsLogger
-
-STATE_FILE = "trainer_state.pt"
-CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+from .safety import (  # noqa: F401 - re-exported: the names the trainers and tests import from here
+    CHECKPOINT_RE,
+    STATE_FILE,
+    Interrupted,
+    NonFiniteError,
+    StopSignals,
+    check_finite,
+    claim_output_dir,
+    clip_gradients,
+    data_fingerprint,
+    find_checkpoint,
+    fsync_dir,
+    fsync_tree,
+    load_state,
+    resolve_resume,
+    staged_checkpoint,
+    write_run_info,
+)
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -149,17 +163,39 @@ class NullLogger:
         pass
 
 
+class RunLogger:
+    """Rank 0's metrics logger; closing it also releases the output folder's lock."""
+
+    def __init__(self, logger: MetricsLogger, lock):
+        self.logger, self.lock = logger, lock
+
+    def log(self, metrics: dict, step: int) -> None:
+        self.logger.log(metrics, step)
+
+    def close(self) -> None:
+        try:
+            self.logger.close()
+        finally:
+            self.lock.release()
+
+
 def open_run_logger(cfg, resume_step: int | None):
-    """Rank 0: write ``OUTPUT_DIR/arguments.json`` and open the metrics logger (continuing at ``resume_step`` when
-    resuming); other ranks: a ``NullLogger``.  Called only once the data and models have loaded, so bad input
+    """Claim OUTPUT_DIR (create, lock, clear a previous run's files under ``--overwrite_output_dir``), then on rank 0
+    write ``arguments.json`` and open the metrics logger (a fresh ``metrics.jsonl``, or the resumed one cut after
+    ``resume_step``); other ranks: a ``NullLogger``.  Called only once the data and models have loaded, so bad input
     leaves no output directory behind."""
+    lock = claim_output_dir(cfg, fresh=resume_step is None)
     if not distributed.is_main():
         return NullLogger()
-    os.makedirs(cfg.output_dir, exist_ok=True)
-    with open(os.path.join(cfg.output_dir, "arguments.json"), "w", encoding="utf-8") as f:
-        json.dump(dataclasses.asdict(cfg), f, indent=2)
-    return MetricsLogger(cfg.output_dir, cfg.log_type, cfg.log_dir, cfg.log_project, cfg.log_run_name,
-                         dataclasses.asdict(cfg), resume_step=resume_step)
+    try:
+        with open(os.path.join(cfg.output_dir, "arguments.json"), "w", encoding="utf-8") as f:
+            json.dump(dataclasses.asdict(cfg), f, indent=2)
+        logger = MetricsLogger(cfg.output_dir, cfg.log_type, cfg.log_dir, cfg.log_project, cfg.log_run_name,
+                               dataclasses.asdict(cfg), resume_step=resume_step)
+    except BaseException:
+        lock.release()
+        raise
+    return RunLogger(logger, lock)
 
 
 def prune_checkpoints(output_dir: str, keep: int) -> None:
@@ -167,6 +203,18 @@ def prune_checkpoints(output_dir: str, keep: int) -> None:
     found = sorted((int(m.group(1)), n) for n in os.listdir(output_dir) if (m := CHECKPOINT_RE.match(n)))
     for _, name in found[: max(0, len(found) - max(1, keep))]:
         shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
+
+
+NONFINITE_HINT = ("Lower --lr, check the input model and the data for NaN / inf, or --resume from the checkpoint "
+                  "(--resume_allow_changes lr for a lower --lr).")
+
+
+def stop_if_signalled(signals: StopSignals, step: int, total: int, save) -> None:
+    """At a step boundary: after SIGINT / SIGTERM, save a checkpoint and raise ``Interrupted`` (not after the last
+    step: the run then finishes)."""
+    signum = signals.requested()
+    if signum is not None and step < total:
+        raise Interrupted(signum, save(), step, total)
 
 
 def checkpoint_or_stop(cfg, step: int, total: int, save) -> bool:
@@ -209,21 +257,15 @@ def collator_of(dataset: Dataset):
     return dataset.collator()
 
 
-def find_checkpoint(output_dir: str) -> str | None:
-    """The checkpoint folder with the highest step in ``output_dir`` (None when there is none)."""
-    if not os.path.isdir(output_dir):
-        return None
-    found = [(int(m.group(1)), name) for name in os.listdir(output_dir) if (m := CHECKPOINT_RE.match(name))
-             and os.path.isfile(os.path.join(output_dir, name, STATE_FILE))]
-    return os.path.join(output_dir, max(found)[1]) if found else None
-
-
 def replace_dir_contents(src: str, dst: str) -> None:
-    """Move every file of ``src`` into ``dst`` with ``os.replace`` (atomic per file), then remove ``src``."""
+    """Make every file of ``src`` durable, move each into ``dst`` with ``os.replace`` (atomic per file), then remove
+    ``src``."""
+    fsync_tree(src)
     os.makedirs(dst, exist_ok=True)
     for name in sorted(os.listdir(src)):
         os.replace(os.path.join(src, name), os.path.join(dst, name))
     os.rmdir(src)
+    fsync_dir(dst)
 
 
 def load_model(path: str, head: str, attn_backend: str | None, device: torch.device):
@@ -265,7 +307,8 @@ class Trainer:
         self.train_dataset, self.eval_dataset = self.build_datasets()
         if len(self.train_dataset) == 0:
             raise DataError("no training rows")
-        self.resume_from = self._resume_path()
+        self._fingerprint: str | None = None
+        self.resume_from = resolve_resume(cfg, self.data_fingerprint)
         self.model = load_model(self.resume_from or cfg.model_name_or_path, self.head, cfg.attn_backend, self.device)
         if cfg.gradient_checkpointing:
             self.model.set_gradient_checkpointing(True)
@@ -297,16 +340,11 @@ class Trainer:
         return {}
 
     # ---- pieces -----------------------------------------------------------------------------------------
-    def _resume_path(self) -> str | None:
-        cfg = self.config
-        if not cfg.resume:
-            return None
-        path = find_checkpoint(cfg.output_dir) if cfg.resume == "auto" else cfg.resume
-        if path is None:
-            return None  # 'auto' with nothing to resume: a fresh run
-        if not os.path.isfile(os.path.join(path, STATE_FILE)):
-            raise ConfigError(f"--resume {path}: not a checkpoint folder (no {STATE_FILE})")
-        return path
+    def data_fingerprint(self) -> str:
+        """Hash of the tokenized training rows (saved in checkpoints; a resume on other data is refused)."""
+        if self._fingerprint is None:
+            self._fingerprint = data_fingerprint(self.train_dataset)
+        return self._fingerprint
 
     def split_eval(self, train: Dataset, eval_: Dataset | None):
         cfg = self.config
@@ -346,17 +384,21 @@ class Trainer:
     # ---- checkpoints ------------------------------------------------------------------------------------
     def save_checkpoint(self) -> str:
         cfg = self.config
-        final = os.path.join(cfg.output_dir, f"checkpoint-{self.state.step}")
-        tmp = os.path.join(cfg.output_dir, f".checkpoint-{self.state.step}.tmp")
         main, sharded = distributed.is_main(), distributed.is_distributed()
+        with staged_checkpoint(cfg.output_dir, self.state.step) as tmp:
+            self._write_checkpoint(tmp, main, sharded)
         if main:
-            shutil.rmtree(tmp, ignore_errors=True)
-            os.makedirs(tmp)
+            self._prune_checkpoints()
         distributed.barrier()
+        return os.path.join(cfg.output_dir, f"checkpoint-{self.state.step}")
+
+    def _write_checkpoint(self, tmp: str, main: bool, sharded: bool) -> None:
+        cfg = self.config
         self.save_model(tmp)
         if sharded:  # model + optimizer shards (DCP): resumable on any number of processes
             distributed.save_sharded(os.path.join(tmp, distributed.SHARDED_DIR),
                                      {"model": (self.model, self.optimizer)})
+        fingerprint = self.data_fingerprint()
         if main:
             torch.save({
                 "optimizer": None if sharded else self.optimizer.state_dict(),
@@ -369,17 +411,13 @@ class Trainer:
             }, os.path.join(tmp, STATE_FILE))
             with open(os.path.join(tmp, "trainer_state.json"), "w", encoding="utf-8") as f:
                 json.dump({**dataclasses.asdict(self.state), "total_steps": self.total_steps()}, f, indent=2)
-            shutil.rmtree(final, ignore_errors=True)
-            os.rename(tmp, final)
-            self._prune_checkpoints()
-        distributed.barrier()
-        return final
+            write_run_info(tmp, cfg, fingerprint)
 
     def _prune_checkpoints(self) -> None:
         prune_checkpoints(self.config.output_dir, self.config.save_total_limit)
 
     def _load_checkpoint(self, path: str) -> None:
-        blob = torch.load(os.path.join(path, STATE_FILE), map_location="cpu", weights_only=False)
+        blob = load_state(path)
         shards = os.path.join(path, distributed.SHARDED_DIR)
         if os.path.isdir(shards):  # saved under torchrun: DCP reshards to this world size
             distributed.load_sharded(shards, {"model": (self.model, self.optimizer)})
@@ -422,7 +460,9 @@ class Trainer:
             distributed.print0(f"resuming from {self.resume_from} (step {self.state.step} of {total})")
         logger = open_run_logger(cfg, self.state.step if self.resume_from else None)
         last_eval: dict = {}
+        signals = StopSignals()
         try:
+            signals.install()
             if self.state.step == 0 and not self.resume_from:
                 last_eval = self._log_eval(logger)
             self.model.train()
@@ -441,6 +481,7 @@ class Trainer:
                     batch = to_device(self.collate([self.train_dataset[i] for i in idx]), self.device)
                     with self.autocast():
                         loss, metrics = self.loss(batch)
+                    self._guard(loss.detach(), "loss", epoch, mi)
                     # Sharded: every backward reduce-scatters its gradients into the sharded accumulators (as ZeRO-3
                     # does), so full-size gradients never pile up over the accumulation steps.
                     boundary = (mi + 1) % accum == 0 or mi == n_micro - 1
@@ -450,8 +491,8 @@ class Trainer:
                     count += 1
                     if not boundary:
                         continue
-                    grad_norm = distributed.to_local(
-                        torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm))
+                    grad_norm = distributed.to_local(clip_gradients(self.model.parameters(), cfg.max_grad_norm))
+                    self._guard(grad_norm, "gradient norm", epoch, mi)
                     lr = self.optimizer.param_groups[0]["lr"]
                     self.optimizer.step()
                     self.scheduler.step()
@@ -471,6 +512,7 @@ class Trainer:
                     bar.set_postfix(loss=f"{train_metrics.get('train/loss', float('nan')):.4f}")
                     if cfg.need_eval and cfg.eval_strategy == "steps" and step % cfg.eval_interval == 0:
                         last_eval = self._log_eval(logger)
+                    stop_if_signalled(signals, step, total, self.save_checkpoint)
                     if checkpoint_or_stop(cfg, step, total, self.save_checkpoint):
                         stopped = True
                         break
@@ -480,6 +522,7 @@ class Trainer:
                     last_eval = self._log_eval(logger)
                 if epoch + 1 < cfg.epochs:
                     self.save_checkpoint()
+            signals.restore()
             bar.close()
             elapsed = time.perf_counter() - t0
             if stopped:
@@ -500,4 +543,15 @@ class Trainer:
             distributed.barrier()
             return summary
         finally:
+            signals.restore()
             logger.close()
+
+    def _guard(self, x: torch.Tensor, what: str, epoch: int, micro: int) -> None:
+        """Stop (``NonFiniteError``, gradients cleared) unless ``x`` is finite: before any optimizer step."""
+        where = (f"optimizer step {self.state.step + 1} of {self.total_steps()} (epoch {epoch + 1}, micro-batch "
+                 f"{micro + 1})")
+        try:
+            check_finite(x, what, where, self.config.output_dir, NONFINITE_HINT)
+        except NonFiniteError:
+            self.optimizer.zero_grad(set_to_none=True)
+            raise

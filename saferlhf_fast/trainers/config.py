@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import typing
 from dataclasses import dataclass, field
@@ -18,6 +19,12 @@ def _f(default, help: str, **meta):  # noqa: A002
     if isinstance(default, list):
         return field(default_factory=lambda d=default: list(d), metadata={"help": help, **meta})
     return field(default=default, metadata={"help": help, **meta})
+
+
+OVERWRITE_HELP = ("replace the outputs of a previous run in a non-empty OUTPUT_DIR (only what a run writes: "
+                  "checkpoints, model files, metrics; other files are kept)")
+ALLOW_CHANGES_HELP = ("--resume: settings that may differ from the checkpoint's (e.g. epochs,lr); data, seed, batch "
+                      "sizes and the trained model never may")
 
 
 @dataclass
@@ -48,7 +55,7 @@ class TrainConfig:
     lr_warmup_ratio: float = _f(0.0, "fraction of the optimizer steps spent warming up linearly")
     weight_decay: float = _f(0.0, "AdamW weight decay (not on biases and layer-norm weights)")
     adam_betas: list[float] = _f([0.9, 0.95], "AdamW betas")
-    max_grad_norm: float = _f(1.0, "gradient clipping (global norm)")
+    max_grad_norm: float = _f(1.0, "gradient clipping (global norm; 0: off)")
     seed: int = _f(42, "random seed (data order, initialisation, sampling)")
     fp16: bool = _f(False, "fp16 autocast")
     bf16: bool = _f(False, "bf16 autocast (weights and optimizer state stay fp32)")
@@ -63,6 +70,7 @@ class TrainConfig:
     shard_frozen: bool = _f(True, "under torchrun: shard the frozen models (e.g. DPO's reference) with FSDP2 too "
                                   "(False: a full replica on every rank)")
     output_dir: str | None = _f(None, "where the final model, checkpoints and metrics go", required=True)
+    overwrite_output_dir: bool = _f(False, OVERWRITE_HELP)
     log_type: str = _f("none", "extra metrics sink besides metrics.jsonl", choices=["none", "tensorboard", "wandb"])
     log_dir: str | None = _f(None, "TensorBoard / W&B directory (default: OUTPUT_DIR/logs)")
     log_project: str | None = _f(None, "W&B project")
@@ -72,6 +80,7 @@ class TrainConfig:
     save_total_limit: int = _f(2, "checkpoints kept (oldest removed)")
     resume: str | None = _f(None, "continue from a checkpoint folder, or 'auto': the latest in OUTPUT_DIR",
                             nargs="?", const="auto")
+    resume_allow_changes: list[str] | None = _f(None, ALLOW_CHANGES_HELP)
     max_steps: int | None = _f(None, "stop after this many optimizer steps (a checkpoint is written); the "
                                      "schedule still spans all epochs, so --resume finishes the same run")
     progress: bool = _f(True, "show progress bars")
@@ -84,6 +93,7 @@ class TrainConfig:
         missing = [f.name for f in dataclasses.fields(self) if f.metadata.get("required") and not getattr(self, f.name)]
         if missing:
             raise ConfigError("missing required option(s): " + ", ".join("--" + m for m in missing))
+        check_common(self)
         for name in ("epochs", "per_device_train_batch_size", "per_device_eval_batch_size",
                      "gradient_accumulation_steps", "max_length", "logging_steps"):
             if getattr(self, name) < 1:
@@ -98,6 +108,52 @@ class TrainConfig:
             raise ConfigError(f"--adam_betas takes two numbers, got {self.adam_betas}")
         if self.eval_datasets or self.eval_split_ratio:
             self.need_eval = True
+
+
+def _floats(cfg):
+    """(name, value) of every float option (each element of a float list)."""
+    hints = _hints(type(cfg))
+    for f in dataclasses.fields(cfg):
+        tp, is_list = _base_type(hints[f.name])
+        value = getattr(cfg, f.name)
+        if tp is float and value is not None:
+            yield from ((f.name, v) for v in (value if is_list else [value]))
+
+
+def check_finite_numbers(cfg) -> None:
+    """Every float option of every command is a finite number."""
+    for name, value in _floats(cfg):
+        if not math.isfinite(value):
+            raise ConfigError(f"--{name} must be a finite number, got {value}")
+
+
+def check_common(cfg) -> None:
+    """The value checks every training command shares (one line each, exit status 2)."""
+    check_finite_numbers(cfg)
+    for name, value in _floats(cfg):
+        if (name == "lr" or name.endswith(("_lr", "weight_decay", "max_grad_norm"))) and value < 0:
+            raise ConfigError(f"--{name} must be >= 0, got {value}" +
+                              (" (0 turns clipping off)" if name == "max_grad_norm" else ""))
+    if not all(0.0 <= b < 1.0 for b in cfg.adam_betas):
+        raise ConfigError(f"--adam_betas must both be in [0, 1), got {cfg.adam_betas}")
+    for name, low in (("eval_interval", 1), ("save_interval", 0), ("save_total_limit", 0)):
+        if getattr(cfg, name) < low:
+            raise ConfigError(f"--{name} must be >= {low}, got {getattr(cfg, name)}")
+    if cfg.max_steps is not None and cfg.max_steps < 1:
+        raise ConfigError(f"--max_steps must be >= 1, got {cfg.max_steps}")
+    if cfg.overwrite_output_dir and cfg.resume:
+        raise ConfigError("--overwrite_output_dir and --resume are exclusive (one replaces the run, the other "
+                          "continues it)")
+    _check_allow_changes(cfg)
+
+
+def _check_allow_changes(cfg) -> None:
+    names = [n for item in cfg.resume_allow_changes or [] for n in str(item).split(",") if n]
+    fields = {f.name for f in dataclasses.fields(cfg)}
+    unknown = [n for n in names if n.lstrip("-") not in fields]
+    if unknown:
+        raise ConfigError(f"--resume_allow_changes: unknown option(s) {', '.join(unknown)}")
+    cfg.resume_allow_changes = [n.lstrip("-") for n in names] or None
 
 
 # ------------------------------------------------------------------------------------------------ argparse

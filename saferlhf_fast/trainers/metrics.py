@@ -13,6 +13,14 @@ def _clean(value):
     return value if math.isfinite(value) else str(value)
 
 
+def _step_of(line: str) -> int | None:
+    """The step of a metrics line; None for a blank or partial one."""
+    try:
+        return int(json.loads(line).get("step", 0)) if line.endswith("\n") else None
+    except (ValueError, AttributeError):
+        return None
+
+
 class MetricsLogger:
     """``log({"train/loss": 0.69, ...}, step)`` appends ``{"step": step, ...}`` to ``OUTPUT_DIR/metrics.jsonl``."""
 
@@ -22,7 +30,7 @@ class MetricsLogger:
         self.path = os.path.join(output_dir, "metrics.jsonl")
         if resume_step is not None and os.path.exists(self.path):
             self._truncate_after(resume_step)
-        self._file = open(self.path, "a", encoding="utf-8")
+        self._file = open(self.path, "a" if resume_step is not None else "w", encoding="utf-8")  # fresh: empty
         self._tb = self._wandb = None
         log_dir = log_dir or os.path.join(output_dir, "logs")
         if log_type == "tensorboard":
@@ -40,12 +48,16 @@ class MetricsLogger:
             self._wandb = wandb.init(project=project, name=run_name, dir=log_dir, config=config)
 
     def _truncate_after(self, step: int) -> None:
-        """A resumed run rewrites the steps after its checkpoint."""
+        """A resumed run rewrites the steps after its checkpoint (a line cut short by a kill is dropped too); the
+        shortened file replaces the old one atomically."""
         with open(self.path, encoding="utf-8") as f:
-            lines = [ln for ln in f if ln.strip()]
-        keep = [ln for ln in lines if json.loads(ln).get("step", 0) <= step]
-        with open(self.path, "w", encoding="utf-8") as f:
+            keep = [ln for ln in f if _step_of(ln) is not None and _step_of(ln) <= step]
+        tmp = self.path + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
             f.writelines(keep)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
 
     def log(self, metrics: dict, step: int) -> None:
         if not metrics:

@@ -65,8 +65,13 @@ from ..ops import IGNORE_INDEX
 from ..profiling import PhaseRanges
 from .base import (
     STATE_FILE,
+    NonFiniteError,
+    StopSignals,
+    check_finite,
     checkpoint_or_stop,
-    find_checkpoint,
+    clip_gradients,
+    data_fingerprint,
+    load_state,
     maybe_shard,
     open_run_logger,
     optimizer_groups,
@@ -74,23 +79,23 @@ from .base import (
     rank_epoch_order,
     replace_dir_contents,
     resolve_device,
+    resolve_resume,
     rng_state,
     schedule_lambda,
     seed_everything,
     set_rng_state,
+    staged_checkpoint,
+    stop_if_signalled,
     warn_single_process_flags,
+    write_run_info,
 )
-from .config import ConfigError, _f
+from .config import ALLOW_CHANGES_HELP, OVERWRITE_HELP, ConfigError, _f, check_common
 from .metrics import MetricsLogger
 from .score import load_normalizer
 from .sft import sft_loss
 
 GAMMA = 1.0  # fixed in the reference implementation
 GAE_LAMBDA = 0.95
-
-
-class NonFiniteError(RuntimeError):
-    """A reward, cost, loss or gradient is NaN / inf: the run stops before any weight is touched."""
 
 
 # ================================================================================================ configs
@@ -154,7 +159,7 @@ class PPOConfig:
     critic_lr_warmup_ratio: float = _f(0.0, "fraction of critic steps spent warming up (not for 'constant')")
     critic_gradient_checkpointing: bool = _f(False, "recompute critic activations in backward")
     adam_betas: list[float] = _f([0.9, 0.95], "AdamW betas")
-    max_grad_norm: float = _f(1.0, "gradient clipping (global norm, per model)")
+    max_grad_norm: float = _f(1.0, "gradient clipping (global norm, per model; 0: off)")
     seed: int = _f(42, "random seed (data order, sampling)")
     fp16: bool = _f(False, "fp16 autocast")
     bf16: bool = _f(False, "bf16 autocast (weights and optimizer state stay fp32)")
@@ -170,6 +175,7 @@ class PPOConfig:
                                   "(False: a full replica on every rank)")
     # ---- output
     output_dir: str | None = _f(None, "final actor (+ critics), checkpoints and metrics", required=True)
+    overwrite_output_dir: bool = _f(False, OVERWRITE_HELP)
     log_type: str = _f("none", "extra metrics sink besides metrics.jsonl", choices=["none", "tensorboard", "wandb"])
     log_dir: str | None = _f(None, "TensorBoard / W&B directory (default: OUTPUT_DIR/logs)")
     log_project: str | None = _f(None, "W&B project")
@@ -178,6 +184,7 @@ class PPOConfig:
     save_total_limit: int = _f(2, "checkpoints kept (oldest removed)")
     resume: str | None = _f(None, "continue from a checkpoint folder, or 'auto': the latest in OUTPUT_DIR",
                             nargs="?", const="auto")
+    resume_allow_changes: list[str] | None = _f(None, ALLOW_CHANGES_HELP)
     max_steps: int | None = _f(None, "stop after this many rollout steps (a checkpoint is written); the schedule "
                                      "still spans all epochs, so --resume finishes the same run")
     progress: bool = _f(True, "show a progress bar")
@@ -196,6 +203,7 @@ class PPOConfig:
         missing = [f.name for f in dataclasses.fields(self) if f.metadata.get("required") and not getattr(self, f.name)]
         if missing:
             raise ConfigError("missing required option(s): " + ", ".join("--" + m for m in missing))
+        check_common(self)
         for name in ("epochs", "update_iters", "per_device_prompt_batch_size", "per_device_train_batch_size",
                      "per_device_eval_batch_size", "num_return_sequences", "gradient_accumulation_steps"):
             if getattr(self, name) < 1:
@@ -387,7 +395,8 @@ class PPOTrainer:
                             if cfg.ptx_datasets else None)
         if self.ptx_dataset is not None and cfg.ptx_coeff == 0:
             distributed.print0("warning: --ptx_datasets given with --ptx_coeff 0: the PTX loss has no effect")
-        self.resume_from = self._resume_path()
+        self._fingerprint: str | None = None
+        self.resume_from = resolve_resume(cfg, self.data_fingerprint)
         self._load_models()
         self.lagrange = None
         if self.algorithm == "ppo-lag":
@@ -429,16 +438,11 @@ class PPOTrainer:
             train, eval_ = split_dataset(train, cfg.eval_split_ratio, cfg.seed)
         return train, eval_
 
-    def _resume_path(self) -> str | None:
-        cfg = self.config
-        if not cfg.resume:
-            return None
-        path = find_checkpoint(cfg.output_dir) if cfg.resume == "auto" else cfg.resume
-        if path is None:
-            return None
-        if not os.path.isfile(os.path.join(path, STATE_FILE)):
-            raise ConfigError(f"--resume {path}: not a checkpoint folder (no {STATE_FILE})")
-        return path
+    def data_fingerprint(self) -> str:
+        """Hash of the tokenized prompt (and PTX) rows (saved in checkpoints; a resume on other data is refused)."""
+        if self._fingerprint is None:
+            self._fingerprint = data_fingerprint(self.train_dataset, self.ptx_dataset)
+        return self._fingerprint
 
     def _load(self, flag: str, path: str, head: str, trainable: bool):
         self._check_folder(flag, path)
@@ -644,13 +648,8 @@ class PPOTrainer:
 
     # ---------------------------------------------------------------------------------------------- updates
     def _guard(self, x: Tensor, what: str) -> None:
-        x = distributed.to_local(x)
-        if not distributed.all_true(bool(torch.isfinite(x).all())):  # every rank stops together
-            last = find_checkpoint(self.config.output_dir) if self.config.output_dir else None
-            raise NonFiniteError(
-                f"non-finite {what} at rollout step {self.step + 1} (RL step {self.global_step + 1}); stopping "
-                f"before any weight is updated. Last good checkpoint: {last or 'none written yet'}. "
-                f"Lower --actor_lr / --critic_lr, check the reward and cost models, or resume from the checkpoint.")
+        check_finite(x, what, f"rollout step {self.step + 1} (RL step {self.global_step + 1})", self.config.output_dir,
+                     "Lower --actor_lr / --critic_lr, check the reward and cost models, or resume from the checkpoint.")
 
     def _actor_logprobs(self, mb: Rollout) -> Tensor:
         with self.autocast():
@@ -738,9 +737,9 @@ class PPOTrainer:
             return distributed.reduce_metrics(self._metrics(mb, values, actor_loss, critic_losses, episode_cost,
                                                             self._lrs()))
         self.phases.to("actor")
-        actor_norm = torch.nn.utils.clip_grad_norm_(self.actor.parameters(), cfg.max_grad_norm)
+        actor_norm = clip_gradients(self.actor.parameters(), cfg.max_grad_norm)
         self.phases.to("critics")
-        critic_norms = [torch.nn.utils.clip_grad_norm_(c.parameters(), cfg.max_grad_norm) for c in self.critics]
+        critic_norms = [clip_gradients(c.parameters(), cfg.max_grad_norm) for c in self.critics]
         t6 = time.perf_counter()
         self.phases.to("actor")
         try:
@@ -849,7 +848,7 @@ class PPOTrainer:
         loss = sft_loss(logp, batch["labels"])
         self._guard(loss.detach(), "PTX loss")
         (cfg.ptx_coeff * loss).backward()
-        norm = distributed.to_local(torch.nn.utils.clip_grad_norm_(self.actor.parameters(), cfg.max_grad_norm))
+        norm = distributed.to_local(clip_gradients(self.actor.parameters(), cfg.max_grad_norm))
         try:
             self._guard(norm, "actor gradient (PTX)")
         except NonFiniteError:
@@ -926,13 +925,15 @@ class PPOTrainer:
         """``OUTPUT_DIR/checkpoint-<step>/``: actor/, reward_critic/ [, cost_critic/], trainer_state.pt; written to a
         temporary folder and renamed into place, so a kill leaves either the old or the new checkpoint."""
         cfg = self.config
-        final = os.path.join(cfg.output_dir, f"checkpoint-{self.step}")
-        tmp = os.path.join(cfg.output_dir, f".checkpoint-{self.step}.tmp")
         main = distributed.is_main()
+        with staged_checkpoint(cfg.output_dir, self.step) as tmp:
+            self._write_checkpoint(tmp, main)
         if main:
-            shutil.rmtree(tmp, ignore_errors=True)
-            os.makedirs(tmp)
+            self._prune_checkpoints()
         distributed.barrier()
+        return os.path.join(cfg.output_dir, f"checkpoint-{self.step}")
+
+    def _write_checkpoint(self, tmp: str, main: bool) -> None:
         self.actor.save_pretrained(os.path.join(tmp, "actor"))  # consolidated Hugging Face export (rank 0 writes)
         if main:
             self.tokenizer.save_pretrained(os.path.join(tmp, "actor"))
@@ -941,22 +942,19 @@ class PPOTrainer:
         if distributed.is_distributed():  # model + optimizer shards (DCP): resumable on any number of processes
             distributed.save_sharded(os.path.join(tmp, distributed.SHARDED_DIR), self._sharded_items())
         state = self.state_dict()
+        fingerprint = self.data_fingerprint()
         if main:
             torch.save(state, os.path.join(tmp, STATE_FILE))
             with open(os.path.join(tmp, "trainer_state.json"), "w", encoding="utf-8") as f:
                 json.dump({"step": self.step, "global_step": self.global_step, "total_steps": self.total_steps(),
                            "lambda": self.lagrange.value if self.lagrange is not None else None}, f, indent=2)
-            shutil.rmtree(final, ignore_errors=True)
-            os.rename(tmp, final)
-            self._prune_checkpoints()
-        distributed.barrier()
-        return final
+            write_run_info(tmp, self.config, fingerprint)
 
     def _prune_checkpoints(self) -> None:
         prune_checkpoints(self.config.output_dir, self.config.save_total_limit)
 
     def load_checkpoint(self, path: str) -> None:
-        blob = torch.load(os.path.join(path, STATE_FILE), map_location="cpu", weights_only=False)
+        blob = load_state(path)
         if blob.get("algorithm", self.algorithm) != self.algorithm:
             raise ConfigError(f"--resume {path}: a {blob['algorithm']} checkpoint, not {self.algorithm}")
         shards = os.path.join(path, distributed.SHARDED_DIR)
@@ -1044,7 +1042,9 @@ class PPOTrainer:
         collate = _collator_of(self.train_dataset)
         last_eval: dict = {}
         history = []
+        signals = StopSignals()
         try:
+            signals.install()
             if self.step == 0 and not self.resume_from:
                 last_eval = self._log_eval(logger)
             bar = tqdm(total=total, initial=self.step, desc=cfg.command, disable=not cfg.progress or not main,
@@ -1074,6 +1074,7 @@ class PPOTrainer:
                     bar.set_postfix({k: f"{v:.3f}" for k, v in post.items()})
                     if cfg.need_eval and cfg.eval_strategy == "steps" and self.step % cfg.eval_interval == 0:
                         last_eval = self._log_eval(logger)
+                    stop_if_signalled(signals, self.step, total, self.save_checkpoint)
                     if checkpoint_or_stop(cfg, self.step, total, self.save_checkpoint):
                         stopped = True
                         break
@@ -1083,6 +1084,7 @@ class PPOTrainer:
                     last_eval = self._log_eval(logger)
                 if epoch + 1 < cfg.epochs:
                     self.save_checkpoint()
+            signals.restore()
             bar.close()
             elapsed = time.perf_counter() - t0
             if stopped:
@@ -1110,6 +1112,7 @@ class PPOTrainer:
                                f"steps, {elapsed:.1f} s)")
             return summary
         finally:
+            signals.restore()
             logger.close()
 
 
