@@ -119,3 +119,25 @@ def test_defaults_are_the_reference_argparse_defaults(command):
         if ours != theirs and not (ours in (None, []) and theirs in (None, [])):
             differ[flag] = (theirs, ours)
     assert not differ, f"{command}: (reference, ours) defaults differ: {differ}"
+
+
+def test_save_16bit_writes_the_final_model_in_half_precision(tmp_path):
+    """--save_16bit (with --bf16 True, as the reference's scripts): the final weights are bf16, checkpoints fp32."""
+    import torch
+    from safetensors import safe_open
+
+    from saferlhf_fast.cli import main
+    from saferlhf_fast.trainers.modeling import make_tiny_model
+
+    base = make_tiny_model(str(tmp_path / "base"), hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64)
+    out = tmp_path / "sft"
+    rc = main(["sft", "--model_name_or_path", base, "--train_datasets", "synthetic-sft/train:0.004",
+               "--output_dir", str(out), "--max_length", "64", "--bf16", "True", "--save_16bit", "True",
+               "--per_device_train_batch_size", "2",
+               "--save_interval", "1", "--progress", "false"])
+    assert rc == 0
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}
+    (ckpt,) = sorted(p for p in out.iterdir() if p.name.startswith("checkpoint-"))[-1:]
+    with safe_open(str(ckpt / "model.safetensors"), "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float32}

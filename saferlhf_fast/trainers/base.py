@@ -96,6 +96,14 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def final_dtype(cfg) -> torch.dtype | None:
+    """dtype of the final model's weights: with ``--save_16bit`` the run's half precision (bf16 with ``--bf16``,
+    else fp16), as the reference's 16-bit save; None keeps fp32.  Checkpoints always stay fp32 (exact resume)."""
+    if not getattr(cfg, "save_16bit", False):
+        return None
+    return torch.bfloat16 if cfg.bf16 else torch.float16
+
+
 def schedule_lambda(kind: str, warmup: int, total: int):
     """Multiplier of the peak learning rate after ``step`` optimizer steps (Hugging Face's formulas)."""
 
@@ -376,8 +384,8 @@ class Trainer:
     def load_extra_state(self, state: dict) -> None:
         pass
 
-    def save_model(self, path: str) -> None:
-        self.model.save_pretrained(path)  # sharded: every rank gathers, rank 0 writes
+    def save_model(self, path: str, dtype: torch.dtype | None = None) -> None:
+        self.model.save_pretrained(path, dtype=dtype)  # sharded: every rank gathers, rank 0 writes
         if distributed.is_main():
             save_tokenizer(self.tokenizer, path)
 
@@ -533,7 +541,7 @@ class Trainer:
             if main:
                 shutil.rmtree(tmp, ignore_errors=True)
             distributed.barrier()
-            self.save_model(tmp)
+            self.save_model(tmp, dtype=final_dtype(cfg))
             summary = {"steps": self.state.step, "train_seconds": round(elapsed, 2), **last_eval}
             if main:
                 replace_dir_contents(tmp, cfg.output_dir)

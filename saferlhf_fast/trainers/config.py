@@ -70,6 +70,8 @@ class TrainConfig:
     shard_frozen: bool = _f(True, "under torchrun: shard the frozen models (e.g. DPO's reference) with FSDP2 too "
                                   "(False: a full replica on every rank)")
     output_dir: str | None = _f(None, "where the final model, checkpoints and metrics go", required=True)
+    save_16bit: bool = _f(False, "save the final model in 16 bits (bf16 with --bf16, else fp16); checkpoints stay "
+                                 "fp32")
     overwrite_output_dir: bool = _f(False, OVERWRITE_HELP)
     log_type: str = _f("none", "extra metrics sink besides metrics.jsonl", choices=["none", "tensorboard", "wandb"])
     log_dir: str | None = _f(None, "TensorBoard / W&B directory (default: OUTPUT_DIR/logs)")

@@ -71,6 +71,7 @@ from .base import (
     checkpoint_or_stop,
     clip_gradients,
     data_fingerprint,
+    final_dtype,
     load_state,
     maybe_shard,
     open_run_logger,
@@ -175,6 +176,8 @@ class PPOConfig:
                                   "(False: a full replica on every rank)")
     # ---- output
     output_dir: str | None = _f(None, "final actor (+ critics), checkpoints and metrics", required=True)
+    save_16bit: bool = _f(False, "save the final actor and critics in 16 bits (bf16 with --bf16, else fp16); "
+                                 "checkpoints stay fp32")
     overwrite_output_dir: bool = _f(False, OVERWRITE_HELP)
     log_type: str = _f("none", "extra metrics sink besides metrics.jsonl", choices=["none", "tensorboard", "wandb"])
     log_dir: str | None = _f(None, "TensorBoard / W&B directory (default: OUTPUT_DIR/logs)")
@@ -884,13 +887,13 @@ class PPOTrainer:
         return out
 
     # ---------------------------------------------------------------------------------------------- checkpoints
-    def _save_models(self, path: str, with_critics: bool = True) -> None:
-        self.actor.save_pretrained(path)  # sharded: every rank gathers, rank 0 writes
+    def _save_models(self, path: str, with_critics: bool = True, dtype: torch.dtype | None = None) -> None:
+        self.actor.save_pretrained(path, dtype=dtype)  # sharded: every rank gathers, rank 0 writes
         if distributed.is_main():
             self.tokenizer.save_pretrained(path)
         if with_critics:
             for name, critic in zip(self.critic_names, self.critics):
-                critic.save_pretrained(os.path.join(path, name))
+                critic.save_pretrained(os.path.join(path, name), dtype=dtype)
 
     def _sharded_items(self) -> dict:
         items = {"actor": (self.actor, self.actor_optimizer)}
@@ -1095,7 +1098,7 @@ class PPOTrainer:
             if main:
                 shutil.rmtree(tmp, ignore_errors=True)
             distributed.barrier()
-            self._save_models(tmp)
+            self._save_models(tmp, dtype=final_dtype(cfg))
             if main:
                 for name in self.critic_names:  # replace whole critic folders
                     shutil.rmtree(os.path.join(cfg.output_dir, name), ignore_errors=True)
