@@ -399,7 +399,7 @@ def test_arena_under_torchrun_equals_one_process(models, tmp_path):
     args = ["arena", "--red_corner_model_name_or_path", models["actor"], "--blue_corner_model_name_or_path", blue,
             "--reward_model_name_or_path", models["rm"], "--cost_model_name_or_path", models["cm"],
             "--datasets", "synthetic-prompts/test:0.02", "--max_length", "64", "--max_new_tokens", "6",
-            "--per_device_eval_batch_size", "4"]
+            "--per_device_eval_batch_size", "4", "--do_sample", "False"]
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
     assert main([*args, "--output_dir", one]) == 0
     _torchrun([*args, "--output_dir", two])

@@ -141,3 +141,26 @@ def test_save_16bit_writes_the_final_model_in_half_precision(tmp_path):
     (ckpt,) = sorted(p for p in out.iterdir() if p.name.startswith("checkpoint-"))[-1:]
     with safe_open(str(ckpt / "model.safetensors"), "pt") as f:
         assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float32}
+
+
+def test_logged_lr_is_after_the_schedule_step(tmp_path):
+    """The reference logs param_groups[0]['lr'] after engine.step() (which steps the schedule), with
+    int(ratio * steps) warm-up steps: at step s the logged lr is lr * schedule(s)."""
+    import json
+    import math
+
+    from saferlhf_fast.cli import main
+    from saferlhf_fast.trainers.modeling import make_tiny_model
+
+    base = make_tiny_model(str(tmp_path / "base"), hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64)
+    out = tmp_path / "sft"
+    assert main(["sft", "--model_name_or_path", base, "--train_datasets", "synthetic-sft/train:0.004",
+                 "--output_dir", str(out), "--max_length", "64", "--per_device_train_batch_size", "2",
+                 "--lr", "1e-3", "--lr_scheduler_type", "linear", "--lr_warmup_ratio", "0.3",
+                 "--progress", "false"]) == 0
+    rows = [json.loads(line) for line in open(out / "metrics.jsonl") if "train/lr" in line]
+    total = len(rows)
+    warmup = int(0.3 * total)
+    for step, row in enumerate(rows, start=1):
+        expected = step / max(1, warmup) if step < warmup else max(0.0, 1 - (step - warmup) / max(1, total - warmup))
+        assert math.isclose(row["train/lr"], 1e-3 * expected, rel_tol=1e-6, abs_tol=1e-12), (step, row["train/lr"])

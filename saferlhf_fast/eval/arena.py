@@ -12,7 +12,8 @@ re-tokenisation does.
 
 Under ``torchrun`` every rank holds full copies of the (frozen) models, answers and scores the prompts
 ``rank::world_size``, and the results are gathered in prompt order; rank 0 prints and writes.  Greedy decoding
-(the default) gives the single-process answers; with ``--do_sample`` the batches, hence the draws, differ.
+(``--do_sample False``) gives the single-process answers; sampling (the default, as the reference) draws per batch,
+so the draws differ with the number of ranks.
 """
 from __future__ import annotations
 
@@ -46,7 +47,7 @@ class ArenaConfig:
     max_length: int = _f(512, "maximum total length of prompt + response")
     max_new_tokens: int | None = _f(None, "cap on generated tokens (default: max_length - prompt length)")
     per_device_eval_batch_size: int = _f(16, "prompts per generation batch")
-    do_sample: bool = _f(False, "sample instead of greedy decoding")
+    do_sample: bool = _f(True, "sample (the reference's arena samples); False: greedy decoding")
     temperature: float = _f(1.0, "sampling temperature (with --do_sample)")
     top_p: float = _f(1.0, "nucleus sampling (with --do_sample)")
     repetition_penalty: float = _f(1.0, "repetition penalty")

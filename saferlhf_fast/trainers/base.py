@@ -501,9 +501,9 @@ class Trainer:
                         continue
                     grad_norm = distributed.to_local(clip_gradients(self.model.parameters(), cfg.max_grad_norm))
                     self._guard(grad_norm, "gradient norm", epoch, mi)
-                    lr = self.optimizer.param_groups[0]["lr"]
                     self.optimizer.step()
                     self.scheduler.step()
+                    lr = self.optimizer.param_groups[0]["lr"]  # after the schedule's step, as the reference logs it
                     self.optimizer.zero_grad(set_to_none=True)
                     self.state = TrainState(self.state.step + 1, epoch, mi + 1)
                     if mi + 1 == n_micro:
