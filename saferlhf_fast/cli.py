@@ -183,6 +183,7 @@ def _run_config_command(args) -> int:
 
 def _guarded(command: str, job) -> int:
     """Run ``job``; the run-time failures of a training job as one line on stderr and an exit status."""
+    from .models.checkpoint import CheckpointError
     from .trainers.safety import Interrupted, NonFiniteError
 
     try:
@@ -197,6 +198,8 @@ def _guarded(command: str, job) -> int:
         print(f"saferlhf-fast {command}: interrupted (no checkpoint written at this point)", file=sys.stderr)
         return 130
     except OSError as err:
+        if isinstance(err, CheckpointError):  # a missing weights file is bad input (exit 2), not a failed write
+            raise
         print(f"saferlhf-fast {command}: error: {err}", file=sys.stderr)
         return 1
     return 0
