@@ -278,7 +278,8 @@ def test_rm_under_torchrun_equals_one_process(tmp_path):
     common = ["--model_name_or_path", tiny, "--train_datasets", "synthetic-preference/test:0.04",
               "--eval_datasets", "synthetic-preference/test:0.02", "--max_length", "64", "--epochs", "2",
               "--gradient_accumulation_steps", "2", "--lr", "1e-3", "--lr_warmup_ratio", "0.2", "--seed", "7",
-              "--normalize_score_during_training", "--progress", "false"]
+              "--normalize_score_during_training", "--normalizer_type", "RunningMeanStd", "--progress", "false",
+              "--weight_decay", "0.1", "--regularization", "0.001"]  # the reference RM script's values
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
     assert main(["rm", *common, "--per_device_train_batch_size", "4", "--output_dir", one]) == 0
     _torchrun(["rm", *common, "--per_device_train_batch_size", "2", "--output_dir", two])

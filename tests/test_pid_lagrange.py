@@ -318,5 +318,9 @@ def test_pid_resume_equals_uninterrupted_run(models, tmp_path):
 
 def test_resume_with_the_other_optimizer_is_refused(models, tmp_path):
     PPOTrainer(_config(models, tmp_path / "c", max_steps=1)).train()
-    with pytest.raises(ValueError, match="resume with --lambda_optimizer pid"):
+    # The run-settings check names the change first; allowed through, the multiplier's own state check refuses it.
+    with pytest.raises(ValueError, match="lambda_optimizer 'pid' -> 'sgd'"):
         PPOTrainer(_config(models, tmp_path / "c", resume="auto", lambda_optimizer="sgd", lambda_init=1.0)).train()
+    with pytest.raises(ValueError, match="resume with --lambda_optimizer pid"):
+        PPOTrainer(_config(models, tmp_path / "c", resume="auto", lambda_optimizer="sgd", lambda_init=1.0,
+                           resume_allow_changes=["lambda_optimizer", "lambda_init"])).train()

@@ -333,6 +333,9 @@ def test_rl_step_matches_reference(models, tmp_path, cls):
             assert_same_weights(c, rc)
         expected = SPEC_METRICS if cls is PPOLagConfig else [
             k for k in SPEC_METRICS if not k.startswith(("cost", "lambda", "episode_cost"))]
+        if cls is RewardShapingConfig:  # the reference's names: the shaped stream, and J_C of the window
+            expected = [k.replace("reward_", "shaped_reward_") if k.startswith("reward_") and "critic" not in k
+                        else k for k in expected] + ["shaped_reward", "episode_cost"]
         assert all(f"train/{k}" in info for k in expected)
         assert ("train/cost" in info) == (cls is not PPOConfig)
 

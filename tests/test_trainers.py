@@ -141,11 +141,11 @@ def test_config_yaml_and_flags(tmp_path):
     cfg = config_from_args(RewardConfig, {"config": str(yaml_path), "epochs": 3})
     assert cfg.lr == 0.01 and cfg.epochs == 3 and cfg.train_datasets == ["synthetic-preference/train"]
     assert cfg.normalize_score_during_training is True
-    assert cfg.weight_decay == 0.1 and cfg.regularization == 0.001  # the RM script's defaults
-    assert SFTConfig.__dataclass_fields__["gradient_accumulation_steps"].default == 8
+    assert cfg.weight_decay == 1e-6 and cfg.regularization == 0.0  # the reference's argparse defaults
+    assert SFTConfig.__dataclass_fields__["gradient_accumulation_steps"].default == 1
     bad = tmp_path / "bad.yaml"
-    bad.write_text("model_name_or_path: m\nlearning_rate: 1\n")
-    with pytest.raises(ConfigError, match="unknown option 'learning_rate'"):
+    bad.write_text("model_name_or_path: m\nlearnin_rate: 1\n")
+    with pytest.raises(ConfigError, match="unknown option 'learnin_rate'"):
         config_from_args(CostConfig, {"config": str(bad)})
     with pytest.raises(ConfigError, match="--train_datasets"):
         config_from_args(CostConfig, {"model_name_or_path": "m", "output_dir": "o"})
@@ -172,7 +172,7 @@ def test_resume_is_bit_identical(tmp_path, tiny, kind):
         cls, trainer, data = SFTConfig, SFTTrainer, ["synthetic-sft/test:0.1"]
     else:
         cls, trainer, data = RewardConfig, RewardTrainer, ["synthetic-preference/test:0.04"]
-        common.update(normalize_score_during_training=True, loss_type="token-wise")
+        common.update(normalize_score_during_training=True, normalizer_type="RunningMeanStd", loss_type="token-wise")
     full = trainer(config_from_args(cls, {**common, "train_datasets": data, "output_dir": str(tmp_path / "a")}))
     full.train()
     total = full.total_steps()

@@ -164,3 +164,20 @@ def test_logged_lr_is_after_the_schedule_step(tmp_path):
     for step, row in enumerate(rows, start=1):
         expected = step / max(1, warmup) if step < warmup else max(0.0, 1 - (step - warmup) / max(1, total - warmup))
         assert math.isclose(row["train/lr"], 1e-3 * expected, rel_tol=1e-6, abs_tol=1e-12), (step, row["train/lr"])
+
+
+def test_normalize_score_without_a_type_is_the_identity_normalizer(tmp_path):
+    """The reference: --normalize_score_during_training without --normalizer_type instantiates its
+    IdentityNormalizer (it counts; scores pass unchanged)."""
+    from saferlhf_fast.cli import main
+    from saferlhf_fast.trainers.modeling import make_tiny_model
+    from saferlhf_fast.trainers.score import read_score_info
+
+    base = make_tiny_model(str(tmp_path / "base"), hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64)
+    out = tmp_path / "rm"
+    assert main(["rm", "--model_name_or_path", base, "--train_datasets", "synthetic-preference/train:0.002",
+                 "--output_dir", str(out), "--max_length", "64", "--per_device_train_batch_size", "4",
+                 "--normalize_score_during_training", "True", "--progress", "false"]) == 0
+    info = read_score_info(str(out))
+    assert info["do_normalize"] and info["normalizer_type"] is None
+    assert (info["mean"], info["var"]) == (0.0, 1.0) and info["count"] > 0

@@ -257,7 +257,7 @@ class ScoreConfig(TrainConfig):
     loss_type: str = _f("sequence-wise", "score loss", choices=["sequence-wise", "token-wise"])
     regularization: float = _f(0.0, "L2 penalty on the scores")
     normalize_score_during_training: bool = _f(False, "normalize scores with running statistics while training")
-    normalizer_type: str | None = _f(None, "running statistics kind",
+    normalizer_type: str | None = _f(None, "running statistics kind (none: the reference's identity normalizer)",
                                      choices=["RunningMeanStd", "ExponentialMovingAverage"])
     normalizer_momentum: float | None = _f(None, "momentum of ExponentialMovingAverage (default 0.9)")
 
@@ -291,7 +291,8 @@ class ScoreTrainer(Trainer):
         super().__init__(config)
         self.normalizer = None
         if config.normalize_score_during_training:
-            self.normalizer = ScoreNormalizer(config.normalizer_type or "RunningMeanStd", self.normalize_function,
+            # No --normalizer_type: the reference's identity normalizer (counts only; scores pass unchanged).
+            self.normalizer = ScoreNormalizer(config.normalizer_type, self.normalize_function,
                                               config.normalizer_momentum).to(self.device)
 
     def save_model(self, path: str, dtype: torch.dtype | None = None) -> None:
