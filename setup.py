@@ -65,7 +65,8 @@ setup(
     packages=[
         "saferlhf_fast",
         "saferlhf_fast.kernels",
-        *[p.rstrip("/").replace("/", ".") for p in sorted(glob.glob("saferlhf_fast/*/")) if os.path.exists(p + "__init__.py")],
+        *[p.rstrip("/").replace("/", ".") for p in sorted(glob.glob("saferlhf_fast/*/"))
+          if os.path.exists(p + "__init__.py")],
     ],
     ext_modules=ext_modules,
     cmdclass=cmdclass,

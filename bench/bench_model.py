@@ -6,7 +6,8 @@ same checkpoint.
     python bench/bench_model.py --device cuda         # GPU: + CUDA-graph decode
 
 A thin wrapper over ``saferlhf_fast.benchmarks.model`` (also behind ``saferlhf-fast bench generate`` and
-``saferlhf-fast bench train-step``).  Rows (the common benchmark columns) go to runs/bench/model.csv (``--csv`` names another file); a table is
+``saferlhf-fast bench train-step``).  Rows (the common benchmark columns) go to runs/bench/model.csv (``--csv``
+names another file); a table is
 printed.  Providers of one case are timed interleaved (rep 1 of each, rep 2 of each, ...) after a warm-up so that a
 shared machine's drifts hit all alike.  Metric ``throughput`` in tokens/s (generate: B * new tokens; train: real
 (non-padding) tokens per fwd+bwd step); ``--memory`` adds the peak memory of one call (metric ``memory``).
@@ -23,9 +24,9 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from saferlhf_fast.benchmarks import harness  # noqa: E402
-from saferlhf_fast.benchmarks import model as bench_model  # noqa: E402
-from saferlhf_fast.runtime import tune_allocator  # noqa: E402
+from saferlhf_fast.benchmarks import harness
+from saferlhf_fast.benchmarks import model as bench_model
+from saferlhf_fast.runtime import tune_allocator
 
 
 def print_table(rows: list[dict]) -> None:

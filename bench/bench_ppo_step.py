@@ -20,11 +20,11 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from saferlhf_fast.benchmarks import harness  # noqa: E402
-from saferlhf_fast.benchmarks.ppo_step import (  # noqa: E402
+from saferlhf_fast.benchmarks import harness
+from saferlhf_fast.benchmarks.ppo_step import (
     PHASES,
-    RefScoreModel,
     ReferenceStep,
+    RefScoreModel,
     build,
     format_summary,
     make_trainer,

@@ -240,7 +240,8 @@ def make_table(results, threshold) -> str:
             training = f"{a:.2f} -> {b:.2f}"
         else:
             training = "-"
-        lines.append(f"| {label(*key)} | {cell('harmful_rate', True)} | {cell('harmful_rate_on_harmful_prompts', True)} "
+        harmful = f"{cell('harmful_rate', True)} | {cell('harmful_rate_on_harmful_prompts', True)}"
+        lines.append(f"| {label(*key)} | {harmful} "
                      f"| {cell('helpfulness_on_benign_prompts')} | {cell('refusal_rate_on_benign_prompts', True)} | "
                      f"{cell('reward')} | {cell('cost')} | {training} |")
         summary[key] = (_agg([r["eval"]["harmful_rate"] for r in rows])[0],
@@ -265,9 +266,11 @@ def make_table(results, threshold) -> str:
             elif lag[0] > harm and lag[1] < helpf:
                 verdict = "it dominates PPO-Lag"
             elif lag[0] > harm:
-                verdict = f"less harmful than PPO-Lag ({harm:.1%} vs {lag[0]:.1%}) but less helpful ({helpf:.3f} vs {lag[1]:.3f})"
+                verdict = (f"less harmful than PPO-Lag ({harm:.1%} vs {lag[0]:.1%}) but less helpful "
+                           f"({helpf:.3f} vs {lag[1]:.3f})")
             else:
-                verdict = f"more helpful than PPO-Lag ({helpf:.3f} vs {lag[1]:.3f}) but more harmful ({harm:.1%} vs {lag[0]:.1%})"
+                verdict = (f"more helpful than PPO-Lag ({helpf:.3f} vs {lag[1]:.3f}) but more harmful "
+                           f"({harm:.1%} vs {lag[0]:.1%})")
             lines.append(f"- {label(*key)}: {verdict}")
     return "\n".join(lines)
 

@@ -1,7 +1,8 @@
 """Backend discovery and choice for the ops.
 
 Backends: ``torch`` (reference), ``cpu`` (C++ kernels of the compiled extension), ``cuda`` (CUDA kernels of the
-compiled extension), ``triton`` (kernels in ``saferlhf_fast.kernels``, launched through ``saferlhf_fast.kernels.launchers``; on CPU tensors only under
+compiled extension), ``triton`` (kernels in ``saferlhf_fast.kernels``, launched through
+``saferlhf_fast.kernels.launchers``; on CPU tensors only under
 ``TRITON_INTERPRET=1``).  Choice order: the ``backend=`` argument, then ``$SAFERLHF_BACKEND``, then the default
 for the tensors' device (cpu -> ``cpu``; cuda -> ``triton``, then ``cuda``).  A default that is not available
 falls back to ``torch`` with a one-line warning naming what is missing; a backend asked for by name that is not
@@ -38,7 +39,7 @@ def extension():
 def _load_extension():
     try:
         mod = importlib.import_module("saferlhf_fast._C")
-    except Exception as exc:  # ImportError, or an ABI mismatch raising OSError / RuntimeError
+    except Exception as exc:  # noqa: BLE001 - ImportError, or an ABI mismatch raising OSError / RuntimeError
         return None, f"compiled extension saferlhf_fast._C not importable ({type(exc).__name__}: {exc})"
     from .ops import fakes  # the ops' fake implementations, for torch.compile (docs/kernels.md)
 
@@ -65,7 +66,7 @@ def triton_status():
         import triton  # noqa: F401
 
         importlib.import_module(TRITON_LAUNCHERS)
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - any failure of triton's import means: no triton backend here
         return False, f"triton not usable ({type(exc).__name__}: {exc})"
     return True, None
 

@@ -2,8 +2,9 @@
 
     python scripts/lock.py [--out requirements/lock.txt] [--torch 2.13.0]
 
-Resolves ``.[dev,hf,log]`` plus torch and triton, and the offline data packages without their dependencies (``pip install --dry-run --ignore-installed --report``, so the
-packages of the machine's own site-packages do not leak in) and writes one ``name==version`` line per package,
+Resolves ``.[dev,hf,log]`` plus torch and triton, and the offline data packages without their dependencies
+(``pip install --dry-run --ignore-installed --report``, so the packages of the machine's own site-packages do not
+leak in) and writes one ``name==version`` line per package,
 sorted.  ``make install`` / ``make test`` / ``make demo`` install with this file as pip constraints (``-c``), so a
 fresh machine gets the tested set; ``make test-latest`` ignores it and takes the newest versions the ranges in
 pyproject.toml allow.  Refresh it with ``make lock`` after the suite passed with the new set.

@@ -18,9 +18,9 @@ from collections import Counter
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir))
 
-from saferlhf_fast.data import synthetic  # noqa: E402
-from saferlhf_fast.data.sources import BUNDLED_DIR  # noqa: E402
-from saferlhf_fast.data.tokenizer import train_tokenizer  # noqa: E402
+from saferlhf_fast.data import synthetic
+from saferlhf_fast.data.sources import BUNDLED_DIR
+from saferlhf_fast.data.tokenizer import train_tokenizer
 
 SIZES = {
     "preference_train": 4000, "preference_test": 800,
@@ -85,7 +85,8 @@ def main(argv=None) -> int:
     if args.check:
         with tempfile.TemporaryDirectory() as tmp:
             write(tmp, args.seed)
-            names = sorted(f"{k}.jsonl" for k in SIZES) + ["tokenizer/tokenizer.json", "tokenizer/tokenizer_config.json"]
+            names = sorted(f"{k}.jsonl" for k in SIZES)
+            names += ["tokenizer/tokenizer.json", "tokenizer/tokenizer_config.json"]
             bad = [n for n in names if not os.path.exists(os.path.join(args.out, n))
                    or not filecmp.cmp(os.path.join(tmp, n), os.path.join(args.out, n), shallow=False)]
         print("bundled data is up to date" if not bad else f"differs from the generator: {', '.join(bad)}")

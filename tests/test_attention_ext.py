@@ -1,6 +1,6 @@
 """The optional attention backends (models/attention_ext.py): FlexAttention on CPU (eager; torch has no CPU backward
-for it, so gradients are checked in the GPU test) against the reference path; the xformers layout plumbing against a stand-in module (the real package is GPU-only and
-not installed here; the GPU test runs it when it is)."""
+for it, so gradients are checked in the GPU test) against the reference path; the xformers layout plumbing against a
+stand-in module (the real package is GPU-only and not installed here; the GPU test runs it when it is)."""
 import sys
 import types
 import warnings

@@ -13,8 +13,8 @@ pytestmark = pytest.mark.gpu
 if not torch.cuda.is_available():
     pytest.skip("needs a CUDA device", allow_module_level=True)
 
-from saferlhf_fast import _backend, ops  # noqa: E402
-from saferlhf_fast.ops import reference as ref  # noqa: E402
+from saferlhf_fast import _backend, ops
+from saferlhf_fast.ops import reference as ref
 
 _EXT, _WHY = _backend.extension()
 if _EXT is None or not getattr(_EXT, "cuda_built", False):

@@ -145,7 +145,8 @@ def test_alpaca_rows_in_hub_parquet_layout(tmp_path):
 
 
 def test_firefly_rows(tmp_path):
-    rows = [{"kind": "Couplet", "input": "上联：春风", "target": "下联：秋月"}, {"kind": "QA", "input": "q", "target": "a"}]
+    rows = [{"kind": "Couplet", "input": "上联：春风", "target": "下联：秋月"},
+            {"kind": "QA", "input": "q", "target": "a"}]
     path = write_jsonl(tmp_path / "firefly-train-1.1M.jsonl", rows)
     for spec in (f"firefly:1:{path}", f"firefly:1:{tmp_path}"):
         records = load_records([spec])

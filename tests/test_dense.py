@@ -1,4 +1,5 @@
-"""ops.linear (ops/dense.py): oneDNN projections (CPU fp32) against F.linear, gradients against fp64, the frozen-weight packing."""
+"""ops.linear (ops/dense.py): oneDNN projections (CPU fp32) against F.linear, gradients against fp64, the
+frozen-weight packing."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -178,7 +179,8 @@ def test_model_outputs_and_gradients_agree_with_f_linear(monkeypatch):
         torch.testing.assert_close(a, c, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.skipif(not lin._extension_has("transpose_2d"), reason="the compiled extension has no saferlhf::transpose_2d")
+@pytest.mark.skipif(not lin._extension_has("transpose_2d"),
+                    reason="the compiled extension has no saferlhf::transpose_2d")
 @pytest.mark.parametrize("shape", [(1, 1), (16, 16), (17, 33), (640, 256), (5, 300), (129, 130), (0, 7)])
 def test_transpose_2d_is_an_exact_transposed_copy(shape):
     x = torch.randn(*shape, generator=torch.Generator().manual_seed(1))

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
-from saferlhf_fast.engine import generate  # noqa: E402
-from saferlhf_fast.engine.sampling import SamplingParams, process  # noqa: E402
-from saferlhf_fast.models import from_pretrained  # noqa: E402
+from saferlhf_fast.engine import generate
+from saferlhf_fast.engine.sampling import SamplingParams, process
+from saferlhf_fast.models import from_pretrained
 
 warnings.filterwarnings("ignore", message=".*torch reference ops.*")
 transformers.logging.set_verbosity_error()

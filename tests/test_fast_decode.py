@@ -7,10 +7,10 @@ import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
-from saferlhf_fast.engine import generate  # noqa: E402
-from saferlhf_fast.engine import fast_decode as fd  # noqa: E402
-from saferlhf_fast.engine.sampling import SamplingParams, native_sampling_ok, next_token  # noqa: E402
-from saferlhf_fast.models import from_pretrained, positions_from_mask  # noqa: E402
+from saferlhf_fast.engine import fast_decode as fd
+from saferlhf_fast.engine import generate
+from saferlhf_fast.engine.sampling import SamplingParams, native_sampling_ok, next_token
+from saferlhf_fast.models import from_pretrained, positions_from_mask
 
 warnings.filterwarnings("ignore", message=".*torch reference ops.*")
 transformers.logging.set_verbosity_error()

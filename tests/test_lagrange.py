@@ -67,7 +67,8 @@ def test_direction_window_and_state_roundtrip():
     clone = LagrangeMultiplier()
     clone.load_state_dict(lag.state_dict())
     assert clone.value == lag.value and list(clone.episode_costs) == list(lag.episode_costs)
-    lag.observe([1.0]); clone.observe([1.0])
+    lag.observe([1.0])
+    clone.observe([1.0])
     assert clone.update(2) == lag.update(2)
 
 

@@ -111,7 +111,8 @@ def test_rope_non_contiguous_output_gradient():
     # the model transposes to [B, H, L, d] right after: the incoming gradients are transposed views
     (q_out.transpose(1, 2) * torch.arange(10.0)[:, None]).sum().backward(retain_graph=True)
     ref_q = q.detach().clone().requires_grad_()
-    (layers.rope_reference(ref_q, k.detach(), cos, sin)[0].transpose(1, 2) * torch.arange(10.0)[:, None]).sum().backward()
+    weights = torch.arange(10.0)[:, None]
+    (layers.rope_reference(ref_q, k.detach(), cos, sin)[0].transpose(1, 2) * weights).sum().backward()
     assert torch.equal(q.grad, ref_q.grad)
     assert k.grad is None or k.grad.abs().max() == 0  # only q was used
 

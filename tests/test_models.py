@@ -9,7 +9,7 @@ import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
-from saferlhf_fast.models import (  # noqa: E402
+from saferlhf_fast.models import (
     LlamaForCausalLM,
     LlamaForScore,
     ModelConfig,

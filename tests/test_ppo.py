@@ -512,7 +512,8 @@ def test_cli_errors(models, tmp_path, capsys):
     assert not out.exists()
     rc = main(["ppo-lag", "--actor_model_name_or_path", models["actor"], "--reward_model_name_or_path",
                models["nan_rm"], "--cost_model_name_or_path", models["cm"], "--train_datasets",
-               "synthetic-prompts/train:0.003", "--output_dir", str(out), "--max_new_tokens", "4", "--progress", "false"])
+               "synthetic-prompts/train:0.003", "--output_dir", str(out), "--max_new_tokens", "4",
+               "--progress", "false"])
     assert rc == 3 and "non-finite reward-model end scores" in capsys.readouterr().err
 
 

@@ -60,13 +60,13 @@ def test_seeded_split(rm_example):
 def test_pairs_train_a_score_model_with_chatml(rm_example, tmp_path):
     """Toy model + bundled tokenizer given a ChatML template: the truncated backbone loads as a score model, the
     pairs go through SafetyPreferenceDataset and one cost-model step runs."""
+    from test_chat_template import CHATML
+
     from saferlhf_fast.data import load_tokenizer
     from saferlhf_fast.data.tokenizer import save_tokenizer
     from saferlhf_fast.models import from_pretrained
     from saferlhf_fast.trainers.modeling import make_tiny_model
     from saferlhf_fast.trainers.score import CostConfig, CostTrainer
-
-    from test_chat_template import CHATML
 
     base = make_tiny_model(str(tmp_path / "base"), hidden_size=32, num_layers=3, num_heads=2)
     tok = load_tokenizer(base)

@@ -17,7 +17,7 @@ import pytest
 
 triton = pytest.importorskip("triton")
 
-from saferlhf_fast.benchmarks import triton_aot as aot  # noqa: E402
+from saferlhf_fast.benchmarks import triton_aot as aot
 
 ROOT = Path(__file__).resolve().parent.parent
 

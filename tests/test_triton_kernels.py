@@ -11,12 +11,12 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import pytest  # noqa: E402
+import pytest
 
 triton = pytest.importorskip("triton")
 
-from saferlhf_fast import _backend, ops  # noqa: E402
-from saferlhf_fast.ops import reference as ref  # noqa: E402
+from saferlhf_fast import _backend, ops
+from saferlhf_fast.ops import reference as ref
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":

@@ -80,7 +80,7 @@ def _quiet() -> None:
 
         hf_logging.disable_progress_bar()
         hf_logging.set_verbosity_error()
-    except Exception:  # pragma: no cover - transformers without these helpers
+    except Exception:  # noqa: BLE001 - transformers without these helpers
         pass
 
 

@@ -67,7 +67,8 @@ def run(size: str = "default", device: str = "cpu", reps: int = 5, warmup: int =
                                  flop / ours_t / 1e12, device))
             lines.append(
                 f"linear_logprobs fwd {x}: {ours_t * 1e3:.3f} ms = {ours_t / floor_t:.2f}x the matmul alone "
-                f"({floor_t * 1e3:.3f} ms, {flop / floor_t / 1e12:.3g} TFLOP/s; ours {flop / ours_t / 1e12:.3g} TFLOP/s)"
+                f"({floor_t * 1e3:.3f} ms, {flop / floor_t / 1e12:.3g} TFLOP/s; "
+                f"ours {flop / ours_t / 1e12:.3g} TFLOP/s)"
             )
         else:
             moved = n * v * elem + n * (8 + 4 * 3)  # logits once + labels + logp/lse/entropy

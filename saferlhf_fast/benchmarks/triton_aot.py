@@ -41,17 +41,17 @@ if __name__ == "__main__":
         # Run as a file: its folder (which holds profile.py, ops.py, ...) must not shadow other modules.
         sys.path.pop(0)
 
-import argparse  # noqa: E402
-import contextlib  # noqa: E402
-import csv  # noqa: E402
-import importlib.util  # noqa: E402
-import io  # noqa: E402
-import itertools  # noqa: E402
-import re  # noqa: E402
-import struct  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
+import argparse
+import contextlib
+import csv
+import importlib.util
+import io
+import itertools
+import re
+import struct
+import tempfile
+import time
+from dataclasses import dataclass
 
 KERNELS_DIR = Path(__file__).resolve().parent.parent / "kernels"
 DEFAULT_ARCHS = (80, 90)

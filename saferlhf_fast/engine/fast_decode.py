@@ -32,7 +32,6 @@ from torch import Tensor
 from ..models.llama import _ACTIVATIONS
 from ..ops.dense import linear_pointwise, onednn_available
 
-
 _NATIVE = os.environ.get("SAFERLHF_NATIVE_DECODE", "1") != "0"
 
 

@@ -1,8 +1,8 @@
 """Public functional ops.  Each family: a dispatcher choosing a backend (``backend=`` / ``$SAFERLHF_BACKEND`` /
 device default) and an autograd Function; ``reference`` holds the readable torch spec."""
 from . import reference
-from .gae import gae
 from .dense import linear
+from .gae import gae
 from .layers import add_rms_norm, rms_norm, rope, swiglu
 from .logprobs import IGNORE_INDEX, gather_logprobs, linear_logprobs
 from .losses import critic_loss, kl_penalized_rewards, masked_mean, ppo_actor_loss, ppo_lag_actor_loss
