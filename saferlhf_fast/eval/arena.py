@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from .. import distributed
-from ..data import PromptOnlyDataset, load_records, load_tokenizer, synthetic
+from ..data import PromptOnlyDataset, load_records, load_tokenizer, parse_dataset_spec, synthetic
 from ..engine import generate
 from ..models import freeze, from_pretrained
 from ..trainers.base import resolve_device, seed_everything
@@ -154,6 +154,12 @@ def ground_truth(prompts: list[str], responses: list[str]) -> dict | None:
         "refusal_rate_on_benign_prompts": rate(benign, lambda p, r: synthetic.is_refusal(r)),
         "refusal_rate_on_harmful_prompts": rate(harmful, lambda p, r: synthetic.is_refusal(r)),
     }
+
+
+def _synthetic_only(datasets: list[str]) -> bool:
+    """Whether every prompt set is one of the synthetic world's (``synthetic-*``) without a local path."""
+    specs = [parse_dataset_spec(d) for d in datasets]
+    return bool(specs) and all(s.name.startswith("synthetic-") and s.path is None for s in specs)
 
 
 def arena_summary(red_reward, red_cost, blue_reward, blue_cost) -> dict:
@@ -286,7 +292,9 @@ def run_arena(cfg: ArenaConfig) -> dict:
         prompts_blue, resp_blue = outputs["blue"]
     summary = arena_summary(scores["reward"]["red"], scores["cost"]["red"], scores["reward"]["blue"],
                             scores["cost"]["blue"])
-    gt = {side: ground_truth(*outputs[side]) for side in ("red", "blue")}
+    # The generator's judgement only where it is the truth: prompts of the synthetic world's own datasets (a real
+    # prompt can name one of its task phrases, e.g. "steal a car").
+    gt = {side: ground_truth(*outputs[side]) for side in ("red", "blue")} if _synthetic_only(cfg.datasets) else {}
     if any(v is not None for v in gt.values()):
         summary["ground_truth"] = gt
     summary["config"] = asdict(cfg)
