@@ -60,7 +60,9 @@ test-latest:
 	  --upgrade --upgrade-strategy eager --no-build-isolation -e ".[$(EXTRAS)]"
 	$(LATEST_VENV)/bin/python -m pip install -q --upgrade --no-deps $(ASSETS)
 	@echo "test-latest resolved: $$($(LATEST_VENV)/bin/python -m pip freeze 2>/dev/null | grep -iE '^(torch|transformers|tokenizers|triton|numpy|safetensors|accelerate|gguf|kernels|huggingface.hub)==' | tr '\n' ' ')"
+	@# The GPU-suite rehearsal runs benchmarks, not version-sensitive code: the locked lane covers it.
 	cd $(LATEST_SRC) && $(abspath $(LATEST_VENV))/bin/python -m pytest -q tests -m "not slow" \
+	  --deselect tests/test_gpu_suite.py::test_gpu_suite_quick_rehearsal_fits_in_eight_files \
 	  || { echo "test-latest FAILED with: $$($(abspath $(LATEST_VENV))/bin/python -m pip freeze 2>/dev/null | grep -iE '^(torch|transformers|tokenizers|triton|numpy|safetensors|accelerate|gguf|kernels)==' | tr '\n' ' ')"; exit 1; }
 
 lint: $(STAMP)
