@@ -477,8 +477,13 @@ TORCH_LIBRARY_IMPL(saferlhf, CUDA, m) {
 // END CUDA IMPL
 #endif
 
+// The op set's version: saferlhf_fast/_backend.py refuses a build whose version differs (a stale build after a
+// change of schemas or ops), with one line saying how to rebuild.  Raise it with every change to an op schema.
+#define SAFERLHF_API_VERSION 2
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.doc() = "saferlhf-fast C++/CUDA kernels (registered as torch.ops.saferlhf.*)";
+  module.attr("api_version") = SAFERLHF_API_VERSION;
 #ifdef SAFERLHF_WITH_CUDA
   module.attr("cuda_built") = true;
 #else

@@ -320,12 +320,22 @@ std::tuple<Tensor, Tensor> sample_tokens(const Tensor& logits, const Tensor& u, 
 
 }  // namespace saferlhf_decode
 
+// Schemas here, kernels at the CPU key (not CompositeImplicitAutograd), so a fake implementation can stand beside
+// them for torch.compile (saferlhf_fast/ops/fakes.py).
 TORCH_LIBRARY_FRAGMENT(saferlhf, m) {
   m.def(
       "decode_step(Tensor tok, Tensor pos, Tensor embed, Tensor[] weights, Tensor?[] biases, Tensor norm_w, "
       "Tensor lm_w, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor cos, Tensor sin, Tensor mask, int[] windows, "
-      "int slot, int n_heads, int n_kv, int inter, float eps, bool packed) -> Tensor",
-      &saferlhf_decode::decode_step);
-  m.def("sample_tokens(Tensor logits, Tensor u, float temperature, int top_k, bool greedy) -> (Tensor, Tensor)",
-        &saferlhf_decode::sample_tokens);
+      "int slot, int n_heads, int n_kv, int inter, float eps, bool packed) -> Tensor");
+  m.def("sample_tokens(Tensor logits, Tensor u, float temperature, int top_k, bool greedy) -> (Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(saferlhf, CPU, m) {
+  m.impl("decode_step", &saferlhf_decode::decode_step);
+  m.impl("sample_tokens", &saferlhf_decode::sample_tokens);
+}
+
+// The decode step takes oneDNN-prepacked projection weights, whose tensors dispatch on MkldnnCPU.
+TORCH_LIBRARY_IMPL(saferlhf, MkldnnCPU, m) {
+  m.impl("decode_step", &saferlhf_decode::decode_step);
 }

@@ -20,6 +20,8 @@ import torch
 BACKENDS = ("torch", "cpu", "cuda", "triton")
 ENV_VAR = "SAFERLHF_BACKEND"
 TRITON_LAUNCHERS = "saferlhf_fast.kernels.launchers"
+# The op set's version the Python side calls; csrc/binding.cpp's SAFERLHF_API_VERSION must equal it.
+API_VERSION = 2
 
 
 # (module or None, reason): set by the first extension() call.  A plain global rather than an lru_cache, so that
@@ -36,11 +38,19 @@ def extension():
     return _EXTENSION
 
 
+class StaleExtensionError(RuntimeError):
+    """The compiled extension was built from other sources than this Python code (one line: how to rebuild)."""
+
+
 def _load_extension():
     try:
         mod = importlib.import_module("saferlhf_fast._C")
     except Exception as exc:  # noqa: BLE001 - ImportError, or an ABI mismatch raising OSError / RuntimeError
         return None, f"compiled extension saferlhf_fast._C not importable ({type(exc).__name__}: {exc})"
+    built = getattr(mod, "api_version", None)
+    if built != API_VERSION:  # a stale build: its ops differ from what this Python code calls
+        raise StaleExtensionError(f"saferlhf_fast._C ({mod.__file__}) is a stale build (op API version {built}, this code "
+                           f"needs {API_VERSION}); rebuild it: pip install --no-build-isolation -e . (or make install)")
     from .ops import fakes  # the ops' fake implementations, for torch.compile (docs/kernels.md)
 
     fakes.register()

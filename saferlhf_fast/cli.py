@@ -344,7 +344,13 @@ def main(argv: list[str] | None = None) -> int:
             import torch
 
             torch.set_num_threads(args.threads)
-    rc = args.func(args)
+    from ._backend import StaleExtensionError
+
+    try:
+        rc = args.func(args)
+    except StaleExtensionError as err:
+        print(f"saferlhf-fast: error: {err}", file=sys.stderr)
+        return 2
     from . import distributed
 
     distributed.shutdown(synchronize=True)  # under torchrun: every rank leaves together

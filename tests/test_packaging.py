@@ -92,3 +92,28 @@ def test_wheel_holds_only_the_package(tmp_path):
     for f in ("gae.py", "logprobs.py", "losses.py", "launchers.py"):
         assert f"saferlhf_fast/kernels/{f}" in names, f
     assert not any(n.startswith("saferlhf_fast/kernels/__init__") for n in names)
+
+
+def test_a_stale_extension_build_is_one_clear_error(monkeypatch):
+    """An extension built from older sources (another op API version) is refused with the rebuild command, instead
+    of silently falling back to the torch reference."""
+    import types
+
+    from saferlhf_fast import _backend
+
+    stale = types.SimpleNamespace(api_version=_backend.API_VERSION - 1, __file__="/x/_C.so")
+    monkeypatch.setattr(_backend, "_EXTENSION", None)
+    monkeypatch.setattr(_backend.importlib, "import_module", lambda name: stale)
+    with pytest.raises(_backend.StaleExtensionError, match=r"stale build .* pip install --no-build-isolation -e \."):
+        _backend.extension()
+
+
+def test_the_built_extension_has_this_codes_api_version():
+    from saferlhf_fast import _backend
+
+    mod, why = _backend.extension()
+    if mod is None:
+        pytest.skip(why)
+    assert mod.api_version == _backend.API_VERSION
+    with open(os.path.join(ROOT, "csrc", "binding.cpp")) as f:
+        assert f"#define SAFERLHF_API_VERSION {_backend.API_VERSION}\n" in f.read()

@@ -9,13 +9,11 @@ outputs take the dtype of the input named below.  No output size depends on data
 :func:`register` runs once, when :func:`saferlhf_fast._backend.extension` first imports ``saferlhf_fast._C``; it
 registers a fake for each op the loaded extension defines (an older build may lack some) and returns their names.
 
-Ops whose C++ kernel is registered as ``CompositeImplicitAutograd`` (``m.def(schema, fn)`` in
-``csrc/decode_ops.cpp``: ``decode_step``, ``sample_tokens``) cannot take a fake: the dispatcher runs that kernel at
-the autograd key, above the fake-tensor mode, and torch refuses a Meta kernel beside it.  (A Python
-``CompositeExplicitAutograd`` kernel does not displace it; a Python ``CPU`` kernel would, at the price of a Python
-call per decode step and private FakeTensorMode tables.)  Their fakes are written here and :func:`register` skips
-them (:data:`COMPOSITE_IMPLICIT` lists them) until the C++ side registers them as
-``TORCH_LIBRARY_IMPL(saferlhf, CPU, m)`` kernels; then they are registered like the others.
+An op whose C++ kernel is registered as ``CompositeImplicitAutograd`` (``m.def(schema, fn)``) cannot take a fake:
+the dispatcher runs that kernel at the autograd key, above the fake-tensor mode, and torch refuses a Meta kernel
+beside it.  So every op's C++ kernel is registered at a backend key (``TORCH_LIBRARY_IMPL(saferlhf, CPU, m)``, or
+an autograd node); :func:`register` skips any op that still is composite-implicit (an older build), and
+:data:`COMPOSITE_IMPLICIT` names the ops known to be so (none).
 """
 from __future__ import annotations
 
@@ -29,7 +27,7 @@ _FAKES: dict[str, Callable] = {}
 _REGISTERED: list[str] | None = None
 _LIB: torch.library.Library | None = None
 # Ops with a fake here that the extension registers as CompositeImplicitAutograd (see the module docstring).
-COMPOSITE_IMPLICIT = ("decode_step", "sample_tokens")
+COMPOSITE_IMPLICIT: tuple[str, ...] = ()
 
 
 def fake(name: str):
