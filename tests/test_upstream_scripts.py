@@ -22,7 +22,6 @@ import importlib.util
 import json
 import os
 import re
-import shutil
 import stat
 import subprocess
 import sys
@@ -113,8 +112,8 @@ def shim(bin_dir: Path) -> None:
 def script_env(root: Path) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
     env.update(PATH=f"{root / 'bin'}{os.pathsep}{env['PATH']}", PYTHONPATH=str(REPO), WANDB_MODE="offline",
-               WANDB_SILENT="true", WANDB_CONFIG_DIR=str(root / "wandb-config"), WANDB_CACHE_DIR=str(root / "wandb-cache"),
-               WANDB_DATA_DIR=str(root / "wandb-data"), OMP_NUM_THREADS="1")
+               WANDB_SILENT="true", OMP_NUM_THREADS="1")
+    env.update({f"WANDB_{k}_DIR": str(root / f"wandb-{k.lower()}") for k in ("CONFIG", "CACHE", "DATA")})
     return env
 
 
@@ -123,9 +122,8 @@ def run_script(world: World, name: str, *args: str):
     target = world.root / "scripts" / name
     target.parent.mkdir(exist_ok=True)
     target.write_text(rewrite((SCRIPTS / name).read_text(), world.local))
-    proc = subprocess.run(["bash", str(target), *args], env=world.env, cwd=world.root, capture_output=True,
+    return subprocess.run(["bash", str(target), *args], env=world.env, cwd=world.root, capture_output=True,
                           text=True, timeout=600)
-    return proc
 
 
 @pytest.fixture(scope="module")
