@@ -6,7 +6,8 @@ Each script is copied as it is and changed in exactly these places:
 * the launcher line(s): ``deepspeed "${DEEPSPEED_ARGS[@]}" \\``, the ``--master_port "${MASTER_PORT}" \\`` line that
   ppo-lag.sh passes to deepspeed a second time, and ``--module safe_rlhf.X \\`` become ``saferlhf-fast X \\``.  The
   MASTER_PORT / HOSTFILE / DEEPSPEED_ARGS set-up above it stays: it is plain shell (``ss``, ``comm``, ``shuf``) and
-  its values are no longer used;
+  its values are no longer used.  sft-huggingface.sh's ``torchrun --standalone --nproc_per_node=8 \\`` line is
+  rewritten the same way (and refused, test_sft_huggingface_script_is_refused_in_one_line);
 * the dataset names: ``--train_datasets PKU-SafeRLHF/train`` -> ``PKU-SafeRLHF/train:1:LOCAL`` (the same for
   ``--eval_datasets``, ``--ptx_datasets alpaca`` and ``--datasets``): a local copy in the source's own schema;
 * ``--log_type wandb`` -> ``--log_type none`` only where wandb is not installed (test_wandb_offline_runs is then
