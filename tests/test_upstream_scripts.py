@@ -301,3 +301,11 @@ def test_wandb_offline_runs(sft, rm, ppo_lag):
     for out in (sft, rm, ppo_lag):
         runs = list(Path(out, "logs", "wandb").glob("offline-run-*/run-*.wandb"))
         assert len(runs) == 1, out
+
+
+def test_wandb_missing_is_one_line_naming_the_extra(monkeypatch, tmp_path):
+    from saferlhf_fast.trainers.metrics import MetricsLogger
+
+    monkeypatch.setitem(sys.modules, "wandb", None)
+    with pytest.raises(ConfigError, match=r"^--log_type wandb needs the 'wandb' package \(the 'log' extra: "):
+        MetricsLogger(str(tmp_path), "wandb")
