@@ -18,6 +18,7 @@ The scripts carry no ``--save_16bit`` at e8cca16, so no flag line is removed.  E
 a one-layer Llama, so each script runs in seconds.  The scripts are chained as the reference's pipeline is:
 sft -> reward-model / cost-model -> ppo / ppo-lag / ppo-reward-shaping, dpo, arena-evaluation.
 """
+import csv
 import dataclasses
 import importlib.util
 import json
@@ -278,6 +279,11 @@ def test_arena_evaluation_script(world, sft, ppo_lag, rm, cm):
         rows = [json.loads(line) for line in f]
     assert [r["prompt"].count("problem number 10") for r in rows] == [1] * 8
     assert {"red_reward", "red_cost", "blue_reward", "blue_cost"} <= set(rows[0])
+    with open(os.path.join(out, "sft_vs_ppo-lag", "table.csv"), encoding="utf-8", newline="") as f:
+        table = list(csv.reader(f))  # the reference's table: the folder and header name the two models
+    assert table[0] == ["Prompt", "sft", "Reward", "Cost", "ppo-lag", "Reward", "Cost"]
+    assert [(r[0], r[1], float(r[2]), float(r[6])) for r in table[1:]] == \
+        [(r["prompt"], r["red_response"], r["red_reward"], r["blue_cost"]) for r in rows]
 
 
 def test_sft_huggingface_script_is_refused_in_one_line(world):
