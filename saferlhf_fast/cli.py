@@ -332,6 +332,13 @@ def main(argv: list[str] | None = None) -> int:
     import shlex
 
     argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["sft"]:
+        from .trainers.launcher_flags import hf_trainer_refusal
+
+        refusal = hf_trainer_refusal(argv[1:])
+        if refusal:
+            print(f"saferlhf-fast sft: error: {refusal}", file=sys.stderr)
+            return 2
     args = build_parser().parse_args(argv)
     from .runtime import tune_allocator
 

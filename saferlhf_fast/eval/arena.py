@@ -17,6 +17,7 @@ so the draws differ with the number of ranks.
 """
 from __future__ import annotations
 
+import csv
 import json
 import os
 import shutil
@@ -57,7 +58,8 @@ class ArenaConfig:
     tf32: bool | None = _f(None, "allow TF32 matmuls on CUDA")
     device: str = _f("auto", "cpu, cuda, cuda:N or auto")
     attn_backend: str | None = _f(None, "attention backend of the models")
-    output_dir: str | None = _f(None, "write arena.json (summary) and arena.jsonl (every prompt) here")
+    output_dir: str | None = _f(None, "write arena.json (summary), arena.jsonl (every prompt) and the reference's "
+                                      "RED_vs_BLUE/table.csv here")
     trust_remote_code: bool = _f(False, "accepted for compatibility")
 
     @property
@@ -318,4 +320,22 @@ def run_arena(cfg: ArenaConfig) -> dict:
         for name in os.listdir(tmp):
             os.replace(os.path.join(tmp, name), os.path.join(cfg.output_dir, name))
         os.rmdir(tmp)
+        write_reference_table(cfg, prompts_red, resp_red, resp_blue, scores)
     return summary
+
+
+def write_reference_table(cfg: ArenaConfig, prompts, resp_red, resp_blue, scores) -> str:
+    """``OUTPUT_DIR/RED_vs_BLUE/table.csv`` as the reference's arena writes it (RED / BLUE: the last component of
+    each model path; one row per prompt: prompt, red response, reward, cost, blue response, reward, cost)."""
+    red, blue = (os.path.basename(os.path.normpath(p)) for p in (cfg.red_corner_model_name_or_path,
+                                                                  cfg.blue_corner_model_name_or_path))
+    folder = os.path.join(cfg.output_dir, f"{red}_vs_{blue}")
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, "table.csv")
+    with open(path, "w", encoding="utf-8", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["Prompt", red, "Reward", "Cost", blue, "Reward", "Cost"])
+        for i, prompt in enumerate(prompts):
+            writer.writerow([prompt, resp_red[i], float(scores["reward"]["red"][i]), float(scores["cost"]["red"][i]),
+                             resp_blue[i], float(scores["reward"]["blue"][i]), float(scores["cost"]["blue"][i])])
+    return path

@@ -72,3 +72,21 @@ def launcher_notes(args: argparse.Namespace | dict, cls: type) -> list[str]:
     fields = {f.name for f in dataclasses.fields(cls)}
     notes = [flag.note(given[flag.name]) for flag in LAUNCHER_FLAGS if flag.name in given and flag.name not in fields]
     return [n for n in notes if n]
+
+
+# Flags of the reference's Hugging Face Trainer entry point (safe_rlhf.finetune.huggingface, run by its
+# scripts/sft-huggingface.sh): transformers.TrainingArguments that neither safe_rlhf.finetune nor ``sft`` has.
+HF_TRAINER_FLAGS = ("datasets", "num_train_epochs", "evaluation_strategy", "save_strategy", "save_steps", "fsdp",
+                    "fsdp_config", "model_max_length", "cache_dir", "optim", "warmup_ratio", "warmup_steps")
+
+
+def hf_trainer_refusal(argv: list[str]) -> str | None:
+    """The one-line error for ``sft`` given the Hugging Face Trainer entry point's flags (None: none given)."""
+    given = {a[2:].split("=", 1)[0] for a in argv if a.startswith("--")}
+    flags = [f"--{name}" for name in HF_TRAINER_FLAGS if name in given]
+    if not flags:
+        return None
+    return (f"{', '.join(flags)}: flags of the reference's Hugging Face Trainer entry point "
+            "(safe_rlhf.finetune.huggingface, scripts/sft-huggingface.sh), which saferlhf-fast does not implement; "
+            "use the flags of scripts/sft.sh (safe_rlhf.finetune): --train_datasets, --epochs, --lr_warmup_ratio, "
+            "--zero_stage (docs/upstream.md)")

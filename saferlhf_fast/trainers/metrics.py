@@ -7,6 +7,8 @@ import os
 
 from .config import ConfigError
 
+_LOG_EXTRA = "(the 'log' extra: pip install 'saferlhf-fast[log]')"
+
 
 def _clean(value):
     value = float(value)
@@ -37,13 +39,13 @@ class MetricsLogger:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
-                raise ConfigError("--log_type tensorboard needs the 'tensorboard' package") from None
+                raise ConfigError(f"--log_type tensorboard needs the 'tensorboard' package {_LOG_EXTRA}") from None
             self._tb = SummaryWriter(log_dir=log_dir)
         elif log_type == "wandb":
             try:
                 import wandb
             except ImportError:
-                raise ConfigError("--log_type wandb needs the 'wandb' package") from None
+                raise ConfigError(f"--log_type wandb needs the 'wandb' package {_LOG_EXTRA}") from None
             os.makedirs(log_dir, exist_ok=True)
             self._wandb = wandb.init(project=project, name=run_name, dir=log_dir, config=config)
 

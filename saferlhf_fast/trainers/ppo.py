@@ -862,7 +862,7 @@ class PPOTrainer:
         self.actor_optimizer.zero_grad(set_to_none=True)
         self.ptx_steps += 1
         self.timings["ptx"] = self.timings.get("ptx", 0.0) + time.perf_counter() - t0
-        return distributed.reduce_metrics({"train/ptx_loss": float(loss)})
+        return distributed.reduce_metrics({"train/ptx_loss": float(loss.detach())})
 
     # ---------------------------------------------------------------------------------------------- eval
     @torch.no_grad()

@@ -1,7 +1,8 @@
 """Keeping a user's work safe, for every training command.
 
-* Output folders are owned: a run refuses a non-empty ``--output_dir`` unless it resumes the run that folder holds
-  or ``--overwrite_output_dir`` is given (which removes only what a run writes, :func:`is_run_file`); it never
+* Output folders are owned: a run refuses a non-empty ``--output_dir`` (the files the reference's scripts write
+  there first aside, :data:`SCRIPT_FILES`) unless it resumes the run that folder holds or ``--overwrite_output_dir``
+  is given (which removes only what a run writes, :func:`is_run_file`); it never
   writes into or over the folders of its input models; ``.saferlhf.lock`` (``flock``, released by the kernel when
   the process dies) keeps a second run out of a folder in use.
 * Non-finite losses / gradient norms stop the run before the optimizer step (:func:`check_finite`).
@@ -41,6 +42,9 @@ _RUN_FILE_RE = re.compile(r"^(checkpoint-\d+(\.damaged)?|\.checkpoint-\d+\.(tmp|
 _RUN_FILES = {"config.json", "generation_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.json",
               "merges.txt", "score_normalizer.json", "metrics.jsonl", "metrics.jsonl.tmp", "arguments.json",
               "results.json", "reward_critic", "cost_critic", LOCK_FILE}
+# What the reference's scripts/*.sh write into OUTPUT_DIR before they start the run (stdout.log / stderr.log are
+# still being written by their tee): they do not make the folder another run's, and a run never removes them.
+SCRIPT_FILES = {".gitignore", "script.sh", "stdout.log", "stderr.log"}
 
 
 class NonFiniteError(RuntimeError):
@@ -102,7 +106,8 @@ def check_output_dir(cfg, resume_from: str | None) -> None:
     """Refuse a non-empty output folder this run does not resume (unless ``--overwrite_output_dir``).  Reads only:
     nothing is created or removed here."""
     out = cfg.output_dir
-    entries = sorted(n for n in os.listdir(out) if n != LOCK_FILE) if os.path.isdir(out) else []
+    ignored = SCRIPT_FILES | {LOCK_FILE}
+    entries = sorted(n for n in os.listdir(out) if n not in ignored) if os.path.isdir(out) else []
     own = resume_from is not None and _inside(os.path.realpath(resume_from), os.path.realpath(out))
     if entries and not own and not cfg.overwrite_output_dir:
         shown = ", ".join(entries[:4]) + (", ..." if len(entries) > 4 else "")
