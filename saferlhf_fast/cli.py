@@ -235,8 +235,15 @@ def _add_config_commands(sub) -> None:
         p.set_defaults(func=_run_config_command)
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """A bad flag or value: one line on stderr naming it (the choices, for a value outside them), exit status 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="saferlhf-fast", description=__doc__)
+    parser = OneLineParser(prog="saferlhf-fast", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     bench = sub.add_parser("bench", help="benchmarks against their baselines, rows appended to a CSV")

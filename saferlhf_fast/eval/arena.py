@@ -28,7 +28,7 @@ from ..data import PromptOnlyDataset, load_records, load_tokenizer, synthetic
 from ..engine import generate
 from ..models import freeze, from_pretrained
 from ..trainers.base import resolve_device, seed_everything
-from ..trainers.config import ConfigError, _f, check_finite_numbers
+from ..trainers.config import ATTN_BACKENDS, ConfigError, _f, check_finite_numbers
 from ..trainers.score import load_normalizer
 
 
@@ -55,7 +55,7 @@ class ArenaConfig:
     bf16: bool = _f(False, "bf16 autocast for generation and scoring (weights stay fp32)")
     tf32: bool | None = _f(None, "allow TF32 matmuls on CUDA")
     device: str = _f("auto", "cpu, cuda, cuda:N or auto")
-    attn_backend: str | None = _f(None, "attention backend of the models")
+    attn_backend: str | None = _f(None, "attention backend of the models", choices=list(ATTN_BACKENDS))
     output_dir: str | None = _f(None, "write arena.json (summary) and arena.jsonl (every prompt) here")
     trust_remote_code: bool = _f(False, "accepted for compatibility")
 
@@ -255,7 +255,7 @@ def run_arena(cfg: ArenaConfig) -> dict:
     device = resolve_device(cfg.device)
     if cfg.tf32 is not None and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = bool(cfg.tf32)
-    records = load_records(cfg.datasets, seed=cfg.seed)
+    records = load_records(cfg.datasets, seed=cfg.seed, flag="--datasets")
     shard = (distributed.rank(), distributed.world_size()) if distributed.is_distributed() else None
     gen_kw = dict(max_length=cfg.max_length, max_new_tokens=cfg.max_new_tokens,
                   batch_size=cfg.per_device_eval_batch_size, do_sample=cfg.do_sample, temperature=cfg.temperature,

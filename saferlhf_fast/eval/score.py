@@ -16,7 +16,7 @@ import torch
 
 from ..data import PreferenceDataset, SafetyPreferenceDataset, load_tokenizer
 from ..trainers.base import batches, load_model, resolve_device, seed_everything, to_device
-from ..trainers.config import ConfigError, _f
+from ..trainers.config import ATTN_BACKENDS, ConfigError, _f
 from ..trainers.modeling import score_forward
 from ..trainers.score import collect_end_scores, load_normalizer, pair_metrics, read_score_info
 
@@ -37,7 +37,7 @@ class ScoreEvalConfig:
     bf16: bool = _f(False, "bf16 autocast")
     tf32: bool | None = _f(None, "allow TF32 matmuls on CUDA")
     device: str = _f("auto", "cpu, cuda, cuda:N or auto")
-    attn_backend: str | None = _f(None, "attention backend of the model")
+    attn_backend: str | None = _f(None, "attention backend of the model", choices=list(ATTN_BACKENDS))
     output_dir: str | None = _f(None, "write eval_results.json and scores.jsonl here")
     trust_remote_code: bool = _f(False, "accepted for compatibility")
 
@@ -79,7 +79,7 @@ def evaluate_score_model(cfg: ScoreEvalConfig) -> dict:
         torch.backends.cuda.matmul.allow_tf32 = bool(cfg.tf32)
     tokenizer = load_tokenizer(cfg.tokenizer_name_or_path or path, cfg.max_length)
     dataset_class = PreferenceDataset if score_type == "reward" else SafetyPreferenceDataset
-    dataset = dataset_class(cfg.datasets, tokenizer, cfg.max_length, seed=cfg.seed)
+    dataset = dataset_class(cfg.datasets, tokenizer, cfg.max_length, seed=cfg.seed, flag="--datasets")
     model = load_model(path, "score", cfg.attn_backend, device).eval()
     normalizer = load_normalizer(path)
     if normalizer is not None:

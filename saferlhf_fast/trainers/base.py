@@ -333,11 +333,11 @@ class Trainer:
         ``--eval_split_ratio`` part of train."""
         cfg = self.config
 
-        def make(names):
-            return self.dataset_class(names, self.tokenizer, cfg.max_length, seed=cfg.seed,
-                                      chat_template=cfg.chat_template)
+        def make(flag):
+            return self.dataset_class(getattr(cfg, flag), self.tokenizer, cfg.max_length, seed=cfg.seed,
+                                      chat_template=cfg.chat_template, flag=f"--{flag}")
 
-        return self.split_eval(make(cfg.train_datasets), make(cfg.eval_datasets) if cfg.eval_datasets else None)
+        return self.split_eval(make("train_datasets"), make("eval_datasets") if cfg.eval_datasets else None)
 
     def loss(self, batch: dict) -> tuple[torch.Tensor, dict]:
         """(loss of one micro-batch, metrics as floats)."""

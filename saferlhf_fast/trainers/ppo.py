@@ -90,7 +90,7 @@ from .base import (
     warn_single_process_flags,
     write_run_info,
 )
-from .config import ALLOW_CHANGES_HELP, OVERWRITE_HELP, ConfigError, _f, check_common
+from .config import ALLOW_CHANGES_HELP, ATTN_BACKENDS, OVERWRITE_HELP, ConfigError, _f, check_common
 from .metrics import MetricsLogger
 from .score import load_normalizer
 from .sft import sft_loss
@@ -166,7 +166,7 @@ class PPOConfig:
     bf16: bool = _f(False, "bf16 autocast (weights and optimizer state stay fp32)")
     tf32: bool | None = _f(None, "allow TF32 matmuls on CUDA")
     device: str = _f("auto", "cpu, cuda, cuda:N or auto")
-    attn_backend: str | None = _f(None, "attention backend of the models")
+    attn_backend: str | None = _f(None, "attention backend of the models", choices=list(ATTN_BACKENDS))
     mixed_precision: str | None = _f(None, "under torchrun: FSDP2 mixed precision (parameters gathered and computed "
                                            "in this dtype, gradients reduced in fp32)", choices=["bf16", "fp16"])
     offload: str = _f("none", "under torchrun on GPUs: FSDP2 CPU offload of the trained models' sharded parameters, "
@@ -394,7 +394,7 @@ class PPOTrainer:
         # Data first: bad rows fail before any model loads and before OUTPUT_DIR exists.
         self.train_dataset, self.eval_dataset = self._build_datasets()
         self.ptx_dataset = (SupervisedDataset(cfg.ptx_datasets, self.tokenizer, cfg.max_length, seed=cfg.seed,
-                                              chat_template=cfg.chat_template)
+                                              chat_template=cfg.chat_template, flag="--ptx_datasets")
                             if cfg.ptx_datasets else None)
         if self.ptx_dataset is not None and cfg.ptx_coeff == 0:
             distributed.print0("warning: --ptx_datasets given with --ptx_coeff 0: the PTX loss has no effect")
@@ -429,11 +429,11 @@ class PPOTrainer:
     def _build_datasets(self):
         cfg = self.config
         train = PromptOnlyDataset(cfg.train_datasets, self.tokenizer, cfg.max_length, seed=cfg.seed,
-                                  chat_template=cfg.chat_template)
+                                  chat_template=cfg.chat_template, flag="--train_datasets")
         if len(train) == 0:
             raise DataError("no training prompts")
         eval_ = PromptOnlyDataset(cfg.eval_datasets, self.tokenizer, cfg.max_length, seed=cfg.seed,
-                                  chat_template=cfg.chat_template) \
+                                  chat_template=cfg.chat_template, flag="--eval_datasets") \
             if cfg.eval_datasets else None
         if eval_ is None and cfg.eval_split_ratio:
             from .base import split_dataset
