@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from dataclasses import asdict, dataclass
 
 import torch
@@ -27,9 +26,10 @@ from .. import distributed
 from ..data import PromptOnlyDataset, load_records, load_tokenizer, synthetic
 from ..engine import generate
 from ..models import freeze, from_pretrained
-from ..trainers.base import resolve_device, seed_everything
+from ..trainers.base import check_vocab, require_score_head, resolve_device, seed_everything
 from ..trainers.config import ATTN_BACKENDS, ConfigError, _f, check_finite_numbers
 from ..trainers.score import load_normalizer
+from .score import write_into
 
 
 @dataclass
@@ -213,6 +213,18 @@ def format_summary(summary: dict, red_name: str = "red", blue_name: str = "blue"
     return "\n".join(lines)
 
 
+def check_inputs(cfg: ArenaConfig) -> None:
+    """Before any model loads: every folder is a model whose vocabulary covers its tokenizer, and the reward and cost
+    models carry trained score heads."""
+    for side in ("red", "blue", "reward", "cost"):
+        flag = f"{side}_corner_model_name_or_path" if side in ("red", "blue") else f"{side}_model_name_or_path"
+        path = getattr(cfg, flag)
+        _check(flag, path)
+        check_vocab(load_tokenizer(path, cfg.max_length), path, flag, path)
+        if side in ("reward", "cost"):
+            require_score_head(flag, path, "rm" if side == "reward" else "cm")
+
+
 def _load_policy(flag, path, device, attn_backend, max_length):
     _check(flag, path)
     tok = load_tokenizer(path, max_length)
@@ -256,6 +268,7 @@ def run_arena(cfg: ArenaConfig) -> dict:
     if cfg.tf32 is not None and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = bool(cfg.tf32)
     records = load_records(cfg.datasets, seed=cfg.seed, flag="--datasets")
+    check_inputs(cfg)
     shard = (distributed.rank(), distributed.world_size()) if distributed.is_distributed() else None
     gen_kw = dict(max_length=cfg.max_length, max_new_tokens=cfg.max_new_tokens,
                   batch_size=cfg.per_device_eval_batch_size, do_sample=cfg.do_sample, temperature=cfg.temperature,
@@ -293,20 +306,19 @@ def run_arena(cfg: ArenaConfig) -> dict:
         return summary
     print(format_summary(summary, cfg.red_corner_model_name_or_path, cfg.blue_corner_model_name_or_path))
     if cfg.output_dir:
-        tmp = cfg.output_dir.rstrip("/") + ".tmp-arena"
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-        with open(os.path.join(tmp, "arena.json"), "w", encoding="utf-8") as f:
-            json.dump(summary, f, indent=2)
-        with open(os.path.join(tmp, "arena.jsonl"), "w", encoding="utf-8") as f:
-            for i, p in enumerate(prompts_red):
-                f.write(json.dumps({
-                    "prompt": p, "red_response": resp_red[i], "blue_response": resp_blue[i],
-                    "red_reward": float(scores["reward"]["red"][i]), "red_cost": float(scores["cost"]["red"][i]),
-                    "blue_reward": float(scores["reward"]["blue"][i]), "blue_cost": float(scores["cost"]["blue"][i]),
-                }) + "\n")
-        os.makedirs(cfg.output_dir, exist_ok=True)
-        for name in os.listdir(tmp):
-            os.replace(os.path.join(tmp, name), os.path.join(cfg.output_dir, name))
-        os.rmdir(tmp)
+        write_into(cfg.output_dir, lambda tmp: _write_files(tmp, summary, prompts_red, resp_red, resp_blue, scores))
     return summary
+
+
+def _write_files(folder: str, summary: dict, prompts: list[str], resp_red: list[str], resp_blue: list[str],
+                 scores: dict) -> None:
+    """arena.json (the summary) and arena.jsonl (every prompt, both responses and their scores)."""
+    with open(os.path.join(folder, "arena.json"), "w", encoding="utf-8") as f:
+        json.dump(summary, f, indent=2)
+    with open(os.path.join(folder, "arena.jsonl"), "w", encoding="utf-8") as f:
+        for i, p in enumerate(prompts):
+            f.write(json.dumps({
+                "prompt": p, "red_response": resp_red[i], "blue_response": resp_blue[i],
+                "red_reward": float(scores["reward"]["red"][i]), "red_cost": float(scores["cost"]["red"][i]),
+                "blue_reward": float(scores["reward"]["blue"][i]), "blue_cost": float(scores["cost"]["blue"][i]),
+            }) + "\n")

@@ -239,9 +239,14 @@ def load_yaml(path: str) -> dict:
 
     if not os.path.isfile(path):
         raise ConfigError(f"{path}: no such config file")
+    with open(path, "rb") as f:
+        raw = f.read()
     try:
-        with open(path, encoding="utf-8") as f:
-            data = yaml.safe_load(f)
+        data = yaml.safe_load(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise ConfigError(f"{path}: line {line}: not UTF-8 text: byte 0x{raw[e.start]:02x} at byte offset {e.start} "
+                          "(save the file as UTF-8)") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: invalid YAML ({str(e).splitlines()[0]})") from None
     if data is None:
