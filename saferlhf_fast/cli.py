@@ -182,7 +182,9 @@ def _run_config_command(args) -> int:
 
 
 def _guarded(command: str, job) -> int:
-    """Run ``job``; the run-time failures of a training job as one line on stderr and an exit status."""
+    """Run ``job``; the run-time failures of a training job as one line on stderr and an exit status (bad input is
+    the caller's: a checkpoint folder without weights is an ``OSError`` too, yet exit status 2)."""
+    from .models.checkpoint import CheckpointError
     from .trainers.safety import Interrupted, NonFiniteError
 
     try:
@@ -196,6 +198,8 @@ def _guarded(command: str, job) -> int:
     except KeyboardInterrupt:
         print(f"saferlhf-fast {command}: interrupted (no checkpoint written at this point)", file=sys.stderr)
         return 130
+    except CheckpointError:
+        raise
     except OSError as err:
         print(f"saferlhf-fast {command}: error: {err}", file=sys.stderr)
         return 1

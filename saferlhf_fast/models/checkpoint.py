@@ -309,12 +309,10 @@ def read_tensors(directory: str, names) -> dict[str, torch.Tensor]:
 
 def has_score_head(directory: str) -> bool:
     """Whether a model folder holds a trained score head: ``score_head.weight`` in its checkpoint, or the
-    ``score_head.safetensors`` a transformers-backed score model saves (reads that one tensor only)."""
-    try:
-        if read_tensors(directory, ("score_head.weight",)):
-            return True
-    except MissingWeightsError:
-        pass
+    ``score_head.safetensors`` a transformers-backed score model saves (reads that one tensor only).  A folder
+    without weights raises ``MissingWeightsError``."""
+    if read_tensors(directory, ("score_head.weight",)):
+        return True
     return os.path.isfile(os.path.join(directory, "score_head.safetensors"))
 
 
