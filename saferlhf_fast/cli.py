@@ -182,7 +182,8 @@ def _run_config_command(args) -> int:
 
 
 def _guarded(command: str, job) -> int:
-    """Run ``job``; the run-time failures of a training job as one line on stderr and an exit status."""
+    """Run ``job``; the run-time failures of a training job as one line on stderr and an exit status (bad input is
+    the caller's: a checkpoint folder without weights is an ``OSError`` too, yet exit status 2)."""
     from .models.checkpoint import CheckpointError
     from .trainers.safety import Interrupted, NonFiniteError
 
@@ -197,9 +198,9 @@ def _guarded(command: str, job) -> int:
     except KeyboardInterrupt:
         print(f"saferlhf-fast {command}: interrupted (no checkpoint written at this point)", file=sys.stderr)
         return 130
+    except CheckpointError:
+        raise
     except OSError as err:
-        if isinstance(err, CheckpointError):  # a missing weights file is bad input (exit 2), not a failed write
-            raise
         print(f"saferlhf-fast {command}: error: {err}", file=sys.stderr)
         return 1
     return 0
@@ -238,8 +239,15 @@ def _add_config_commands(sub) -> None:
         p.set_defaults(func=_run_config_command)
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """A bad flag or value: one line on stderr naming it (the choices, for a value outside them), exit status 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="saferlhf-fast", description=__doc__)
+    parser = OneLineParser(prog="saferlhf-fast", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     bench = sub.add_parser("bench", help="benchmarks against their baselines, rows appended to a CSV")

@@ -51,10 +51,11 @@ def _lengths_mask(seqs: list[torch.Tensor], left: bool) -> torch.Tensor:
 
 
 class TokenizedDataset(Dataset):
-    """Rows of ``NAME[:PROPORTION[:PATH]]`` specs (or ready :class:`Record` s), templated and tokenized."""
+    """Rows of ``NAME[:PROPORTION[:PATH]]`` specs (or ready :class:`Record` s), templated and tokenized.  ``flag``:
+    the option the specs came from (named by an error about a spec)."""
 
     def __init__(self, datasets, tokenizer, max_length: int | None = None, seed: int = 42,
-                 chat_template: str = "reference"):
+                 chat_template: str = "reference", flag: str | None = None):
         self.tokenizer = tokenizer
         if chat_template not in CHAT_TEMPLATES:
             raise DataError(f"chat_template {chat_template!r}: expected one of {', '.join(CHAT_TEMPLATES)}")
@@ -67,13 +68,14 @@ class TokenizedDataset(Dataset):
         if isinstance(datasets, list) and datasets and isinstance(datasets[0], Record):
             records = datasets
         else:
-            records = load_records(datasets, seed=seed)
-        self.num_truncated = 0
+            records = load_records(datasets, seed=seed, flag=flag)
+        self.num_truncated = 0  # of the num_sequences tokenized (a pair's two sequences count as two)
+        self.num_sequences = 0
         self.items: list[dict] = []
         self._build(records)
         if self.num_truncated:
             logger.warning("%d of %d sequences were truncated to max_length=%d", self.num_truncated,
-                           len(self.items), self.max_length)
+                           self.num_sequences, self.max_length)
 
     # ---- helpers shared by the subclasses ---------------------------------------------------------------
     @property
@@ -98,6 +100,7 @@ class TokenizedDataset(Dataset):
     def _tokenize(self, texts: list[str]) -> list[torch.Tensor]:
         full = self.tokenizer(texts, add_special_tokens=True, verbose=False)["input_ids"]
         out = []
+        self.num_sequences += len(full)
         for seq in full:
             if len(seq) > self.max_length:
                 self.num_truncated += 1

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import bz2
 import gzip
+import io
 import json
 import lzma
 import numbers
@@ -24,7 +25,7 @@ from typing import Callable
 
 import numpy as np
 
-from .errors import DataError, describe
+from .errors import DataError, describe, for_flag
 
 BUNDLED_DIR = Path(__file__).resolve().parent / "bundled"
 
@@ -123,9 +124,38 @@ def _kind(path: str | Path) -> tuple[str, Callable | None]:
     return (suffixes[-1] if suffixes else ""), opener
 
 
-def _open_text(path: str):
-    opener = _kind(path)[1] or open
-    return opener(path, "rt", encoding="utf-8")
+def decode_utf8(data: bytes, source: str, *, rows_are_lines: bool, decompressed: bool = False) -> str:
+    """``data`` as text (a leading byte-order mark dropped).  Bytes that are not UTF-8: a ``DataError`` naming the
+    byte offset and the line (the row of a .jsonl file)."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        where = f"byte offset {e.start}" + (" of the decompressed data" if decompressed else "")
+        message = f"not UTF-8 text: byte 0x{data[e.start]:02x} at {where} (save the file as UTF-8)"
+        if rows_are_lines:
+            raise DataError(message, source=source, row=line) from None
+        raise DataError(f"line {line}: {message}", source=source) from None
+    return text[1:] if text.startswith("\ufeff") else text
+
+
+def _read_text(path: str, rows_are_lines: bool) -> str:
+    """The text of a (possibly compressed) UTF-8 file."""
+    opener = _kind(path)[1]
+    try:
+        with (opener or open)(path, "rb") as f:
+            data = f.read()
+    except (EOFError, lzma.LZMAError, OSError) as e:
+        if opener is None:
+            raise
+        raise DataError(f"cannot decompress ({type(e).__name__}: {e})", source=path) from None
+    return decode_utf8(data, path, rows_are_lines=rows_are_lines, decompressed=opener is not None)
+
+
+def json_error(e: json.JSONDecodeError, line: bool = False) -> str:
+    """``invalid JSON (<what> at [line L ]column C)``; the decoder's own messages that end in "at" keep one."""
+    what = e.msg[:-3] if e.msg.endswith(" at") else e.msg
+    return f"invalid JSON ({what} at {f'line {e.lineno} ' if line else ''}column {e.colno})"
 
 
 def _records_from_dicts(rows, source: str) -> list[Record]:
@@ -139,26 +169,24 @@ def _records_from_dicts(rows, source: str) -> list[Record]:
 
 def read_jsonl(path: str) -> list[Record]:
     out = []
-    with _open_text(path) as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"invalid JSON ({e.msg} at column {e.colno})", source=path, row=lineno) from None
-            if not isinstance(row, dict):
-                raise DataError(f"expected a JSON object, got {type(row).__name__}", source=path, row=lineno)
-            out.append(Record(row, path, lineno))
+    for lineno, line in enumerate(io.StringIO(_read_text(path, rows_are_lines=True), newline=None), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(json_error(e), source=path, row=lineno) from None
+        if not isinstance(row, dict):
+            raise DataError(f"expected a JSON object, got {type(row).__name__}", source=path, row=lineno)
+        out.append(Record(row, path, lineno))
     return out
 
 
 def read_json(path: str) -> list[Record]:
     try:
-        with _open_text(path) as f:
-            data = json.load(f)
+        data = json.loads(_read_text(path, rows_are_lines=False))
     except json.JSONDecodeError as e:
-        raise DataError(f"invalid JSON ({e.msg} at line {e.lineno} column {e.colno})", source=path) from None
+        raise DataError(json_error(e, line=True), source=path) from None
     if isinstance(data, dict):  # {"data": [...]} / {"train": [...]}: the single list inside
         lists = [v for v in data.values() if isinstance(v, list)]
         if len(lists) != 1:
@@ -239,7 +267,7 @@ def read_file(path: str, split: str | None = None, data_dir: str | None = None) 
     if os.path.isdir(path):
         records = read_folder(path, split, data_dir)
     elif not os.path.exists(path):
-        raise DataError("no such file or folder", source=path)
+        raise missing_path(path)
     else:
         suffix = _kind(path)[0]
         readers = {".jsonl": read_jsonl, ".json": read_json, ".parquet": read_parquet}
@@ -410,6 +438,20 @@ def parse_dataset_spec(text: str) -> DatasetSpec:
     return DatasetSpec(name, proportion, os.path.expanduser(path) if path else None)
 
 
+def missing_path(path: str) -> DataError:
+    return DataError(f"no such file or folder: {path}")
+
+
+def looks_like_path(name: str) -> bool:
+    """Whether a dataset NAME that is not registered can only mean a file or folder: it has a data-file suffix, is
+    absolute, starts with ``./``, ``../`` or ``~``, or names an entry of an existing folder."""
+    expanded = os.path.expanduser(name)
+    if _kind(name)[0] in _READERS or os.path.isabs(expanded) or name.startswith(("./", "../", "~")):
+        return True
+    parent = os.path.dirname(expanded)
+    return bool(parent) and os.path.isdir(parent)
+
+
 def _unknown(name: str) -> DataError:
     known = ", ".join(sorted(REGISTRY))
     return DataError(f"unknown dataset name '{name}' (known: {known}; aliases: see docs/data.md; or give a local "
@@ -418,6 +460,8 @@ def _unknown(name: str) -> DataError:
 
 def _local_records(info: DatasetInfo | None, path: str) -> list[Record]:
     path = os.path.expanduser(path)
+    if not os.path.exists(path):
+        raise missing_path(path)
     if info is not None and info.reader is not None:
         return info.reader(path)
     return read_file(path, split=info.split if info else None, data_dir=info.data_dir if info else None)
@@ -433,7 +477,7 @@ def load_spec_records(spec: DatasetSpec) -> list[Record]:
     if info is None:
         if os.path.exists(os.path.expanduser(spec.name)):
             return read_file(spec.name)
-        raise _unknown(spec.name)
+        raise missing_path(spec.name) if looks_like_path(spec.name) else _unknown(spec.name)
     if info.bundled is not None:
         path = BUNDLED_DIR / info.bundled
         if not path.exists():
@@ -496,10 +540,16 @@ def _mapped(records: list[Record], indices: list[int], info: DatasetInfo | None)
     return [cache[j] for j in indices]
 
 
-def load_records(specs, seed: int = 42) -> list[Record]:
+def load_records(specs, seed: int = 42, flag: str | None = None) -> list[Record]:
     """Rows of several ``NAME[:PROPORTION[:PATH]]`` datasets, concatenated in order.  A dataset with proportion 0
     is dropped before it is read; each other dataset draws its subset with its own child of
-    ``numpy.random.SeedSequence(seed)``."""
+    ``numpy.random.SeedSequence(seed)``.  ``flag``: the option the specs came from, named by an error about a spec
+    (an unknown name, a missing file)."""
+    with for_flag(flag):
+        return _load_records(specs, seed)
+
+
+def _load_records(specs, seed: int) -> list[Record]:
     if isinstance(specs, (str, DatasetSpec)):
         specs = [specs]
     parsed = [parse_dataset_spec(spec) for spec in specs]

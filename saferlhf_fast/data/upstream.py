@@ -16,13 +16,14 @@ needed); with ``NAME:PROPORTION:PATH`` it reads a local copy laid out as on the 
 """
 from __future__ import annotations
 
+import io
 import json
 import re
 import zipfile
 from pathlib import Path
 
 from .errors import DataError, describe
-from .sources import DatasetInfo, Record, register
+from .sources import DatasetInfo, Record, decode_utf8, json_error, register
 
 
 # ------------------------------------------------------------------------------------------------ field helpers
@@ -149,11 +150,10 @@ def read_moss002(path: str) -> list[Record]:
     folder = _moss_folder("moss-002-sft", path)
     records = []
     for file in sorted(folder.glob("*.json")):
-        with file.open(encoding="utf-8") as f:
-            try:
-                rows = json.load(f)
-            except json.JSONDecodeError as e:
-                raise DataError(f"invalid JSON ({e.msg} at line {e.lineno})", source=str(file)) from None
+        try:
+            rows = json.loads(decode_utf8(file.read_bytes(), str(file), rows_are_lines=False))
+        except json.JSONDecodeError as e:
+            raise DataError(json_error(e, line=True), source=str(file)) from None
         if not isinstance(rows, list):
             raise DataError(f"expected a list of objects, got {type(rows).__name__}", source=str(file))
         records += [_checked_object(row, str(file), i) for i, row in enumerate(rows, start=1)]
@@ -179,7 +179,7 @@ def _jsonl_lines(lines, source: str) -> list[Record]:
         try:
             records.append(_checked_object(json.loads(line), source, lineno))
         except json.JSONDecodeError as e:
-            raise DataError(f"invalid JSON ({e.msg} at column {e.colno})", source=source, row=lineno) from None
+            raise DataError(json_error(e), source=source, row=lineno) from None
     return records
 
 
@@ -188,14 +188,16 @@ def read_moss003(path: str) -> list[Record]:
     folder = _moss_folder("moss-003-sft", path)
     data_file, archive = folder / MOSS003_FILE, folder / f"{MOSS003_FILE}.zip"
     if data_file.is_file():
-        with data_file.open(encoding="utf-8") as f:
-            records = _jsonl_lines(f, str(data_file))
+        text = decode_utf8(data_file.read_bytes(), str(data_file), rows_are_lines=True)
+        records = _jsonl_lines(io.StringIO(text, newline=None), str(data_file))
     elif archive.is_file():
         with zipfile.ZipFile(archive) as z:
             member = next((m for m in z.namelist() if m.endswith(MOSS003_FILE)), None)
             if member is None:
                 raise DataError(f"the archive holds no {MOSS003_FILE}", source=str(archive))
-            records = _jsonl_lines(z.read(member).decode("utf-8").splitlines(), f"{archive}:{member}")
+            source = f"{archive}:{member}"
+            text = decode_utf8(z.read(member), source, rows_are_lines=True, decompressed=True)
+            records = _jsonl_lines(io.StringIO(text, newline=None), source)
     else:
         raise DataError(f"expected {MOSS003_FILE} (or {MOSS003_FILE}.zip) in this folder", source=str(folder))
     if not records:

@@ -20,7 +20,6 @@ from __future__ import annotations
 import csv
 import json
 import os
-import shutil
 from dataclasses import asdict, dataclass
 
 import torch
@@ -29,9 +28,10 @@ from .. import distributed
 from ..data import PromptOnlyDataset, load_records, load_tokenizer, parse_dataset_spec, synthetic
 from ..engine import generate
 from ..models import freeze, from_pretrained
-from ..trainers.base import resolve_device, seed_everything
-from ..trainers.config import ConfigError, _f, check_finite_numbers
+from ..trainers.base import check_vocab, require_score_head, resolve_device, seed_everything
+from ..trainers.config import ATTN_BACKENDS, ConfigError, _f, check_finite_numbers
 from ..trainers.score import load_normalizer
+from .score import write_into
 
 
 @dataclass
@@ -57,7 +57,7 @@ class ArenaConfig:
     bf16: bool = _f(False, "bf16 autocast for generation and scoring (weights stay fp32)")
     tf32: bool | None = _f(None, "allow TF32 matmuls on CUDA")
     device: str = _f("auto", "cpu, cuda, cuda:N or auto")
-    attn_backend: str | None = _f(None, "attention backend of the models")
+    attn_backend: str | None = _f(None, "attention backend of the models", choices=list(ATTN_BACKENDS))
     output_dir: str | None = _f(None, "write arena.json (summary), arena.jsonl (every prompt) and the reference's "
                                       "RED_vs_BLUE/table.csv here")
     trust_remote_code: bool = _f(False, "accepted for compatibility")
@@ -222,6 +222,18 @@ def format_summary(summary: dict, red_name: str = "red", blue_name: str = "blue"
     return "\n".join(lines)
 
 
+def check_inputs(cfg: ArenaConfig) -> None:
+    """Before any model loads: every folder is a model whose vocabulary covers its tokenizer, and the reward and cost
+    models carry trained score heads."""
+    for side in ("red", "blue", "reward", "cost"):
+        flag = f"{side}_corner_model_name_or_path" if side in ("red", "blue") else f"{side}_model_name_or_path"
+        path = getattr(cfg, flag)
+        _check(flag, path)
+        check_vocab(load_tokenizer(path, cfg.max_length), path, flag, path)
+        if side in ("reward", "cost"):
+            require_score_head(flag, path, "rm" if side == "reward" else "cm")
+
+
 def _load_policy(flag, path, device, attn_backend, max_length):
     _check(flag, path)
     tok = load_tokenizer(path, max_length)
@@ -264,7 +276,8 @@ def run_arena(cfg: ArenaConfig) -> dict:
     device = resolve_device(cfg.device)
     if cfg.tf32 is not None and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = bool(cfg.tf32)
-    records = load_records(cfg.datasets, seed=cfg.seed)
+    records = load_records(cfg.datasets, seed=cfg.seed, flag="--datasets")
+    check_inputs(cfg)
     shard = (distributed.rank(), distributed.world_size()) if distributed.is_distributed() else None
     gen_kw = dict(max_length=cfg.max_length, max_new_tokens=cfg.max_new_tokens,
                   batch_size=cfg.per_device_eval_batch_size, do_sample=cfg.do_sample, temperature=cfg.temperature,
@@ -304,22 +317,7 @@ def run_arena(cfg: ArenaConfig) -> dict:
         return summary
     print(format_summary(summary, cfg.red_corner_model_name_or_path, cfg.blue_corner_model_name_or_path))
     if cfg.output_dir:
-        tmp = cfg.output_dir.rstrip("/") + ".tmp-arena"
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-        with open(os.path.join(tmp, "arena.json"), "w", encoding="utf-8") as f:
-            json.dump(summary, f, indent=2)
-        with open(os.path.join(tmp, "arena.jsonl"), "w", encoding="utf-8") as f:
-            for i, p in enumerate(prompts_red):
-                f.write(json.dumps({
-                    "prompt": p, "red_response": resp_red[i], "blue_response": resp_blue[i],
-                    "red_reward": float(scores["reward"]["red"][i]), "red_cost": float(scores["cost"]["red"][i]),
-                    "blue_reward": float(scores["reward"]["blue"][i]), "blue_cost": float(scores["cost"]["blue"][i]),
-                }) + "\n")
-        os.makedirs(cfg.output_dir, exist_ok=True)
-        for name in os.listdir(tmp):
-            os.replace(os.path.join(tmp, name), os.path.join(cfg.output_dir, name))
-        os.rmdir(tmp)
+        write_into(cfg.output_dir, lambda tmp: _write_files(tmp, summary, prompts_red, resp_red, resp_blue, scores))
         write_reference_table(cfg, prompts_red, resp_red, resp_blue, scores)
     return summary
 
@@ -339,3 +337,17 @@ def write_reference_table(cfg: ArenaConfig, prompts, resp_red, resp_blue, scores
             writer.writerow([prompt, resp_red[i], float(scores["reward"]["red"][i]), float(scores["cost"]["red"][i]),
                              resp_blue[i], float(scores["reward"]["blue"][i]), float(scores["cost"]["blue"][i])])
     return path
+
+
+def _write_files(folder: str, summary: dict, prompts: list[str], resp_red: list[str], resp_blue: list[str],
+                 scores: dict) -> None:
+    """arena.json (the summary) and arena.jsonl (every prompt, both responses and their scores)."""
+    with open(os.path.join(folder, "arena.json"), "w", encoding="utf-8") as f:
+        json.dump(summary, f, indent=2)
+    with open(os.path.join(folder, "arena.jsonl"), "w", encoding="utf-8") as f:
+        for i, p in enumerate(prompts):
+            f.write(json.dumps({
+                "prompt": p, "red_response": resp_red[i], "blue_response": resp_blue[i],
+                "red_reward": float(scores["reward"]["red"][i]), "red_cost": float(scores["cost"]["red"][i]),
+                "blue_reward": float(scores["reward"]["blue"][i]), "blue_cost": float(scores["cost"]["blue"][i]),
+            }) + "\n")

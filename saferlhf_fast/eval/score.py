@@ -10,13 +10,22 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 from dataclasses import asdict, dataclass
 
 import torch
 
 from ..data import PreferenceDataset, SafetyPreferenceDataset, load_tokenizer
-from ..trainers.base import batches, load_model, resolve_device, seed_everything, to_device
-from ..trainers.config import ConfigError, _f
+from ..trainers.base import (
+    batches,
+    check_vocab,
+    load_model,
+    require_score_head,
+    resolve_device,
+    seed_everything,
+    to_device,
+)
+from ..trainers.config import ATTN_BACKENDS, ConfigError, _f
 from ..trainers.modeling import score_forward
 from ..trainers.score import collect_end_scores, load_normalizer, pair_metrics, read_score_info
 
@@ -37,7 +46,7 @@ class ScoreEvalConfig:
     bf16: bool = _f(False, "bf16 autocast")
     tf32: bool | None = _f(None, "allow TF32 matmuls on CUDA")
     device: str = _f("auto", "cpu, cuda, cuda:N or auto")
-    attn_backend: str | None = _f(None, "attention backend of the model")
+    attn_backend: str | None = _f(None, "attention backend of the model", choices=list(ATTN_BACKENDS))
     output_dir: str | None = _f(None, "write eval_results.json and scores.jsonl here")
     trust_remote_code: bool = _f(False, "accepted for compatibility")
 
@@ -78,8 +87,10 @@ def evaluate_score_model(cfg: ScoreEvalConfig) -> dict:
     if cfg.tf32 is not None and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = bool(cfg.tf32)
     tokenizer = load_tokenizer(cfg.tokenizer_name_or_path or path, cfg.max_length)
+    check_vocab(tokenizer, cfg.tokenizer_name_or_path or path, "model_name_or_path", path)
     dataset_class = PreferenceDataset if score_type == "reward" else SafetyPreferenceDataset
-    dataset = dataset_class(cfg.datasets, tokenizer, cfg.max_length, seed=cfg.seed)
+    dataset = dataset_class(cfg.datasets, tokenizer, cfg.max_length, seed=cfg.seed, flag="--datasets")
+    require_score_head("model_name_or_path", path, "rm` / `cm")
     model = load_model(path, "score", cfg.attn_backend, device).eval()
     normalizer = load_normalizer(path)
     if normalizer is not None:
@@ -105,11 +116,27 @@ def evaluate_score_model(cfg: ScoreEvalConfig) -> dict:
     return metrics
 
 
+def write_into(output_dir: str, write) -> None:
+    """``write(folder)`` into a temporary folder inside ``output_dir``, then every file moved into place: nothing is
+    written beside ``output_dir``, and nothing half-written is left in it (nor the folder, when this call made it)."""
+    created = not os.path.isdir(output_dir)
+    os.makedirs(output_dir, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tmp-", dir=output_dir)
+    try:
+        write(tmp)
+        for name in os.listdir(tmp):
+            os.replace(os.path.join(tmp, name), os.path.join(output_dir, name))
+    except BaseException:
+        shutil.rmtree(output_dir if created else tmp, ignore_errors=True)
+        raise
+    os.rmdir(tmp)
+
+
 def _write_outputs(cfg, score_type, metrics, first, second, sign) -> None:
-    """Written into a temporary folder, then moved into place file by file."""
-    tmp = cfg.output_dir.rstrip("/") + ".tmp-score"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
+    write_into(cfg.output_dir, lambda tmp: _write_files(tmp, cfg, score_type, metrics, first, second, sign))
+
+
+def _write_files(tmp, cfg, score_type, metrics, first, second, sign) -> None:
     with open(os.path.join(tmp, "eval_results.json"), "w", encoding="utf-8") as f:
         json.dump({"score_type": score_type, "config": asdict(cfg), "metrics": metrics}, f, indent=2)
     names = ("better", "worse") if score_type == "reward" else ("safer", "unsafer")
@@ -120,7 +147,3 @@ def _write_outputs(cfg, score_type, metrics, first, second, sign) -> None:
                 row[f"{names[0]}_is_safe"] = bool(sign[0, i] < 0)
                 row[f"{names[1]}_is_safe"] = bool(sign[1, i] < 0)
             f.write(json.dumps(row) + "\n")
-    os.makedirs(cfg.output_dir, exist_ok=True)
-    for name in os.listdir(tmp):
-        os.replace(os.path.join(tmp, name), os.path.join(cfg.output_dir, name))
-    os.rmdir(tmp)

@@ -307,6 +307,15 @@ def read_tensors(directory: str, names) -> dict[str, torch.Tensor]:
     return out
 
 
+def has_score_head(directory: str) -> bool:
+    """Whether a model folder holds a trained score head: ``score_head.weight`` in its checkpoint, or the
+    ``score_head.safetensors`` a transformers-backed score model saves (reads that one tensor only).  A folder
+    without weights raises ``MissingWeightsError``."""
+    if read_tensors(directory, ("score_head.weight",)):
+        return True
+    return os.path.isfile(os.path.join(directory, "score_head.safetensors"))
+
+
 def score_bias_of(extra: dict, state: dict[str, torch.Tensor]) -> tuple[bool, str]:
     """(whether the score head has a bias, where that was read): config ``score_bias`` (the reference's later code),
     else config ``bias`` (its released models), else whether the checkpoint holds ``score_head.bias`` (a fresh head:
@@ -334,9 +343,10 @@ def _materialise(model: DecoderModel, device) -> None:
 
 def build_model(config: ModelConfig, head: str, state: dict[str, torch.Tensor], *, dtype=torch.float32,
                 device="cpu", attn_backend: str | None = None, strict: bool = True, source: str | None = None,
-                sources: dict[str, str] | None = None) -> DecoderModel:
+                sources: dict[str, str] | None = None, config_source: str | None = None) -> DecoderModel:
     """A model of ``head`` with the weights of ``state`` (HF names).  ``source`` / ``sources``: the file naming the
-    weights and the file of each tensor, for the errors."""
+    weights and the file of each tensor; ``config_source``: the config.json ``config`` was read from (for the
+    errors)."""
     if head not in HEADS:
         raise ValueError(f"unknown head {head!r}; choose 'lm' or 'score'")
     normalizer_state = {k: state[k] for k in NORMALIZER_BUFFERS if k in state}
@@ -365,18 +375,13 @@ def build_model(config: ModelConfig, head: str, state: dict[str, torch.Tensor], 
         missing = set()
     unexpected = set(state) - expected
     if missing or (unexpected and strict):
-        _raise_mismatch(config, head, missing, unexpected, source, sources or {}, bias_from)
+        _raise_mismatch(config, head, missing, unexpected, source, sources or {}, bias_from, config_source)
+    _check_shapes(model, state, source, sources or {}, config_source)
     params = dict(model.named_parameters(remove_duplicate=False))
     with torch.no_grad():
         for name, tensor in state.items():
-            if name not in params:
-                continue
-            target = params[name]
-            if target.shape != tensor.shape:
-                where = (sources or {}).get(name, source)
-                raise CheckpointError(f"{where + ': ' if where else ''}{name}: checkpoint shape "
-                                      f"{tuple(tensor.shape)} != model shape {tuple(target.shape)}")
-            target.copy_(tensor)
+            if name in params:
+                params[name].copy_(tensor)
         if head == "lm":
             model.tie_weights()
         if init_score_head:
@@ -390,8 +395,24 @@ def build_model(config: ModelConfig, head: str, state: dict[str, torch.Tensor], 
     return model
 
 
+def _check_shapes(model: DecoderModel, state: dict[str, torch.Tensor], source: str | None, sources: dict[str, str],
+                  config_source: str | None) -> None:
+    """``CheckpointError`` naming the file and the first tensor whose shape differs from the one the config gives."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    for name, tensor in state.items():
+        target = params.get(name)
+        if target is None or target.shape == tensor.shape:
+            continue
+        where = sources.get(name, source)
+        built = (f"the shape {tuple(target.shape)} that {config_source} gives (the config does not match the "
+                 "weights: was hidden_size, intermediate_size, a head count or vocab_size edited?)"
+                 if config_source else f"model shape {tuple(target.shape)}")
+        raise CheckpointError(f"{where + ': ' if where else ''}{name}: checkpoint shape {tuple(tensor.shape)} != "
+                              f"{built}")
+
+
 def _raise_mismatch(config: ModelConfig, head: str, missing: set, unexpected: set, source: str | None,
-                    sources: dict[str, str], bias_from: str) -> None:
+                    sources: dict[str, str], bias_from: str, config_source: str | None = None) -> None:
     """``CheckpointError``: one line naming the file(s) and the missing / unexpected tensors."""
     parts = []
     if missing:
@@ -405,7 +426,8 @@ def _raise_mismatch(config: ModelConfig, head: str, missing: set, unexpected: se
     elif "score_head.bias" in missing | unexpected:
         hint = f" (score head {'with' if 'score_head.bias' in missing else 'without'} bias per {bias_from})"
     prefix = f"{source}: " if source else ""
-    raise CheckpointError(f"{prefix}checkpoint does not match the {config.model_type} {head} model: "
+    built = f" of {config_source}" if config_source else ""
+    raise CheckpointError(f"{prefix}checkpoint does not match the {config.model_type} {head} model{built}: "
                           f"{'; '.join(parts)}{hint}")
 
 
@@ -471,7 +493,7 @@ def from_pretrained(path: str, head: str = "lm", dtype: torch.dtype = torch.floa
         source = path
     config = config_from_hf(config_dict)
     model = build_model(config, head, state, dtype=dtype, device=device, attn_backend=attn_backend, source=label,
-                        sources=sources)
+                        sources=sources, config_source=None if gguf is not None else config_path)
     model.source_dir = source
     return model.eval()  # as transformers: call .train() to train
 

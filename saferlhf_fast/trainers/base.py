@@ -276,6 +276,35 @@ def replace_dir_contents(src: str, dst: str) -> None:
     fsync_dir(dst)
 
 
+def tokenizer_size(tokenizer) -> int:
+    """One more than the largest id the tokenizer can produce (added tokens included)."""
+    return max(len(tokenizer), max(tokenizer.get_vocab().values(), default=-1) + 1)
+
+
+def check_vocab(tokenizer, tokenizer_dir: str, flag: str, model_dir: str) -> None:
+    """The model's embedding has a row for every id of the tokenizer (read from config.json, before any weights):
+    else a ``ConfigError`` naming both sizes and both folders."""
+    from ..models.checkpoint import read_config
+
+    config_path = os.path.join(model_dir, "config.json")
+    vocab = read_config(config_path).get("vocab_size") if os.path.isfile(config_path) else None
+    size = tokenizer_size(tokenizer)
+    if isinstance(vocab, int) and size > vocab:
+        raise ConfigError(f"--{flag} {model_dir}: the model's vocab_size {vocab} ({config_path}) is smaller than the "
+                          f"tokenizer's {size} tokens ({tokenizer_dir}): ids {vocab}..{size - 1} have no embedding; "
+                          "use the model's own tokenizer, or a model whose vocabulary covers it")
+
+
+def require_score_head(flag: str, path: str, trained_by: str) -> None:
+    """A frozen scorer (reward or cost model) carries a trained score head: else a ``ConfigError`` with the fix
+    (read before the model loads)."""
+    from ..models.checkpoint import has_score_head
+
+    if os.path.isfile(os.path.join(path, "config.json")) and not has_score_head(path):
+        raise ConfigError(f"--{flag} {path} has no trained score head (score_head.weight missing): train one with "
+                          f"`saferlhf-fast {trained_by}` first")
+
+
 def load_model(path: str, head: str, attn_backend: str | None, device: torch.device):
     from ..models import from_pretrained
 
@@ -317,6 +346,7 @@ class Trainer:
             raise DataError("no training rows")
         self._fingerprint: str | None = None
         self.resume_from = resolve_resume(cfg, self.data_fingerprint)
+        check_vocab(self.tokenizer, tok_path, "model_name_or_path", cfg.model_name_or_path)
         self.model = load_model(self.resume_from or cfg.model_name_or_path, self.head, cfg.attn_backend, self.device)
         if cfg.gradient_checkpointing:
             self.model.set_gradient_checkpointing(True)
@@ -333,11 +363,11 @@ class Trainer:
         ``--eval_split_ratio`` part of train."""
         cfg = self.config
 
-        def make(names):
-            return self.dataset_class(names, self.tokenizer, cfg.max_length, seed=cfg.seed,
-                                      chat_template=cfg.chat_template)
+        def make(flag):
+            return self.dataset_class(getattr(cfg, flag), self.tokenizer, cfg.max_length, seed=cfg.seed,
+                                      chat_template=cfg.chat_template, flag=f"--{flag}")
 
-        return self.split_eval(make(cfg.train_datasets), make(cfg.eval_datasets) if cfg.eval_datasets else None)
+        return self.split_eval(make("train_datasets"), make("eval_datasets") if cfg.eval_datasets else None)
 
     def loss(self, batch: dict) -> tuple[torch.Tensor, dict]:
         """(loss of one micro-batch, metrics as floats)."""

@@ -10,6 +10,8 @@ import os
 import typing
 from dataclasses import dataclass, field
 
+from ..models.attention import BACKENDS as ATTN_BACKENDS
+
 
 class ConfigError(ValueError):
     """Bad configuration (unknown YAML key, missing required flag, bad value): one line, exit status 2."""
@@ -61,7 +63,8 @@ class TrainConfig:
     bf16: bool = _f(False, "bf16 autocast (weights and optimizer state stay fp32)")
     tf32: bool | None = _f(None, "allow TF32 matmuls on CUDA")
     device: str = _f("auto", "cpu, cuda, cuda:N or auto")
-    attn_backend: str | None = _f(None, "attention backend of the model (default: the model's choice)")
+    attn_backend: str | None = _f(None, "attention backend of the model (default: the model's choice)",
+                                  choices=list(ATTN_BACKENDS))
     mixed_precision: str | None = _f(None, "under torchrun: FSDP2 mixed precision (parameters gathered and computed "
                                            "in this dtype, gradients reduced in fp32)", choices=["bf16", "fp16"])
     offload: str = _f("none", "under torchrun on GPUs: FSDP2 CPU offload of the sharded parameters, gradients and "
@@ -236,9 +239,14 @@ def load_yaml(path: str) -> dict:
 
     if not os.path.isfile(path):
         raise ConfigError(f"{path}: no such config file")
+    with open(path, "rb") as f:
+        raw = f.read()
     try:
-        with open(path, encoding="utf-8") as f:
-            data = yaml.safe_load(f)
+        data = yaml.safe_load(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise ConfigError(f"{path}: line {line}: not UTF-8 text: byte 0x{raw[e.start]:02x} at byte offset {e.start} "
+                          "(save the file as UTF-8)") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: invalid YAML ({str(e).splitlines()[0]})") from None
     if data is None:
@@ -268,5 +276,17 @@ def config_from_args(cls: type, args: argparse.Namespace | dict):
         if key in names:
             values[key] = value
     cfg = cls(**values)
+    check_choices(cfg)
     cfg.validate()
     return cfg
+
+
+def check_choices(cfg) -> None:
+    """Every option with a fixed set of values (``choices``) holds one of them (flags and YAML alike)."""
+    for f in dataclasses.fields(cfg):
+        choices, value = f.metadata.get("choices"), getattr(cfg, f.name)
+        if choices is None or value is None:
+            continue
+        bad = [v for v in (value if isinstance(value, list) else [value]) if v not in choices]
+        if bad:
+            raise ConfigError(f"--{f.name} {bad[0]!r}: expected one of {', '.join(map(str, choices))}")

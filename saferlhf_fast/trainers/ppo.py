@@ -68,6 +68,7 @@ from .base import (
     NonFiniteError,
     StopSignals,
     check_finite,
+    check_vocab,
     checkpoint_or_stop,
     clip_gradients,
     data_fingerprint,
@@ -79,6 +80,7 @@ from .base import (
     prune_checkpoints,
     rank_epoch_order,
     replace_dir_contents,
+    require_score_head,
     resolve_device,
     resolve_resume,
     rng_state,
@@ -90,7 +92,7 @@ from .base import (
     warn_single_process_flags,
     write_run_info,
 )
-from .config import ALLOW_CHANGES_HELP, OVERWRITE_HELP, ConfigError, _f, check_common
+from .config import ALLOW_CHANGES_HELP, ATTN_BACKENDS, OVERWRITE_HELP, ConfigError, _f, check_common
 from .metrics import MetricsLogger
 from .score import load_normalizer
 from .sft import sft_loss
@@ -166,7 +168,7 @@ class PPOConfig:
     bf16: bool = _f(False, "bf16 autocast (weights and optimizer state stay fp32)")
     tf32: bool | None = _f(None, "allow TF32 matmuls on CUDA")
     device: str = _f("auto", "cpu, cuda, cuda:N or auto")
-    attn_backend: str | None = _f(None, "attention backend of the models")
+    attn_backend: str | None = _f(None, "attention backend of the models", choices=list(ATTN_BACKENDS))
     mixed_precision: str | None = _f(None, "under torchrun: FSDP2 mixed precision (parameters gathered and computed "
                                            "in this dtype, gradients reduced in fp32)", choices=["bf16", "fp16"])
     offload: str = _f("none", "under torchrun on GPUs: FSDP2 CPU offload of the trained models' sharded parameters, "
@@ -394,12 +396,13 @@ class PPOTrainer:
         # Data first: bad rows fail before any model loads and before OUTPUT_DIR exists.
         self.train_dataset, self.eval_dataset = self._build_datasets()
         self.ptx_dataset = (SupervisedDataset(cfg.ptx_datasets, self.tokenizer, cfg.max_length, seed=cfg.seed,
-                                              chat_template=cfg.chat_template)
+                                              chat_template=cfg.chat_template, flag="--ptx_datasets")
                             if cfg.ptx_datasets else None)
         if self.ptx_dataset is not None and cfg.ptx_coeff == 0:
             distributed.print0("warning: --ptx_datasets given with --ptx_coeff 0: the PTX loss has no effect")
         self._fingerprint: str | None = None
         self.resume_from = resolve_resume(cfg, self.data_fingerprint)
+        self._tokenizers: dict = {}  # model folder -> its tokenizer (None: it has none)
         self._load_models()
         self.lagrange = None
         if self.algorithm == "ppo-lag":
@@ -429,11 +432,11 @@ class PPOTrainer:
     def _build_datasets(self):
         cfg = self.config
         train = PromptOnlyDataset(cfg.train_datasets, self.tokenizer, cfg.max_length, seed=cfg.seed,
-                                  chat_template=cfg.chat_template)
+                                  chat_template=cfg.chat_template, flag="--train_datasets")
         if len(train) == 0:
             raise DataError("no training prompts")
         eval_ = PromptOnlyDataset(cfg.eval_datasets, self.tokenizer, cfg.max_length, seed=cfg.seed,
-                                  chat_template=cfg.chat_template) \
+                                  chat_template=cfg.chat_template, flag="--eval_datasets") \
             if cfg.eval_datasets else None
         if eval_ is None and cfg.eval_split_ratio:
             from .base import split_dataset
@@ -460,6 +463,8 @@ class PPOTrainer:
     def _load_models(self) -> None:
         cfg = self.config
         ckpt = self.resume_from
+        self.critic_names = ["reward_critic"] + (["cost_critic"] if self.algorithm == "ppo-lag" else [])
+        self._check_inputs()
         self.actor = self._load("actor_model_name_or_path",
                                 os.path.join(ckpt, "actor") if ckpt else cfg.actor_model_name_or_path, "lm", True)
         if cfg.actor_gradient_checkpointing:
@@ -467,37 +472,80 @@ class PPOTrainer:
         self.reference = self._load("actor_model_name_or_path", cfg.actor_model_name_or_path, "lm", False)
         self.reward_model = self._load("reward_model_name_or_path", cfg.reward_model_name_or_path, "score", False)
         self.reward_normalizer = self._normalizer(cfg.reward_model_name_or_path) if cfg.normalize_reward else None
-        self.reward_tokenizer = self._score_tokenizer(cfg.reward_model_name_or_path)
-        self.cost_model = self.cost_normalizer = self.cost_tokenizer = None
+        self.cost_model = self.cost_normalizer = None
         if cfg.uses_cost:
             self.cost_model = self._load("cost_model_name_or_path", cfg.cost_model_name_or_path, "score", False)
             self.cost_normalizer = self._normalizer(cfg.cost_model_name_or_path) if cfg.normalize_cost else None
-            self.cost_tokenizer = self._score_tokenizer(cfg.cost_model_name_or_path)
-        names = ["reward_critic"] + (["cost_critic"] if self.algorithm == "ppo-lag" else [])
-        self.critic_names = names
         self.critics = []
-        for name in names:
+        for name in self.critic_names:
             flag = f"{name}_model_name_or_path"
-            init = getattr(cfg, flag) or getattr(cfg, flag.replace("_critic", ""))
-            critic = self._load(flag, os.path.join(ckpt, name) if ckpt else init, "score", True)
+            critic = self._load(flag, os.path.join(ckpt, name) if ckpt else self._critic_init(name)[1], "score", True)
             critic.config.extra.update(score_type="critic", do_normalize=False)  # saved as the reference saves critics
             if cfg.critic_gradient_checkpointing:
                 critic.set_gradient_checkpointing(True)
             self.critics.append(critic)
 
+    def _critic_init(self, name: str) -> tuple[str, str]:
+        """(flag, folder) a critic starts from: its own flag, else the reward / cost model's."""
+        flag = f"{name}_model_name_or_path"
+        if getattr(self.config, flag):
+            return flag, getattr(self.config, flag)
+        flag = flag.replace("_critic", "")
+        return flag, getattr(self.config, flag)
+
+    def _check_inputs(self) -> None:
+        """Before any weights load: every model has an embedding row for every id it is given; the reward / cost
+        models carry trained score heads; the critics share the actor's tokenizer (they score the actor's tokens);
+        a reward / cost model with its own tokenizer re-tokenises (its tokenizer is kept here)."""
+        cfg = self.config
+        actor = cfg.actor_model_name_or_path
+        check_vocab(self.tokenizer, actor, "actor_model_name_or_path", actor)
+        self.reward_tokenizer = self._check_scorer("reward_model_name_or_path", "rm")
+        self.cost_tokenizer = self._check_scorer("cost_model_name_or_path", "cm") if cfg.uses_cost else None
+        for name in self.critic_names:
+            self._check_critic_tokenizer(name)
+
+    def _check_scorer(self, flag: str, trained_by: str):
+        """The tokenizer to re-tokenise with for a reward / cost model (None: the actor's)."""
+        path = getattr(self.config, flag)
+        self._check_folder(flag, path)
+        require_score_head(flag, path, trained_by)
+        tok = self._score_tokenizer(path)
+        check_vocab(tok or self.tokenizer, path if tok is not None else self.config.actor_model_name_or_path, flag,
+                    path)
+        return tok
+
+    def _check_critic_tokenizer(self, name: str) -> None:
+        flag, path = self._critic_init(name)
+        self._check_folder(flag, path)
+        actor = self.config.actor_model_name_or_path
+        own = self._own_tokenizer(path)
+        if own is not None and not _same_tokenizer(own, self.tokenizer):
+            critic_flag = f"{name}_model_name_or_path"
+            what = f"--{flag} {path}" + ("" if flag == critic_flag else f" (the default {name.replace('_', ' ')})")
+            raise ConfigError(f"{what}: its tokenizer differs from the actor's ({actor}), and a critic scores the "
+                              f"actor's tokens: pass --{critic_flag} a model with the actor's tokenizer, e.g. the "
+                              "actor itself")
+        check_vocab(self.tokenizer, actor, flag, path)
+
     def _normalizer(self, path: str):
         norm = load_normalizer(path)
         return norm.to(self.device) if norm is not None else None
 
+    def _own_tokenizer(self, path: str):
+        """The tokenizer of a model folder (None when it has no tokenizer files), read once per folder."""
+        cache = self._tokenizers
+        if path not in cache:
+            has_tok = any(os.path.isfile(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer_config.json",
+                                                                           "tokenizer.model", "vocab.json"))
+            cache[path] = load_tokenizer(path, self.config.max_length) if has_tok else None
+        return cache[path]
+
     def _score_tokenizer(self, path: str):
         """None when the score model shares the actor's tokenizer (then sequences are scored as they are), else its
         own tokenizer (sequences are decoded and re-tokenised, as the reference does)."""
-        has_tok = any(os.path.isfile(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer_config.json",
-                                                                       "tokenizer.model", "vocab.json"))
-        if not has_tok:
-            return None
-        tok = load_tokenizer(path, self.config.max_length)
-        if _same_tokenizer(tok, self.tokenizer):
+        tok = self._own_tokenizer(path)
+        if tok is None or _same_tokenizer(tok, self.tokenizer):
             return None
         return tok
 
