@@ -49,8 +49,9 @@ def _load_extension():
         return None, f"compiled extension saferlhf_fast._C not importable ({type(exc).__name__}: {exc})"
     built = getattr(mod, "api_version", None)
     if built != API_VERSION:  # a stale build: its ops differ from what this Python code calls
-        raise StaleExtensionError(f"saferlhf_fast._C ({mod.__file__}) is a stale build (op API version {built}, this code "
-                           f"needs {API_VERSION}); rebuild it: pip install --no-build-isolation -e . (or make install)")
+        raise StaleExtensionError(
+            f"saferlhf_fast._C ({mod.__file__}) is a stale build (op API version {built}, this code needs "
+            f"{API_VERSION}); rebuild it: pip install --no-build-isolation -e . (or make install)")
     from .ops import fakes  # the ops' fake implementations, for torch.compile (docs/kernels.md)
 
     fakes.register()

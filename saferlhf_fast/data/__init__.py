@@ -1,6 +1,7 @@
 """Data: rows and the dataset registry (``NAME[:PROPORTION[:PATH]]``, with the reference implementation's names in
 ``upstream``), the prompt template, tokenized datasets and collators, the synthetic Safe RLHF world (``synthetic``)
 and a real-prompt set (``real``)."""
+from . import upstream  # noqa: F401 - registers the reference implementation's dataset names
 from .datasets import (
     PreferenceCollator,
     PreferenceDataset,
@@ -27,7 +28,6 @@ from .sources import (
     register,
     resolve,
 )
-from . import upstream  # noqa: E402,F401 - registers the reference implementation's dataset names
 from .template import PROMPT_ASSISTANT, PROMPT_BEGIN, PROMPT_INPUT, PROMPT_USER, format_prompt
 from .tokenizer import BUNDLED_TOKENIZER, load_tokenizer
 

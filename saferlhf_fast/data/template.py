@@ -25,11 +25,11 @@ def _turns(input) -> list[str]:  # noqa: A002
 
 def format_prompt(input: str | list[str], eos_token: str = "") -> str:  # noqa: A002 - the reference's name
     """Templated prompt for one user message, or for a conversation ``[user, assistant, ..., user]``."""
-    input = _turns(input)
-    if len(input) > 1 and not eos_token:
+    turns = _turns(input)
+    if len(turns) > 1 and not eos_token:
         raise ValueError("multi-turn prompts need the eos token that ends each assistant turn")
     buffer = [PROMPT_BEGIN]
-    for i, line in enumerate(input):
+    for i, line in enumerate(turns):
         if i % 2 == 0:
             buffer.extend((PROMPT_USER.format(input=line), PROMPT_ASSISTANT))
         else:
@@ -40,12 +40,12 @@ def format_prompt(input: str | list[str], eos_token: str = "") -> str:  # noqa: 
 CHAT_TEMPLATES = ("reference", "tokenizer")
 
 
-def format_chat_prompt(input: str | list[str], tokenizer) -> str:  # noqa: A002
+def format_chat_prompt(input: str | list[str], tokenizer) -> str:  # noqa: A002 - the reference's name
     """Opt-in alternative to :func:`format_prompt` (``--chat_template tokenizer``): the prompt rendered by the
     tokenizer's own chat template (e.g. ChatML for SmolLM2-Instruct), with the generation prompt appended, so the
     response again follows directly and ends with the tokenizer's eos.  ``input`` as for :func:`format_prompt`."""
-    input = _turns(input)
+    turns = _turns(input)
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError("--chat_template tokenizer: this tokenizer has no chat_template")
-    messages = [{"role": "user" if i % 2 == 0 else "assistant", "content": text} for i, text in enumerate(input)]
+    messages = [{"role": "user" if i % 2 == 0 else "assistant", "content": text} for i, text in enumerate(turns)]
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)

@@ -599,6 +599,6 @@ def convert_gguf(gguf_path: str, save_directory: str, *, dtype: torch.dtype = to
 
             directory, name = _resolve_gguf(gguf_path, None)
             AutoTokenizer.from_pretrained(directory, gguf_file=name).save_pretrained(save_directory)
-        except Exception as exc:  # tokenizer extraction is a convenience, the weights are what matter
+        except Exception as exc:  # noqa: BLE001 - tokenizer extraction is a convenience, the weights are what matter
             logger.warning("could not extract the tokenizer from %s: %s", gguf_path, exc)
     return model

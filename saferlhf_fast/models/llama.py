@@ -219,7 +219,8 @@ class Attention(nn.Module):
                 ck[:, :, start:start + n] = k
                 cv[:, :, start:start + n] = v
                 k, v = ck[:, :, :start + n], cv[:, :, :start + n]
-        out = attn.attend(backend, q, k, v, mask, self.scale).transpose(1, 2).reshape(b, n, self.n_heads * self.head_dim)
+        out = attn.attend(backend, q, k, v, mask, self.scale)
+        out = out.transpose(1, 2).reshape(b, n, self.n_heads * self.head_dim)
         if rows is not None:
             out = out.reshape(b * n, -1).index_select(0, rows)
         return self.o_proj(out)
@@ -483,8 +484,9 @@ class LlamaForCausalLM(DecoderModel):
     def forward_cached(self, input_ids: Tensor, position_ids: Tensor, cache: StaticKVCache,
                        start: int | Tensor) -> Tensor:
         """Run ``input_ids`` ``[B, n]`` written at cache slots ``[start, start + n)`` (``cache.valid`` already
-        marks them; positions must be < ``cache.max_len``) and return the logits of the last position ``[B, V]`` (model dtype).  ``start`` a tensor: the
-        static-shape decode step for CUDA graphs (n = 1, attends to the whole cache under ``cache.valid``)."""
+        marks them; positions must be < ``cache.max_len``) and return the logits of the last position ``[B, V]``
+        (model dtype).  ``start`` a tensor: the static-shape decode step for CUDA graphs (n = 1, attends to the whole
+        cache under ``cache.valid``)."""
         n = input_ids.shape[1]
         if isinstance(start, Tensor):
             if n != 1 or any(w is not None for w in self._windows()):

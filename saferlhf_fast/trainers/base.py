@@ -247,7 +247,8 @@ def split_dataset(dataset: Dataset, ratio: float, seed: int):
     n_eval = max(1, int(round(n * ratio)))
     if n_eval >= n:
         raise ConfigError(f"--eval_split_ratio {ratio} leaves no training rows out of {n}")
-    return torch.utils.data.Subset(dataset, sorted(order[n_eval:])), torch.utils.data.Subset(dataset, sorted(order[:n_eval]))
+    subset = torch.utils.data.Subset
+    return subset(dataset, sorted(order[n_eval:])), subset(dataset, sorted(order[:n_eval]))
 
 
 def batches(dataset: Dataset, indices: list[int], batch_size: int, collate):
