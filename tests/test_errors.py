@@ -389,7 +389,9 @@ def test_score_and_arena_write_only_inside_their_folder(tiny, scorers, tmp_path,
     assert len(moved) == 4 and all(src == dst for src, dst in moved)  # staged in a folder inside the output folder
     assert sorted(os.listdir(parent)) == ["arena", "score"]
     assert sorted(os.listdir(parent / "score")) == ["eval_results.json", "scores.jsonl"]
-    assert sorted(os.listdir(parent / "arena")) == ["arena.json", "arena.jsonl"]
+    # and the reference's RED_vs_BLUE/table.csv (both corners are the folder "model" here)
+    assert sorted(os.listdir(parent / "arena")) == ["arena.json", "arena.jsonl", "model_vs_model"]
+    assert os.listdir(parent / "arena" / "model_vs_model") == ["table.csv"]
 
 
 def test_a_failed_score_write_leaves_nothing_behind(scorers, tmp_path, capsys, monkeypatch):
