@@ -181,3 +181,26 @@ def test_normalize_score_without_a_type_is_the_identity_normalizer(tmp_path):
     info = read_score_info(str(out))
     assert info["do_normalize"] and info["normalizer_type"] is None
     assert (info["mean"], info["var"]) == (0.0, 1.0) and info["count"] > 0
+
+
+@pytest.mark.parametrize("kind", ["linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
+                                  "constant_with_warmup"])
+def test_every_scheduler_choice_is_transformers_schedule(kind):
+    """The reference's six --lr_scheduler_type choices follow transformers' get_scheduler step by step."""
+    import torch
+    from transformers import get_scheduler
+
+    from saferlhf_fast.trainers.base import schedule_lambda
+
+    for command in ("sft", "ppo-lag"):
+        names = [f for f in CONFIGS[command].__dataclass_fields__ if f.endswith("lr_scheduler_type")]
+        for name in names:
+            assert kind in CONFIGS[command].__dataclass_fields__[name].metadata["choices"], (command, name)
+    lr, warmup, total = 2e-5, 3, 17
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr)
+    hf = get_scheduler(kind, opt, num_warmup_steps=warmup, num_training_steps=total)
+    ours = schedule_lambda(kind, warmup, total, lr)
+    for step in range(total + 3):
+        assert ours(step) * lr == pytest.approx(opt.param_groups[0]["lr"], rel=1e-9, abs=1e-15), (kind, step)
+        opt.step()
+        hf.step()

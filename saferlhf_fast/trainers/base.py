@@ -37,7 +37,7 @@ from torch.utils.data import Dataset
 from .. import distributed
 from ..data import DataError, load_tokenizer
 from ..data.tokenizer import save_tokenizer
-from .config import ConfigError, TrainConfig
+from .config import LR_SCHEDULERS, ConfigError, TrainConfig
 from .metrics import MetricsLogger
 from .safety import (  # noqa: F401 - re-exported: the names the trainers and tests import from here
     CHECKPOINT_RE,
@@ -104,8 +104,17 @@ def final_dtype(cfg) -> torch.dtype | None:
     return torch.bfloat16 if cfg.bf16 else torch.float16
 
 
-def schedule_lambda(kind: str, warmup: int, total: int):
-    """Multiplier of the peak learning rate after ``step`` optimizer steps (Hugging Face's formulas)."""
+POLYNOMIAL_LR_END, POLYNOMIAL_POWER = 1e-7, 1.0  # get_polynomial_decay_schedule_with_warmup's defaults
+
+
+def schedule_lambda(kind: str, warmup: int, total: int, lr: float | None = None):
+    """Multiplier of the peak learning rate ``lr`` after ``step`` optimizer steps (Hugging Face's formulas:
+    ``cosine_with_restarts`` with one cycle; ``polynomial`` decays to 1e-7 with power 1, so it needs ``lr``)."""
+    if kind not in LR_SCHEDULERS:
+        raise ConfigError(f"unknown --lr_scheduler_type {kind!r}; choose one of {', '.join(LR_SCHEDULERS)}")
+    if kind == "polynomial" and not (lr or 0.0) > POLYNOMIAL_LR_END:
+        raise ConfigError(f"--lr_scheduler_type polynomial: the learning rate ({lr}) must be above its end value "
+                          f"{POLYNOMIAL_LR_END}")
 
     def lr_lambda(step: int) -> float:
         if kind != "constant" and step < warmup:
@@ -117,7 +126,12 @@ def schedule_lambda(kind: str, warmup: int, total: int):
             return max(0.0, 1.0 - progress)
         if kind == "cosine":
             return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
-        raise ConfigError(f"unknown --lr_scheduler_type {kind!r}")
+        if kind == "cosine_with_restarts":
+            return 0.0 if progress >= 1.0 else max(0.0, 0.5 * (1.0 + math.cos(math.pi * (progress % 1.0))))
+        if step > total:  # polynomial
+            return POLYNOMIAL_LR_END / lr
+        decay = (lr - POLYNOMIAL_LR_END) * (1 - (step - warmup) / (total - warmup)) ** POLYNOMIAL_POWER
+        return (decay + POLYNOMIAL_LR_END) / lr
 
     return lr_lambda
 
@@ -492,7 +506,8 @@ class Trainer:
                                            betas=tuple(cfg.adam_betas), eps=1e-8)
         warmup = int(cfg.lr_warmup_ratio * total)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer,
-                                                           schedule_lambda(cfg.lr_scheduler_type, warmup, total))
+                                                           schedule_lambda(cfg.lr_scheduler_type, warmup, total,
+                                                                           cfg.lr))
         main = distributed.is_main()
         if self.resume_from:
             self._load_checkpoint(self.resume_from)

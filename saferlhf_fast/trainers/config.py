@@ -12,6 +12,9 @@ from dataclasses import dataclass, field
 
 from ..models.attention import BACKENDS as ATTN_BACKENDS
 
+# The reference's --lr_scheduler_type choices (transformers' get_scheduler with its default arguments).
+LR_SCHEDULERS = ["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"]
+
 
 class ConfigError(ValueError):
     """Bad configuration (unknown YAML key, missing required flag, bad value): one line, exit status 2."""
@@ -53,7 +56,7 @@ class TrainConfig:
     gradient_checkpointing: bool = _f(False, "recompute activations in backward to save memory")
     lr: float = _f(2e-5, "peak learning rate", aliases=("learning_rate",))
     lr_scheduler_type: str = _f("cosine", "learning-rate schedule",
-                                choices=["cosine", "linear", "constant", "constant_with_warmup"])
+                                choices=LR_SCHEDULERS)
     lr_warmup_ratio: float = _f(0.0, "fraction of the optimizer steps spent warming up linearly")
     weight_decay: float = _f(0.0, "AdamW weight decay (not on biases and layer-norm weights)")
     adam_betas: list[float] = _f([0.9, 0.95], "AdamW betas")

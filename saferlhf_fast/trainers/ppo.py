@@ -92,7 +92,15 @@ from .base import (
     warn_single_process_flags,
     write_run_info,
 )
-from .config import ALLOW_CHANGES_HELP, ATTN_BACKENDS, OVERWRITE_HELP, ConfigError, _f, check_common
+from .config import (
+    ALLOW_CHANGES_HELP,
+    ATTN_BACKENDS,
+    LR_SCHEDULERS,
+    OVERWRITE_HELP,
+    ConfigError,
+    _f,
+    check_common,
+)
 from .metrics import MetricsLogger
 from .score import load_normalizer
 from .sft import sft_loss
@@ -152,13 +160,13 @@ class PPOConfig:
     actor_lr: float = _f(1e-5, "actor peak learning rate", aliases=("actor_learning_rate",))
     actor_weight_decay: float = _f(0.0, "actor AdamW weight decay")
     actor_lr_scheduler_type: str = _f("cosine", "actor schedule",
-                                      choices=["cosine", "linear", "constant", "constant_with_warmup"])
+                                      choices=LR_SCHEDULERS)
     actor_lr_warmup_ratio: float = _f(0.0, "fraction of actor steps spent warming up (the PPO-Lag script: 0.03)")
     actor_gradient_checkpointing: bool = _f(False, "recompute actor activations in backward")
     critic_lr: float = _f(5e-6, "critic peak learning rate", aliases=("critic_learning_rate",))
     critic_weight_decay: float = _f(0.0, "critic AdamW weight decay")
     critic_lr_scheduler_type: str = _f("cosine", "critic schedule (the reference's scripts pass constant)",
-                                       choices=["cosine", "linear", "constant", "constant_with_warmup"])
+                                       choices=LR_SCHEDULERS)
     critic_lr_warmup_ratio: float = _f(0.0, "fraction of critic steps spent warming up (not for 'constant')")
     critic_gradient_checkpointing: bool = _f(False, "recompute critic activations in backward")
     adam_betas: list[float] = _f([0.9, 0.95], "AdamW betas")
@@ -583,7 +591,7 @@ class PPOTrainer:
             except (RuntimeError, TypeError, ValueError):
                 opt = torch.optim.AdamW(optimizer_groups(model, wd), lr=lr, betas=betas, eps=1e-8)
             warmup = int(total * warmup_ratio)  # the reference's int(), not a ceiling
-            return opt, torch.optim.lr_scheduler.LambdaLR(opt, schedule_lambda(kind, warmup, total))
+            return opt, torch.optim.lr_scheduler.LambdaLR(opt, schedule_lambda(kind, warmup, total, lr))
 
         self.actor_optimizer, self.actor_scheduler = make(self.actor, cfg.actor_lr, cfg.actor_weight_decay,
                                                           cfg.actor_lr_scheduler_type, cfg.actor_lr_warmup_ratio)
