@@ -535,3 +535,21 @@ def test_lambda_overflow_is_reported(models, tmp_path):
     micro = trainer.rollout(first_batch(trainer), seed=2)
     with pytest.raises(NonFiniteError, match="lambda overflowed.*--lambda_max"):
         trainer.rl_step(micro[0])
+
+
+@pytest.mark.parametrize("accum, steps", [(1, 4), (2, 2), (3, 2)])
+def test_gradient_accumulation_steps_group_rl_micro_batches(models, tmp_path, accum, steps):
+    """--gradient_accumulation_steps G: the optimizers step every G RL micro-batches and at a rollout's last one
+    (4 micro-batches: G=1 -> 4 steps, 2 -> 2, 3 -> 2), the schedules count those steps, and no gradient is left
+    pending after the rollout (a checkpoint between rollouts holds everything)."""
+    cfg = make_config(models, tmp_path / f"g{accum}", per_device_prompt_batch_size=8, per_device_train_batch_size=2,
+                      gradient_accumulation_steps=accum, lambda_max=5.0)
+    trainer = PPOTrainer(cfg)
+    assert trainer.rl_steps_per_rollout() == 4
+    assert trainer.optimizer_updates() == trainer.total_steps() * steps
+    trainer.train_one_rollout(first_batch(trainer))
+    adam_steps = {int(s["step"]) for s in trainer.actor_optimizer.state.values()}
+    assert adam_steps == {steps} and trainer.actor_scheduler.last_epoch == steps
+    for opt in trainer.critic_optimizers:
+        assert {int(s["step"]) for s in opt.state.values()} == {steps}
+    assert all(p.grad is None for p in trainer.actor.parameters())
