@@ -789,17 +789,26 @@ class PPOTrainer:
         self.phases.to("critics")
         (sum(critic_losses) / accum if accum > 1 else sum(critic_losses)).backward()
         t6 = time.perf_counter()
-        if not boundary:
-            self.phases.to(None)
-            timings["actor"] += t5 - t4
-            timings["critics"] += t6 - t5
-            return distributed.reduce_metrics(self._metrics(mb, values, actor_loss, critic_losses, episode_cost,
-                                                            self._lrs()))
+        timings["actor"] += t5 - t4
+        timings["critics"] += t6 - t5
+        if boundary:
+            self._apply_updates(timings)
+        self.phases.to(None)
+        # The learning rates after the schedulers' step, as the reference logs them.
+        return distributed.reduce_metrics(self._metrics(mb, values, actor_loss, critic_losses, episode_cost,
+                                                        self._lrs()))
+
+    def _apply_updates(self, timings: dict) -> None:
+        """Clip, check, then step the actor and the critics (no model moves unless every gradient is finite); the
+        time of each model's share goes to its phase."""
+        max_norm = self.config.max_grad_norm
+        t0 = time.perf_counter()
         self.phases.to("actor")
-        actor_norm = clip_gradients(self.actor.parameters(), cfg.max_grad_norm)
+        actor_norm = clip_gradients(self.actor.parameters(), max_norm)
+        t1 = time.perf_counter()
         self.phases.to("critics")
-        critic_norms = [clip_gradients(c.parameters(), cfg.max_grad_norm) for c in self.critics]
-        t6 = time.perf_counter()
+        critic_norms = [clip_gradients(c.parameters(), max_norm) for c in self.critics]
+        t2 = time.perf_counter()
         self.phases.to("actor")
         try:
             self._guard(actor_norm, "actor gradient")
@@ -811,19 +820,15 @@ class PPOTrainer:
         self.actor_optimizer.step()
         self.actor_scheduler.step()
         self.actor_optimizer.zero_grad(set_to_none=True)
-        t7 = time.perf_counter()
+        t3 = time.perf_counter()
         self.phases.to("critics")
         for opt, sched in zip(self.critic_optimizers, self.critic_schedulers):
             opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)
-        t8 = time.perf_counter()
-        self.phases.to(None)
-        timings["actor"] += (t5 - t4) + (t7 - t6)
-        timings["critics"] += (t6 - t5) + (t8 - t7)
-        # The learning rates after the schedulers' step, as the reference logs them.
-        return distributed.reduce_metrics(self._metrics(mb, values, actor_loss, critic_losses, episode_cost,
-                                                        self._lrs()))
+        t4 = time.perf_counter()
+        timings["actor"] += (t1 - t0) + (t3 - t2)
+        timings["critics"] += (t2 - t1) + (t4 - t3)
 
     def _lrs(self) -> dict:
         lrs = {"actor_lr": self.actor_optimizer.param_groups[0]["lr"]}
