@@ -28,7 +28,7 @@ from .. import distributed
 from ..data import PromptOnlyDataset, load_records, load_tokenizer, parse_dataset_spec, synthetic
 from ..engine import generate
 from ..models import freeze, from_pretrained
-from ..trainers.base import check_vocab, require_score_head, resolve_device, seed_everything
+from ..trainers.base import apply_tf32, check_vocab, require_score_head, resolve_device, seed_everything
 from ..trainers.config import ATTN_BACKENDS, ConfigError, _f, check_finite_numbers
 from ..trainers.score import load_normalizer
 from .score import write_into
@@ -274,8 +274,7 @@ def run_arena(cfg: ArenaConfig) -> dict:
     distributed.init(cfg.device)
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
-    if cfg.tf32 is not None and torch.cuda.is_available():
-        torch.backends.cuda.matmul.allow_tf32 = bool(cfg.tf32)
+    apply_tf32(cfg.tf32)
     records = load_records(cfg.datasets, seed=cfg.seed, flag="--datasets")
     check_inputs(cfg)
     shard = (distributed.rank(), distributed.world_size()) if distributed.is_distributed() else None

@@ -17,6 +17,7 @@ import torch
 
 from ..data import PreferenceDataset, SafetyPreferenceDataset, load_tokenizer
 from ..trainers.base import (
+    apply_tf32,
     batches,
     check_vocab,
     load_model,
@@ -84,8 +85,7 @@ def evaluate_score_model(cfg: ScoreEvalConfig) -> dict:
     score_type = cfg.score_type or _folder_score_type(path)
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
-    if cfg.tf32 is not None and torch.cuda.is_available():
-        torch.backends.cuda.matmul.allow_tf32 = bool(cfg.tf32)
+    apply_tf32(cfg.tf32)
     tokenizer = load_tokenizer(cfg.tokenizer_name_or_path or path, cfg.max_length)
     check_vocab(tokenizer, cfg.tokenizer_name_or_path or path, "model_name_or_path", path)
     dataset_class = PreferenceDataset if score_type == "reward" else SafetyPreferenceDataset

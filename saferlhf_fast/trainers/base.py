@@ -81,6 +81,12 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def apply_tf32(tf32: bool | None) -> None:
+    """``--tf32``: allow (True) or forbid (False) TF32 matmuls on CUDA; None leaves torch's setting."""
+    if tf32 is not None and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = bool(tf32)
+
+
 def resolve_device(name: str) -> torch.device:
     local = distributed.device_for(name)  # torchrun on GPUs: cuda:LOCAL_RANK
     if local is not None:
@@ -348,8 +354,7 @@ class Trainer:
         distributed.init(cfg.device)
         warn_single_process_flags(cfg)
         self.device = resolve_device(cfg.device)
-        if cfg.tf32 is not None and torch.cuda.is_available():
-            torch.backends.cuda.matmul.allow_tf32 = bool(cfg.tf32)
+        apply_tf32(cfg.tf32)
         seed_everything(cfg.seed)
         tok_path = cfg.tokenizer_name_or_path or cfg.model_name_or_path
         if not os.path.isdir(tok_path):

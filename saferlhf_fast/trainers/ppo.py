@@ -67,6 +67,7 @@ from .base import (
     STATE_FILE,
     NonFiniteError,
     StopSignals,
+    apply_tf32,
     check_finite,
     check_vocab,
     checkpoint_or_stop,
@@ -395,8 +396,7 @@ class PPOTrainer:
         distributed.init(cfg.device)
         warn_single_process_flags(cfg)
         self.device = resolve_device(cfg.device)
-        if cfg.tf32 is not None and torch.cuda.is_available():
-            torch.backends.cuda.matmul.allow_tf32 = bool(cfg.tf32)
+        apply_tf32(cfg.tf32)
         seed_everything(cfg.seed)
         self._check_folder("actor_model_name_or_path", cfg.actor_model_name_or_path)
         self.tokenizer = load_tokenizer(cfg.actor_model_name_or_path, cfg.max_length)
