@@ -1,4 +1,5 @@
-"""Process-level settings for CPU throughput, applied once by the CLI (``saferlhf-fast ...``) before any work.
+"""Process-level set-up shared by every command (trainers, evaluation, benchmarks): the device, seeds and RNG state,
+TF32, and the allocator tuning the CLI (``saferlhf-fast ...``) applies once before any work.
 
 ``tune_allocator``: glibc's malloc serves every allocation above its mmap threshold (128 KiB, raised dynamically
 up to 32 MiB) with fresh ``mmap`` pages and returns freed heap tops to the kernel past its trim threshold.  A
@@ -16,7 +17,14 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
+import random
 import sys
+
+import numpy as np
+import torch
+
+from . import distributed
+from .options import ConfigError
 
 ENV_VAR = "SAFERLHF_TUNE_MALLOC"
 # mallopt parameter numbers (malloc.h) and the values we set.
@@ -55,3 +63,45 @@ def tune_allocator() -> bool:
     ok = libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES) == 1 and ok
     _applied = ok
     return ok
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def apply_tf32(tf32: bool | None) -> None:
+    """``--tf32``: allow (True) or forbid (False) TF32 matmuls on CUDA; None leaves torch's setting."""
+    if tf32 is not None and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = bool(tf32)
+
+
+def resolve_device(name: str) -> torch.device:
+    local = distributed.device_for(name)  # torchrun on GPUs: cuda:LOCAL_RANK
+    if local is not None:
+        return local
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"--device {name!r}: not a device") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name}: CUDA is not available")
+    return device

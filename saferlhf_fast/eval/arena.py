@@ -27,10 +27,12 @@ import torch
 from .. import distributed
 from ..data import PromptOnlyDataset, load_records, load_tokenizer, parse_dataset_spec, synthetic
 from ..engine import generate
+from ..loading import check_vocab, require_score_head
 from ..models import freeze, from_pretrained
-from ..trainers.base import apply_tf32, check_vocab, require_score_head, resolve_device, seed_everything
-from ..trainers.config import ATTN_BACKENDS, ConfigError, _f, check_finite_numbers
-from ..trainers.score import load_normalizer
+from ..models.attention import BACKENDS as ATTN_BACKENDS
+from ..options import ConfigError, check_finite_numbers, option
+from ..runtime import apply_tf32, resolve_device, seed_everything
+from ..scores import load_normalizer
 from .score import write_into
 
 
@@ -38,29 +40,29 @@ from .score import write_into
 class ArenaConfig:
     """``saferlhf-fast arena`` (flag names: the reference's arena evaluation)."""
 
-    red_corner_model_name_or_path: str | None = _f(None, "the red policy (e.g. the SFT model)", required=True,
+    red_corner_model_name_or_path: str | None = option(None, "the red policy (e.g. the SFT model)", required=True,
                                                    aliases=("red_corpus_model_name_or_path",))
-    blue_corner_model_name_or_path: str | None = _f(None, "the blue policy (e.g. the PPO-Lag model)", required=True,
+    blue_corner_model_name_or_path: str | None = option(None, "the blue policy (e.g. the PPO-Lag model)", required=True,
                                                     aliases=("blue_corpus_model_name_or_path",))
-    reward_model_name_or_path: str | None = _f(None, "reward model folder", required=True)
-    cost_model_name_or_path: str | None = _f(None, "cost model folder", required=True)
-    datasets: list[str] = _f([], "prompt datasets NAME[:PROPORTION[:PATH]] ...", required=True)
-    max_length: int = _f(512, "maximum total length of prompt + response")
-    max_new_tokens: int | None = _f(None, "cap on generated tokens (default: max_length - prompt length)")
-    per_device_eval_batch_size: int = _f(16, "prompts per generation batch")
-    do_sample: bool = _f(True, "sample (the reference's arena samples); False: greedy decoding")
-    temperature: float = _f(1.0, "sampling temperature (with --do_sample)")
-    top_p: float = _f(1.0, "nucleus sampling (with --do_sample)")
-    repetition_penalty: float = _f(1.0, "repetition penalty")
-    seed: int = _f(42, "seed for sampling and dataset proportions")
-    fp16: bool = _f(False, "fp16 autocast for generation and scoring (weights stay fp32)")
-    bf16: bool = _f(False, "bf16 autocast for generation and scoring (weights stay fp32)")
-    tf32: bool | None = _f(None, "allow TF32 matmuls on CUDA")
-    device: str = _f("auto", "cpu, cuda, cuda:N or auto")
-    attn_backend: str | None = _f(None, "attention backend of the models", choices=list(ATTN_BACKENDS))
-    output_dir: str | None = _f(None, "write arena.json (summary), arena.jsonl (every prompt) and the reference's "
+    reward_model_name_or_path: str | None = option(None, "reward model folder", required=True)
+    cost_model_name_or_path: str | None = option(None, "cost model folder", required=True)
+    datasets: list[str] = option([], "prompt datasets NAME[:PROPORTION[:PATH]] ...", required=True)
+    max_length: int = option(512, "maximum total length of prompt + response")
+    max_new_tokens: int | None = option(None, "cap on generated tokens (default: max_length - prompt length)")
+    per_device_eval_batch_size: int = option(16, "prompts per generation batch")
+    do_sample: bool = option(True, "sample (the reference's arena samples); False: greedy decoding")
+    temperature: float = option(1.0, "sampling temperature (with --do_sample)")
+    top_p: float = option(1.0, "nucleus sampling (with --do_sample)")
+    repetition_penalty: float = option(1.0, "repetition penalty")
+    seed: int = option(42, "seed for sampling and dataset proportions")
+    fp16: bool = option(False, "fp16 autocast for generation and scoring (weights stay fp32)")
+    bf16: bool = option(False, "bf16 autocast for generation and scoring (weights stay fp32)")
+    tf32: bool | None = option(None, "allow TF32 matmuls on CUDA")
+    device: str = option("auto", "cpu, cuda, cuda:N or auto")
+    attn_backend: str | None = option(None, "attention backend of the models", choices=list(ATTN_BACKENDS))
+    output_dir: str | None = option(None, "write arena.json (summary), arena.jsonl (every prompt) and the reference's "
                                       "RED_vs_BLUE/table.csv here")
-    trust_remote_code: bool = _f(False, "accepted for compatibility")
+    trust_remote_code: bool = option(False, "accepted for compatibility")
 
     @property
     def command(self) -> str:

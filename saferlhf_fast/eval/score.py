@@ -16,40 +16,33 @@ from dataclasses import asdict, dataclass
 import torch
 
 from ..data import PreferenceDataset, SafetyPreferenceDataset, load_tokenizer
-from ..trainers.base import (
-    apply_tf32,
-    batches,
-    check_vocab,
-    load_model,
-    require_score_head,
-    resolve_device,
-    seed_everything,
-    to_device,
-)
-from ..trainers.config import ATTN_BACKENDS, ConfigError, _f
-from ..trainers.modeling import score_forward
-from ..trainers.score import collect_end_scores, load_normalizer, pair_metrics, read_score_info
+from ..data.batching import batches, to_device
+from ..loading import check_vocab, load_model, require_score_head
+from ..models.attention import BACKENDS as ATTN_BACKENDS
+from ..options import ConfigError, option
+from ..runtime import apply_tf32, resolve_device, seed_everything
+from ..scores import collect_end_scores, load_normalizer, pair_metrics, read_score_info, score_forward
 
 
 @dataclass
 class ScoreEvalConfig:
     """``saferlhf-fast score``."""
 
-    model_name_or_path: str | None = _f(None, "score model folder (from `saferlhf-fast rm` / `cm`)", required=True)
-    datasets: list[str] = _f([], "NAME[:PROPORTION[:PATH]] ... preference rows to score", required=True)
-    score_type: str | None = _f(None, "reward or cost (default: read from the model folder)",
+    model_name_or_path: str | None = option(None, "score model folder (from `saferlhf-fast rm` / `cm`)", required=True)
+    datasets: list[str] = option([], "NAME[:PROPORTION[:PATH]] ... preference rows to score", required=True)
+    score_type: str | None = option(None, "reward or cost (default: read from the model folder)",
                                 choices=["reward", "cost"])
-    tokenizer_name_or_path: str | None = _f(None, "tokenizer folder (default: the model folder)")
-    max_length: int = _f(512, "maximum sequence length (longer sequences are truncated)")
-    per_device_eval_batch_size: int = _f(16, "batch size")
-    seed: int = _f(42, "seed for dataset proportions")
-    fp16: bool = _f(False, "fp16 autocast")
-    bf16: bool = _f(False, "bf16 autocast")
-    tf32: bool | None = _f(None, "allow TF32 matmuls on CUDA")
-    device: str = _f("auto", "cpu, cuda, cuda:N or auto")
-    attn_backend: str | None = _f(None, "attention backend of the model", choices=list(ATTN_BACKENDS))
-    output_dir: str | None = _f(None, "write eval_results.json and scores.jsonl here")
-    trust_remote_code: bool = _f(False, "accepted for compatibility")
+    tokenizer_name_or_path: str | None = option(None, "tokenizer folder (default: the model folder)")
+    max_length: int = option(512, "maximum sequence length (longer sequences are truncated)")
+    per_device_eval_batch_size: int = option(16, "batch size")
+    seed: int = option(42, "seed for dataset proportions")
+    fp16: bool = option(False, "fp16 autocast")
+    bf16: bool = option(False, "bf16 autocast")
+    tf32: bool | None = option(None, "allow TF32 matmuls on CUDA")
+    device: str = option("auto", "cpu, cuda, cuda:N or auto")
+    attn_backend: str | None = option(None, "attention backend of the model", choices=list(ATTN_BACKENDS))
+    output_dir: str | None = option(None, "write eval_results.json and scores.jsonl here")
+    trust_remote_code: bool = option(False, "accepted for compatibility")
 
     @property
     def command(self) -> str:

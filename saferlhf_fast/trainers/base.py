@@ -26,17 +26,24 @@ import dataclasses
 import json
 import math
 import os
-import random
 import shutil
 import time
 
-import numpy as np
 import torch
 from torch.utils.data import Dataset
 
 from .. import distributed
 from ..data import DataError, load_tokenizer
+from ..data.batching import batches, to_device
 from ..data.tokenizer import save_tokenizer
+from ..loading import check_vocab, load_model, require_score_head, tokenizer_size  # noqa: F401 - re-exported
+from ..runtime import (
+    apply_tf32,
+    resolve_device,
+    rng_state,
+    seed_everything,
+    set_rng_state,
+)
 from .config import LR_SCHEDULERS, ConfigError, TrainConfig
 from .metrics import MetricsLogger
 from .safety import (  # noqa: F401 - re-exported: the names the trainers and tests import from here
@@ -60,48 +67,6 @@ from .safety import (  # noqa: F401 - re-exported: the names the trainers and te
 
 
 # ------------------------------------------------------------------------------------------------ helpers
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def apply_tf32(tf32: bool | None) -> None:
-    """``--tf32``: allow (True) or forbid (False) TF32 matmuls on CUDA; None leaves torch's setting."""
-    if tf32 is not None and torch.cuda.is_available():
-        torch.backends.cuda.matmul.allow_tf32 = bool(tf32)
-
-
-def resolve_device(name: str) -> torch.device:
-    local = distributed.device_for(name)  # torchrun on GPUs: cuda:LOCAL_RANK
-    if local is not None:
-        return local
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"--device {name!r}: not a device") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"--device {name}: CUDA is not available")
-    return device
-
-
 def final_dtype(cfg) -> torch.dtype | None:
     """dtype of the final model's weights: with ``--save_16bit`` the run's half precision (bf16 with ``--bf16``,
     else fp16), as the reference's 16-bit save; None keeps fp32.  Checkpoints always stay fp32 (exact resume)."""
@@ -271,15 +236,6 @@ def split_dataset(dataset: Dataset, ratio: float, seed: int):
     return subset(dataset, sorted(order[n_eval:])), subset(dataset, sorted(order[:n_eval]))
 
 
-def batches(dataset: Dataset, indices: list[int], batch_size: int, collate):
-    for start in range(0, len(indices), batch_size):
-        yield collate([dataset[i] for i in indices[start:start + batch_size]])
-
-
-def to_device(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-
-
 def collator_of(dataset: Dataset):
     while isinstance(dataset, torch.utils.data.Subset):
         dataset = dataset.dataset
@@ -295,44 +251,6 @@ def replace_dir_contents(src: str, dst: str) -> None:
         os.replace(os.path.join(src, name), os.path.join(dst, name))
     os.rmdir(src)
     fsync_dir(dst)
-
-
-def tokenizer_size(tokenizer) -> int:
-    """One more than the largest id the tokenizer can produce (added tokens included)."""
-    return max(len(tokenizer), max(tokenizer.get_vocab().values(), default=-1) + 1)
-
-
-def check_vocab(tokenizer, tokenizer_dir: str, flag: str, model_dir: str) -> None:
-    """The model's embedding has a row for every id of the tokenizer (read from config.json, before any weights):
-    else a ``ConfigError`` naming both sizes and both folders."""
-    from ..models.checkpoint import read_config
-
-    config_path = os.path.join(model_dir, "config.json")
-    vocab = read_config(config_path).get("vocab_size") if os.path.isfile(config_path) else None
-    size = tokenizer_size(tokenizer)
-    if isinstance(vocab, int) and size > vocab:
-        raise ConfigError(f"--{flag} {model_dir}: the model's vocab_size {vocab} ({config_path}) is smaller than the "
-                          f"tokenizer's {size} tokens ({tokenizer_dir}): ids {vocab}..{size - 1} have no embedding; "
-                          "use the model's own tokenizer, or a model whose vocabulary covers it")
-
-
-def require_score_head(flag: str, path: str, trained_by: str) -> None:
-    """A frozen scorer (reward or cost model) carries a trained score head: else a ``ConfigError`` with the fix
-    (read before the model loads)."""
-    from ..models.checkpoint import has_score_head
-
-    if os.path.isfile(os.path.join(path, "config.json")) and not has_score_head(path):
-        raise ConfigError(f"--{flag} {path} has no trained score head (score_head.weight missing): train one with "
-                          f"`saferlhf-fast {trained_by}` first")
-
-
-def load_model(path: str, head: str, attn_backend: str | None, device: torch.device):
-    from ..models import from_pretrained
-
-    if not os.path.isdir(path) or not os.path.isfile(os.path.join(path, "config.json")):
-        raise ConfigError(f"--model_name_or_path {path}: not a model folder (no config.json)")
-    model = from_pretrained(path, head=head, dtype=torch.float32, attn_backend=attn_backend)
-    return model.to(device)
 
 
 # ------------------------------------------------------------------------------------------------ trainer

@@ -25,7 +25,7 @@ from ..data import PreferenceDataset
 from ..models import freeze
 from ..ops import IGNORE_INDEX
 from .base import Trainer, load_model, maybe_shard
-from .config import ConfigError, TrainConfig, _f
+from .config import ConfigError, TrainConfig, option
 from .modeling import token_logprobs
 
 
@@ -33,7 +33,7 @@ from .modeling import token_logprobs
 class DPOConfig(TrainConfig):
     """``saferlhf-fast dpo``."""
 
-    scale_coeff: float = _f(0.02, "beta of the DPO loss (the reference's DPO script passes 0.1)")
+    scale_coeff: float = option(0.02, "beta of the DPO loss (the reference's DPO script passes 0.1)")
 
     @property
     def command(self) -> str:

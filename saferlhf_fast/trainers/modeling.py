@@ -6,6 +6,7 @@ import torch
 from torch import Tensor
 
 from ..ops import IGNORE_INDEX
+from ..scores import score_forward  # noqa: F401 - re-exported
 
 
 def token_logprobs(model, input_ids: Tensor, attention_mask: Tensor, labels: Tensor) -> Tensor:
@@ -15,15 +16,6 @@ def token_logprobs(model, input_ids: Tensor, attention_mask: Tensor, labels: Ten
     [tokens, vocab] logits are never materialised; only positions with a real label reach the lm_head."""
     shifted = torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), IGNORE_INDEX)], dim=1)
     return model.token_logprobs(input_ids, attention_mask, labels=shifted)[:, :-1]
-
-
-def score_forward(model, input_ids: Tensor, attention_mask: Tensor, packed: bool | None = False):
-    """(scores [B, L], end scores [B]) of a score model; the end score is the score at the last real token.
-
-    Not packed by default: the token-wise losses read scores at the padded positions of the shorter sequence,
-    exactly as the reference implementation does."""
-    out = model(input_ids, attention_mask=attention_mask, packed=packed)
-    return out.scores, out.end_scores
 
 
 def make_tiny_model(output_dir: str, tokenizer_path: str | None = None, *, hidden_size: int = 128,

@@ -99,8 +99,8 @@ from .config import (
     LR_SCHEDULERS,
     OVERWRITE_HELP,
     ConfigError,
-    _f,
     check_common,
+    option,
 )
 from .metrics import MetricsLogger
 from .score import load_normalizer
@@ -116,92 +116,92 @@ class PPOConfig:
     """``saferlhf-fast ppo`` (reward only).  Flag names and defaults: the reference implementation's argparse."""
 
     # ---- models
-    actor_model_name_or_path: str | None = _f(None, "the initial policy (also the frozen reference)", required=True)
-    reward_model_name_or_path: str | None = _f(None, "reward model folder (saferlhf-fast rm)", required=True)
-    reward_critic_model_name_or_path: str | None = _f(None, "reward critic initialisation (default: the reward "
+    actor_model_name_or_path: str | None = option(None, "the initial policy (also the frozen reference)", required=True)
+    reward_model_name_or_path: str | None = option(None, "reward model folder (saferlhf-fast rm)", required=True)
+    reward_critic_model_name_or_path: str | None = option(None, "reward critic initialisation (default: the reward "
                                                             "model; a plain LM gets a fresh score head)")
-    max_length: int = _f(512, "maximum total length (prompt + response) of a rollout")
-    max_new_tokens: int | None = _f(None, "cap on generated tokens (default: max_length - prompt length)")
-    trust_remote_code: bool = _f(False, "accepted for compatibility (no remote code is ever run)")
-    chat_template: str = _f("reference", "prompt template: 'reference' (BEGINNING OF CONVERSATION: USER: ... "
+    max_length: int = option(512, "maximum total length (prompt + response) of a rollout")
+    max_new_tokens: int | None = option(None, "cap on generated tokens (default: max_length - prompt length)")
+    trust_remote_code: bool = option(False, "accepted for compatibility (no remote code is ever run)")
+    chat_template: str = option("reference", "prompt template: 'reference' (BEGINNING OF CONVERSATION: USER: ... "
                                          "ASSISTANT:) or 'tokenizer' (the tokenizer's own chat template, e.g. ChatML)",
                             choices=["reference", "tokenizer"])
     # ---- data
-    train_datasets: list[str] = _f([], "prompt datasets NAME[:PROPORTION[:PATH]] ...", required=True)
-    ptx_datasets: list[str] | None = _f(None, "instruction datasets for the PTX (SFT) loss after each RL step")
-    eval_datasets: list[str] | None = _f(None, "prompt datasets evaluated during training (eval/reward, eval/cost)")
-    eval_split_ratio: float | None = _f(None, "hold out this fraction of the training prompts for evaluation")
-    need_eval: bool = _f(False, "evaluate (implied by --eval_datasets / --eval_split_ratio)")
-    eval_strategy: str = _f("epoch", "when to evaluate", choices=["epoch", "steps"])
-    eval_interval: int = _f(1000000, "evaluate every N rollout steps (--eval_strategy steps)")
+    train_datasets: list[str] = option([], "prompt datasets NAME[:PROPORTION[:PATH]] ...", required=True)
+    ptx_datasets: list[str] | None = option(None, "instruction datasets for the PTX (SFT) loss after each RL step")
+    eval_datasets: list[str] | None = option(None, "prompt datasets evaluated during training (eval/reward, eval/cost)")
+    eval_split_ratio: float | None = option(None, "hold out this fraction of the training prompts for evaluation")
+    need_eval: bool = option(False, "evaluate (implied by --eval_datasets / --eval_split_ratio)")
+    eval_strategy: str = option("epoch", "when to evaluate", choices=["epoch", "steps"])
+    eval_interval: int = option(1000000, "evaluate every N rollout steps (--eval_strategy steps)")
     # ---- generation
-    temperature: float = _f(1.0, "sampling temperature")
-    top_p: float = _f(1.0, "nucleus sampling")
-    top_k: int = _f(50, "top-k sampling (0: off). The reference sets no top_k in its GenerationConfig and so samples "
+    temperature: float = option(1.0, "sampling temperature")
+    top_p: float = option(1.0, "nucleus sampling")
+    top_k: int = option(50, "top-k sampling (0: off). The reference sets no top_k in its GenerationConfig and so samples "
                         "with transformers' default of 50")
-    num_return_sequences: int = _f(1, "responses sampled per prompt")
-    repetition_penalty: float = _f(1.0, "repetition penalty")
+    num_return_sequences: int = option(1, "responses sampled per prompt")
+    repetition_penalty: float = option(1.0, "repetition penalty")
     # ---- algorithm
-    normalize_reward: bool = _f(False, "normalize the reward model's scores with the statistics it was trained with "
+    normalize_reward: bool = option(False, "normalize the reward model's scores with the statistics it was trained with "
                                        "(its normalizer); off: raw scores, as the reference")
-    kl_coeff: float = _f(0.02, "KL penalty coefficient beta")
-    clip_range_ratio: float = _f(0.2, "PPO ratio clip epsilon")
-    clip_range_score: float = _f(50.0, "clip of the per-token rewards / costs")
-    clip_range_value: float = _f(5.0, "critic value clip")
-    ptx_coeff: float = _f(0.0, "weight of the PTX loss (the PPO-Lag script uses 16)")
-    separate_scoring: bool = _f(False, "old log-probs / values from separate no-grad forwards (the reference's "
+    kl_coeff: float = option(0.02, "KL penalty coefficient beta")
+    clip_range_ratio: float = option(0.2, "PPO ratio clip epsilon")
+    clip_range_score: float = option(50.0, "clip of the per-token rewards / costs")
+    clip_range_value: float = option(5.0, "critic value clip")
+    ptx_coeff: float = option(0.0, "weight of the PTX loss (the PPO-Lag script uses 16)")
+    separate_scoring: bool = option(False, "old log-probs / values from separate no-grad forwards (the reference's "
                                        "way; slower, same math)")
     # ---- optimisation
-    epochs: int = _f(1, "passes over the prompts")
-    update_iters: int = _f(1, "PPO passes over each rollout batch")
-    per_device_prompt_batch_size: int = _f(16, "prompts per rollout")
-    per_device_train_batch_size: int = _f(16, "sequences per RL update (micro-batch)")
-    gradient_accumulation_steps: int = _f(1, "RL micro-batches per optimizer step (losses averaged over them)")
-    per_device_eval_batch_size: int = _f(16, "prompts per evaluation batch")
-    actor_lr: float = _f(1e-5, "actor peak learning rate", aliases=("actor_learning_rate",))
-    actor_weight_decay: float = _f(0.0, "actor AdamW weight decay")
-    actor_lr_scheduler_type: str = _f("cosine", "actor schedule",
+    epochs: int = option(1, "passes over the prompts")
+    update_iters: int = option(1, "PPO passes over each rollout batch")
+    per_device_prompt_batch_size: int = option(16, "prompts per rollout")
+    per_device_train_batch_size: int = option(16, "sequences per RL update (micro-batch)")
+    gradient_accumulation_steps: int = option(1, "RL micro-batches per optimizer step (losses averaged over them)")
+    per_device_eval_batch_size: int = option(16, "prompts per evaluation batch")
+    actor_lr: float = option(1e-5, "actor peak learning rate", aliases=("actor_learning_rate",))
+    actor_weight_decay: float = option(0.0, "actor AdamW weight decay")
+    actor_lr_scheduler_type: str = option("cosine", "actor schedule",
                                       choices=LR_SCHEDULERS)
-    actor_lr_warmup_ratio: float = _f(0.0, "fraction of actor steps spent warming up (the PPO-Lag script: 0.03)")
-    actor_gradient_checkpointing: bool = _f(False, "recompute actor activations in backward")
-    critic_lr: float = _f(5e-6, "critic peak learning rate", aliases=("critic_learning_rate",))
-    critic_weight_decay: float = _f(0.0, "critic AdamW weight decay")
-    critic_lr_scheduler_type: str = _f("cosine", "critic schedule (the reference's scripts pass constant)",
+    actor_lr_warmup_ratio: float = option(0.0, "fraction of actor steps spent warming up (the PPO-Lag script: 0.03)")
+    actor_gradient_checkpointing: bool = option(False, "recompute actor activations in backward")
+    critic_lr: float = option(5e-6, "critic peak learning rate", aliases=("critic_learning_rate",))
+    critic_weight_decay: float = option(0.0, "critic AdamW weight decay")
+    critic_lr_scheduler_type: str = option("cosine", "critic schedule (the reference's scripts pass constant)",
                                        choices=LR_SCHEDULERS)
-    critic_lr_warmup_ratio: float = _f(0.0, "fraction of critic steps spent warming up (not for 'constant')")
-    critic_gradient_checkpointing: bool = _f(False, "recompute critic activations in backward")
-    adam_betas: list[float] = _f([0.9, 0.95], "AdamW betas")
-    max_grad_norm: float = _f(1.0, "gradient clipping (global norm, per model; 0: off)")
-    seed: int = _f(42, "random seed (data order, sampling)")
-    fp16: bool = _f(False, "fp16 autocast")
-    bf16: bool = _f(False, "bf16 autocast (weights and optimizer state stay fp32)")
-    tf32: bool | None = _f(None, "allow TF32 matmuls on CUDA")
-    device: str = _f("auto", "cpu, cuda, cuda:N or auto")
-    attn_backend: str | None = _f(None, "attention backend of the models", choices=list(ATTN_BACKENDS))
-    mixed_precision: str | None = _f(None, "under torchrun: FSDP2 mixed precision (parameters gathered and computed "
+    critic_lr_warmup_ratio: float = option(0.0, "fraction of critic steps spent warming up (not for 'constant')")
+    critic_gradient_checkpointing: bool = option(False, "recompute critic activations in backward")
+    adam_betas: list[float] = option([0.9, 0.95], "AdamW betas")
+    max_grad_norm: float = option(1.0, "gradient clipping (global norm, per model; 0: off)")
+    seed: int = option(42, "random seed (data order, sampling)")
+    fp16: bool = option(False, "fp16 autocast")
+    bf16: bool = option(False, "bf16 autocast (weights and optimizer state stay fp32)")
+    tf32: bool | None = option(None, "allow TF32 matmuls on CUDA")
+    device: str = option("auto", "cpu, cuda, cuda:N or auto")
+    attn_backend: str | None = option(None, "attention backend of the models", choices=list(ATTN_BACKENDS))
+    mixed_precision: str | None = option(None, "under torchrun: FSDP2 mixed precision (parameters gathered and computed "
                                            "in this dtype, gradients reduced in fp32)", choices=["bf16", "fp16"])
-    offload: str = _f("none", "under torchrun on GPUs: FSDP2 CPU offload of the trained models' sharded parameters, "
+    offload: str = option("none", "under torchrun on GPUs: FSDP2 CPU offload of the trained models' sharded parameters, "
                               "gradients and optimizer state (FSDP2 offloads them together: every choice but 'none' "
                               "is the same)", choices=["none", "parameter", "optimizer", "all"])
-    shard_frozen: bool = _f(True, "under torchrun: shard the frozen models (reference, reward, cost) with FSDP2 too "
+    shard_frozen: bool = option(True, "under torchrun: shard the frozen models (reference, reward, cost) with FSDP2 too "
                                   "(False: a full replica on every rank)")
     # ---- output
-    output_dir: str | None = _f(None, "final actor (+ critics), checkpoints and metrics", required=True)
-    save_16bit: bool = _f(False, "save the final actor and critics in 16 bits (bf16 with --bf16, else fp16); "
+    output_dir: str | None = option(None, "final actor (+ critics), checkpoints and metrics", required=True)
+    save_16bit: bool = option(False, "save the final actor and critics in 16 bits (bf16 with --bf16, else fp16); "
                                  "checkpoints stay fp32")
-    overwrite_output_dir: bool = _f(False, OVERWRITE_HELP)
-    log_type: str = _f("none", "extra metrics sink besides metrics.jsonl", choices=["none", "tensorboard", "wandb"])
-    log_dir: str | None = _f(None, "TensorBoard / W&B directory (default: OUTPUT_DIR/logs)")
-    log_project: str | None = _f(None, "W&B project")
-    log_run_name: str | None = _f(None, "W&B run name")
-    save_interval: int = _f(0, "also checkpoint every N rollout steps (0: only at the end of each epoch)")
-    save_total_limit: int = _f(2, "checkpoints kept (oldest removed)")
-    resume: str | None = _f(None, "continue from a checkpoint folder, or 'auto': the latest in OUTPUT_DIR",
+    overwrite_output_dir: bool = option(False, OVERWRITE_HELP)
+    log_type: str = option("none", "extra metrics sink besides metrics.jsonl", choices=["none", "tensorboard", "wandb"])
+    log_dir: str | None = option(None, "TensorBoard / W&B directory (default: OUTPUT_DIR/logs)")
+    log_project: str | None = option(None, "W&B project")
+    log_run_name: str | None = option(None, "W&B run name")
+    save_interval: int = option(0, "also checkpoint every N rollout steps (0: only at the end of each epoch)")
+    save_total_limit: int = option(2, "checkpoints kept (oldest removed)")
+    resume: str | None = option(None, "continue from a checkpoint folder, or 'auto': the latest in OUTPUT_DIR",
                             nargs="?", const="auto")
-    resume_allow_changes: list[str] | None = _f(None, ALLOW_CHANGES_HELP)
-    max_steps: int | None = _f(None, "stop after this many rollout steps (a checkpoint is written); the schedule "
+    resume_allow_changes: list[str] | None = option(None, ALLOW_CHANGES_HELP)
+    max_steps: int | None = option(None, "stop after this many rollout steps (a checkpoint is written); the schedule "
                                      "still spans all epochs, so --resume finishes the same run")
-    progress: bool = _f(True, "show a progress bar")
+    progress: bool = option(True, "show a progress bar")
 
     algorithm = "ppo"
 
@@ -257,24 +257,24 @@ class PPOConfig:
 class PPOLagConfig(PPOConfig):
     """``saferlhf-fast ppo-lag``: PPO-Lagrangian (reward and cost, two critics, adaptive lambda)."""
 
-    cost_model_name_or_path: str | None = _f(None, "cost model folder (saferlhf-fast cm)", required=True)
-    cost_critic_model_name_or_path: str | None = _f(None, "cost critic initialisation (default: the cost model)")
-    normalize_cost: bool = _f(False, "normalize the cost model's scores with the statistics it was trained with "
+    cost_model_name_or_path: str | None = option(None, "cost model folder (saferlhf-fast cm)", required=True)
+    cost_critic_model_name_or_path: str | None = option(None, "cost critic initialisation (default: the cost model)")
+    normalize_cost: bool = option(False, "normalize the cost model's scores with the statistics it was trained with "
                                      "(its normalizer); off: raw scores, as the reference")
-    threshold: float = _f(0.0, "cost threshold (-d of the paper): lambda grows while J_C > threshold")
-    lambda_init: float = _f(1.0, "initial Lagrange multiplier")
-    lambda_lr: float = _f(0.1, "learning rate of log(lambda)", aliases=("lambda_learning_rate",))
-    lambda_max: float | None = _f(None, "cap on lambda (the PPO-Lag script uses 5.0)")
-    lambda_update_delay_steps: int = _f(0, "RL steps before lambda starts to move")
-    episode_cost_window_size: int = _f(128, "J_C is the mean of the last N rollout end costs")
-    lambda_optimizer: str = _f("sgd", "lambda update: 'sgd' (the reference's log-space SGD, --lambda_lr) or 'pid' "
+    threshold: float = option(0.0, "cost threshold (-d of the paper): lambda grows while J_C > threshold")
+    lambda_init: float = option(1.0, "initial Lagrange multiplier")
+    lambda_lr: float = option(0.1, "learning rate of log(lambda)", aliases=("lambda_learning_rate",))
+    lambda_max: float | None = option(None, "cap on lambda (the PPO-Lag script uses 5.0)")
+    lambda_update_delay_steps: int = option(0, "RL steps before lambda starts to move")
+    episode_cost_window_size: int = option(128, "J_C is the mean of the last N rollout end costs")
+    lambda_optimizer: str = option("sgd", "lambda update: 'sgd' (the reference's log-space SGD, --lambda_lr) or 'pid' "
                                       "(PID Lagrangian, --pid_*)", choices=list(MULTIPLIERS))
-    pid_kp: float = _f(0.1, "PID: proportional gain (on the EMA of J_C - threshold)")
-    pid_ki: float = _f(0.01, "PID: integral gain (the integral starts at --lambda_init)")
-    pid_kd: float = _f(0.01, "PID: derivative gain (on the rise of the EMA of J_C over --pid_d_delay updates)")
-    pid_d_delay: int = _f(10, "PID: the derivative compares the cost EMA with its value this many updates back")
-    pid_delta_p_ema_alpha: float = _f(0.95, "PID: EMA factor of the proportional signal (0: no smoothing)")
-    pid_delta_d_ema_alpha: float = _f(0.95, "PID: EMA factor of the derivative's cost signal (0: no smoothing)")
+    pid_kp: float = option(0.1, "PID: proportional gain (on the EMA of J_C - threshold)")
+    pid_ki: float = option(0.01, "PID: integral gain (the integral starts at --lambda_init)")
+    pid_kd: float = option(0.01, "PID: derivative gain (on the rise of the EMA of J_C over --pid_d_delay updates)")
+    pid_d_delay: int = option(10, "PID: the derivative compares the cost EMA with its value this many updates back")
+    pid_delta_p_ema_alpha: float = option(0.95, "PID: EMA factor of the proportional signal (0: no smoothing)")
+    pid_delta_d_ema_alpha: float = option(0.95, "PID: EMA factor of the derivative's cost signal (0: no smoothing)")
 
     algorithm = "ppo-lag"
 
@@ -290,11 +290,11 @@ class PPOLagConfig(PPOConfig):
 class RewardShapingConfig(PPOConfig):
     """``saferlhf-fast ppo-reward-shaping``: PPO on ``R - nu * C`` with nu fixed (``--lambda_init``), one critic."""
 
-    cost_model_name_or_path: str | None = _f(None, "cost model folder (saferlhf-fast cm)", required=True)
-    normalize_cost: bool = _f(False, "normalize the cost model's scores with the statistics it was trained with "
+    cost_model_name_or_path: str | None = option(None, "cost model folder (saferlhf-fast cm)", required=True)
+    normalize_cost: bool = option(False, "normalize the cost model's scores with the statistics it was trained with "
                                      "(its normalizer); off: raw scores, as the reference")
-    lambda_init: float = _f(1.0, "the fixed shaping coefficient nu")
-    episode_cost_window_size: int = _f(128, "train/episode_cost is the mean of the last N rollout end costs")
+    lambda_init: float = option(1.0, "the fixed shaping coefficient nu")
+    episode_cost_window_size: int = option(128, "train/episode_cost is the mean of the last N rollout end costs")
 
     algorithm = "ppo-reward-shaping"
 

@@ -9,7 +9,7 @@ import torch
 from ..data import SupervisedDataset
 from ..ops import IGNORE_INDEX
 from .base import Trainer
-from .config import TrainConfig, _f
+from .config import TrainConfig, option
 from .modeling import token_logprobs
 
 
@@ -18,7 +18,7 @@ class SFTConfig(TrainConfig):
     """``saferlhf-fast sft`` (defaults: the reference's argparse; its SFT script passes 3 epochs, lr 2e-5 cosine,
     batch 4 x 8)."""
 
-    weight_decay: float = _f(1e-6, "AdamW weight decay (not on biases and layer-norm weights)")
+    weight_decay: float = option(1e-6, "AdamW weight decay (not on biases and layer-norm weights)")
 
     @property
     def command(self) -> str:
