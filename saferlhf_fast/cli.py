@@ -125,32 +125,8 @@ def _demo(args) -> int:
 
 
 def _config_command(command: str):
-    """(config class, runner) of a configured job: sft / rm / cm / score / ppo / ppo-lag / ppo-reward-shaping /
-    dpo / arena."""
-    if command == "score":
-        from .eval.score import ScoreEvalConfig, evaluate_score_model
-
-        return ScoreEvalConfig, evaluate_score_model
-    if command in ("sft", "rm", "cm"):
-        from . import trainers
-
-        cls, trainer = {
-            "sft": (trainers.SFTConfig, trainers.SFTTrainer),
-            "rm": (trainers.RewardConfig, trainers.RewardTrainer),
-            "cm": (trainers.CostConfig, trainers.CostTrainer),
-        }[command]
-        return cls, lambda cfg: trainer(cfg).train()
-    if command == "dpo":
-        from .trainers.dpo import DPOConfig, DPOTrainer
-
-        return DPOConfig, lambda cfg: DPOTrainer(cfg).train()
-    if command == "arena":
-        from .eval.arena import ArenaConfig, run_arena
-
-        return ArenaConfig, run_arena
-    from .trainers.ppo import CONFIGS, run
-
-    return CONFIGS[command], run
+    """(config class, runner) of a configured job (``_config_commands``)."""
+    return next((cls, runner) for name, cls, _, runner in _config_commands() if name == command)
 
 
 def _run_config_command(args) -> int:
@@ -207,24 +183,27 @@ def _guarded(command: str, job) -> int:
 
 
 def _config_commands():
-    """(name, config class, help) of every configured job, in the order of ``--help``."""
-    from .eval.arena import ArenaConfig
-    from .eval.score import ScoreEvalConfig
-    from .trainers.dpo import DPOConfig
-    from .trainers.ppo import PPOConfig, PPOLagConfig, RewardShapingConfig
-    from .trainers.score import CostConfig, RewardConfig
-    from .trainers.sft import SFTConfig
+    """(name, config class, help, runner) of every configured job, in the order of ``--help``; the PPO family's
+    commands are its registered algorithms (``trainers.algorithms.ALGORITHMS``)."""
+    from .eval.arena import ArenaConfig, run_arena
+    from .eval.score import ScoreEvalConfig, evaluate_score_model
+    from .trainers import CostConfig, CostTrainer, RewardConfig, RewardTrainer, SFTConfig, SFTTrainer
+    from .trainers.algorithms import ALGORITHMS
+    from .trainers.dpo import DPOConfig, DPOTrainer
+    from .trainers.ppo import PPOTrainer
+
+    def train(trainer):
+        return lambda cfg: trainer(cfg).train()
 
     return (
-        ("sft", SFTConfig, "supervised fine-tuning (loss on response tokens only)"),
-        ("rm", RewardConfig, "reward model: Bradley-Terry on helpfulness preferences"),
-        ("cm", CostConfig, "cost model: Bradley-Terry on harmlessness preferences + safety-sign terms"),
-        ("score", ScoreEvalConfig, "evaluate a reward or cost model on a preference set"),
-        ("ppo", PPOConfig, "PPO on the reward model (RLHF baseline)"),
-        ("ppo-lag", PPOLagConfig, "PPO-Lagrangian: maximise reward subject to expected cost <= threshold"),
-        ("ppo-reward-shaping", RewardShapingConfig, "PPO on R - nu*C with a fixed nu (--lambda_init)"),
-        ("dpo", DPOConfig, "direct preference optimisation on helpfulness pairs"),
-        ("arena", ArenaConfig, "two policies, same prompts, judged by the reward and cost models"),
+        ("sft", SFTConfig, "supervised fine-tuning (loss on response tokens only)", train(SFTTrainer)),
+        ("rm", RewardConfig, "reward model: Bradley-Terry on helpfulness preferences", train(RewardTrainer)),
+        ("cm", CostConfig, "cost model: Bradley-Terry on harmlessness preferences + safety-sign terms",
+         train(CostTrainer)),
+        ("score", ScoreEvalConfig, "evaluate a reward or cost model on a preference set", evaluate_score_model),
+        *((name, algo.config_class, algo.help, train(PPOTrainer)) for name, algo in ALGORITHMS.items()),
+        ("dpo", DPOConfig, "direct preference optimisation on helpfulness pairs", train(DPOTrainer)),
+        ("arena", ArenaConfig, "two policies, same prompts, judged by the reward and cost models", run_arena),
     )
 
 
@@ -232,7 +211,7 @@ def _add_config_commands(sub) -> None:
     from .trainers.config import add_config_arguments
     from .trainers.launcher_flags import add_launcher_arguments
 
-    for name, cls, text in _config_commands():
+    for name, cls, text, _ in _config_commands():
         p = sub.add_parser(name, help=text, description=text)
         add_config_arguments(p, cls)
         add_launcher_arguments(p, cls)

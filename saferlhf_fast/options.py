@@ -20,6 +20,10 @@ class ConfigError(ValueError):
     """Bad configuration (unknown YAML key, missing required flag, bad value): one line, exit status 2."""
 
 
+# ``--help`` headings, in the order they are listed (a field's ``group``; fields without one come first).
+GROUPS = ("model", "data", "generation", "algorithm", "training", "precision and devices", "output and checkpoints")
+
+
 def option(default, help: str, **meta):  # noqa: A002
     """A dataclass field with its flag's help text and metadata (see the module docstring)."""
     if isinstance(default, list):
@@ -75,9 +79,12 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
     hints = _hints(cls)
     parser.add_argument("--config", default=argparse.SUPPRESS, metavar="FILE.yaml",
                         help="YAML file of options (keys: the flag names); flags given here win")
-    for f in dataclasses.fields(cls):
+    steps = getattr(cls, "STEPS", "steps")
+    groups = {name: parser.add_argument_group(name) for name in GROUPS}
+    for f in _in_group_order(cls):
         tp, is_list = _base_type(hints[f.name])
-        kw = {"default": argparse.SUPPRESS, "help": f.metadata.get("help", ""), "dest": f.name}
+        kw = {"default": argparse.SUPPRESS, "help": f.metadata.get("help", "").replace("{steps}", steps),
+              "dest": f.name}
         aliases = f.metadata.get("aliases", ())
         if aliases:
             kw["help"] += " (also " + ", ".join("--" + a for a in aliases) + ")"
@@ -96,7 +103,16 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
                 kw["const"] = f.metadata.get("const")
             if "choices" in f.metadata:
                 kw["choices"] = f.metadata["choices"]
-        parser.add_argument("--" + f.name, *("--" + a for a in aliases), **kw)
+        group = groups.get(f.metadata.get("group"), parser)
+        group.add_argument("--" + f.name, *("--" + a for a in aliases), **kw)
+
+
+def _in_group_order(cls) -> list:
+    """The fields of ``cls``: the command's own (no group) first, then group by group in ``GROUPS`` order, each in
+    declaration order."""
+    fields = dataclasses.fields(cls)
+    rank = {name: i for i, name in enumerate(GROUPS)}
+    return sorted(fields, key=lambda f: rank.get(f.metadata.get("group"), -1))
 
 
 def _coerce(cls, name: str, value, source: str):

@@ -77,10 +77,10 @@ def _full_states_from(models) -> dict:
 
 
 def _first_prompts(trainer, n):
-    from saferlhf_fast.trainers.ppo import _collator_of
+    from saferlhf_fast.trainers.base import collator_of
 
     ds = trainer.train_dataset
-    return _collator_of(ds)([ds[i] for i in range(n)])
+    return collator_of(ds)([ds[i] for i in range(n)])
 
 
 def _full_states(trainer) -> dict:
@@ -205,7 +205,7 @@ def _ppo_step_worker(rank, port, models, out, gen_path, result_path):
     if rank == 0:
         torch.save({"metrics": metrics, "lambda": trainer.lagrange.value, "states": states, "grads": trainer.grads,
                     "gathers": gathers}, result_path)
-    torch.distributed.destroy_process_group()
+    distributed.shutdown(synchronize=True)  # barrier first: no rank tears gloo down while another still uses it
 
 
 def test_ppo_lag_step_on_two_ranks_equals_one_rank(models, tmp_path):
@@ -316,7 +316,7 @@ def _save_worker(rank, port, models, out, result_path):
     if rank == 0:
         torch.save({"optim": optim, "windows": windows, "lambda": trainer.lagrange.value,
                     "global_step": trainer.global_step}, result_path)
-    torch.distributed.destroy_process_group()
+    distributed.shutdown(synchronize=True)  # barrier first: no rank tears gloo down while another still uses it
 
 
 @pytest.fixture(scope="module")
@@ -431,7 +431,7 @@ def _resume_worker(rank, port, models, out, result_path, finish=True):
     summary = PPOTrainer(cfg).train() if finish else None
     if rank == 0:
         torch.save({**state, "states": states, "summary": summary}, result_path)
-    torch.distributed.destroy_process_group()
+    distributed.shutdown(synchronize=True)  # barrier first: no rank tears gloo down while another still uses it
 
 
 def test_single_process_checkpoint_resumes_on_two_ranks(models, tmp_path):

@@ -215,6 +215,7 @@ def _rank_worker(rank, port, out):
             m.observe((torch.randn(3, generator=g, dtype=torch.float64) + rank).tolist())
             values.append(m.update(step))
         torch.save({"values": values, "windows": list(m.episode_costs)}, os.path.join(out, f"rank{rank}.pt"))
+        dist.barrier()  # no rank tears gloo down while another still uses it
     finally:
         dist.destroy_process_group()
 

@@ -16,6 +16,8 @@ from saferlhf_fast.models import from_pretrained
 from saferlhf_fast.trainers.base import optimizer_groups
 from saferlhf_fast.trainers.modeling import make_tiny_model
 from saferlhf_fast.trainers.ppo import (
+    ALGORITHMS,
+    CONFIGS,
     NonFiniteError,
     PPOConfig,
     PPOLagConfig,
@@ -123,11 +125,11 @@ def make_config(models, out, cls=PPOLagConfig, **kw):
 
 
 def first_batch(trainer):
-    from saferlhf_fast.trainers.ppo import _collator_of
+    from saferlhf_fast.trainers.base import collator_of
 
     ds = trainer.train_dataset
     n = trainer.config.per_device_prompt_batch_size
-    return _collator_of(ds)([ds[i] for i in range(n)])
+    return collator_of(ds)([ds[i] for i in range(n)])
 
 
 def snapshot(trainer):
@@ -176,7 +178,7 @@ def reference_step(trainer, snap, mb: Rollout, old_from_forward: bool):
     assert torch.allclose(reward, mb.reward, atol=1e-5) and torch.allclose(ref_log_probs[:, start:] * mb.response_mask,
                                                                            mb.ref_logprobs, atol=1e-5)
     lam_value = None
-    if trainer.algorithm == "ppo-lag":
+    if trainer.config.algorithm == "ppo-lag":
         log_lambda = ref_lagrange_step(snap["log_lambda"], snap["costs"], cfg.threshold, cfg.lambda_lr,
                                        trainer.global_step, cfg.lambda_update_delay_steps,
                                        math.log(cfg.lambda_max) if cfg.lambda_max else None)
@@ -188,7 +190,7 @@ def reference_step(trainer, snap, mb: Rollout, old_from_forward: bool):
         c_adv, c_ret = ref_get_advantages_and_returns(old_values[1], old_costs, sequence_mask, start)
         returns = [r_ret, c_ret]
     else:
-        shaped = reward - cfg.lambda_init * cost if trainer.algorithm == "ppo-reward-shaping" else reward
+        shaped = reward - cfg.lambda_init * cost if trainer.config.algorithm == "ppo-reward-shaping" else reward
         old_rewards, _ = ref_add_kl_divergence_regularization(shaped, torch.zeros_like(shaped), old_log_probs,
                                                               ref_log_probs, sequence_mask, cfg.kl_coeff,
                                                               cfg.clip_range_score)
@@ -265,10 +267,11 @@ def test_compute_advantages_matches_reference(algorithm):
     start = p - 1
     rmask = seq_mask[:, start:]
     nu = 0.7
+    config = CONFIGS[algorithm](**({"lambda_init": nu} if algorithm == "ppo-reward-shaping" else {}))
     rewards, adv, ret = compute_advantages(
-        algorithm, reward, cost, lp[:, start:] * rmask, ref_lp[:, start:] * rmask,
+        ALGORITHMS[algorithm](config), reward, cost, lp[:, start:] * rmask, ref_lp[:, start:] * rmask,
         values[:, :, start:] if algorithm == "ppo-lag" else values[:1, :, start:], rmask, kl_coeff=0.05,
-        clip_range_score=2.5, nu=nu)
+        clip_range_score=2.5)
     if algorithm == "ppo-lag":
         r, c = ref_add_kl_divergence_regularization(reward, cost, lp, ref_lp, seq_mask, 0.05, 2.5)
         streams = [(r, values[0]), (c, values[1])]
@@ -553,3 +556,43 @@ def test_gradient_accumulation_steps_group_rl_micro_batches(models, tmp_path, ac
     for opt in trainer.critic_optimizers:
         assert {int(s["step"]) for s in opt.state.values()} == {steps}
     assert all(p.grad is None for p in trainer.actor.parameters())
+
+
+def test_a_new_algorithm_is_one_entry(models, tmp_path):
+    """docs/rl.md's example: a fourth algorithm is one registered strategy (with its config); its command, rollout,
+    streams, critics, metrics and results follow from the entry."""
+    from dataclasses import dataclass
+
+    from saferlhf_fast.cli import build_parser
+    from saferlhf_fast.trainers import algorithms as A
+    from saferlhf_fast.trainers.config import ALGORITHM, option
+
+    @dataclass
+    class HingeShapingConfig(A.CostPPOConfig):
+        threshold: float = option(0.0, "costs above this are penalised", group=ALGORITHM)
+        lambda_init: float = option(1.0, "penalty per unit of cost above the threshold", group=ALGORITHM)
+        algorithm = "ppo-hinge"
+
+    class HingeShaping(A.Algorithm):
+        name, config_class, streams, uses_cost = "ppo-hinge", HingeShapingConfig, ("shaped_reward",), True
+        help = "PPO on R - nu * max(0, C - d)"
+
+        def end_reward(self, reward, cost):
+            return reward - self.config.lambda_init * (cost - self.config.threshold).clamp(min=0)
+
+    A.register(HingeShaping)
+    try:
+        sub = next(a for a in build_parser()._actions if a.__class__.__name__ == "_SubParsersAction")
+        assert "ppo-hinge" in sub.choices
+        out = tmp_path / "hinge"
+        assert main(["ppo-hinge", "--actor_model_name_or_path", models["actor"], "--reward_model_name_or_path",
+                     models["rm"], "--cost_model_name_or_path", models["cm"], "--threshold", "0.1",
+                     "--lambda_init", "3.0", "--train_datasets", "synthetic-prompts/train:0.003", "--output_dir",
+                     str(out), "--max_length", "48", "--max_new_tokens", "6", "--per_device_prompt_batch_size", "4",
+                     "--progress", "false"]) == 0
+    finally:
+        del A.ALGORITHMS["ppo-hinge"]
+    row = json.loads(open(out / "metrics.jsonl").readline())
+    assert "train/shaped_reward_advantage" in row and "train/lambda" not in row
+    assert os.path.isfile(out / "model.safetensors") and os.path.isdir(out / "reward_critic")
+    assert json.load(open(out / "arguments.json"))["threshold"] == 0.1

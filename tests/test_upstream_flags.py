@@ -13,7 +13,7 @@ from saferlhf_fast.trainers.launcher_flags import launcher_notes
 HERE = os.path.dirname(os.path.abspath(__file__))
 with open(os.path.join(HERE, "upstream", "flags.json")) as f:
     UPSTREAM = json.load(f)["flags"]
-CONFIGS = {name: cls for name, cls, _ in _config_commands()}
+CONFIGS = {name: cls for name, cls, *_ in _config_commands()}
 
 
 def _subparser(command):

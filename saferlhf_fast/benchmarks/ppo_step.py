@@ -109,7 +109,10 @@ class ReferenceStep:
         self.actor, self.reference = actor, reference
         self.reward_model, self.cost_model = reward_model, cost_model
         self.reward_critic, self.cost_critic = reward_critic, cost_critic
-        self.algorithm = algorithm
+        from ..trainers.algorithms import ALGORITHMS
+
+        # The reference's PPOLagTrainer adds the cost stream, the cost critic and lambda to its PPOTrainer.
+        self.lagrangian = ALGORITHMS[algorithm].lagrangian
         self.top_k = top_k
         self.pad, self.max_new = pad_token_id, max_new_tokens
         self.kl_coeff, self.eps, self.clip_score, self.clip_value = kl_coeff, clip_range_ratio, clip_range_score, \
@@ -129,7 +132,7 @@ class ReferenceStep:
         return time.perf_counter()
 
     def critics(self):
-        return [self.reward_critic] + ([self.cost_critic] if self.algorithm == "ppo-lag" else [])
+        return [self.reward_critic] + ([self.cost_critic] if self.lagrangian else [])
 
     @torch.no_grad()
     def rollout(self, input_ids, attention_mask, seed):
@@ -145,10 +148,10 @@ class ReferenceStep:
         logits = self.actor(sequence, attention_mask=attention_mask).logits
         ref_logits = self.reference(sequence, attention_mask=attention_mask).logits
         _, reward = self.reward_model(sequence, attention_mask)
-        cost = self.cost_model(sequence, attention_mask)[1] if self.algorithm == "ppo-lag" else None
+        cost = self.cost_model(sequence, attention_mask)[1] if self.lagrangian else None
         reward_values = self.reward_critic(sequence, attention_mask)[0].squeeze(-1)[:, :-1]
         cost_values = self.cost_critic(sequence, attention_mask)[0].squeeze(-1)[:, :-1] \
-            if self.algorithm == "ppo-lag" else None
+            if self.lagrangian else None
         log_probs = gather_log_probabilities(logits[:, :-1], sequence[:, 1:])
         ref_log_probs = gather_log_probabilities(ref_logits[:, :-1], sequence[:, 1:])
         if cost is not None:
@@ -189,7 +192,7 @@ class ReferenceStep:
 
     def rl_step(self, b):
         t0 = self._now()
-        if self.algorithm == "ppo-lag":
+        if self.lagrangian:
             episode_cost = torch.tensor(self.episode_costs, device=self.log_lambda.device).mean()
             lambda_loss = -(episode_cost - 0.0) * self.log_lambda.exp()
             self.lambda_opt.zero_grad()
@@ -201,7 +204,7 @@ class ReferenceStep:
         streams = self.add_kl_divergence_regularization(b["reward"], b["cost"], b["old_log_probs"],
                                                         b["ref_log_probs"], sequence_mask)
         r_adv, r_ret = self.get_advantages_and_returns(b["reward_values"], streams[0], sequence_mask, start)
-        if self.algorithm == "ppo-lag":
+        if self.lagrangian:
             c_adv, c_ret = self.get_advantages_and_returns(b["cost_values"], streams[1], sequence_mask, start)
         t1 = self._now()
         # actor
@@ -209,7 +212,7 @@ class ReferenceStep:
         logits = self.actor(input_ids, attention_mask=attention_mask, use_cache=False).logits
         log_probs = gather_log_probabilities(logits[:, :-1], input_ids[:, 1:])
         mask = sequence_mask[:, start:]
-        if self.algorithm == "ppo-lag":
+        if self.lagrangian:
             multiplier = self.log_lambda.exp().item()
             advantages = (r_adv - multiplier * c_adv) / (1.0 + multiplier)
         else:
@@ -224,8 +227,8 @@ class ReferenceStep:
         self.actor_opt.step()
         t2 = self._now()
         # critics
-        olds = [b["reward_values"]] + ([b["cost_values"]] if self.algorithm == "ppo-lag" else [])
-        rets = [r_ret] + ([c_ret] if self.algorithm == "ppo-lag" else [])
+        olds = [b["reward_values"]] + ([b["cost_values"]] if self.lagrangian else [])
+        rets = [r_ret] + ([c_ret] if self.lagrangian else [])
         for critic, opt, old, ret in zip(self.critics(), self.critic_opts, olds, rets):
             values = critic(input_ids, attention_mask)[0].squeeze(-1)[:, :-1]
             loss = self.critic_loss(values[:, start:], old[:, start:], ret, mask)
@@ -305,15 +308,17 @@ def build(w, root: str, device: str = "cpu"):
 
 def make_trainer(w, paths, out, device: str = "cpu"):
     """Our PPO trainer on the saved checkpoints, configured for exactly ``new_tokens`` new tokens per response."""
-    from ..trainers.ppo import PPOConfig, PPOLagConfig, PPOTrainer
+    from ..trainers.algorithms import ALGORITHMS
+    from ..trainers.ppo import PPOTrainer
 
-    cls = PPOLagConfig if w.algorithm == "ppo-lag" else PPOConfig
+    algorithm = ALGORITHMS[w.algorithm]
+    cls = algorithm.config_class
     kw = dict(actor_model_name_or_path=paths["actor"], reward_model_name_or_path=paths["rm"],
               train_datasets=["synthetic-prompts/train:0.05"], output_dir=out, max_length=512,
               max_new_tokens=w.new_tokens, per_device_prompt_batch_size=w.batch,
               per_device_train_batch_size=w.batch, kl_coeff=0.01, progress=False, actor_lr_warmup_ratio=0.0,
               top_k=getattr(w, "top_k", 50), device=device)
-    if cls is PPOLagConfig:
+    if algorithm.uses_cost:
         kw["cost_model_name_or_path"] = paths["cm"]
     cfg = cls(**kw)
     cfg.validate()

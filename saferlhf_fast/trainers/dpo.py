@@ -22,11 +22,13 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..data import PreferenceDataset
+from ..loading import load_model
 from ..models import freeze
 from ..ops import IGNORE_INDEX
-from .base import Trainer, load_model, maybe_shard
+from .base import maybe_shard
 from .config import ConfigError, TrainConfig, option
 from .modeling import token_logprobs
+from .supervised import Trainer
 
 
 @dataclass

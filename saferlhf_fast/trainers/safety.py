@@ -464,9 +464,10 @@ def _comparable(info: dict, defaults: dict) -> dict:
 
 
 def settings_changes(saved: dict, current: dict, defaults: dict) -> list[tuple[str, object, object]]:
-    """(name, saved value, current value) of every compared setting that differs (batch sizes: global)."""
+    """(name, saved value, current value) of every compared setting that differs (batch sizes: global), by name,
+    the data last."""
     a, b = _comparable(saved, defaults), _comparable(current, defaults)
-    names = [k for k in b if k not in NEUTRAL]
+    names = sorted(k for k in b if k not in NEUTRAL and k != "data") + ["data"]
     return [(k, a.get(k), b[k]) for k in names if a.get(k) != b[k] and not (k == "data" and a.get(k) is None)]
 
 

@@ -33,8 +33,8 @@ from ..scores import (  # noqa: F401 - re-exported
     reward_metrics,
     score_forward,
 )
-from .base import Trainer
 from .config import ConfigError, TrainConfig, option
+from .supervised import Trainer
 
 
 # ------------------------------------------------------------------------------------------------ losses

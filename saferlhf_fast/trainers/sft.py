@@ -8,9 +8,9 @@ import torch
 
 from ..data import SupervisedDataset
 from ..ops import IGNORE_INDEX
-from .base import Trainer
 from .config import TrainConfig, option
 from .modeling import token_logprobs
+from .supervised import Trainer
 
 
 @dataclass
