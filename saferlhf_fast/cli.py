@@ -274,7 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "train-step":
             p.add_argument("--layouts", nargs="+", choices=["full", "ragged"], default=None)
     ppo = measured("ppo-step", "one PPO-Lag step vs the reference-style step, per phase", "ppo-step",
-                   _bench_ppo_step, reps=5, warmup=1)
+                   _bench_ppo_step, reps=5, warmup=1, presets=("tiny", "default", "realistic", "gpu"))
     ppo.add_argument("--algorithm", choices=["ppo-lag", "ppo"], default="ppo-lag")
     ppo.add_argument("--json", default=None, help="also write every rep and the summary here")
     plot = bench_sub.add_parser("plot", help="PNG charts (speed-up, memory ratio) from benchmark CSVs")
@@ -293,7 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
     prof_sub = prof.add_subparsers(dest="what", required=True)
     pp = prof_sub.add_parser("ppo-step", help="one real PPO(-Lag) step of our trainer under torch.profiler")
     pp.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    pp.add_argument("--sizes", choices=["tiny", "default", "gpu"], default=None,
+    pp.add_argument("--sizes", choices=["tiny", "default", "realistic", "gpu"], default=None,
                     help="workload of bench ppo-step (default: 'default' on cpu, 'gpu' on cuda)")
     pp.add_argument("--algorithm", choices=["ppo-lag", "ppo"], default="ppo-lag")
     pp.add_argument("--warmup", type=int, default=1, help="unprofiled steps first")

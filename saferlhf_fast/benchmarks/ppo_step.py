@@ -66,6 +66,8 @@ class Workload:
 SIZES = {
     "tiny": Workload(hidden=32, intermediate=64, layers=1, heads=2, vocab=1152, batch=2, prompt_len=4, new_tokens=4),
     "default": Workload(),
+    # SmolLM2's vocabulary, 64-token prompts, 256 new tokens: where [B, L, V] logits dominate a reference step.
+    "realistic": Workload(vocab=49152, batch=8, prompt_len=64, new_tokens=256),
     "gpu": Workload(hidden=1024, intermediate=2816, layers=8, heads=16, vocab=32000, batch=32, prompt_len=64,
                     new_tokens=128),
 }
