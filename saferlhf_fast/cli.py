@@ -312,7 +312,28 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=_demo)
 
     _add_config_commands(sub)
+
+    docs = sub.add_parser("docs", help="reference documents generated from the code")
+    docs_sub = docs.add_subparsers(dest="what", required=True)
+    cli_doc = docs_sub.add_parser("cli", help="every command and flag (docs/cli.md), rendered from this parser")
+    cli_doc.add_argument("--out", default=None, help="write here (e.g. docs/cli.md) instead of printing")
+    cli_doc.set_defaults(func=_docs_cli)
     return parser
+
+
+def _docs_cli(args) -> int:
+    from .clidoc import render
+
+    text = render(build_parser())
+    if args.out is None:
+        sys.stdout.write(text)
+        return 0
+    tmp = args.out + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, args.out)
+    print(f"wrote {args.out}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
