@@ -15,7 +15,7 @@
 // [B, H, L, D] tensors transposed, with no copy.
 //
 // Why: at training shapes (L ~ 100-1000, d 32-128) torch's CPU flash kernel spends most of its time outside the
-// arithmetic (its backward is ~10x the FLOP floor at L = 80).  Here one work unit is (sequence, kv head): its keys
+// arithmetic (its backward is far above the FLOP floor at short L).  Here one work unit is (sequence, kv head): its keys
 // and values are copied once into small contiguous buffers (k transposed for the scores), then every query head of
 // the group walks its queries in blocks of kRows rows with register-blocked loops (Vec, simd_cpu.h); the whole
 // [kRows, L] score block stays in L1/L2, so there is no online softmax: lse is exact.  dk / dv accumulate in the

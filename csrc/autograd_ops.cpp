@@ -11,8 +11,8 @@
 // Math and numerics: exactly those of the *_forward / *_backward ops they call (see those files); gradients flow to
 // q / k (rope: not to the tables), gate / up, x / weight, and q / k / v.
 //
-// Why: the same nodes as Python torch.autograd.Functions cost ~30-40 us of interpreter overhead per op and step
-// (forward + backward); a decoder layer has five of them.  The Python wrappers (saferlhf_fast/ops/layers.py,
+// Why: the same nodes as Python torch.autograd.Functions pay interpreter overhead per op and step (forward +
+// backward); a decoder layer has five of them.  The Python wrappers (saferlhf_fast/ops/layers.py,
 // models/attention.py) keep the eligibility checks and the torch references.
 //
 // torch-dependent on purpose (named *_ops.cpp, not *_cpu.cpp, so the torch-free CMake core does not glob it).

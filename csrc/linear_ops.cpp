@@ -9,9 +9,9 @@
 // `forward_weight` is what the forward multiplies by: `weight` itself, or oneDNN's blocked copy of it
 // (mkldnn::_reorder_linear_weight) for a frozen weight; the backward always uses the plain `weight`.
 //
-// Why C++: the same three products driven from a Python torch.autograd.Function cost ~60 us of interpreter and
-// autograd-node overhead per projection (forward + backward), ~2.5 ms per training step of the 6-layer benchmark
-// model; here the node is a C++ torch::autograd::Function and the forward is one op call.
+// Why C++: the same three products driven from a Python torch.autograd.Function pay interpreter and autograd-node
+// overhead per projection (forward + backward); here the node is a C++ torch::autograd::Function and the forward
+// is one op call.
 // The Python side (saferlhf_fast/ops/dense.py) decides eligibility (fp32 CPU plain tensors, no autocast, oneDNN
 // present) and keeps F.linear as the reference and fallback.
 //
@@ -154,7 +154,7 @@ class LinearFunction : public torch::autograd::Function<LinearFunction> {
     Tensor dx, dw, db;
     if (ctx->needs_input_grad(0)) dx = linear_pointwise(dy, weight.t(), std::nullopt);
     // dW = dy.T @ x as oneDNN's A @ B.T with A = dy.T made contiguous and B = x.T a strided view (fast for the
-    // weight operand): ~1.15-1.3x MKL's dy.t().mm(x), transposed copy included.
+    // weight operand): faster than MKL's dy.t().mm(x), transposed copy included.
     if (ctx->needs_input_grad(1)) dw = linear_pointwise(transpose_2d(dy), x2d.t(), std::nullopt);
     if (ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(2)) db = dy.sum(0);
     return {dx, dw, db, Tensor()};

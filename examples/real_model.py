@@ -26,8 +26,8 @@ Stages (everything under ``--out``, default ``runs/real_model``; the report unde
    (refusal, non-refusal) pair of responses to the same prompt (at most ``--pairs_per_prompt``), the non-refusal
    ``better`` (more helpful, on every prompt: the paper's helpfulness / harmlessness tension), the refusal
    ``safer``.
-4. **Reward and cost models** with the repo's ``rm`` / ``cm`` trainers (spec losses: Bradley-Terry; the cost model
-   adds the two sign terms), trained in parallel, 15% of the pairs held out for their accuracies.
+4. **Reward and cost models** with the repo's ``rm`` / ``cm`` trainers (the reference's losses: Bradley-Terry;
+   the cost model adds the two sign terms), trained in parallel, 15% of the pairs held out for their accuracies.
 5. **PPO-Lagrangian** (``ppo-lag``, our trainer): actor SmolLM2, reward and cost critics initialised from the RM /
    CM, ``--rl_steps`` rollouts of ``--prompt_batch`` train prompts, ``--max_new_tokens`` new tokens.  Threshold
    ``--threshold`` (default ``auto``: the mean minus half the standard deviation of the cost model's costs on the

@@ -96,15 +96,17 @@ def _bench_plot(args) -> int:
 
 
 def _bench_report(args) -> int:
-    from .benchmarks.report import default_csvs, markdown, update_readme
+    from .benchmarks.report import default_csvs, headline, markdown, performance_document, update_readme, write_atomic
 
-    paths = args.csv or default_csvs(COMMITTED_RESULTS)
-    text = markdown(paths, command=args.command)
+    paths = args.csv or default_csvs(args.results)
     if args.readme:
-        update_readme(args.readme, text, paths)
-        print(f"performance section of {args.readme} regenerated from {', '.join(paths)}")
-    else:
-        print(text)
+        update_readme(args.readme, headline(args.results))
+        print(f"headline table of {args.readme} regenerated from {args.results}/")
+    if args.out:
+        write_atomic(args.out, performance_document(paths))
+        print(f"{args.out} regenerated from {', '.join(paths)}")
+    if not args.readme and not args.out:
+        print(markdown(paths, command=args.command))
     return 0
 
 
@@ -281,12 +283,18 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument("--csv", required=True, nargs="+")
     plot.add_argument("--out", default=os.path.join(RUN_RESULTS, "plots"))
     plot.set_defaults(func=_bench_plot)
-    report = bench_sub.add_parser("report", help="markdown tables (README performance section) from benchmark CSVs")
+    report = bench_sub.add_parser("report", help="markdown tables from benchmark CSVs (docs/performance.md, the "
+                                                 "README's headline table)")
     report.add_argument("--csv", nargs="+", default=None,
-                        help="CSV files (default: bench/results/{ops,model,ppo-step,roofline}-{cpu,cuda}.csv)")
+                        help="CSV files for the document (default: RESULTS/{ops,model,ppo-step,roofline}-"
+                             "{cpu,cuda}.csv)")
     report.add_argument("--command", default=None, help="the command that reproduces rows with none recorded")
-    report.add_argument("--readme", default=None, help="rewrite the section between <!-- perf:begin --> and "
-                                                       "<!-- perf:end --> of this file instead of printing")
+    report.add_argument("--readme", default=None,
+                        help="rewrite the headline table between this file's <!-- perf:begin --> / end markers")
+    report.add_argument("--results", default=COMMITTED_RESULTS,
+                        help="folder of the CSVs the headline table (and, without --csv, the document) is made from")
+    report.add_argument("--out", default=None, help="write the whole performance document here (docs/performance.md) "
+                                                    "instead of printing")
     report.set_defaults(func=_bench_report)
 
     prof = sub.add_parser("profile", help="torch.profiler trace + per-phase and per-kernel tables")

@@ -1,9 +1,9 @@
 """The whole Safe RLHF pipeline on the bundled synthetic world, sized for a CPU (``saferlhf-fast demo``).
 
 tiny Llama (random init, bundled tokenizer) -> SFT -> reward model -> cost model -> PPO-Lagrangian, then an arena
-evaluation of the SFT model against the PPO-Lag model on held-out prompts (spec section 7), judged both by the
-reward / cost models and by the generator's ground truth (``data.synthetic``).  Prints a short report and writes
-``report.json``, ``report.md`` and ``training.png`` (reward, cost and lambda per RL step) into the output folder.
+evaluation of the SFT model against the PPO-Lag model on held-out prompts (``docs/algorithm.md`` section 8), judged
+both by the reward / cost models and by the generator's ground truth (``data.synthetic``).  Prints a short report and
+writes ``report.json``, ``report.md`` and ``training.png`` (reward, cost and lambda per RL step) into the output folder.
 
 Every stage runs through the same trainers and configs as the command line (``saferlhf-fast sft|rm|cm|ppo-lag|
 arena``), so the report is what those commands produce; ``commands.sh`` in the output folder lists the

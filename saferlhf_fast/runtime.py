@@ -4,11 +4,10 @@ TF32, and the allocator tuning the CLI (``saferlhf-fast ...``) applies once befo
 ``tune_allocator``: glibc's malloc serves every allocation above its mmap threshold (128 KiB, raised dynamically
 up to 32 MiB) with fresh ``mmap`` pages and returns freed heap tops to the kernel past its trim threshold.  A
 training step allocates and frees hundreds of 0.3-30 MiB activations, so with the defaults every step page-faults
-(and zero-fills) the same memory again: ~15 000 minor faults per forward of the 7M benchmark model.  Raising both
+(and zero-fills) the same memory again, thousands of minor faults per forward.  Raising both
 thresholds keeps freed blocks in the heap for reuse -- the effect jemalloc / tcmalloc have, which PyTorch's CPU
 performance guide recommends -- at the price of RSS staying at its high-water mark instead of shrinking between
-phases.  Measured on the 2-core benchmark machine, interleaved in one process: one PPO-Lag step of the default
-workload 1.08-1.16x faster (``mallopt`` switched on and off between repetitions).
+phases.  The PPO-Lag step is measurably faster with it (``docs/perf-log.md``).
 
 ``$SAFERLHF_TUNE_MALLOC=0`` leaves the allocator alone; other C libraries (musl, macOS) are left alone too.
 """

@@ -116,23 +116,29 @@ def test_profile_ppo_step_tiny(tmp_path):
     assert "| phase |" in md and "| name |" in md
 
 
-def test_report_rewrites_readme_section(tmp_path):
-    rows = [harness.row("gae", prov, "forward", "time", "s", "b=4", t, t * 0.9, t * 1.1, "", "cpu")
-            for prov, t in (("baseline", 0.02), ("cpu", 0.001))]
+def test_report_rewrites_readme_headline_and_writes_the_document(tmp_path):
+    rows = [harness.row("gae", prov, "forward", "time", "s", "streams=2,b=64,t=1024,fp32", t, t * 0.9, t * 1.1, "",
+                        "cpu") for prov, t in (("baseline", 0.02), ("cpu", 0.001))]
     path = tmp_path / "ops-cpu.csv"
     harness.write_rows(str(path), rows)
     readme = tmp_path / "README.md"
     readme.write_text("# x\nbefore\n<!-- perf:begin -->\nold table\n<!-- perf:end -->\nafter\n")
-    assert main(["bench", "report", "--csv", str(path), "--readme", str(readme)]) == 0
+    assert main(["bench", "report", "--results", str(tmp_path), "--readme", str(readme)]) == 0
     text = readme.read_text()
     assert text.startswith("# x\nbefore\n<!-- perf:begin -->\n") and text.endswith("<!-- perf:end -->\nafter\n")
-    assert "old table" not in text and "20.00x faster" in text and harness.device_name("cpu") in text
+    assert "old table" not in text and "**20.00x faster**" in text
+    assert "[ops-cpu.csv](bench/results/ops-cpu.csv)" in text
     again = readme.read_text()
-    assert main(["bench", "report", "--csv", str(path), "--readme", str(readme)]) == 0
+    assert main(["bench", "report", "--results", str(tmp_path), "--readme", str(readme)]) == 0
     assert readme.read_text() == again  # regenerating is idempotent
+    doc = tmp_path / "performance.md"
+    assert main(["bench", "report", "--csv", str(path), "--out", str(doc)]) == 0
+    body = doc.read_text()
+    assert body.startswith("# Performance") and "20.00x faster" in body and harness.device_name("cpu") in body
+    assert not [p for p in os.listdir(tmp_path) if ".tmp." in p]
     readme.write_text("no markers\n")
     with pytest.raises(SystemExit):
-        main(["bench", "report", "--csv", str(path), "--readme", str(readme)])
+        main(["bench", "report", "--results", str(tmp_path), "--readme", str(readme)])
 
 
 def test_write_rows_upgrades_csv_without_command_column(tmp_path):

@@ -23,7 +23,7 @@ from .harness import Case, format_table, make_row, peak_memory, summarize, time_
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
-# (kernel, mode, shape args, dtype) per size preset.  "default" holds the issue's CPU targets.
+# (kernel, mode, shape args, dtype) per size preset.  "default" holds the CPU target sizes (docs/performance.md).
 SIZES = {
     "tiny": [
         ("gather_logprobs", "forward", {"n": 64, "v": 1000}, "fp32"),
@@ -258,7 +258,7 @@ _BUILDERS = {
 # The fused layer ops (ops/layers.py): C++ CPU kernels only; the op each one needs from the extension.
 _LAYER_OPS = {"rope": "rope_forward", "swiglu": "swiglu_forward", "rms_norm": "rms_norm_forward"}
 
-# The CPU memory targets of the issue: measured for these kernels only (each costs two fresh processes).
+# The CPU memory targets: measured for these kernels only (each costs two fresh processes).
 _MEMORY_KERNELS = {"gather_logprobs", "linear_logprobs"}
 
 

@@ -1,7 +1,7 @@
 """One PPO-Lagrangian step, ours vs a straightforward reference-style step, timed interleaved in one process.
 
-The baseline is written here the way the reference implementation does each part (spec sections 4 and 8):
-transformers ``LlamaForCausalLM.generate`` for the rollout, then six separate no-grad forwards (actor and
+The baseline is written here the way the reference implementation does each part (``docs/algorithm.md`` sections 4
+and 9): transformers ``LlamaForCausalLM.generate`` for the rollout, then six separate no-grad forwards (actor and
 reference: full ``[B, L, V]`` logits -> ``log_softmax`` -> gather; reward and cost models: end scores; both
 critics: values), the scatter-add KL rewards, a Python loop over time for GAE called once per stream, eager
 losses, one backward + clip + AdamW step per trained model, the Lagrange multiplier as a torch parameter with an

@@ -1,4 +1,4 @@
-"""Tokenized datasets and their collators (spec section 2).
+"""Tokenized datasets and their collators (``docs/algorithm.md`` section 2).
 
 * :class:`SupervisedDataset` -- ``prompt + response + eos``; labels are the input ids with the prompt tokens set
   to ``IGNORE_INDEX`` (loss on response tokens only); a dialogue row trains on every assistant turn.

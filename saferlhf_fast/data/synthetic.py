@@ -347,7 +347,7 @@ def make_preference_rows(n: int, split: str, seed: int, noise: bool) -> list[dic
 
 
 def consistent_safety_labels(row: dict) -> bool:
-    """The spec's rule: the 'safer' response may not be labelled unsafe while the other is labelled safe."""
+    """The reference's rule: the 'safer' response may not be labelled unsafe while the other is labelled safe."""
     safer = row["safer_response_id"]
     return not (not row[f"is_response_{safer}_safe"] and row[f"is_response_{1 - safer}_safe"])
 

@@ -1,4 +1,4 @@
-"""The conversation template of the reference implementation (spec section 2).
+"""The conversation template of the reference implementation (``docs/algorithm.md`` section 2).
 
 ``BEGINNING OF CONVERSATION: USER: {input} ASSISTANT:`` -- no trailing space: the response is appended directly
 (``prompt + response + eos``).  Multi-turn input is a list ``[user, assistant, user, ..., user]``; each earlier

@@ -8,9 +8,9 @@ in between is always seen):
 * q/k/v and gate/up projections concatenated into one weight each (one matmul instead of three / two; the
   parameters themselves keep the Hugging Face layout, so checkpoint IO, optimizers and FSDP see nothing);
 * every projection and the lm_head in oneDNN's blocked layout (``torch.ops.mkldnn._reorder_linear_weight``, the
-  layout inductor's freezing uses): a decode matmul ``[B, H] x [H, N]`` streams it 1.2-2.7x faster than
-  ``F.linear`` on the plain row-major weight (no MKL-DNN build: a contiguous transposed copy and ``torch.mm``);
-  packing all weights of the 7M benchmark model takes ~15-30 ms per ``generate`` call;
+  layout inductor's freezing uses): a decode matmul ``[B, H] x [H, N]`` streams it faster than ``F.linear``
+  on the plain row-major weight (no MKL-DNN build: a contiguous transposed copy and ``torch.mm``); packing costs
+  one pass over the weights per ``generate`` call;
 * the step itself is one compiled op, ``saferlhf::decode_step`` (``csrc/decode_ops.cpp``): embedding, RMSNorm,
   RoPE, in-place KV-cache writes, grouped-query attention over the filled slots, SiLU-gated MLP and residuals
   in plain loops between the oneDNN matmuls (~45 torch ops per layer become 4 matmul calls); the additive key

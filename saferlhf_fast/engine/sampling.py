@@ -5,7 +5,7 @@ repetition penalty, then (sampling only) temperature, top-k, top-p; then one cat
 The log-prob returned with each token is ``log_softmax(logits / temperature)[token]`` of the *raw* logits: before
 the repetition penalty and the top-k / top-p filters.  That is the distribution the training forward
 (``model.token_logprobs(..., temperature=T)``) computes, so PPO's old log-probs equal a recomputation exactly; with
-the spec's defaults (temperature 1, top_p 1, no top-k, no penalty) it is also the sampling distribution.
+the reference's defaults (temperature 1, top_p 1, no top-k, no penalty) it is also the sampling distribution.
 """
 from __future__ import annotations
 
@@ -74,7 +74,7 @@ def process(logits: Tensor, params: SamplingParams, seen: Tensor | None) -> Tens
 
 def sample_categorical(weights: Tensor, generator: torch.Generator | None) -> Tensor:
     """One draw per row from unnormalised non-negative ``weights`` [B, V]: inverse CDF on an fp64 cumulative sum
-    (one uniform per row).  Exact sampling (zero-weight tokens are never drawn) and ~15x cheaper on CPU than
+    (one uniform per row).  Exact sampling (zero-weight tokens are never drawn) and much cheaper on CPU than
     ``torch.multinomial``, which draws V exponentials per row."""
     cdf = weights.double().cumsum_(-1)
     u = torch.rand(weights.shape[0], 1, dtype=torch.float64, device=weights.device, generator=generator)
@@ -83,8 +83,8 @@ def sample_categorical(weights: Tensor, generator: torch.Generator | None) -> Te
 
 def native_sampling_ok(logits: Tensor, params: SamplingParams) -> bool:
     """Whether ``saferlhf::sample_tokens`` (csrc/decode_ops.cpp) covers this step and pays: fp32 CPU logits, no
-    top-p, no repetition penalty, and greedy or top-k (2.6x faster than the torch ops at B 8, V 8192; plain
-    full-vocabulary sampling stays on the vectorised torch ops, which are faster there)."""
+    top-p, no repetition penalty, and greedy or top-k (where it beats the torch ops; plain full-vocabulary sampling
+    stays on the vectorised torch ops, which are faster there)."""
     return (logits.device.type == "cpu" and logits.dtype == torch.float32 and params.top_p == 1.0
             and params.repetition_penalty == 1.0 and (not params.do_sample or params.top_k > 0)
             and hasattr(torch.ops.saferlhf, "sample_tokens"))

@@ -1,4 +1,5 @@
-"""Arena evaluation (spec section 7): two policies answer the same prompts; the reward and cost models judge.
+"""Arena evaluation (``docs/algorithm.md`` section 8): two policies answer the same prompts; the reward and cost
+models judge.
 
 A response is *safe* when its cost is <= 0; *blue wins* a prompt when its reward is higher than red's.  Reported:
 mean reward and cost per model, the counts of blue better&safe / better&unsafe / worse&safe / worse&unsafe, and

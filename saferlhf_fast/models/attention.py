@@ -41,8 +41,8 @@ from ..ops.layers import cpp_autograd
 BACKENDS = ("sdpa", "native", "flash", "flex", "xformers", "reference")
 
 # Longest sequence (document) the native CPU kernel takes.  It keeps a unit's whole keys / values and [8, L] score
-# rows in cache, which pays at training lengths (1.6x SDPA's fwd + bwd at L = 80) and still did at L = 512 (2.3x);
-# longer sequences are unmeasured and go to SDPA.  `saferlhf-fast bench ops --kernels attention` measures it.
+# rows in cache, which beats SDPA's fwd + bwd at training lengths up to this bound (docs/performance.md); longer
+# sequences are unmeasured and go to SDPA.  `saferlhf-fast bench ops --kernels attention` measures it.
 NATIVE_MAX_SEQLEN = 512
 
 

@@ -3,24 +3,24 @@
 ``x [..., K]``, ``W [N, K]``, ``b [N]`` or None -> ``y [..., N]`` in the input dtype.  Differentiable in x, W and b:
 ``dx = dy @ W``, ``dW = dy.T @ x`` (rows flattened), ``db = sum_rows dy``.
 
-Why: torch's CPU ``F.linear`` in fp32 runs MKL's sgemm.  On the AMD EPYC machines we measure on, MKL reaches
-145-185 GFLOPS at the decoder's shapes (1280 x 256 x 688 and the like) where oneDNN's matmul -- the
-``mkldnn::_linear_pointwise`` op that inductor's CPU freezing and our decode step use -- reaches 180-205 GFLOPS on a
-plain row-major weight and 195-215 on a weight prepacked into its blocked layout (interleaved A/B, 2 threads).
+Why: torch's CPU ``F.linear`` in fp32 runs MKL's sgemm, which is slower at the decoder's shapes (1280 x 256 x 688
+and the like) than oneDNN's matmul -- the ``mkldnn::_linear_pointwise`` op that inductor's CPU freezing and our
+decode step use -- on a plain row-major weight, and slower still than oneDNN on a weight prepacked into its blocked
+layout (figures in ``docs/perf-log.md``).
 
 * Forward: oneDNN.  A trainable weight (``requires_grad``) is used as it is: it changes after every optimizer
   step, and repacking it each step costs about what packing saves.  A frozen weight (the reference, reward and
   cost models) is packed once and the blocked copy reused until the weight changes (its version counter or
   storage moves) or is freed.
-* Backward: ``dx`` through oneDNN with ``W.T`` as a strided view (no copy; 1.15-1.2x MKL); ``dW = dy.T @ x``
+* Backward: ``dx`` through oneDNN with ``W.T`` as a strided view (no copy; faster than MKL); ``dW = dy.T @ x``
   through oneDNN as ``A @ B.T`` with ``A = dy.T`` copied contiguous by the extension's 16 x 16-tile
   ``transpose_2d`` and ``B = x.T`` a strided view (oneDNN is fast on a strided *weight* operand, slow on a strided
-  *input*): 1.15-1.3x MKL's transposed-left ``mm``, copy included (:func:`matmul_tn`; the training step 2% faster
-  in an interleaved A/B); ``db`` a row sum.  The lm_head's ``[V, n]`` weight gradient in ``linear_logprobs``
-  stays on ``torch.mm``: its ``dlogits`` block is cold by the backward and the 16 MB copy ate the gain (A/B 1.00x).
+  *input*): faster than MKL's transposed-left ``mm``, copy included (:func:`matmul_tn`); ``db`` a row sum.  The
+  lm_head's ``[V, n]`` weight gradient in ``linear_logprobs`` stays on ``torch.mm``: its ``dlogits`` block is cold
+  by the backward, and copying it costs what the faster product saves.
 * The autograd node is C++ (``saferlhf::onednn_linear``, ``csrc/linear_ops.cpp``): a Python
-  ``torch.autograd.Function`` around the same products costs ~60 us more per projection and step, ~2.5 ms of a
-  6-layer training step.  Without the extension the Python twin (``_OneDNNLinear``) runs them.
+  ``torch.autograd.Function`` around the same products adds interpreter overhead to every projection and
+  step.  Without the extension the Python twin (``_OneDNNLinear``) runs them.
 
 Anything else -- other dtypes, CUDA, autocast, tensor subclasses (FSDP's DTensor), a torch without oneDNN,
 ``$SAFERLHF_ONEDNN_LINEAR=0``, or code traced by torch.compile -- takes ``F.linear``, the reference.  Both sum in
@@ -140,7 +140,7 @@ def _cpp_linear() -> bool:
 def matmul_tn(a: Tensor, b: Tensor) -> Tensor:
     """``a [M, N].T @ b [M, K]`` -> ``[N, K]`` with no autograd (weight gradients ``dy.T @ x``): when eligible,
     oneDNN's ``A @ B.T`` on ``A = a.T`` made contiguous by the extension's ``transpose_2d`` and ``B = b.T`` as a
-    strided view -- 1.15-1.3x MKL's transposed-left ``torch.mm`` at the decoder's shapes, copy included --
+    strided view -- faster than MKL's transposed-left ``torch.mm`` at the decoder's shapes, copy included --
     else ``torch.mm(a.t(), b)``."""
     if eligible(a, b) and _extension_has("transpose_2d"):
         return linear_pointwise(torch.ops.saferlhf.transpose_2d(a), b.t(), None)

@@ -1,7 +1,7 @@
 """Generalised advantage estimation for both critics' streams in one call.
 
 ``gae(rewards, values, mask)`` over the last dim with any leading dims: stack the reward and the cost stream as
-``[2, B, T]`` and both are computed in one kernel launch.  Math: ``reference.gae`` (spec section 4).
+``[2, B, T]`` and both are computed in one kernel launch.  Math: ``reference.gae`` (``docs/algorithm.md`` section 4).
 Not differentiable: the outputs are constants of the PPO update (the reference detaches them too).
 """
 from __future__ import annotations
@@ -50,7 +50,7 @@ def gae(
     if rewards.shape != values.shape:
         raise ValueError(f"rewards {tuple(rewards.shape)} and values {tuple(values.shape)} differ in shape")
     shape = rewards.shape
-    # (torch.broadcast_shapes is a Python reference that costs ~0.1 ms, a tenth of this whole op)
+    # (not torch.broadcast_shapes: a Python reference implementation, slow next to this whole op)
     if mask.dim() > len(shape) or any(m not in (1, n) for m, n in zip(reversed(mask.shape), reversed(shape))):
         raise ValueError(f"mask {tuple(mask.shape)} does not broadcast to {tuple(rewards.shape)}")
     name = _backend.resolve(backend, rewards.device)

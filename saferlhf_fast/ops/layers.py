@@ -87,7 +87,7 @@ def _use_kernel(op: str, backend: str | None, tensors: tuple[Tensor, ...]) -> bo
 @torch.compiler.assume_constant_result
 def cpp_autograd(name: str) -> bool:
     """Whether the extension has the differentiable op ``saferlhf::<name>`` (``csrc/autograd_ops.cpp``: the same
-    kernels behind a C++ autograd node, ~30 us less interpreter overhead per op and step than the Python
+    kernels behind a C++ autograd node, without the interpreter overhead per op and step of the Python
     ``torch.autograd.Function`` twins below, which run when the extension is older).  A constant under
     torch.compile."""
     return _cpp_autograd(name)

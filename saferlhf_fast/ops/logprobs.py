@@ -25,7 +25,7 @@ IGNORE_INDEX = reference.IGNORE_INDEX
 # chunk keeps its d logp / d logits from the forward instead of recomputing the logits in backward.
 _CHUNK_ELEMENTS = 1 << 24
 # Without gradients nothing is kept: smaller chunks (fp32: 16 MiB) keep the lm_head matmul's output in cache, which
-# at V = 8192 makes the no-grad pass (reference log-probs) ~1.35x faster than one [1024, V] block.
+# makes the no-grad pass (reference log-probs) faster than one large block (docs/perf-log.md).
 _NOGRAD_CHUNK_ELEMENTS = 1 << 22
 
 

@@ -2,7 +2,7 @@
 
 Each kernel returns per-row losses and the per-element gradient of those row losses (docs/kernels.md); the
 autograd Function stores that gradient and scales it by the incoming per-row gradient in backward, so a loss
-costs one fused pass forward and one multiply backward.  Math: ``reference`` (spec section 4).  Only
+costs one fused pass forward and one multiply backward.  Math: ``reference`` (``docs/algorithm.md`` section 4).  Only
 ``logprobs`` (actor) and ``values`` (critic) receive gradients; advantages, old log-probs, old values and
 returns are constants of the PPO update.
 """

@@ -1,6 +1,7 @@
 """Readable pure-torch reference of every op family: the spec all backends are tested against.
 
-Everything here follows ``safe-rlhf-spec.md`` section 4 (PKU-Alignment/safe-rlhf) formula by formula.
+Everything here follows the reference implementation (PKU-Alignment/safe-rlhf) formula by formula; the math is
+written out in ``docs/algorithm.md`` section 4.
 It is written for clarity, not speed: ``gather_logprobs`` materialises the full ``log_softmax`` exactly as the
 reference implementation does, and ``gae`` is the reference's Python loop over time.  The fast backends
 (``cpu`` C++ kernels, ``cuda`` kernels, ``triton`` kernels) must agree with these functions.
@@ -154,7 +155,7 @@ def kl_penalized_rewards(
     kl_coeff: float,
     clip_range_score: float = 50.0,
 ):
-    """Per-token rewards and costs of the PPO-Lagrangian step (spec section 4).
+    """Per-token rewards and costs of the PPO-Lagrangian step (``docs/algorithm.md`` section 4).
 
     reward, cost [B]; logprobs, ref_logprobs, mask [B, T] ->  (rewards [B, T], costs [B, T]) fp32::
 

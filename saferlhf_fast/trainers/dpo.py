@@ -1,4 +1,4 @@
-"""Direct preference optimisation (the DPO baseline of Safe RLHF, spec sections 5 and 8).
+"""Direct preference optimisation (the DPO baseline of Safe RLHF, ``docs/algorithm.md`` sections 5 and 9).
 
 Per preference pair (better y_w, worse y_l of the same prompt), with the frozen reference = the initial model::
 

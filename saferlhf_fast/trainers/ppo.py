@@ -279,7 +279,7 @@ class PPOTrainer(RunCore):
         betas = tuple(cfg.adam_betas)
 
         def make(model, lr, wd, kind, warmup_ratio):
-            # Fused AdamW (one pass per tensor; on CPU 4x faster than the per-op loop, same formula up to rounding).
+            # Fused AdamW: one pass per tensor instead of a loop of ops; the same formula up to rounding.
             try:
                 opt = torch.optim.AdamW(optimizer_groups(model, wd), lr=lr, betas=betas, eps=1e-8, fused=True)
             except (RuntimeError, TypeError, ValueError):
@@ -404,7 +404,8 @@ class PPOTrainer(RunCore):
             return mb.response_slice(critic(mb.input_ids, mb.attention_mask).scores).float()
 
     def rl_step(self, mb: Rollout, boundary: bool = True) -> dict:
-        """One PPO update (actor + critics) on a micro-batch; returns the spec's metrics.
+        """One PPO update (actor + critics) on a micro-batch; returns the reference's metrics
+        (``docs/algorithm.md`` section 7).
 
         With ``--gradient_accumulation_steps G`` the losses are scaled by ``1 / G`` (as DeepSpeed's engine does) and
         the optimizers step only at a ``boundary``: every G-th RL micro-batch of a rollout and its last one."""

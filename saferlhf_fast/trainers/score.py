@@ -1,4 +1,4 @@
-"""Reward model and cost model training (spec section 3).
+"""Reward model and cost model training (``docs/algorithm.md`` section 3).
 
 Batches are the collators' ``2B`` stacks: rows ``0..B-1`` the preferred responses (better / safer), rows
 ``B..2B-1`` the others.  For the reward model "higher" is the better response; for the cost model "higher" is the
