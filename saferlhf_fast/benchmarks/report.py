@@ -193,7 +193,7 @@ def headline_rows(results_dir: str) -> list[tuple[Headline, dict, dict]]:
 def headline(results_dir: str) -> str:
     """The README's table: one line per ``HEADLINES`` entry, each figure from a committed CSV row, linked to the
     CSV and naming the command that reproduces it."""
-    lines = ["| measurement (CPU, 2 threads) | saferlhf-fast | baseline | ratio | source |", "|---|---|---|---|---|"]
+    lines = ["| measurement | saferlhf-fast | baseline | ratio | machine | source |", "|---|---|---|---|---|---|"]
     for h, ours, base in headline_rows(results_dir):
         got = ratio_to_baseline(h.metric, float(ours["p50"]), float(base["p50"]))
         if got is None:
@@ -201,7 +201,7 @@ def headline(results_dir: str) -> str:
         ratio = (f"{got[0]:.2f}x the memory" if got[1] == "fraction" else
                  f"**{got[0]:.2f}x faster**" if got[0] >= 1 else f"{1 / got[0]:.2f}x slower")
         link = f"[{h.csv}](bench/results/{h.csv}), `{ours.get('command') or ''}`"
-        lines.append(f"| {h.what} | {_fmt(ours)} | {_fmt(base)} ({h.baseline}) | {ratio} | {link} |")
+        lines.append(f"| {h.what} | {_fmt(ours)} | {_fmt(base)} ({h.baseline}) | {ratio} | {ours['device']} | {link} |")
     return "\n".join(lines)
 
 
