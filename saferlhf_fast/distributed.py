@@ -220,13 +220,22 @@ def _fsdp_modules(model) -> list:
     return [m for m in model.modules() if isinstance(m, FSDPModule)]
 
 
+def decoder_layers(model) -> list:
+    """The blocks FSDP2 shards one by one: our decoder's layers, or a transformers-backed model's modules of the
+    classes it lists in ``_no_split_modules`` (its decoder layers)."""
+    if getattr(model, "is_hf", False):
+        names = set(getattr(model.hf, "_no_split_modules", None) or ())
+        return [m for m in model.hf.modules() if type(m).__name__ in names]
+    return list(model.model.layers)
+
+
 def shard_model(model, *, mixed_precision: str | None = None, offload: bool = False,
                 reshard_after_forward: bool = True):
-    """FSDP2 on a ``DecoderModel``: ``fully_shard`` each decoder layer, then the root.  ``mixed_precision``
-    ``"bf16"`` / ``"fp16"``: parameters all-gathered and computed in that dtype, gradients reduced in fp32 (the
-    sharded master weights and the optimizer state stay fp32).  ``offload``: ``CPUOffloadPolicy`` (sharded
-    parameters, gradients and optimizer state in CPU memory; the optimizer steps on the CPU).  Returns the model
-    (the same object, now an ``FSDPModule``)."""
+    """FSDP2 on a model: ``fully_shard`` each decoder layer (:func:`decoder_layers`), then the root.
+    ``mixed_precision`` ``"bf16"`` / ``"fp16"``: parameters all-gathered and computed in that dtype, gradients
+    reduced in fp32 (the sharded master weights and the optimizer state stay fp32).  ``offload``:
+    ``CPUOffloadPolicy`` (sharded parameters, gradients and optimizer state in CPU memory; the optimizer steps on the
+    CPU).  Returns the model (the same object, now an ``FSDPModule``)."""
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
     kw: dict = {"reshard_after_forward": reshard_after_forward}
@@ -238,7 +247,7 @@ def shard_model(model, *, mixed_precision: str | None = None, offload: bool = Fa
     # FSDP2 warns when a wrapped forward returns a view (an in-place op on it would skip the backward all-gather);
     # ``token_logprobs`` / ``scores`` outputs are views and the trainers only ever use them out of place.
     warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
-    for layer in model.model.layers:
+    for layer in decoder_layers(model):
         fully_shard(layer, **kw)
     fully_shard(model, **kw)
     for name in ("token_logprobs", "forward_cached", "score_ends", "score_columns"):

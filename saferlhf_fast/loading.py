@@ -38,10 +38,10 @@ def require_score_head(flag: str, path: str, trained_by: str) -> None:
                           f"`saferlhf-fast {trained_by}` first")
 
 
-def load_model(path: str, head: str, attn_backend: str | None, device: torch.device):
+def load_model(path: str, head: str, attn_backend: str | None, device: torch.device, backend: str = "auto"):
     from .models import from_pretrained
 
     if not os.path.isdir(path) or not os.path.isfile(os.path.join(path, "config.json")):
         raise ConfigError(f"--model_name_or_path {path}: not a model folder (no config.json)")
-    model = from_pretrained(path, head=head, dtype=torch.float32, attn_backend=attn_backend)
+    model = from_pretrained(path, head=head, dtype=torch.float32, attn_backend=attn_backend, backend=backend)
     return model.to(device)

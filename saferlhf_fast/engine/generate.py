@@ -214,7 +214,8 @@ class _CudaGraphStep:
 
 
 def _generate_hf(model, input_ids, prompt_mask, max_new_tokens, params, eos, pad, seed) -> GenerateOutput:
-    """backend='hf': transformers' generate, then one forward for the log-probs (same contract, slower)."""
+    """backend='hf': transformers' generate (with its static KV cache where the model supports one), then one
+    forward for the log-probs through ``linear_logprobs`` (same contract as the native path)."""
     if seed is not None:
         torch.manual_seed(int(seed))
     was_training = model.training
@@ -224,6 +225,8 @@ def _generate_hf(model, input_ids, prompt_mask, max_new_tokens, params, eos, pad
         gc.update(do_sample=params.do_sample, max_new_tokens=max_new_tokens, pad_token_id=pad,
                   eos_token_id=eos or None, repetition_penalty=params.repetition_penalty,
                   temperature=params.temperature, top_p=params.top_p, top_k=params.top_k)
+        if getattr(model.hf, "_can_compile_fullgraph", False):  # the models that take a StaticCache
+            gc.cache_implementation = "static"
         out = model.hf.generate(input_ids=input_ids, attention_mask=prompt_mask.long(), generation_config=gc)
         p = input_ids.shape[1]
         tokens = out[:, p:]

@@ -31,6 +31,7 @@ from ..engine import generate
 from ..loading import check_vocab, require_score_head
 from ..models import freeze, from_pretrained
 from ..models.attention import BACKENDS as ATTN_BACKENDS
+from ..models.checkpoint import MODEL_BACKENDS
 from ..options import ConfigError, check_finite_numbers, option
 from ..runtime import apply_tf32, resolve_device, seed_everything
 from ..scores import load_normalizer
@@ -60,6 +61,8 @@ class ArenaConfig:
     bf16: bool = option(False, "bf16 autocast for generation and scoring (weights stay fp32)")
     tf32: bool | None = option(None, "allow TF32 matmuls on CUDA")
     device: str = option("auto", "cpu, cuda, cuda:N or auto")
+    backend: str = option("auto", "model implementation: native, hf (transformers) or auto (native when the "
+                                  "architecture is ours)", choices=list(MODEL_BACKENDS))
     attn_backend: str | None = option(None, "attention backend of the models", choices=list(ATTN_BACKENDS))
     output_dir: str | None = option(None, "write arena.json (summary), arena.jsonl (every prompt) and the reference's "
                                       "RED_vs_BLUE/table.csv here")
@@ -237,18 +240,20 @@ def check_inputs(cfg: ArenaConfig) -> None:
             require_score_head(flag, path, "rm" if side == "reward" else "cm")
 
 
-def _load_policy(flag, path, device, attn_backend, max_length):
+def _load_policy(flag, path, device, attn_backend, max_length, backend="auto"):
     _check(flag, path)
     tok = load_tokenizer(path, max_length)
-    model = freeze(from_pretrained(path, head="lm", dtype=torch.float32, attn_backend=attn_backend).to(device))
+    model = freeze(from_pretrained(path, head="lm", dtype=torch.float32, attn_backend=attn_backend,
+                                   backend=backend).to(device))
     return model, tok
 
 
-def _load_scorer(flag, path, device, attn_backend, max_length):
+def _load_scorer(flag, path, device, attn_backend, max_length, backend="auto"):
     _check(flag, path)
     tok = load_tokenizer(path, max_length)
     tok.padding_side = "right"
-    model = freeze(from_pretrained(path, head="score", dtype=torch.float32, attn_backend=attn_backend).to(device))
+    model = freeze(from_pretrained(path, head="score", dtype=torch.float32, attn_backend=attn_backend,
+                                   backend=backend).to(device))
     norm = load_normalizer(path)
     return model, tok, (norm.to(device) if norm is not None else None)
 
@@ -287,7 +292,7 @@ def run_arena(cfg: ArenaConfig) -> dict:
     outputs = {}
     for side in ("red", "blue"):
         flag = f"{side}_corner_model_name_or_path"
-        model, tok = _load_policy(flag, getattr(cfg, flag), device, cfg.attn_backend, cfg.max_length)
+        model, tok = _load_policy(flag, getattr(cfg, flag), device, cfg.attn_backend, cfg.max_length, cfg.backend)
         with cfg.autocast(device):
             outputs[side] = generate_responses(model, tok, records, device=device, **gen_kw)
         del model
@@ -298,7 +303,8 @@ def run_arena(cfg: ArenaConfig) -> dict:
     scores = {}
     for kind in ("reward", "cost"):
         flag = f"{kind}_model_name_or_path"
-        model, tok, norm = _load_scorer(flag, getattr(cfg, flag), device, cfg.attn_backend, cfg.max_length)
+        model, tok, norm = _load_scorer(flag, getattr(cfg, flag), device, cfg.attn_backend, cfg.max_length,
+                                       cfg.backend)
         with cfg.autocast(device):
             scores[kind] = {side: score_texts(model, tok, norm, *outputs[side], max_length=cfg.max_length,
                                               batch_size=cfg.per_device_eval_batch_size) for side in ("red", "blue")}

@@ -19,6 +19,7 @@ from ..data import PreferenceDataset, SafetyPreferenceDataset, load_tokenizer
 from ..data.batching import batches, to_device
 from ..loading import check_vocab, load_model, require_score_head
 from ..models.attention import BACKENDS as ATTN_BACKENDS
+from ..models.checkpoint import MODEL_BACKENDS
 from ..options import ConfigError, option
 from ..runtime import apply_tf32, resolve_device, seed_everything
 from ..scores import collect_end_scores, load_normalizer, pair_metrics, read_score_info, score_forward
@@ -40,6 +41,8 @@ class ScoreEvalConfig:
     bf16: bool = option(False, "bf16 autocast")
     tf32: bool | None = option(None, "allow TF32 matmuls on CUDA")
     device: str = option("auto", "cpu, cuda, cuda:N or auto")
+    backend: str = option("auto", "model implementation: native, hf (transformers) or auto (native when the "
+                                  "architecture is ours)", choices=list(MODEL_BACKENDS))
     attn_backend: str | None = option(None, "attention backend of the model", choices=list(ATTN_BACKENDS))
     output_dir: str | None = option(None, "write eval_results.json and scores.jsonl here")
     trust_remote_code: bool = option(False, "accepted for compatibility")
@@ -84,7 +87,7 @@ def evaluate_score_model(cfg: ScoreEvalConfig) -> dict:
     dataset_class = PreferenceDataset if score_type == "reward" else SafetyPreferenceDataset
     dataset = dataset_class(cfg.datasets, tokenizer, cfg.max_length, seed=cfg.seed, flag="--datasets")
     require_score_head("model_name_or_path", path, "rm` / `cm")
-    model = load_model(path, "score", cfg.attn_backend, device).eval()
+    model = load_model(path, "score", cfg.attn_backend, device, cfg.backend).eval()
     normalizer = load_normalizer(path)
     if normalizer is not None:
         normalizer = normalizer.to(device)

@@ -68,7 +68,8 @@ def config_from_hf(d: dict) -> ModelConfig:
         raise UnsupportedArchitectureError(
             f"architecture {arch!r} (model_type {model_type!r}) is not supported by the native saferlhf_fast decoder "
             f"(supported model types: {', '.join(SUPPORTED_MODEL_TYPES)}, which covers Llama 1/2/3, Mistral, Qwen2 and "
-            f"SmolLM); load it with backend='hf' (--backend hf) to use transformers' own model class (slower)"
+            f"SmolLM); load it with backend='auto' or 'hf' (--backend auto, the command line's default) to use "
+            f"transformers' own model class"
         )
     d = dict(d)
     rope = d.pop("rope_parameters", None)
@@ -447,6 +448,23 @@ def _resolve_gguf(path: str, gguf_file: str | None) -> tuple[str, str] | None:
     return None
 
 
+MODEL_BACKENDS = ("auto", "native", "hf")
+
+
+def resolve_backend(path: str, gguf_file: str | None = None) -> str:
+    """``"native"`` when the checkpoint's config is one the native decoder implements (:func:`config_from_hf`
+    accepts it), else ``"hf"``.  A folder without config.json (or a GGUF file) is left to the native loader, which
+    names what is missing."""
+    config_path = os.path.join(path, "config.json")
+    if _resolve_gguf(path, gguf_file) is not None or not os.path.isfile(config_path):
+        return "native"
+    try:
+        config_from_hf(read_config(config_path))
+    except UnsupportedArchitectureError:
+        return "hf"
+    return "native"
+
+
 def load_gguf_hf(directory: str, gguf_file: str):
     """(config dict, state dict) of a GGUF file, dequantised to fp32 by transformers (needs the gguf package)."""
     try:
@@ -469,14 +487,17 @@ def from_pretrained(path: str, head: str = "lm", dtype: torch.dtype = torch.floa
 
     head: ``"lm"`` (``LlamaForCausalLM``) or ``"score"`` (``LlamaForScore``: loads the reference's score
     checkpoints; from a plain LM checkpoint the score head is freshly initialised).  backend: ``"native"`` (our
-    decoder) or ``"hf"`` (transformers' own model class, any architecture, slower).
+    decoder), ``"hf"`` (transformers' own model class, any architecture, slower) or ``"auto"`` (native when the
+    architecture is one the native decoder implements, else transformers; :func:`resolve_backend`).
     """
+    if backend == "auto":
+        backend = resolve_backend(path, gguf_file)
     if backend == "hf":
         from .hf import HFModel
 
         return HFModel.from_pretrained(path, head=head, dtype=dtype, device=device, gguf_file=gguf_file).eval()
     if backend != "native":
-        raise ValueError(f"unknown model backend {backend!r}; choose 'native' or 'hf'")
+        raise ValueError(f"unknown model backend {backend!r}; choose one of {', '.join(MODEL_BACKENDS)}")
     gguf = _resolve_gguf(path, gguf_file)
     if gguf is not None:
         config_dict, state = load_gguf_hf(*gguf)

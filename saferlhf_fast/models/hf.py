@@ -1,8 +1,16 @@
-"""The opt-in ``backend='hf'`` path: transformers' own model classes behind our model interface, for architectures
-the native decoder does not implement.  Slower (no static KV cache of ours, logits materialised by generate), but
-any causal LM transformers loads works with the trainers and the engine."""
+"""The ``backend='hf'`` path: transformers' own model classes behind our model interface, for architectures the
+native decoder does not implement (``backend='auto'`` picks it for them).  Any causal LM transformers loads works
+with the trainers and the engine; our fused ops still do the heavy lifting: log-probs through ``linear_logprobs`` on
+the last hidden states and the lm_head weight (never ``[B, L, V]`` logits), GAE and the losses fused.
+
+Score models (``head='score'``) are the backbone (``AutoModel``) plus ``score_head = Linear(width, 1)``, saved in
+the reference implementation's ``<Arch>ForScore`` layout: one state dict with the backbone under its
+``base_model_prefix`` (``transformer.`` for GPT-2, ``gpt_neox.`` for GPT-NeoX, ``model.`` for OPT, Phi, Gemma),
+``score_head.*`` and the ``normalizer.*`` buffers, and config.json with ``architectures: ["<Arch>ForScore"]``,
+``score_dim``, ``bias`` / ``score_bias`` and ``score_type``, so the reference's ``AutoModelForScore`` loads it."""
 from __future__ import annotations
 
+import json
 import os
 from types import SimpleNamespace
 
@@ -11,7 +19,7 @@ from torch import Tensor, nn
 
 from .. import ops
 from ..ops.reference import IGNORE_INDEX
-from .checkpoint import score_bias_of
+from .checkpoint import NORMALIZER_BUFFERS, score_bias_of
 from .llama import CausalLMOutput, ScoreOutput, positions_from_mask
 
 
@@ -27,10 +35,13 @@ class HFModel(nn.Module):
         self.head = head
         self.train(hf_model.training)
         c = hf_model.config
+        extra = {k: v for k, v in c.to_dict().items() if k in SCORE_CONFIG_KEYS}
         self.config = SimpleNamespace(eos_token_id=c.eos_token_id, pad_token_id=c.pad_token_id,
-                                      vocab_size=c.vocab_size, hidden_size=c.hidden_size, hf=c)
+                                      vocab_size=c.vocab_size, hidden_size=c.hidden_size, hf=c, extra=extra,
+                                      tie_word_embeddings=bool(getattr(c, "tie_word_embeddings", False)))
+        self.normalizer_state: dict[str, Tensor] = {}
         if head == "score":
-            self.score_head = nn.Linear(c.hidden_size, 1, bias=score_bias, dtype=hf_model.dtype,
+            self.score_head = nn.Linear(backbone_width(c), 1, bias=score_bias, dtype=hf_model.dtype,
                                         device=hf_model.device)
             nn.init.normal_(self.score_head.weight, std=getattr(c, "initializer_range", 0.02))
             if score_bias:
@@ -54,6 +65,7 @@ class HFModel(nn.Module):
             score_bias, _ = score_bias_of(hf_model.config.to_dict(), saved)
             model = cls(hf_model, head, score_bias)
             _load_score_head(model.score_head, saved, directory)
+            model.normalizer_state = {k: v for k, v in saved.items() if k in NORMALIZER_BUFFERS}
         else:
             raise ValueError(f"unknown head {head!r}; choose 'lm' or 'score'")
         return model
@@ -106,19 +118,73 @@ class HFModel(nn.Module):
         return ops.linear_logprobs(h, weight, labels, temperature=temperature, return_entropy=return_entropy,
                                    backend=ops_backend)
 
-    def save_pretrained(self, save_directory: str, **kwargs):
-        self.hf.save_pretrained(save_directory)
-        if self.head == "score":
-            from safetensors.torch import save_file
+    def save_pretrained(self, save_directory: str, dtype: torch.dtype | None = None, **kwargs):
+        """A causal LM: transformers' own ``save_pretrained`` (weights cast to ``dtype`` when given).  A score model:
+        the reference's ``<Arch>ForScore`` layout (module docstring)."""
+        from ..distributed import full_state_dict, is_sharded
 
-            tensors = {"score_head.weight": self.score_head.weight}
-            if self.score_head.bias is not None:
-                tensors["score_head.bias"] = self.score_head.bias
-            save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()},
-                      os.path.join(save_directory, "score_head.safetensors"))
+        full = full_state_dict(self) if is_sharded(self) else self.state_dict()
+        if full is None:  # not rank 0 of a sharded model: rank 0 writes
+            return
+        tied = _tied_names(self.hf)  # consolidated shards are separate tensors: drop the tied copies by name
+        state = {k.removeprefix("hf."): _cast(v, dtype) for k, v in full.items()
+                 if k.startswith("hf.") and k.removeprefix("hf.") not in tied}
+        if self.head == "lm":
+            self.hf.save_pretrained(save_directory, state_dict=state)
+            return
+        from safetensors.torch import save_file
+
+        from .checkpoint import normalizer_tensors
+
+        os.makedirs(save_directory, exist_ok=True)
+        prefix = self.hf.base_model_prefix
+        tensors = {f"{prefix}.{k}": v for k, v in state.items()}
+        tensors.update({k: _cast(v, dtype) for k, v in full.items() if k.startswith("score_head.")})
+        tensors.update(normalizer_tensors(self))
+        tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+        save_file(tensors, os.path.join(save_directory, "model.safetensors"), metadata={"format": "pt"})
+        with open(os.path.join(save_directory, "config.json"), "w") as f:
+            json.dump(self.score_config(dtype), f, indent=2, sort_keys=True)
+
+    def score_config(self, dtype: torch.dtype | None = None) -> dict:
+        """config.json of the score model, as the reference writes it (its ``ScoreModelMixin.init_score_head``)."""
+        d = self.hf.config.to_dict()
+        d.update(self.config.extra)
+        bias = self.score_head.bias is not None
+        d.update(architectures=[type(self.hf).__name__.removesuffix("Model") + "ForScore"], score_dim=1, bias=bias,
+                 score_bias=bias, score_type=d.get("score_type", "reward"))
+        d["torch_dtype"] = str(dtype or self.dtype).replace("torch.", "")
+        d.pop("dtype", None)
+        return d
 
 
-_SCORE_HEAD = ("score_head.weight", "score_head.bias")
+# config.json keys of the reference's score models (kept from a loaded model, written back on save).
+SCORE_CONFIG_KEYS = ("score_dim", "bias", "score_bias", "score_type", "do_normalize", "normalizer_type", "momentum",
+                     "mean", "var")
+
+
+def backbone_width(config) -> int:
+    """Width of the backbone's last hidden state: OPT projects it to ``word_embed_proj_dim``."""
+    return getattr(config, "word_embed_proj_dim", None) or config.hidden_size
+
+
+def _tied_names(module: nn.Module) -> set[str]:
+    """Names of parameters that are another, earlier-named parameter (tied embeddings): transformers re-ties them."""
+    first: dict[int, str] = {}
+    tied = set()
+    for name, p in module.named_parameters(remove_duplicate=False):
+        if id(p) in first:
+            tied.add(name)
+        else:
+            first[id(p)] = name
+    return tied
+
+
+def _cast(t: Tensor, dtype: torch.dtype | None) -> Tensor:
+    return t.to(dtype) if dtype is not None and t.is_floating_point() else t
+
+
+_SCORE_HEAD = ("score_head.weight", "score_head.bias", *NORMALIZER_BUFFERS)
 
 
 def _saved_score_head(directory: str) -> dict[str, Tensor]:

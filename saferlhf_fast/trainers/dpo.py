@@ -99,7 +99,8 @@ class DPOTrainer(Trainer):
     def __init__(self, config: DPOConfig):
         super().__init__(config)
         # The frozen reference is always the initial model (also when resuming).
-        self.reference = freeze(load_model(config.model_name_or_path, "lm", config.attn_backend, self.device))
+        self.reference = freeze(load_model(config.model_name_or_path, "lm", config.attn_backend, self.device,
+                                               config.backend))
         self.reference = maybe_shard(self.reference, config, trainable=False)
 
     def _span_logps(self, model, batch, labels) -> Tensor:

@@ -158,7 +158,8 @@ class PPOTrainer(RunCore):
 
     def _load(self, flag: str, path: str, head: str, trainable: bool):
         self._check_folder(flag, path)
-        model = from_pretrained(path, head=head, dtype=torch.float32, attn_backend=self.config.attn_backend)
+        model = from_pretrained(path, head=head, dtype=torch.float32, attn_backend=self.config.attn_backend,
+                                backend=self.config.backend)
         model = model.to(self.device)
         if trainable:
             model.train()

@@ -416,7 +416,7 @@ def staged_checkpoint(output_dir: str, step: int):
 # Never compared on resume: where outputs go, how the run is shown, when it stops or saves, where it runs.
 NEUTRAL = {"output_dir", "overwrite_output_dir", "resume", "resume_allow_changes", "max_steps", "progress",
            "log_type", "log_dir", "log_project", "log_run_name", "logging_steps", "save_interval", "save_total_limit",
-           "device", "attn_backend", "tf32", "offload", "shard_frozen", "gradient_checkpointing",
+           "device", "backend", "attn_backend", "tf32", "offload", "shard_frozen", "gradient_checkpointing",
            "actor_gradient_checkpointing", "critic_gradient_checkpointing", "need_eval", "eval_datasets",
            "eval_strategy", "eval_interval", "per_device_eval_batch_size", "trust_remote_code"}
 # Never allowed to change within a run: they change what the data position, the data order or the weights mean.

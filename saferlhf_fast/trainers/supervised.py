@@ -59,7 +59,8 @@ class Trainer(RunCore):
             raise DataError("no training rows")
         self.resume_from = resolve_resume(cfg, self.data_fingerprint)
         check_vocab(self.tokenizer, tok_path, "model_name_or_path", cfg.model_name_or_path)
-        self.model = load_model(self.resume_from or cfg.model_name_or_path, self.head, cfg.attn_backend, self.device)
+        self.model = load_model(self.resume_from or cfg.model_name_or_path, self.head, cfg.attn_backend, self.device,
+                                cfg.backend)
         if cfg.gradient_checkpointing:
             self.model.set_gradient_checkpointing(True)
         self.model = maybe_shard(self.model, cfg, trainable=True)
