@@ -227,9 +227,8 @@ def test_transformers_model_under_torchrun_equals_one_process(stage, tmp_path):
     is a mean over pairs, so the same on any split), every step's loss and gradient norm.  Not the final weights:
     GPT-2's key biases get an exactly-zero gradient in theory, so their gradients are rounding noise whose sign
     Adam's first steps turn into +-lr on either side."""
-    from test_distributed import _jsonl, _torchrun
-
     from safetensors.torch import load_file
+    from test_distributed import _jsonl, _torchrun
 
     tok = load_tokenizer(None)
     torch.manual_seed(0)
