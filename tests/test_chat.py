@@ -60,6 +60,17 @@ def test_on_token_streams_exactly_the_generated_tokens(models, fast_decode):
     assert not bool(plain.response_mask.all()), "a row should finish early"
 
 
+def test_on_token_replays_the_steps_on_the_transformers_path(models):
+    """backend='hf' generates with transformers; the hook then sees the same steps the result holds."""
+    model = from_pretrained(models["red"], backend="hf")
+    ids = torch.tensor([[4, 8, 15, 16, 23]])
+    steps = []
+    gen = generate(model, ids, max_new_tokens=6, do_sample=False, seed=0,
+                   on_token=lambda tok, emitted: steps.append((tok.clone(), emitted.clone())))
+    assert torch.equal(torch.stack([t for t, _ in steps], 1), gen.responses)
+    assert torch.equal(torch.stack([e for _, e in steps], 1), gen.response_mask)
+
+
 def test_text_stream_holds_back_half_characters(models):
     """A character split over two byte-level tokens is written once whole, never as U+FFFD first."""
     from saferlhf_fast.data import load_tokenizer
@@ -237,6 +248,28 @@ def test_model_chat_template(models, tmp_path):
     assert pick_template("safe-rlhf", tok, "x") == "safe-rlhf"
     rc = main(["chat", "--model_name_or_path", models["red"], "--template", "model"])
     assert rc == 2
+
+
+def test_model_chat_template_end_to_end(models, tmp_path):
+    """A model folder whose tokenizer has a chat template: --template auto prompts every turn with it, the whole
+    conversation each time, and batch mode answers with it too."""
+    import shutil
+
+    from saferlhf_fast.data import load_tokenizer
+    from saferlhf_fast.data.tokenizer import save_tokenizer
+
+    folder = str(tmp_path / "templated")
+    shutil.copytree(models["red"], folder)
+    tok = load_tokenizer(folder)
+    tok.chat_template = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{% endfor %}"
+                         "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    save_tokenizer(tok, folder)
+    session, out = _session(models, [folder], [PROMPT, "and then ?"])
+    policy = session.policies[0]
+    assert policy.template == "model" and "(template model)" in out
+    assert policy.render(policy.history[:3]).startswith(f"<|user|>{PROMPT}<|assistant|>{policy.history[1]}<|user|>")
+    rows = _batch(tmp_path, "templated", [PROMPT], "--model_name_or_path", folder, "--max_new_tokens", "4")
+    assert len(rows) == 1 and isinstance(rows[0]["responses"][0]["response"], str)
 
 
 # ------------------------------------------------------------------------------------------------ batch mode
