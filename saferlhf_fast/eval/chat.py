@@ -145,6 +145,8 @@ class Policy:
 
 @dataclass
 class Scorer:
+    """A reward or cost model: end scores of ``prompt + response + eos`` (``arena.score_texts``)."""
+
     kind: str  # "reward" or "cost"
     model: object
     tokenizer: object
@@ -170,13 +172,28 @@ def labels_of(paths: list[str]) -> list[str]:
     return names if len(set(names)) == len(names) else list(paths)
 
 
+def check_folders(cfg: ChatConfig) -> list[str]:
+    """Before any weights load: every folder is a model whose vocabulary covers its tokenizer, the reward and cost
+    models carry trained score heads, and ``--template`` suits every policy.  The policies' templates, in order."""
+    templates = []
+    for path in cfg.model_name_or_path:
+        _check("model_name_or_path", path)
+        tok = load_tokenizer(path, cfg.max_length)
+        check_vocab(tok, path, "model_name_or_path", path)
+        templates.append(pick_template(cfg.template, tok, path))
+    for kind in ("reward", "cost"):
+        path = getattr(cfg, f"{kind}_model_name_or_path")
+        if path is not None:
+            _check(f"{kind}_model_name_or_path", path)
+            require_score_head(f"{kind}_model_name_or_path", path, "rm" if kind == "reward" else "cm")
+    return templates
+
+
 def load_policies(cfg: ChatConfig, device) -> list[Policy]:
     policies = []
-    for path, label in zip(cfg.model_name_or_path, labels_of(cfg.model_name_or_path)):
-        _check("model_name_or_path", path)
-        check_vocab(load_tokenizer(path, cfg.max_length), path, "model_name_or_path", path)
+    for path, label, template in zip(cfg.model_name_or_path, labels_of(cfg.model_name_or_path), check_folders(cfg)):
         model, tok = _load_policy("model_name_or_path", path, device, cfg.attn_backend, cfg.max_length)
-        policies.append(Policy(label, path, model, tok, pick_template(cfg.template, tok, path)))
+        policies.append(Policy(label, path, model, tok, template))
     return policies
 
 
@@ -186,8 +203,6 @@ def load_scorers(cfg: ChatConfig, device) -> list[Scorer]:
         path = getattr(cfg, f"{kind}_model_name_or_path")
         if path is None:
             continue
-        _check(f"{kind}_model_name_or_path", path)
-        require_score_head(f"{kind}_model_name_or_path", path, "rm" if kind == "reward" else "cm")
         model, tok, norm = _load_scorer(f"{kind}_model_name_or_path", path, device, cfg.attn_backend, cfg.max_length)
         tok.truncation_side = "left"  # a long conversation keeps its end: the answer being judged
         scorers.append(Scorer(kind, model, tok, norm))
@@ -262,7 +277,7 @@ def side_by_side(blocks: list[tuple[str, str]], width: int) -> str:
     col = max(20, (width - 3 * (len(blocks) - 1)) // len(blocks))
     cols = []
     for label, text in blocks:
-        lines = [label, "-" * min(col, len(label))]
+        lines = [label[:col], "-" * min(col, len(label))]
         for para in text.splitlines() or [""]:
             lines.extend(textwrap.wrap(para, col) or [""])
         cols.append(lines)
