@@ -95,8 +95,11 @@ class Terminal:
         master, slave = os.openpty()
         fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, columns, 0, 0))
         env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1", "TERM": "dumb"}
+        # A session of its own with the terminal as its controlling terminal, as a shell starts it: Ctrl-C typed
+        # there is then a SIGINT to the program.
         self.proc = subprocess.Popen([sys.executable, "-m", "saferlhf_fast.cli", "chat", *args], stdin=slave,
-                                     stdout=slave, stderr=slave, env=env, cwd=ROOT, start_new_session=True)
+                                     stdout=slave, stderr=slave, env=env, cwd=ROOT, start_new_session=True,
+                                     preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0))
         os.close(slave)
         self.fd, self.raw, self.seen = master, b"", 0
 
@@ -185,6 +188,13 @@ def test_terminal_session_two_models_with_scores(models, tmp_path):
     assert term.finish() == 0
 
 
+def test_terminal_ctrl_c_at_the_prompt_leaves(models):
+    term = Terminal(["--model_name_or_path", models["red"]])
+    term.expect("user> ")
+    os.write(term.fd, b"\x03")  # Ctrl-C: SIGINT from the terminal
+    assert term.finish() == 0
+
+
 # ------------------------------------------------------------------------------------------------ in-process session
 def _session(models, paths, inputs, **overrides):
     cfg = ChatConfig(model_name_or_path=paths, max_new_tokens=6, **overrides)
@@ -214,6 +224,24 @@ def test_each_model_keeps_its_own_history_and_reset_clears_it(models):
     assert red.render(red.history[:3]) == format_prompt(red.history[:3], eos_token=red.tokenizer.eos_token)
     session.command("/reset")
     assert red.history == [] and blue.history == []
+
+
+def test_ctrl_c_during_an_answer_forgets_the_turn(models, monkeypatch):
+    import saferlhf_fast.eval.chat as chat
+
+    calls = []
+
+    def interrupted_once(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:  # the second model's answer of the first turn
+            raise KeyboardInterrupt
+        return generate(*args, **kwargs)
+
+    monkeypatch.setattr(chat, "generate", interrupted_once)
+    session, out = _session(models, [models["red"], models["blue"]], [PROMPT, "again"])
+    assert "[interrupted; this turn is forgotten]" in out
+    red, blue = session.policies
+    assert red.history[0] == blue.history[0] == "again" and len(red.history) == len(blue.history) == 2
 
 
 def test_old_turns_left_out_when_the_conversation_no_longer_fits(models):
