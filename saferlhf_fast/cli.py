@@ -126,6 +126,24 @@ def _demo(args) -> int:
         return 2
 
 
+def _chat(args) -> int:
+    """``chat``: bad input (flags, model folders, the prompts file) is one line on stderr and exit status 2;
+    Ctrl-C outside an answer leaves with 130."""
+    from .data import DataError
+    from .eval.chat import ChatConfig, run_chat
+    from .models.checkpoint import CheckpointError, UnsupportedArchitectureError
+    from .trainers.config import ConfigError, config_from_args
+
+    try:
+        return run_chat(config_from_args(ChatConfig, args))
+    except (DataError, ConfigError, CheckpointError, UnsupportedArchitectureError) as err:
+        print(f"saferlhf-fast chat: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("saferlhf-fast chat: interrupted", file=sys.stderr)
+        return 130
+
+
 def _config_command(command: str):
     """(config class, runner) of a configured job (``_config_commands``)."""
     return next((cls, runner) for name, cls, _, runner in _config_commands() if name == command)
@@ -320,6 +338,15 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=_demo)
 
     _add_config_commands(sub)
+
+    from .eval.chat import ChatConfig
+    from .trainers.config import add_config_arguments
+
+    chat_help = ("talk to a model (or two, side by side) in the terminal, streaming its answers; --prompts / --output: "
+                 "answer a prompt file into JSONL")
+    chat = sub.add_parser("chat", help=chat_help, description=chat_help)
+    add_config_arguments(chat, ChatConfig)
+    chat.set_defaults(func=_chat)
 
     docs = sub.add_parser("docs", help="reference documents generated from the code")
     docs_sub = docs.add_subparsers(dest="what", required=True)

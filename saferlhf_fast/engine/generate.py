@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import os
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import Tensor
@@ -58,7 +59,8 @@ def generate(model, input_ids: Tensor, attention_mask: Tensor | None = None, *, 
              repetition_penalty: float = 1.0, eos_token_id: int | list[int] | None = None,
              pad_token_id: int | None = None, seed: int | None = None,
              use_cuda_graph: bool | None = None, fast_decode: bool | None = None,
-             exact_logprobs: bool = False) -> GenerateOutput:
+             exact_logprobs: bool = False,
+             on_token: Callable[[Tensor, Tensor], None] | None = None) -> GenerateOutput:
     """Sample (or greedily decode) up to ``max_new_tokens`` after left-padded prompts ``input_ids`` [B, P].
 
     ``eos_token_id`` / ``pad_token_id`` default to the model config's (pad falls back to eos, then 0).  ``seed``
@@ -74,6 +76,11 @@ def generate(model, input_ids: Tensor, attention_mask: Tensor | None = None, *, 
     Without it the decode step's own log-probs are returned: the same quantity up to fp32 rounding of different
     matmul shapes (<= 1e-5 on small models; on SmolLM2-135M 2e-5 to 6e-5, the size of the training forward's own
     fp32 error against an fp64 forward, 3e-5: see README).
+
+    ``on_token(tokens, emitted)``: called after every decode step with that step's tokens [B] and which rows
+    emitted one [B] bool (False once a row has finished: its token is ``pad``), so a caller can show the text as it
+    is generated (``saferlhf-fast chat``).  It only reads: the result is the same with or without it.  On the
+    transformers path (``backend='hf'``) the steps are replayed after generation.
     """
     params = SamplingParams(do_sample, temperature, top_p, top_k, repetition_penalty)
     if max_new_tokens < 1:
@@ -92,7 +99,10 @@ def generate(model, input_ids: Tensor, attention_mask: Tensor | None = None, *, 
         generator = torch.Generator(device=device)
         generator.manual_seed(int(seed))
     if getattr(model, "is_hf", False):
-        return _generate_hf(model, input_ids, attention_mask, max_new_tokens, params, eos, pad, seed)
+        out = _generate_hf(model, input_ids, attention_mask, max_new_tokens, params, eos, pad, seed)
+        for t in range(out.response_mask.shape[1]) if on_token is not None else ():
+            on_token(out.responses[:, t], out.response_mask[:, t])
+        return out
     if use_cuda_graph is None:
         use_cuda_graph = device.type == "cuda"
     if fast_decode is None:
@@ -106,7 +116,7 @@ def generate(model, input_ids: Tensor, attention_mask: Tensor | None = None, *, 
     model.eval()
     try:
         out = _decode(model, input_ids, attention_mask, max_new_tokens, params, eos, pad, generator, use_cuda_graph,
-                      fast_decode)
+                      fast_decode, on_token)
     finally:
         model.train(was_training)
     if exact_logprobs:
@@ -116,7 +126,7 @@ def generate(model, input_ids: Tensor, attention_mask: Tensor | None = None, *, 
 
 
 def _decode(model, input_ids, prompt_mask, max_new_tokens, params, eos, pad, generator, use_cuda_graph,
-            fast_decode=False):
+            fast_decode=False, on_token=None):
     b, p = input_ids.shape
     device = input_ids.device
     cache = model.allocate_cache(b, p + max_new_tokens)
@@ -145,6 +155,8 @@ def _decode(model, input_ids, prompt_mask, max_new_tokens, params, eos, pad, gen
         tokens[:, t] = tok
         logprobs[:, t] = lp.masked_fill(~alive, 0.0)
         response_mask[:, t] = alive
+        if on_token is not None:
+            on_token(tok, alive.clone())
         if eos_t is not None:
             alive = alive & ~torch.isin(tok, eos_t)
             if (t + 1) % check_every == 0 and not bool(alive.any()):
