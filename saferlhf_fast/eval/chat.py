@@ -33,6 +33,7 @@ from ..data.template import format_chat_prompt, format_prompt
 from ..engine import generate
 from ..loading import check_vocab, require_score_head
 from ..models.attention import BACKENDS as ATTN_BACKENDS
+from ..models.checkpoint import MODEL_BACKENDS
 from ..options import ConfigError, check_finite_numbers, option
 from ..runtime import apply_tf32, resolve_device
 from .arena import _check, _load_policy, _load_scorer, score_texts
@@ -78,6 +79,8 @@ class ChatConfig:
     bf16: bool = option(False, "bf16 autocast (weights stay fp32)", group="precision and devices")
     tf32: bool | None = option(None, "allow TF32 matmuls on CUDA", group="precision and devices")
     device: str = option("auto", "cpu, cuda, cuda:N or auto", group="precision and devices")
+    backend: str = option("auto", "model implementation: native, hf (transformers) or auto (native when the "
+                                  "architecture is ours)", choices=list(MODEL_BACKENDS), group="precision and devices")
     attn_backend: str | None = option(None, "attention backend of the models", choices=list(ATTN_BACKENDS),
                                       group="precision and devices")
 
@@ -192,7 +195,8 @@ def check_folders(cfg: ChatConfig) -> list[str]:
 def load_policies(cfg: ChatConfig, device) -> list[Policy]:
     policies = []
     for path, label, template in zip(cfg.model_name_or_path, labels_of(cfg.model_name_or_path), check_folders(cfg)):
-        model, tok = _load_policy("model_name_or_path", path, device, cfg.attn_backend, cfg.max_length)
+        model, tok = _load_policy("model_name_or_path", path, device, cfg.attn_backend, cfg.max_length,
+                                  cfg.backend)
         policies.append(Policy(label, path, model, tok, template))
     return policies
 
@@ -203,7 +207,8 @@ def load_scorers(cfg: ChatConfig, device) -> list[Scorer]:
         path = getattr(cfg, f"{kind}_model_name_or_path")
         if path is None:
             continue
-        model, tok, norm = _load_scorer(f"{kind}_model_name_or_path", path, device, cfg.attn_backend, cfg.max_length)
+        model, tok, norm = _load_scorer(f"{kind}_model_name_or_path", path, device, cfg.attn_backend, cfg.max_length,
+                                       cfg.backend)
         tok.truncation_side = "left"  # a long conversation keeps its end: the answer being judged
         scorers.append(Scorer(kind, model, tok, norm))
     return scorers
