@@ -361,3 +361,67 @@ def test_packed_sdpa_fallback_keeps_the_window():
     assert float((got - want).abs().max()) <= 1e-5
     unwindowed = attn.reference_attention(q, k, v, attn.packed_mask(cu, 12, dense=True), 8 ** -0.5)
     assert float((got - unwindowed).abs().max()) > 1e-2
+
+
+# ---------------------------------------------------------------------------------------------- command line
+FAMILY_CONFIGS = {
+    "qwen3": dict(),
+    "gemma2": dict(sliding_window=8, query_pre_attn_scalar=16, attn_logit_softcapping=50.0,
+                   final_logit_softcapping=30.0, hidden_act="gelu_pytorch_tanh"),
+    "gemma3_text": dict(sliding_window=8, layer_types=["sliding_attention", "full_attention"], query_pre_attn_scalar=16,
+                        rope_theta=1e6, rope_local_theta=1e4, hidden_act="gelu_pytorch_tanh",
+                        tie_word_embeddings=True),
+}
+
+
+def make_tiny_family(out, model_type):
+    """A random tiny model of ``model_type`` with the bundled tokenizer (what ``make_tiny_model`` does for Llama)."""
+    from saferlhf_fast.data import load_tokenizer
+    from saferlhf_fast.data.tokenizer import save_tokenizer
+    from saferlhf_fast.models import LlamaForCausalLM, ModelConfig
+
+    tok = load_tokenizer(None)
+    config = ModelConfig(model_type=model_type, vocab_size=(len(tok) + 63) // 64 * 64, hidden_size=32,
+                         intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                         head_dim=16, max_position_embeddings=256, bos_token_id=tok.bos_token_id,
+                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                         **FAMILY_CONFIGS[model_type])
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(out)
+    save_tokenizer(tok, out)
+    return out
+
+
+@pytest.mark.parametrize("model_type", list(FAMILY_CONFIGS))
+def test_cli_pipeline_on_native_family(tmp_path, model_type):
+    """sft -> rm -> cm -> ppo-lag -> arena from the command line on a tiny native Qwen3 / Gemma model (the demo's
+    quick sizes); every checkpoint keeps its model_type and loads in transformers."""
+    import shlex
+
+    from saferlhf_fast import cli
+    from saferlhf_fast.pipeline import QUICK, _command_line, _make_config
+
+    p = {k: str(tmp_path / k) for k in ("init", "sft", "rm", "cm", "ppo_lag", "arena")}
+    make_tiny_family(p["init"], model_type)
+    common = dict(max_length=96, seed=1, progress=False)
+    stages = [
+        ("sft", dict(QUICK["sft"], model_name_or_path=p["init"], output_dir=p["sft"], lr=2e-3, **common)),
+        ("rm", dict(QUICK["rm"], model_name_or_path=p["sft"], output_dir=p["rm"], **common)),
+        ("cm", dict(QUICK["cm"], model_name_or_path=p["sft"], output_dir=p["cm"], **common)),
+        ("ppo-lag", dict(QUICK["ppo_lag"], actor_model_name_or_path=p["sft"], reward_model_name_or_path=p["rm"],
+                         cost_model_name_or_path=p["cm"], output_dir=p["ppo_lag"], threshold=0.0, **common)),
+    ]
+    for command, kw in stages:
+        argv = shlex.split(_command_line(command, _make_config(command, kw)))[1:]
+        assert cli.main(argv) == 0, argv
+    assert cli.main(["arena", "--red_corner_model_name_or_path", p["sft"], "--blue_corner_model_name_or_path",
+                     p["ppo_lag"], "--reward_model_name_or_path", p["rm"], "--cost_model_name_or_path", p["cm"],
+                     "--datasets", "synthetic-prompts/test:0.05", "--max_new_tokens", "8", "--output_dir",
+                     p["arena"]]) == 0
+    for stage in ("sft", "rm", "cm", "ppo_lag"):
+        assert json.load(open(f"{p[stage]}/config.json"))["model_type"] == model_type, stage
+    hf = transformers.AutoModelForCausalLM.from_pretrained(p["ppo_lag"]).eval()
+    ours = from_pretrained(p["ppo_lag"]).eval()
+    ids = torch.tensor([[5, 9, 14, 20, 7]])
+    with torch.no_grad():
+        assert float((ours(ids).logits - hf(ids).logits).abs().max()) <= 1e-4
