@@ -342,6 +342,9 @@ def test_transformers4_config_spellings():
     g2 = config_from_hf(dict(base, model_type="gemma2", hidden_act="gelu_pytorch_tanh"))
     assert [g2.layer_window(i) for i in range(4)] == [8, None, 8, None]
     assert (g2.attn_logit_softcapping, g2.final_logit_softcapping) == (50.0, 30.0)
+    no_head_dim = {k: v for k, v in base.items() if k != "head_dim"}
+    assert config_from_hf(dict(no_head_dim, model_type="qwen3")).head_dim == 128  # transformers' defaults
+    assert config_from_hf(dict(no_head_dim, model_type="gemma2")).head_dim == 256
     with pytest.raises(UnsupportedArchitectureError, match="bidirectional"):
         config_from_hf(dict(base, model_type="gemma3_text", use_bidirectional_attention=True))
 

@@ -31,6 +31,7 @@ _SCORE_ARCH = {"llama": "LlamaForScore", "mistral": "MistralForScore", "qwen2": 
                "qwen3": "Qwen3ForScore", "gemma2": "Gemma2ForScore", "gemma3_text": "Gemma3ForScore"}
 # transformers' defaults for Gemma keys a config.json may omit: (attn_logit_softcapping, final_logit_softcapping,
 # RoPE base, sliding_window_pattern); query_pre_attn_scalar defaults to 256 for both
+_DEFAULT_HEAD_DIM = {"qwen3": 128, "gemma2": 256, "gemma3_text": 256}  # transformers' config defaults
 _GEMMA_DEFAULTS = {"gemma2": (50.0, 30.0, 10000.0, 2), "gemma3_text": (None, None, 1_000_000.0, 6)}
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                     "vocab.json", "merges.txt", "added_tokens.json", "generation_config.json", "chat_template.jinja")
@@ -152,7 +153,7 @@ def config_from_hf(d: dict) -> ModelConfig:
         num_hidden_layers=n_layers,
         num_attention_heads=heads,
         num_key_value_heads=d.pop("num_key_value_heads", None) or heads,
-        head_dim=d.pop("head_dim", None) or hidden // heads,
+        head_dim=d.pop("head_dim", None) or _DEFAULT_HEAD_DIM.get(model_type) or hidden // heads,
         hidden_act=hidden_act,
         max_position_embeddings=d.pop("max_position_embeddings", 2048),
         rms_norm_eps=d.pop("rms_norm_eps", 1e-6),
