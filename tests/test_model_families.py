@@ -159,12 +159,12 @@ def test_each_feature_changes_the_logits(checkpoints, feature, name, change):
         assert masked_max(model(ids, mask).logits, hf_logits(hf, ids, mask), mask) > 1e-2, feature
 
 
-@pytest.mark.parametrize("name", list(ARCHS))
-def test_gradients_equal_transformers(checkpoints, name):
+@pytest.mark.parametrize("name, backend", [(n, None) for n in ARCHS] + [("gemma2", "sdpa")])  # flex: no CPU backward
+def test_gradients_equal_transformers(checkpoints, name, backend):
     """d sum(log-probs) / d every parameter (through the fused 1 + weight norms, q/k norms, soft-capping and its
     chunked log-prob backward, gradient checkpointing on) equals autograd through transformers' model."""
     hf = transformers.AutoModelForCausalLM.from_pretrained(checkpoints[name]).train()
-    model = from_pretrained(checkpoints[name]).train().set_gradient_checkpointing(True)
+    model = from_pretrained(checkpoints[name], attn_backend=backend).train().set_gradient_checkpointing(True)
     ids, mask = left_padded_batch()
     real = (mask[:, 1:] * mask[:, :-1]).bool()  # predicted from a real token (a pad's hidden state is garbage)
     labels = ids[:, 1:].masked_fill(~real, -100)
@@ -243,6 +243,23 @@ def test_generate_logprobs_equal_training_forward(checkpoints, name, sampling):
     temperature = sampling.get("temperature", 1.0)
     logp = model.token_logprobs(gen.sequences, gen.attention_mask, temperature=temperature)[:, p - 1:]
     assert float(((logp - gen.logprobs) * gen.response_mask).abs().max()) <= 1e-5
+
+
+@pytest.mark.parametrize("backend", ["flex", "sdpa", "reference"])
+def test_generate_soft_capped_attention_on_each_backend(checkpoints, backend):
+    """Gemma 2's soft-capped attention in the prefill (flex's score_mod, or the eager formula) and the decode step
+    (the eager formula): log-probs equal the training forward's, greedy tokens equal transformers'."""
+    model = from_pretrained(checkpoints["gemma2"], attn_backend=backend)
+    ids, mask = prompts()
+    gen = generate(model, ids, mask, max_new_tokens=8, do_sample=False, eos_token_id=[])
+    p = gen.prompt_length
+    with torch.no_grad():  # flex has no CPU backward
+        logp = model.token_logprobs(gen.sequences, gen.attention_mask)[:, p - 1:]
+    assert float(((logp - gen.logprobs) * gen.response_mask).abs().max()) <= 1e-5
+    hf = transformers.AutoModelForCausalLM.from_pretrained(checkpoints["gemma2"]).eval()
+    ref = hf.generate(ids, attention_mask=mask.long(), max_new_tokens=8, do_sample=False, pad_token_id=0,
+                      eos_token_id=None)
+    assert torch.equal(gen.sequences, ref)
 
 
 @pytest.mark.parametrize("name", list(ARCHS))

@@ -178,8 +178,8 @@ def reference_attention(q: Tensor, k: Tensor, v: Tensor, mask: Mask, scale: floa
 
 def softcap_attention(q: Tensor, k: Tensor, v: Tensor, mask: Mask, scale: float, cap: float) -> Tensor:
     """Attention with soft-capped scores (Gemma 2): ``softmax(cap * tanh(q k^T * scale / cap) + mask) v``, as
-    transformers' eager path computes it (matmuls in the inputs' dtype, softmax in fp32).  No fused kernel here
-    soft-caps, so every backend runs this for such layers; it takes every mask form: causal, dense (padded or packed:
+    transformers' eager path computes it (matmuls in the inputs' dtype, softmax in fp32).  Every backend but flex
+    runs this for such layers (:func:`attend_softcapped`); it takes every mask form: causal, dense (padded or packed:
     the model builds dense masks for packed batches of soft-capped models), and the decode step's additive row."""
     n_rep = q.shape[1] // k.shape[1]
     k, v = _repeat_kv(k, n_rep), _repeat_kv(v, n_rep)
@@ -304,6 +304,16 @@ def attend(backend: str, q: Tensor, k: Tensor, v: Tensor, mask: Mask, scale: flo
 
         fn = _FUNCS[backend] = {"flex": ext.flex_attention, "xformers": ext.xformers_attention}[backend]
     return fn(q, k, v, mask, scale)
+
+
+def attend_softcapped(backend: str, q: Tensor, k: Tensor, v: Tensor, mask: Mask, scale: float, cap: float) -> Tensor:
+    """Attention with soft-capped scores: flex's ``score_mod`` on the ``flex`` backend, else the eager
+    :func:`softcap_attention` (no other kernel here soft-caps)."""
+    if backend == "flex":
+        from . import attention_ext as ext
+
+        return ext.flex_attention(q, k, v, mask, scale, softcap=cap)
+    return softcap_attention(q, k, v, mask, scale, cap)
 
 
 # --------------------------------------------------------------------------------------------- KV cache

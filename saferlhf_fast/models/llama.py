@@ -332,8 +332,8 @@ class Attention(nn.Module):
                 k, v = ck[:, :, :start + n], cv[:, :, :start + n]
         if self.softcap is None:
             out = attn.attend(backend, q, k, v, mask, self.scale)
-        else:  # no fused kernel soft-caps the scores: the eager formula, whatever the backend
-            out = attn.softcap_attention(q, k, v, mask, self.scale, self.softcap)
+        else:  # flex soft-caps in its score_mod; the other backends leave it to the eager formula
+            out = attn.attend_softcapped(backend, q, k, v, mask, self.scale, self.softcap)
         out = out.transpose(1, 2).reshape(b, n, self.n_heads * self.head_dim)
         if rows is not None:
             out = out.reshape(b * n, -1).index_select(0, rows)
@@ -558,7 +558,8 @@ class DecoderModel(nn.Module):
         masks = {}
         # native applies windows itself; it needs the dense mask only for documents too long for it (sdpa fallback)
         dense_windows = backend == "sdpa" or (backend == "native" and int(lengths.max()) > attn.NATIVE_MAX_SEQLEN)
-        eager = backend == "reference" or self.config.attn_logit_softcapping is not None  # softcap_attention
+        # softcap_attention (every soft-capped backend but flex) takes dense masks only
+        eager = backend == "reference" or (self.config.attn_logit_softcapping is not None and backend != "flex")
         for w in self._windows():
             dense = eager or (dense_windows and w is not None and n > w)
             masks[w] = attn.packed_mask(cu, n, w, dense=dense)
