@@ -94,6 +94,25 @@ def test_logprobs_equal_transformers_forward(arch):
     assert torch.all(got[mask[:, 1:] == 0] == 0)
 
 
+def test_final_logit_softcapping_on_the_transformers_path(tmp_path):
+    """Gemma 2 through ``--backend hf``: the fused log-probs apply its final soft-capping as transformers does."""
+    tok = load_tokenizer(None)
+    cfg = T.Gemma2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                         head_dim=16, intermediate_size=64, max_position_embeddings=128, final_logit_softcapping=3.0,
+                         vocab_size=(len(tok) + 63) // 64 * 64, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    T.AutoModelForCausalLM.from_config(cfg).save_pretrained(str(tmp_path / "g2"))
+    ours = from_pretrained(str(tmp_path / "g2"), backend="hf")
+    ref = T.AutoModelForCausalLM.from_pretrained(str(tmp_path / "g2"), dtype=torch.float32).eval()
+    ids, mask = _batch(ours.config.vocab_size, pad_left=False)
+    with torch.no_grad():
+        logits = ref(input_ids=ids, attention_mask=mask).logits.float()
+        want = torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+        got = ours.token_logprobs(ids, mask)
+    assert float(logits.abs().max()) <= 3.0 + 1e-5  # the cap is active in transformers' logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
 def test_generate_logprobs_equal_a_training_forward(arch):
     kind, path = arch
     model = from_pretrained(path, backend="hf")

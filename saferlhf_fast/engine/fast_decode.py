@@ -14,7 +14,8 @@ in between is always seen):
 * the step itself is one compiled op, ``saferlhf::decode_step`` (``csrc/decode_ops.cpp``): embedding, RMSNorm,
   RoPE, in-place KV-cache writes, grouped-query attention over the filled slots, SiLU-gated MLP and residuals
   in plain loops between the oneDNN matmuls (~45 torch ops per layer become 4 matmul calls); the additive key
-  mask is built once per call, not per step.  Without the compiled extension (or with a non-SiLU activation,
+  mask is built once per call, not per step.  Only the Llama math: ``supported`` sends Qwen3 / Gemma models to
+  ``forward_cached``.  Without the compiled extension (or with a non-SiLU activation,
   or ``$SAFERLHF_NATIVE_DECODE=0``) ``step_python`` runs the same step in torch ops.
 
 Same math as ``LlamaForCausalLM.forward_cached`` (RMSNorm, the RoPE formula, softmax in fp32); only the matmul
@@ -188,8 +189,12 @@ class DecodePlan:
 
 
 def supported(model, dtype=None) -> bool:
-    """The fast step covers the native Llama-family decoder in fp32 on the CPU."""
+    """The fast step covers the native Llama-family decoder in fp32 on the CPU: models whose config has no
+    ``family_features`` (Qwen3's q/k norms, Gemma's scaled embeddings, sandwich norms, soft-capping, local RoPE
+    decode through the model's own ``forward_cached``)."""
     if getattr(model, "is_hf", False) or not hasattr(model, "lm_head"):
+        return False
+    if model.config.family_features():
         return False
     if any(type(p.data).__name__ == "DTensor" for p in (model.lm_head.weight, model.model.embed_tokens.weight)):
         return False  # sharded (FSDP2) weights: the eager path

@@ -103,8 +103,8 @@ def generate(model, input_ids: Tensor, attention_mask: Tensor | None = None, *, 
         for t in range(out.response_mask.shape[1]) if on_token is not None else ():
             on_token(out.responses[:, t], out.response_mask[:, t])
         return out
-    if use_cuda_graph is None:
-        use_cuda_graph = device.type == "cuda"
+    if use_cuda_graph is None:  # the captured step has no sliding-window masks: such models decode eagerly
+        use_cuda_graph = device.type == "cuda" and not _has_windows(model)
     if fast_decode is None:
         fast_decode = os.environ.get("SAFERLHF_FAST_DECODE", "1") != "0" and fd.supported(model)
     elif fast_decode and not fd.supported(model):
@@ -123,6 +123,10 @@ def generate(model, input_ids: Tensor, attention_mask: Tensor | None = None, *, 
         lp = model.token_logprobs(out.sequences, out.attention_mask, temperature=params.temperature)
         out.logprobs = lp[:, out.prompt_length - 1:].masked_fill(~out.response_mask, 0.0)
     return out
+
+
+def _has_windows(model) -> bool:
+    return any(model.config.layer_window(i) is not None for i in range(model.config.num_hidden_layers))
 
 
 def _decode(model, input_ids, prompt_mask, max_new_tokens, params, eos, pad, generator, use_cuda_graph,
@@ -194,7 +198,7 @@ class _CudaGraphStep:
     as a tensor (``index_copy_`` writes), attention over the whole cache under ``cache.valid``."""
 
     def __init__(self, model, cache, batch: int):
-        if any(model.config.layer_window(i) is not None for i in range(model.config.num_hidden_layers)):
+        if _has_windows(model):
             raise NotImplementedError("CUDA-graph decode does not support sliding-window layers; use_cuda_graph=False")
         device = cache.k.device
         self.model, self.cache = model, cache

@@ -1,4 +1,5 @@
-"""The lean decoder (Llama family) with causal-LM and score heads, attention backends, HF checkpoint IO.
+"""The lean decoder (Llama family, Qwen3, Gemma 2 / 3) with causal-LM and score heads, attention backends, HF
+checkpoint IO.
 
 ```python
 from saferlhf_fast.models import from_pretrained

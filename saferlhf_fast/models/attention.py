@@ -176,6 +176,29 @@ def reference_attention(q: Tensor, k: Tensor, v: Tensor, mask: Mask, scale: floa
     return (torch.softmax(scores, dim=-1) @ v.float()).to(q.dtype)
 
 
+def softcap_attention(q: Tensor, k: Tensor, v: Tensor, mask: Mask, scale: float, cap: float) -> Tensor:
+    """Attention with soft-capped scores (Gemma 2): ``softmax(cap * tanh(q k^T * scale / cap) + mask) v``, as
+    transformers' eager path computes it (matmuls in the inputs' dtype, softmax in fp32).  Every backend but flex
+    runs this for such layers (:func:`attend_softcapped`); it takes every mask form: causal, dense (padded or packed:
+    the model builds dense masks for packed batches of soft-capped models), and the decode step's additive row."""
+    n_rep = q.shape[1] // k.shape[1]
+    k, v = _repeat_kv(k, n_rep), _repeat_kv(v, n_rep)
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+    scores = torch.tanh(scores / cap) * cap
+    if mask.additive is not None and q.shape[-2] == 1:
+        scores = scores + mask.additive
+    else:
+        allowed = mask.allowed
+        if allowed is None:
+            if not mask.is_causal:
+                raise ValueError("softcap_attention needs a causal or dense mask (build packed masks dense)")
+            lq, lk = q.shape[-2], k.shape[-2]
+            allowed = torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril(lk - lq)
+        scores = scores.masked_fill(~allowed, float("-inf"))
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    return torch.matmul(probs, v)
+
+
 def decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Mask, scale: float) -> Tensor:
     """One query per row (the decode step): grouped matmuls, no k / v expansion, no kernel set-up.  On CPU this is
     several times faster than SDPA's flash kernel at these sizes."""
@@ -189,10 +212,11 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Mask, scale: float) 
 
 def varlen_sdpa_attention(q: Tensor, k: Tensor, v: Tensor, mask: Mask, scale: float) -> Tensor:
     """Packed sequences ``[1, h, N, d]`` without an N x N mask: one causal SDPA call per document (cost
-    ``sum L_i^2`` instead of ``N^2``)."""
+    ``sum L_i^2`` instead of ``N^2``), with the sliding window of ``mask.window`` in documents longer than it (the
+    native kernel's fallback gets such masks)."""
     lengths = (mask.cu_seqlens[1:] - mask.cu_seqlens[:-1]).tolist()
     outs = [
-        sdpa_attention(qi, ki, vi, Mask(is_causal=True), scale)
+        sdpa_attention(qi, ki, vi, padded_mask(None, qi.shape[2], q.device, mask.window), scale)
         for qi, ki, vi in zip(q.split(lengths, 2), k.split(lengths, 2), v.split(lengths, 2))
         if qi.shape[2] > 0
     ]
@@ -280,6 +304,16 @@ def attend(backend: str, q: Tensor, k: Tensor, v: Tensor, mask: Mask, scale: flo
 
         fn = _FUNCS[backend] = {"flex": ext.flex_attention, "xformers": ext.xformers_attention}[backend]
     return fn(q, k, v, mask, scale)
+
+
+def attend_softcapped(backend: str, q: Tensor, k: Tensor, v: Tensor, mask: Mask, scale: float, cap: float) -> Tensor:
+    """Attention with soft-capped scores: flex's ``score_mod`` on the ``flex`` backend, else the eager
+    :func:`softcap_attention` (no other kernel here soft-caps)."""
+    if backend == "flex":
+        from . import attention_ext as ext
+
+        return ext.flex_attention(q, k, v, mask, scale, softcap=cap)
+    return softcap_attention(q, k, v, mask, scale, cap)
 
 
 # --------------------------------------------------------------------------------------------- KV cache

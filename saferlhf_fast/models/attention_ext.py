@@ -12,7 +12,8 @@
   expand (no copy).  GPU only; used when the package is installed.
 
 Decode steps (one query, ``mask.additive``) and padded prefills fall back to the SDPA path in both, as the flash
-backend does: they are not where these kernels pay.
+backend does: they are not where these kernels pay.  ``flex`` also soft-caps attention scores (Gemma 2) with a
+``score_mod``; the other backends leave soft-capped layers to ``attention.softcap_attention``.
 """
 from __future__ import annotations
 
@@ -93,12 +94,28 @@ def block_mask(mask: attn.Mask, lq: int, lk: int, device) -> object:
     return bm
 
 
-def flex_attention(q: Tensor, k: Tensor, v: Tensor, mask: attn.Mask, scale: float) -> Tensor:
-    if mask.additive is not None and q.shape[-2] == 1:
-        return attn.sdpa_attention(q, k, v, mask, scale)  # decode step
+def flex_attention(q: Tensor, k: Tensor, v: Tensor, mask: attn.Mask, scale: float,
+                   softcap: float | None = None) -> Tensor:
+    """``softcap``: scores ``s -> softcap * tanh(s / softcap)`` after scaling (Gemma 2), as a ``score_mod``; the
+    decode step then takes :func:`attention.softcap_attention` (SDPA cannot soft-cap)."""
+    if mask.additive is not None and q.shape[-2] == 1:  # decode step
+        if softcap is not None:
+            return attn.softcap_attention(q, k, v, mask, scale, softcap)
+        return attn.sdpa_attention(q, k, v, mask, scale)
     bm = block_mask(mask, q.shape[-2], k.shape[-2], q.device)
     fn = _flex_fn(q.device.type)
-    return fn(q, k, v, block_mask=bm, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+    kwargs = {} if softcap is None else {"score_mod": _softcap_mod(float(softcap))}
+    return fn(q, k, v, block_mask=bm, scale=scale, enable_gqa=q.shape[1] != k.shape[1], **kwargs)
+
+
+@functools.lru_cache(maxsize=None)
+def _softcap_mod(cap: float):
+    """One function object per cap, so the compiled flex kernel is reused across layers and steps."""
+
+    def score_mod(score, b, h, q_idx, kv_idx):
+        return torch.tanh(score / cap) * cap
+
+    return score_mod
 
 
 # ------------------------------------------------------------------------------------------------ xformers

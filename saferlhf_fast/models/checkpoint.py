@@ -20,13 +20,19 @@ import shutil
 import torch
 from torch import nn
 
-from .llama import HEADS, DecoderModel, ModelConfig, RotaryEmbedding
+from .llama import GEMMA_TYPES, HEADS, DecoderModel, ModelConfig
 
 logger = logging.getLogger(__name__)
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
-_CAUSAL_ARCH = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
-_SCORE_ARCH = {"llama": "LlamaForScore", "mistral": "MistralForScore", "qwen2": "Qwen2ForScore"}
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text")
+_CAUSAL_ARCH = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                "qwen3": "Qwen3ForCausalLM", "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM"}
+_SCORE_ARCH = {"llama": "LlamaForScore", "mistral": "MistralForScore", "qwen2": "Qwen2ForScore",
+               "qwen3": "Qwen3ForScore", "gemma2": "Gemma2ForScore", "gemma3_text": "Gemma3ForScore"}
+# transformers' defaults for Gemma keys a config.json may omit: (attn_logit_softcapping, final_logit_softcapping,
+# RoPE base, sliding_window_pattern); query_pre_attn_scalar defaults to 256 for both
+_DEFAULT_HEAD_DIM = {"qwen3": 128, "gemma2": 256, "gemma3_text": 256}  # transformers' config defaults
+_GEMMA_DEFAULTS = {"gemma2": (50.0, 30.0, 10000.0, 2), "gemma3_text": (None, None, 1_000_000.0, 6)}
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                     "vocab.json", "merges.txt", "added_tokens.json", "generation_config.json", "chat_template.jinja")
 # Keys of a checkpoint that hold no weights of ours.
@@ -67,11 +73,16 @@ def config_from_hf(d: dict) -> ModelConfig:
         arch = ", ".join(d.get("architectures") or []) or "unknown"
         raise UnsupportedArchitectureError(
             f"architecture {arch!r} (model_type {model_type!r}) is not supported by the native saferlhf_fast decoder "
-            f"(supported model types: {', '.join(SUPPORTED_MODEL_TYPES)}, which covers Llama 1/2/3, Mistral, Qwen2 and "
-            f"SmolLM); load it with backend='auto' or 'hf' (--backend auto, the command line's default) to use "
-            f"transformers' own model class"
+            f"(supported model types: {', '.join(SUPPORTED_MODEL_TYPES)}, which covers Llama 1/2/3, Mistral, Qwen2, "
+            f"Qwen3, SmolLM, Gemma 2 and Gemma 3 text); load it with backend='auto' or 'hf' (--backend auto, the "
+            f"command line's default) to use transformers' own model class"
         )
     d = dict(d)
+    gemma = model_type in GEMMA_TYPES
+    if gemma and d.pop("use_bidirectional_attention", None):
+        raise UnsupportedArchitectureError(f"{model_type} with use_bidirectional_attention is not supported (the "
+                                           "native decoder is causal); use backend='hf'")
+    rope_local_theta = _pop_local_rope(d) if model_type == "gemma3_text" else None
     rope = d.pop("rope_parameters", None)
     rope_theta = d.pop("rope_theta", None)
     rope_scaling = d.pop("rope_scaling", None)
@@ -90,13 +101,19 @@ def config_from_hf(d: dict) -> ModelConfig:
             raise UnsupportedArchitectureError("partial rotary embeddings are not supported; use backend='hf'")
 
     n_layers = d.pop("num_hidden_layers")
-    sliding_window = d.pop("sliding_window", None)
+    sliding_window = d.pop("sliding_window", 4096 if gemma else None)  # transformers' Gemma default
     layer_types = d.pop("layer_types", None)
     use_sliding = d.pop("use_sliding_window", None)
     max_window_layers = d.pop("max_window_layers", None)
     if model_type == "llama":
         sliding_window, layer_types = None, None
-    elif model_type == "qwen2":
+    elif gemma:  # explicit per-layer types, also when every layer is global
+        if layer_types is None:
+            pattern = d.pop("sliding_window_pattern", None) or _GEMMA_DEFAULTS[model_type][3]
+            layer_types = ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(n_layers)]
+        if sliding_window is None:
+            layer_types = ["full_attention"] * n_layers
+    elif model_type in ("qwen2", "qwen3"):
         if not use_sliding:
             sliding_window = None
         if sliding_window is None:
@@ -107,10 +124,24 @@ def config_from_hf(d: dict) -> ModelConfig:
         if max_window_layers is not None or use_sliding is not None:
             d["max_window_layers"] = max_window_layers  # kept for saving
             d["use_sliding_window"] = use_sliding
-    if layer_types is not None and all(t == "full_attention" for t in layer_types):
+    if not gemma and layer_types is not None and all(t == "full_attention" for t in layer_types):
         layer_types = None
-        if model_type == "qwen2":
+        if model_type in ("qwen2", "qwen3"):
             sliding_window = None
+    for key in ("sliding_window_pattern", "_sliding_window_pattern"):
+        d.pop(key, None)
+    if gemma:
+        hidden_act = d.pop("hidden_activation", None) or d.pop("hidden_act", None) or "gelu_pytorch_tanh"
+        d.pop("hidden_act", None)
+        attn_cap, final_cap, default_theta, _ = _GEMMA_DEFAULTS[model_type]
+        gemma_keys = dict(query_pre_attn_scalar=d.pop("query_pre_attn_scalar", 256),
+                          attn_logit_softcapping=d.pop("attn_logit_softcapping", attn_cap),
+                          final_logit_softcapping=d.pop("final_logit_softcapping", final_cap),
+                          rope_local_theta=rope_local_theta)
+        rope_theta = default_theta if rope_theta is None else rope_theta
+    else:
+        hidden_act = d.pop("hidden_act", "silu")
+        gemma_keys = {}
 
     hidden = d.pop("hidden_size")
     heads = d.pop("num_attention_heads")
@@ -122,13 +153,13 @@ def config_from_hf(d: dict) -> ModelConfig:
         num_hidden_layers=n_layers,
         num_attention_heads=heads,
         num_key_value_heads=d.pop("num_key_value_heads", None) or heads,
-        head_dim=d.pop("head_dim", None) or hidden // heads,
-        hidden_act=d.pop("hidden_act", "silu"),
+        head_dim=d.pop("head_dim", None) or _DEFAULT_HEAD_DIM.get(model_type) or hidden // heads,
+        hidden_act=hidden_act,
         max_position_embeddings=d.pop("max_position_embeddings", 2048),
         rms_norm_eps=d.pop("rms_norm_eps", 1e-6),
         rope_theta=float(rope_theta if rope_theta is not None else 10000.0),
         rope_scaling=rope_scaling,
-        attention_bias=bool(d.pop("attention_bias", False)) if model_type == "llama" else False,
+        attention_bias=bool(d.pop("attention_bias", False)) if model_type not in ("mistral", "qwen2") else False,
         qkv_bias=model_type == "qwen2",
         mlp_bias=bool(d.pop("mlp_bias", False)) if model_type == "llama" else False,
         tie_word_embeddings=bool(d.pop("tie_word_embeddings", False)),
@@ -138,6 +169,7 @@ def config_from_hf(d: dict) -> ModelConfig:
         bos_token_id=d.pop("bos_token_id", None),
         eos_token_id=d.pop("eos_token_id", None),
         pad_token_id=d.pop("pad_token_id", None),
+        **gemma_keys,
     )
     if cfg.hidden_act not in ("silu", "swish", "gelu", "gelu_pytorch_tanh", "gelu_new", "relu"):
         raise UnsupportedArchitectureError(f"activation {cfg.hidden_act!r} is not supported; use backend='hf'")
@@ -146,6 +178,21 @@ def config_from_hf(d: dict) -> ModelConfig:
         d.pop(key, None)
     cfg.extra = d
     return cfg
+
+
+def _pop_local_rope(d: dict) -> float:
+    """Gemma 3: pop the sliding layers' RoPE base (transformers 5: ``rope_parameters["sliding_attention"]``; 4.x:
+    ``rope_local_base_freq``) and leave the global layers' parameters where ``config_from_hf`` reads them."""
+    local_theta = d.pop("rope_local_base_freq", None)
+    rope = d.get("rope_parameters")
+    if isinstance(rope, dict) and isinstance(rope.get("full_attention"), dict):
+        local = rope.get("sliding_attention") or {}
+        if local.get("rope_type", "default") != "default":
+            raise UnsupportedArchitectureError(f"RoPE scaling {local['rope_type']!r} on sliding layers is not "
+                                               "supported; use backend='hf'")
+        local_theta = local.get("rope_theta", local_theta)
+        d["rope_parameters"] = rope["full_attention"]
+    return float(local_theta if local_theta is not None else 10000.0)
 
 
 def config_to_hf(cfg: ModelConfig, head: str = "lm", dtype: torch.dtype | None = None, *,
@@ -179,7 +226,16 @@ def config_to_hf(cfg: ModelConfig, head: str = "lm", dtype: torch.dtype | None =
         d.update(attention_bias=cfg.attention_bias, mlp_bias=cfg.mlp_bias)
     elif cfg.model_type == "mistral":
         d.update(sliding_window=cfg.sliding_window)
-    elif cfg.model_type == "qwen2":
+    elif cfg.gemma:
+        d.update(hidden_activation=cfg.hidden_act, attention_bias=cfg.attention_bias,
+                 query_pre_attn_scalar=cfg.query_pre_attn_scalar, attn_logit_softcapping=cfg.attn_logit_softcapping,
+                 final_logit_softcapping=cfg.final_logit_softcapping, sliding_window=cfg.sliding_window,
+                 layer_types=cfg.layer_types or ["full_attention"] * cfg.num_hidden_layers)
+        if cfg.model_type == "gemma3_text":
+            d["rope_local_base_freq"] = cfg.rope_local_theta
+    elif cfg.model_type in ("qwen2", "qwen3"):
+        if cfg.model_type == "qwen3":
+            d["attention_bias"] = cfg.attention_bias
         d.update(sliding_window=cfg.sliding_window, use_sliding_window=cfg.sliding_window is not None)
         if cfg.layer_types is not None:
             d["layer_types"] = cfg.layer_types
@@ -339,7 +395,7 @@ def _normalise_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def _materialise(model: DecoderModel, device) -> None:
     """Give a model built on the meta device real (uninitialised) storage and fresh RoPE tables."""
     model.to_empty(device=device)
-    model.model.rotary_emb = RotaryEmbedding(model.config)
+    model.model.reset_rope()
 
 
 def build_model(config: ModelConfig, head: str, state: dict[str, torch.Tensor], *, dtype=torch.float32,

@@ -115,8 +115,10 @@ class HFModel(nn.Module):
                 labels = labels.masked_fill(attention_mask[:, 1:] == 0, IGNORE_INDEX)
             h = h[:, :-1]
         weight = self.hf.get_output_embeddings().weight
+        # Gemma 2's final soft-capping (logits -> cap * tanh(logits / cap)) is applied inside the fused op
+        softcap = getattr(self.hf.config, "final_logit_softcapping", None)
         return ops.linear_logprobs(h, weight, labels, temperature=temperature, return_entropy=return_entropy,
-                                   backend=ops_backend)
+                                   softcap=softcap, backend=ops_backend)
 
     def save_pretrained(self, save_directory: str, dtype: torch.dtype | None = None, **kwargs):
         """A causal LM: transformers' own ``save_pretrained`` (weights cast to ``dtype`` when given).  A score model:

@@ -1,6 +1,17 @@
 """The Llama-family decoder, readable top to bottom: Llama 1/2/3 (incl. llama3 / linear RoPE scaling), Mistral
 (sliding window), Qwen2 (q/k/v bias), SmolLM.  GQA, tied or untied embeddings, RMSNorm, SwiGLU.
 
+The same modules with a few switches (``ModelConfig.family_features``) also run Qwen3 and Gemma 2 / 3 text:
+
+* Qwen3: RMSNorm on each query and key head before RoPE (``q_norm`` / ``k_norm``);
+* Gemma 2 / 3: embeddings times ``sqrt(hidden_size)`` (rounded to the embedding dtype), RMSNorm scaling by
+  ``1 + weight``, sandwich norms (``post_attention_layernorm`` on the attention output, ``pre_feedforward_layernorm``
+  / ``post_feedforward_layernorm`` around the MLP), GeGLU (``gelu_pytorch_tanh``), scores scaled by
+  ``query_pre_attn_scalar ** -0.5``, alternating sliding-window / global layers (``layer_types``); Gemma 2's
+  attention logit soft-capping ``s -> cap * tanh(s / cap)`` (an eager attention, see ``attention.softcap_attention``)
+  and final logit soft-capping; Gemma 3's q / k norms and its own RoPE base for sliding layers
+  (``rope_local_theta``).
+
 Parameter names are the Hugging Face ones (``model.embed_tokens``, ``model.layers.N.self_attn.q_proj``, ...,
 ``model.norm``, ``lm_head``, ``score_head``), so checkpoint IO (``checkpoint.py``) is a dict copy.
 
@@ -18,6 +29,7 @@ Positions follow the attention mask exactly as transformers does for left-padded
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field, fields
 
@@ -60,6 +72,11 @@ class ModelConfig:
     bos_token_id: int | list[int] | None = None
     eos_token_id: int | list[int] | None = None
     pad_token_id: int | None = None
+    # Gemma 2 / 3 (None: the Llama behaviour)
+    query_pre_attn_scalar: float | None = None  # attention scale query_pre_attn_scalar ** -0.5 (else head_dim ** -0.5)
+    attn_logit_softcapping: float | None = None  # attention scores s -> cap * tanh(s / cap)
+    final_logit_softcapping: float | None = None  # logits z -> cap * tanh(z / cap)
+    rope_local_theta: float | None = None  # RoPE base of the sliding-window layers (Gemma 3), never scaled
     extra: dict = field(default_factory=dict)  # other config.json keys, written back unchanged on save
 
     def __post_init__(self):
@@ -67,11 +84,49 @@ class ModelConfig:
             self.num_key_value_heads = self.num_attention_heads
         if self.head_dim is None:
             self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.gemma and self.layer_types is None:  # transformers' default: every Nth layer global
+            pattern = 2 if self.model_type == "gemma2" else 6
+            self.layer_types = ["sliding_attention" if (i + 1) % pattern else "full_attention"
+                                for i in range(self.num_hidden_layers)]
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(
                 f"num_attention_heads ({self.num_attention_heads}) must be a multiple of num_key_value_heads "
                 f"({self.num_key_value_heads})"
             )
+
+    @property
+    def gemma(self) -> bool:
+        """Gemma 2 / 3 layout: scaled embeddings, ``1 + weight`` RMSNorms, sandwich norms."""
+        return self.model_type in GEMMA_TYPES
+
+    @property
+    def qk_norm(self) -> bool:
+        """RMSNorm on every query / key head before RoPE (Qwen3, Gemma 3)."""
+        return self.model_type in QK_NORM_TYPES
+
+    def family_features(self) -> list[str]:
+        """What this model computes beyond the Llama family's math (empty for Llama, Mistral, Qwen2, SmolLM).  The
+        fused CPU decode step covers the Llama math only; a model with any of these decodes through
+        ``forward_cached``."""
+        features = []
+        if self.qk_norm:
+            features.append("q/k norm")
+        if self.gemma:
+            features += ["embedding scale", "1 + weight RMSNorm", "sandwich norms"]
+        if self.query_pre_attn_scalar is not None:
+            features.append("query_pre_attn_scalar")
+        if self.attn_logit_softcapping is not None:
+            features.append("attention logit soft-capping")
+        if self.final_logit_softcapping is not None:
+            features.append("final logit soft-capping")
+        if self.rope_local_theta is not None:
+            features.append("local RoPE base")
+        return features
+
+    def layer_rope_local(self, i: int) -> bool:
+        """Whether layer ``i`` uses the local RoPE table (a sliding layer of a model with ``rope_local_theta``)."""
+        return (self.rope_local_theta is not None and self.layer_types is not None
+                and self.layer_types[i] == "sliding_attention")
 
     def layer_window(self, i: int) -> int | None:
         """Sliding window of layer ``i`` (None: full attention)."""
@@ -81,6 +136,10 @@ class ModelConfig:
 
     def to_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+GEMMA_TYPES = ("gemma2", "gemma3_text")
+QK_NORM_TYPES = ("qwen3", "gemma3_text")
 
 
 _ACTIVATIONS = {
@@ -94,11 +153,13 @@ _ACTIVATIONS = {
 
 
 # ============================================================================================== RoPE
-def rope_inv_freq(config: ModelConfig) -> Tensor:
-    """Inverse frequencies of the rotary embedding, with linear or llama3 scaling (transformers' formulas)."""
+def rope_inv_freq(config: ModelConfig, local: bool = False) -> Tensor:
+    """Inverse frequencies of the rotary embedding, with linear or llama3 scaling (transformers' formulas).
+    ``local``: the sliding layers' table of a model with ``rope_local_theta`` (Gemma 3: its own base, no scaling)."""
     dim = config.head_dim
-    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
-    scaling = config.rope_scaling or {}
+    theta = config.rope_local_theta if local else config.rope_theta
+    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    scaling = {} if local else (config.rope_scaling or {})
     kind = scaling.get("rope_type", scaling.get("type", "default"))
     if kind == "default":
         return inv_freq
@@ -127,9 +188,10 @@ class RotaryEmbedding(nn.Module):
     ``rotate_half(x) * sin == roll(x, d/2) * sin_signed`` with ``sin_signed = cat(-sin, sin)`` (exactly: negation is
     exact), which saves the slices, neg and cat of transformers' ``rotate_half`` on every layer."""
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, local: bool = False):
         super().__init__()
         self.config = config
+        self.local = local
         self.cos_table = self.sin_table = torch.empty(0)  # plain attributes: never cast by .to(dtype)
 
     def ensure(self, n: int, device) -> None:
@@ -137,7 +199,7 @@ class RotaryEmbedding(nn.Module):
         if self.cos_table.shape[0] >= n and self.cos_table.device == device:
             return
         n = max(n, 2 * self.cos_table.shape[0] if self.cos_table.device == device else 0, 256)
-        inv_freq = rope_inv_freq(self.config).to(device)
+        inv_freq = rope_inv_freq(self.config, self.local).to(device)
         pos = torch.arange(n, device=device, dtype=torch.int64).float()
         freqs = pos[:, None] * inv_freq[None, :]  # same products as transformers
         self.cos_table = torch.cat((freqs, freqs), dim=-1).cos()
@@ -186,18 +248,65 @@ class RMSNorm(nn.Module):
         return ops.add_rms_norm(x, residual, self.weight, self.eps)
 
 
+class GemmaRMSNorm(RMSNorm):
+    """Gemma's RMSNorm: ``x * rsqrt(mean(x^2) + eps) * (1 + weight)``, weight initialised to 0.  fp32: the fused
+    :func:`ops.rms_norm` with ``1 + weight`` (the same products as transformers'); other dtypes as transformers'
+    Gemma: normalise and scale in fp32, round once (Llama's norm rounds before scaling)."""
+
+    def __init__(self, hidden_size: int, eps: float):
+        super().__init__(hidden_size, eps)
+        nn.init.zeros_(self.weight)
+
+    def _fused(self, x: Tensor) -> bool:
+        return x.dtype == torch.float32 and self.weight.dtype == torch.float32
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self._fused(x):
+            return ops.rms_norm(x, 1.0 + self.weight, self.eps)
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps) * (1.0 + self.weight.float())).to(x.dtype)
+
+    def add_forward(self, x: Tensor, residual: Tensor) -> tuple[Tensor, Tensor]:
+        if self._fused(x):
+            return ops.add_rms_norm(x, residual, 1.0 + self.weight, self.eps)
+        s = x + residual
+        return s, self(s)
+
+
+@functools.lru_cache(maxsize=None)
+def _rounded(value: float, dtype: torch.dtype) -> float:
+    return float(torch.tensor(value, dtype=dtype))
+
+
+def norm_class(config: ModelConfig) -> type[RMSNorm]:
+    return GemmaRMSNorm if config.gemma else RMSNorm
+
+
+def softcap(x: Tensor, cap: float) -> Tensor:
+    """``cap * tanh(x / cap)`` (transformers' order of operations, so the same rounding)."""
+    return torch.tanh(x / cap) * cap
+
+
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig, layer_idx: int):
         super().__init__()
         self.n_heads, self.n_kv, self.head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
-        self.scale = self.head_dim ** -0.5
+        scalar = config.query_pre_attn_scalar
+        self.scale = self.head_dim ** -0.5 if scalar is None else scalar ** -0.5
+        self.softcap = config.attn_logit_softcapping
         self.window = config.layer_window(layer_idx)
+        self.rope_local = config.layer_rope_local(layer_idx)
         self.layer_idx = layer_idx
         h, qkv_bias = config.hidden_size, config.attention_bias or config.qkv_bias
         self.q_proj = Linear(h, self.n_heads * self.head_dim, bias=qkv_bias)
         self.k_proj = Linear(h, self.n_kv * self.head_dim, bias=qkv_bias)
         self.v_proj = Linear(h, self.n_kv * self.head_dim, bias=qkv_bias)
         self.o_proj = Linear(self.n_heads * self.head_dim, h, bias=config.attention_bias)
+        if config.qk_norm:  # per head, before RoPE
+            self.q_norm = norm_class(config)(self.head_dim, config.rms_norm_eps)
+            self.k_norm = norm_class(config)(self.head_dim, config.rms_norm_eps)
+        else:
+            self.q_norm = self.k_norm = None
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Mask, backend: str,
                 cache: StaticKVCache | None = None, start: int | Tensor = 0, rows: Tensor | None = None) -> Tensor:
@@ -207,6 +316,8 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(b, n, self.n_heads, self.head_dim)
         k = self.k_proj(x).view(b, n, self.n_kv, self.head_dim)
         v = self.v_proj(x).view(b, n, self.n_kv, self.head_dim).transpose(1, 2)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, k, cos, sin)  # [B, L, H, d] -> attention takes [B, H, L, d] views
         q, k = q.transpose(1, 2), k.transpose(1, 2)
         if cache is not None:
@@ -219,7 +330,10 @@ class Attention(nn.Module):
                 ck[:, :, start:start + n] = k
                 cv[:, :, start:start + n] = v
                 k, v = ck[:, :, :start + n], cv[:, :, :start + n]
-        out = attn.attend(backend, q, k, v, mask, self.scale)
+        if self.softcap is None:
+            out = attn.attend(backend, q, k, v, mask, self.scale)
+        else:  # flex soft-caps in its score_mod; the other backends leave it to the eager formula
+            out = attn.attend_softcapped(backend, q, k, v, mask, self.scale, self.softcap)
         out = out.transpose(1, 2).reshape(b, n, self.n_heads * self.head_dim)
         if rows is not None:
             out = out.reshape(b * n, -1).index_select(0, rows)
@@ -246,8 +360,8 @@ class DecoderLayer(nn.Module):
         super().__init__()
         self.self_attn = Attention(config, layer_idx)
         self.mlp = MLP(config)
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.input_layernorm = norm_class(config)(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = norm_class(config)(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, x, residual, cos, sin, mask, backend, cache=None, start=0, rows=None):
         """Pre-norm block ``h = stream + attn(norm1(stream)); stream' = h + mlp(norm2(h))`` with each residual add
@@ -266,16 +380,61 @@ class DecoderLayer(nn.Module):
         return self.mlp(h), residual
 
 
+class GemmaDecoderLayer(DecoderLayer):
+    """Gemma's sandwich-norm block: ``h = stream + norm2(attn(norm1(stream))); stream' = h + norm4(mlp(norm3(h)))``
+    (norm2 = ``post_attention_layernorm``, norm3 / norm4 = ``pre_feedforward_layernorm`` /
+    ``post_feedforward_layernorm``).  Same contract as :class:`DecoderLayer`: returns ``(norm4(mlp(...)), h)`` and the
+    residual adds are fused into the norms that follow them."""
+
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__(config, layer_idx)
+        self.pre_feedforward_layernorm = GemmaRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_feedforward_layernorm = GemmaRMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, x, residual, cos, sin, mask, backend, cache=None, start=0, rows=None):
+        if residual is None:
+            residual, h = x, self.input_layernorm(x)
+        else:
+            residual, h = self.input_layernorm.add_forward(x, residual)
+        a = self.post_attention_layernorm(self.self_attn(h, cos, sin, mask, backend, cache, start, rows))
+        if rows is not None:
+            residual = residual.reshape(-1, residual.shape[-1]).index_select(0, rows)
+        residual, h = self.pre_feedforward_layernorm.add_forward(a, residual)
+        return self.post_feedforward_layernorm(self.mlp(h)), residual
+
+
 class LlamaModel(nn.Module):
     """Embedding -> N decoder layers -> final RMSNorm.  Masks come prebuilt (one per window size)."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.rotary_emb = RotaryEmbedding(config)
+        # Gemma: embeddings times sqrt(H) rounded to the embedding dtype, as transformers' scaled embedding
+        self.embed_scale = config.hidden_size ** 0.5 if config.gemma else None
+        layer_cls = GemmaDecoderLayer if config.gemma else DecoderLayer
+        self.layers = nn.ModuleList(layer_cls(config, i) for i in range(config.num_hidden_layers))
+        self.norm = norm_class(config)(config.hidden_size, config.rms_norm_eps)
+        self.config = config
+        self.reset_rope()
         self.gradient_checkpointing = False
+
+    def reset_rope(self) -> None:
+        """Fresh (empty) RoPE tables: the global one and, for Gemma 3's sliding layers, the local one."""
+        self.rotary_emb = RotaryEmbedding(self.config)
+        local = any(self.config.layer_rope_local(i) for i in range(self.config.num_hidden_layers))
+        self.rotary_emb_local = RotaryEmbedding(self.config, local=True) if local else None
+
+    def ensure_rope(self, n: int, device) -> None:
+        for rope in (self.rotary_emb, self.rotary_emb_local):
+            if rope is not None:
+                rope.ensure(n, device)
+
+    def embed(self, input_ids: Tensor) -> Tensor:
+        x = self.embed_tokens(input_ids)
+        if self.embed_scale is not None:
+            # a Python float already rounded to the dtype: x * scale in the dtype's arithmetic, as transformers'
+            x = x * _rounded(self.embed_scale, x.dtype)
+        return x
 
     def forward(self, input_ids: Tensor, position_ids: Tensor, masks: dict, backend: str,
                 cache: StaticKVCache | None = None, start: int | Tensor = 0, pos_bound: int | None = None,
@@ -283,12 +442,15 @@ class LlamaModel(nn.Module):
         """``[B, L]`` ids -> ``[B, L, H]``.  ``last_rows`` (indices into the ``B * L`` flattened positions): the last
         layer computes only those rows after its attention -> ``[len(last_rows), H]`` (end scores need one row per
         sequence: the last layer's o_proj and MLP shrink from B * L rows to B)."""
-        x, residual = self.embed_tokens(input_ids), None
-        cos, sin = self.rotary_emb(position_ids, x.dtype, pos_bound)
+        x, residual = self.embed(input_ids), None
+        tables = {False: self.rotary_emb(position_ids, x.dtype, pos_bound)}
+        if self.rotary_emb_local is not None:
+            tables[True] = self.rotary_emb_local(position_ids, x.dtype, pos_bound)
         ckpt = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
             mask = masks[layer.self_attn.window]
+            cos, sin = tables[layer.self_attn.rope_local]
             rows = last_rows if i == last else None
             if ckpt:
                 x, residual = checkpoint(layer, x, residual, cos, sin, mask, backend, None, 0, rows,
@@ -396,8 +558,10 @@ class DecoderModel(nn.Module):
         masks = {}
         # native applies windows itself; it needs the dense mask only for documents too long for it (sdpa fallback)
         dense_windows = backend == "sdpa" or (backend == "native" and int(lengths.max()) > attn.NATIVE_MAX_SEQLEN)
+        # softcap_attention (every soft-capped backend but flex) takes dense masks only
+        eager = backend == "reference" or (self.config.attn_logit_softcapping is not None and backend != "flex")
         for w in self._windows():
-            dense = backend == "reference" or (dense_windows and w is not None and n > w)
+            dense = eager or (dense_windows and w is not None and n > w)
             masks[w] = attn.packed_mask(cu, n, w, dense=dense)
         if rows is not None:  # flat position -> packed position; asked-for pad rows get 0, as pads do below
             real = flat.index_select(0, rows).nonzero().squeeze(1)
@@ -415,6 +579,8 @@ class DecoderModel(nn.Module):
                 nn.init.normal_(module.weight, mean=0.0, std=std)
                 if getattr(module, "bias", None) is not None:
                     nn.init.zeros_(module.bias)
+            elif isinstance(module, GemmaRMSNorm):  # scales by 1 + weight
+                nn.init.zeros_(module.weight)
             elif isinstance(module, RMSNorm):
                 nn.init.ones_(module.weight)
 
@@ -438,10 +604,16 @@ class LlamaForCausalLM(DecoderModel):
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
+    def logits(self, h: Tensor) -> Tensor:
+        """``lm_head(h)``, soft-capped when the config has ``final_logit_softcapping`` (Gemma 2)."""
+        z = self.lm_head(h)
+        cap = self.config.final_logit_softcapping
+        return z if cap is None else softcap(z, cap)
+
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, position_ids: Tensor | None = None,
                 packed: bool | None = None) -> CausalLMOutput:
         """Full logits ``[B, L, V]`` in the model dtype (for log-probs use ``token_logprobs``)."""
-        return CausalLMOutput(self.lm_head(self.hidden_states(input_ids, attention_mask, position_ids, packed)))
+        return CausalLMOutput(self.logits(self.hidden_states(input_ids, attention_mask, position_ids, packed)))
 
     def token_logprobs(self, input_ids: Tensor, attention_mask: Tensor | None = None, labels: Tensor | None = None,
                        *, temperature: float = 1.0, return_entropy: bool = False, packed: bool | None = None,
@@ -453,7 +625,8 @@ class LlamaForCausalLM(DecoderModel):
         * ``labels`` ``[B, L]``: the label of position t is predicted from position t (already shifted by the
           caller); ``-100`` gives 0.  Only rows with a real label reach the lm_head.
 
-        With ``return_entropy`` also the entropy of the same distributions.  Differentiable.
+        With ``return_entropy`` also the entropy of the same distributions.  Differentiable.  A model with
+        ``final_logit_softcapping`` soft-caps each chunk of logits inside ``linear_logprobs`` (its ``softcap``).
         """
         length = input_ids.shape[1]
         if labels is None:
@@ -467,7 +640,8 @@ class LlamaForCausalLM(DecoderModel):
         rows = idx if shape[1] == length else idx // shape[1] * length + idx % shape[1]
         hv = self.hidden_states(input_ids, attention_mask, packed=packed, rows=rows)
         res = ops.linear_logprobs(hv, self.lm_head.weight, flat.index_select(0, idx), temperature=temperature,
-                                  return_entropy=return_entropy, backend=ops_backend)
+                                  return_entropy=return_entropy, backend=ops_backend,
+                                  softcap=self.config.final_logit_softcapping)
 
         def scatter(x):
             return x.new_zeros(flat.shape[0]).index_copy(0, idx, x).view(shape)
@@ -477,7 +651,7 @@ class LlamaForCausalLM(DecoderModel):
     # -- generation (the engine drives these)
     def allocate_cache(self, batch: int, max_len: int) -> StaticKVCache:
         c = self.config
-        self.model.rotary_emb.ensure(max_len, self.device)
+        self.model.ensure_rope(max_len, self.device)
         return StaticKVCache(c.num_hidden_layers, batch, c.num_key_value_heads, max_len, c.head_dim, self.dtype,
                              self.device)
 
@@ -500,7 +674,7 @@ class LlamaForCausalLM(DecoderModel):
         if backend == "flash":
             backend = "sdpa"
         h = self.model(input_ids, position_ids, masks, backend, cache, start, pos_bound=cache.max_len)
-        return self.lm_head(h[:, -1])
+        return self.logits(h[:, -1])
 
 
 class LlamaForScore(DecoderModel):

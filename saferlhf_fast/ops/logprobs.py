@@ -113,11 +113,17 @@ def _chunk_rows(n_rows: int, vocab: int, grad: bool = True) -> int:
     return max(1, min(n_rows, budget // max(vocab, 1)))
 
 
+def _softcap_(logits: Tensor, cap: float) -> Tensor:
+    """``cap * tanh(z / cap)`` in place (transformers' order of operations: the same rounding as its Gemma 2)."""
+    return logits.div_(cap).tanh_().mul_(cap)
+
+
 class _LinearLogprobs(torch.autograd.Function):
-    """Chunked ``hidden @ weight.T`` -> log-probs; backward recomputes each chunk's logits."""
+    """Chunked ``hidden @ weight.T`` (soft-capped with ``softcap``) -> log-probs; backward recomputes each chunk's
+    logits."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, labels, temperature, ignore_index, with_entropy, kernels, chunk):
+    def forward(ctx, hidden, weight, labels, temperature, ignore_index, with_entropy, kernels, chunk, softcap=None):
         n = hidden.shape[0]
         logp = hidden.new_empty(n, dtype=torch.float32)
         lse = hidden.new_empty(n, dtype=torch.float32)
@@ -125,12 +131,14 @@ class _LinearLogprobs(torch.autograd.Function):
         for start in range(0, n, chunk):
             stop = min(n, start + chunk)
             logits = matmul_nt(hidden[start:stop], weight)
+            if softcap is not None:
+                _softcap_(logits, softcap)
             lp, ls, en = kernels.logprobs_forward(logits, labels[start:stop], temperature, ignore_index, with_entropy)
             logp[start:stop] = lp
             lse[start:stop] = ls
             if with_entropy:
                 entropy[start:stop] = en
-            single = n <= chunk and not with_entropy and logits.dtype == torch.float32
+            single = n <= chunk and not with_entropy and logits.dtype == torch.float32 and softcap is None
             if single and any(ctx.needs_input_grad[:2]):
                 # One chunk: keep d logp / d logits (onehot - p) / T from here instead of recomputing the logits
                 # in backward (the row gradient only scales it; same peak memory: one chunk).
@@ -139,14 +147,14 @@ class _LinearLogprobs(torch.autograd.Function):
                 ctx.dlogits = logits
             del logits
         ctx.save_for_backward(hidden, weight, labels, lse, entropy)
-        ctx.args = (temperature, ignore_index, kernels, chunk)
+        ctx.args = (temperature, ignore_index, kernels, chunk, softcap)
         ctx.mark_non_differentiable(lse)
         return logp, lse, entropy
 
     @staticmethod
     def backward(ctx, grad_logp, _grad_lse, grad_entropy):
         hidden, weight, labels, lse, entropy = ctx.saved_tensors
-        temperature, ignore_index, kernels, chunk = ctx.args
+        temperature, ignore_index, kernels, chunk, softcap = ctx.args
         grad_logp = _as_grad(grad_logp, lse)
         grad_entropy = _maybe_grad(grad_entropy, lse)
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
@@ -172,12 +180,19 @@ class _LinearLogprobs(torch.autograd.Function):
                 break
             else:
                 logits = matmul_nt(h, weight)
+                tanh = None
+                if softcap is not None:  # c = cap * tanh(z / cap): dc / dz = 1 - tanh^2
+                    tanh = logits.div_(softcap).tanh_()
+                    logits = tanh * softcap
                 kernels.logprobs_backward(
                     grad_logp[start:stop],
                     None if grad_entropy is None else grad_entropy[start:stop],
                     logits, labels[start:stop], lse[start:stop], entropy[start:stop],
                     temperature, ignore_index, logits,  # in place: logits become d loss / d logits
                 )
+                if tanh is not None:
+                    logits.mul_(tanh.mul_(tanh).neg_().add_(1.0))
+                    del tanh
             if need_h:
                 grad_hidden[start:stop] = matmul_nn(logits, weight)
             if need_w:
@@ -192,7 +207,7 @@ class _LinearLogprobs(torch.autograd.Function):
             if grad_weight is None:  # no rows
                 grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
             grad_weight = grad_weight.to(weight.dtype)
-        return grad_hidden, grad_weight, None, None, None, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None, None, None, None
 
 
 def linear_logprobs(
@@ -205,8 +220,12 @@ def linear_logprobs(
     return_entropy: bool = False,
     backend: str | None = None,
     chunk_rows: int | None = None,
+    softcap: float | None = None,
 ):
     """Log-probs (and entropy) of ``labels`` under ``softmax(hidden @ weight.T / temperature)``.
+
+    ``softcap``: the logits are soft-capped first, ``z -> softcap * tanh(z / softcap)`` (Gemma 2's final logit
+    soft-capping), chunk by chunk like the rest: still no ``[N, V]`` block; backward applies ``1 - tanh^2``.
 
     hidden ``[..., H]``, weight ``[V, H]`` (same dtype), labels ``[...]`` -> ``[...]`` fp32.  Never materialises the
     ``[N, V]`` logits on the kernel backends: rows are processed in chunks of ``chunk_rows`` (default: about 16 M
@@ -221,14 +240,15 @@ def linear_logprobs(
     if name == "torch":
         return reference.linear_logprobs(
             hidden, weight, labels, temperature=temperature, ignore_index=ignore_index,
-            return_entropy=return_entropy,
+            return_entropy=return_entropy, softcap=softcap,
         )
     h, y = _flatten(hidden, labels)
     reference.check_labels(y, weight.shape[0], ignore_index)
     grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     chunk = chunk_rows or _chunk_rows(h.shape[0], weight.shape[0], grad)
     logp, _lse, entropy = _LinearLogprobs.apply(
-        h, weight, y, temperature, ignore_index, return_entropy, _backend.kernel_module(name), chunk
+        h, weight, y, temperature, ignore_index, return_entropy, _backend.kernel_module(name), chunk,
+        None if softcap is None else float(softcap),
     )
     logp = logp.view(labels.shape)
     return (logp, entropy.view(labels.shape)) if return_entropy else logp

@@ -96,12 +96,16 @@ def linear_logprobs(
     temperature: float = 1.0,
     ignore_index: int = IGNORE_INDEX,
     return_entropy: bool = False,
+    softcap: float | None = None,
 ):
     """``gather_logprobs(hidden @ weight.T, labels)``: hidden [..., H], weight [V, H] -> [...] fp32.
 
-    The matmul runs in the inputs' dtype (as an lm_head would); softmax math is fp32.
+    The matmul runs in the inputs' dtype (as an lm_head would); softmax math is fp32.  ``softcap``: logits
+    ``z -> softcap * tanh(z / softcap)`` first (Gemma 2).
     """
     logits = hidden @ weight.t()
+    if softcap is not None:
+        logits = torch.tanh(logits / softcap) * softcap
     return gather_logprobs(
         logits, labels, temperature=temperature, ignore_index=ignore_index, return_entropy=return_entropy
     )

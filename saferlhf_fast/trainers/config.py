@@ -68,9 +68,9 @@ class RunConfig:
     bf16: bool = option(False, "bf16 autocast (weights and optimizer state stay fp32)", group=DEVICES)
     tf32: bool | None = option(None, "allow TF32 matmuls on CUDA", group=DEVICES)
     device: str = option("auto", "cpu, cuda, cuda:N or auto", group=DEVICES)
-    backend: str = option("auto", "model implementation: native (our decoder: Llama, Mistral, Qwen2, SmolLM), hf "
-                                  "(transformers' own classes, any causal LM) or auto (native when the architecture "
-                                  "is ours, else hf)", choices=list(MODEL_BACKENDS), group=DEVICES)
+    backend: str = option("auto", "model implementation: native (our decoder: Llama, Mistral, Qwen2 / 3, SmolLM, "
+                                  "Gemma 2 / 3), hf (transformers' own classes, any causal LM) or auto (native when "
+                                  "the architecture is ours, else hf)", choices=list(MODEL_BACKENDS), group=DEVICES)
     attn_backend: str | None = option(None, "attention backend of the models (default: the model's choice)",
                                       choices=list(ATTN_BACKENDS), group=DEVICES)
     mixed_precision: str | None = option(None, "under torchrun: FSDP2 mixed precision (parameters gathered and "
