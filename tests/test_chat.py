@@ -6,6 +6,7 @@ import json
 import os
 import re
 import select
+import signal
 import struct
 import subprocess
 import sys
@@ -87,6 +88,13 @@ def test_text_stream_holds_back_half_characters(models):
 
 
 # ------------------------------------------------------------------------------------------------ pseudo-terminal
+def _controlling_terminal():
+    """In the child: the pty as controlling terminal, and SIGINT at its default (a background job, as under nohup,
+    ignores it, and the child would inherit that)."""
+    fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class Terminal:
     """A command in a pseudo-terminal: ``type`` a line as a user does (Enter is a carriage return), ``expect`` a
     text on the screen (what the program wrote, terminal line endings made ``\\n``)."""
@@ -99,7 +107,7 @@ class Terminal:
         # there is then a SIGINT to the program.
         self.proc = subprocess.Popen([sys.executable, "-m", "saferlhf_fast.cli", "chat", *args], stdin=slave,
                                      stdout=slave, stderr=slave, env=env, cwd=ROOT, start_new_session=True,
-                                     preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0))
+                                     preexec_fn=_controlling_terminal)
         os.close(slave)
         self.fd, self.raw, self.seen = master, b"", 0
 

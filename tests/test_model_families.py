@@ -7,7 +7,9 @@ import json
 import warnings
 
 import pytest
+import test_models
 import torch
+from test_models import hf_logits, masked_max
 
 transformers = pytest.importorskip("transformers")
 from saferlhf_fast import ops
@@ -83,41 +85,14 @@ def prompts(seed=0):
 
 
 def left_padded_batch(b=3, length=12, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(4, V, (b, length), generator=g)
-    mask = torch.ones(b, length, dtype=torch.long)
-    for i in range(1, b):
-        mask[i, : 2 + 3 * i] = 0
-    return ids.masked_fill(mask == 0, 0), mask
-
-
-def hf_logits(hf, ids, mask):
-    with torch.no_grad():
-        return hf(ids, attention_mask=mask, position_ids=positions_from_mask(mask)).logits
-
-
-def masked_max(a, b, mask):
-    return float(((a.float() - b.float()).abs() * mask[..., None]).max())
+    return test_models.left_padded_batch(b, length, seed, low=4)  # ids from 4: clear of the special tokens
 
 
 # ---------------------------------------------------------------------------------------------- parity
 @pytest.mark.parametrize("name", list(ARCHS))
 @pytest.mark.parametrize("backend", ["sdpa", "native", "reference", "flex"])
 def test_logits_parity_left_padded(checkpoints, name, backend):
-    hf = transformers.AutoModelForCausalLM.from_pretrained(checkpoints[name]).eval()
-    model = from_pretrained(checkpoints[name], attn_backend=backend).eval()
-    ids, mask = left_padded_batch()
-    with torch.no_grad():
-        ours = model(ids, mask).logits
-        packed = model(ids, mask, packed=True).logits
-        padded = model(ids, mask, packed=False).logits
-        unpadded = model(ids[:1]).logits
-    ref = hf_logits(hf, ids, mask)
-    assert ours.shape == (3, 12, V)
-    assert masked_max(ours, ref, mask) <= 1e-4
-    assert masked_max(packed, ref, mask) <= 1e-4
-    assert masked_max(padded, ref, mask) <= 1e-4
-    assert float((unpadded - ref[:1]).abs().max()) <= 1e-4
+    test_models.assert_logits_parity_left_padded(checkpoints[name], backend, low=4)
 
 
 def test_config_fields(checkpoints):

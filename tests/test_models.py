@@ -60,9 +60,9 @@ def checkpoints(tmp_path_factory):
     return out
 
 
-def left_padded_batch(b=3, length=12, seed=0):
+def left_padded_batch(b=3, length=12, seed=0, low=1):
     g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(1, V, (b, length), generator=g)
+    ids = torch.randint(low, V, (b, length), generator=g)
     mask = torch.ones(b, length, dtype=torch.long)
     for i in range(1, b):
         mask[i, : 2 + 3 * i] = 0
@@ -82,9 +82,14 @@ def masked_max(a, b, mask):
 @pytest.mark.parametrize("name", list(ARCHS))
 @pytest.mark.parametrize("backend", ["sdpa", "native", "reference", "flex"])
 def test_logits_parity_left_padded(checkpoints, name, backend):
-    hf = transformers.AutoModelForCausalLM.from_pretrained(checkpoints[name]).eval()
-    model = from_pretrained(checkpoints[name], attn_backend=backend).eval()
-    ids, mask = left_padded_batch()
+    assert_logits_parity_left_padded(checkpoints[name], backend)
+
+
+def assert_logits_parity_left_padded(path, backend, low=1):
+    """Our logits (packed, padded, unpadded) equal transformers' on a left-padded batch, on ``backend``."""
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path).eval()
+    model = from_pretrained(path, attn_backend=backend).eval()
+    ids, mask = left_padded_batch(low=low)
     with torch.no_grad():
         ours = model(ids, mask).logits
         packed = model(ids, mask, packed=True).logits
@@ -294,7 +299,7 @@ def test_unknown_architecture_clear_error_and_hf_backend(tmp_path):
     cfg = transformers.GPT2Config(vocab_size=V, n_embd=32, n_layer=1, n_head=2, n_positions=64)
     torch.manual_seed(0)
     transformers.GPT2LMHeadModel(cfg).save_pretrained(str(tmp_path))
-    with pytest.raises(UnsupportedArchitectureError, match=r"GPT2LMHeadModel.*gpt2.*backend='hf'"):
+    with pytest.raises(UnsupportedArchitectureError, match=r"GPT2LMHeadModel.*gpt2.*backend='auto' or 'hf'"):
         from_pretrained(str(tmp_path))
     model = from_pretrained(str(tmp_path), backend="hf")
     ids, mask = left_padded_batch()
