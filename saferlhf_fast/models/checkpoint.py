@@ -600,6 +600,10 @@ def save_pretrained(model: DecoderModel, save_directory: str, *, max_shard_size=
     full = full_state_dict(model) if is_sharded(model) else model.state_dict()
     if full is None:  # not rank 0 of a sharded model: rank 0 writes
         return
+    if getattr(model, "lora_spec", None) is not None:  # LoRA: the adapters merged into the weights they adapt
+        from .lora import merged_state_dict
+
+        full = merged_state_dict(model, full)
     os.makedirs(save_directory, exist_ok=True)
     state = {}
     for name, tensor in full.items():
