@@ -291,3 +291,42 @@ def test_dpo_lora_reference_is_the_disabled_adapter(tiny, tmp_path):
     # step 1: the policy is the reference (B = 0), so both sample rewards are 0; then they move
     assert rows[0]["train/better_sample_reward"] == 0.0 and rows[0]["train/worse_sample_reward"] == 0.0
     assert rows[-1]["train/reward_margin"] != 0.0
+
+
+def test_generation_sees_the_adapters_on_every_decode_path():
+    """The fast CPU decode step packs ``W + (alpha / r) B A``; the eager path applies the adapters on the fly: both
+    sample the same tokens with the same log-probs (up to rounding), and not those of the base model."""
+    from saferlhf_fast.engine import generate
+
+    torch.manual_seed(0)
+    lm = LlamaForCausalLM(tiny_config(num_key_value_heads=4))
+    ids, mask = batch(96, seed=5)
+    kw = dict(max_new_tokens=8, do_sample=True, seed=11, eos_token_id=1, pad_token_id=0)
+    base = generate(lm, ids, mask, fast_decode=False, **kw)
+    apply_lora(lm, LoraSpec(rank=4, alpha=64.0))
+    randomise_adapters(lm)
+    fast = generate(lm, ids, mask, fast_decode=True, **kw)
+    eager = generate(lm, ids, mask, fast_decode=False, **kw)
+    assert torch.equal(fast.sequences, eager.sequences)
+    torch.testing.assert_close(fast.logprobs, eager.logprobs, rtol=1e-4, atol=1e-5)
+    assert not torch.equal(fast.logprobs, base.logprobs)
+    with adapters_disabled(lm):
+        torch.testing.assert_close(generate(lm, ids, mask, fast_decode=True, **kw).logprobs, base.logprobs,
+                                   rtol=1e-4, atol=1e-5)
+
+
+def test_every_training_command_takes_the_lora_flags(tiny, tmp_path):
+    from saferlhf_fast.trainers.dpo import DPOConfig
+    from saferlhf_fast.trainers.ppo import CONFIGS
+    from saferlhf_fast.trainers.score import CostConfig
+
+    for cls in (SFTConfig, RewardConfig, CostConfig, DPOConfig, *CONFIGS.values()):
+        names = set(cls.__dataclass_fields__)
+        assert {"lora_rank", "lora_alpha", "lora_dropout", "lora_target_modules", "merge_lora"} <= names, cls
+        assert ("actor_lora_rank" in names) == (cls in CONFIGS.values())
+    ppo = _ppo_config(tiny, ("rm", "cm"), tmp_path, lora_rank=8, critic_lora_rank=0)
+    assert ppo.lora_spec("actor").rank == 8 and ppo.lora_spec("critic") is None
+    for bad, match in ((dict(lora_rank=-1), "--lora_rank"), (dict(lora_dropout=1.0), "--lora_dropout"),
+                       (dict(lora_alpha=0.0), "--lora_alpha")):
+        with pytest.raises(ValueError, match=match):
+            config_from_args(SFTConfig, dict(model_name_or_path=tiny, train_datasets=["x"], output_dir="o", **bad))
