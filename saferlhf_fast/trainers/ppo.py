@@ -13,7 +13,9 @@ multiplier differ:
 Six roles (PPO-Lag): actor (trained), reference (frozen copy of the initial actor), reward model and cost model
 (frozen score models), reward critic and cost critic (trained score models, initialised from the reward / cost
 models unless ``--reward_critic_model_name_or_path`` / ``--cost_critic_model_name_or_path`` name other, e.g.
-smaller, models).
+smaller, models).  With LoRA (``--actor_lora_rank`` / ``--critic_lora_rank``, default ``--lora_rank``) a trained model
+is its frozen base plus adapters, and the reference is the LoRA actor with its adapters disabled (no second copy of
+the actor's weights; ``docs/rl.md`` LoRA).
 
 Alignment (the reference implementation's, exactly).  A rollout row is ``prompt (left-padded, P tokens) + response
 (T tokens, right-padded after eos)``.  Response token ``t`` sits at sequence index ``P + t``; its log-prob comes
@@ -38,7 +40,9 @@ have moved by then) get their old values from no-grad critic forwards at rollout
 from the engine's sampled-token log-probs when ``--temperature 1`` (the consistency contract: the engine returns
 ``log_softmax(logits / T)[token]``, the training forward's numbers up to float rounding) or from a no-grad actor
 forward at temperature 1 otherwise (the reference always uses ``log_softmax(logits)`` at temperature 1, whatever
-the sampling temperature).  ``--separate_scoring`` forces the reference's separate forwards everywhere.
+the sampling temperature).  ``--separate_scoring`` forces the reference's separate forwards everywhere, and
+``--lora_dropout`` > 0 does for the first micro-batch (a training forward then drops adapter inputs; scoring runs
+in eval mode).
 
 Deviations, all deliberate: positions follow the attention mask (``cumsum(mask) - 1``) in every forward, as
 transformers' ``generate`` does; the reference's scoring forwards pass no position ids, so its left-padded rows
