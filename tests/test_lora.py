@@ -163,6 +163,10 @@ def test_sft_lora_cli_peft_parity_and_merge(tiny, tmp_path):
         peft_merged = theirs.merge_and_unload().state_dict()
         for k, v in plain.state_dict().items():
             torch.testing.assert_close(v, peft_merged[k], rtol=1e-6, atol=1e-7, msg=k)
+    # the adapter folder as an input: its base with the adapters merged in, the --merge_lora weights bit for bit
+    loaded = from_pretrained(str(out)).state_dict()
+    saved = load_file(str(merged / "model.safetensors"))
+    assert loaded.keys() == saved.keys() and all(torch.equal(loaded[k], saved[k]) for k in saved)
 
 
 def test_lora_needs_the_native_decoder_and_known_targets(tiny, tmp_path, capsys):
@@ -357,3 +361,33 @@ def test_lora_rm_under_torchrun_equals_one_process(tmp_path):
         assert float((a[k] - b[k]).abs().max()) < 2e-6, k
     assert any(a[k].abs().max() > 0 for k in a if ".lora_B." in k)
     assert sorted(os.listdir(one)) == sorted(os.listdir(two))
+
+
+def test_adapter_folders_feed_the_next_stage(tiny, tmp_path):
+    """sft --lora_rank -> rm --lora_rank on the SFT adapter folder -> ppo-lag --lora_rank with the adapter folders as
+    actor, reward and cost models: each loads as its base with the adapters merged in."""
+    sft, rm, ppo = tmp_path / "sft", tmp_path / "rm", tmp_path / "ppo"
+    assert main(_sft_args(tiny, sft)) == 0
+    assert main(["rm", "--model_name_or_path", str(sft), "--train_datasets", "synthetic-preference/train:0.01",
+                 "--max_length", "64", "--per_device_train_batch_size", "4", "--lr", "1e-2", "--progress", "false",
+                 "--lora_rank", "4", "--output_dir", str(rm)]) == 0
+    assert json.load(open(rm / ADAPTER_CONFIG))["base_model_name_or_path"] == str(sft)
+    assert main(["ppo-lag", "--actor_model_name_or_path", str(sft), "--reward_model_name_or_path", str(rm),
+                 "--cost_model_name_or_path", str(rm), "--train_datasets", "synthetic-prompts/train:0.006",
+                 "--output_dir", str(ppo), "--max_length", "64", "--max_new_tokens", "6",
+                 "--per_device_prompt_batch_size", "4", "--per_device_train_batch_size", "4", "--progress", "false",
+                 "--lora_rank", "4"]) == 0
+    sft_model, rm_model = from_pretrained(str(sft)), from_pretrained(str(rm), head="score")
+    assert not lora_layers(sft_model) and all(p.requires_grad for p in sft_model.parameters())
+    # the reward model = the SFT merge plus the RM adapters and head
+    expected = apply_lora(from_pretrained(str(sft), head="score"), LoraSpec(4))
+    load_adapter(expected, str(rm))
+    ids, mask = batch(sft_model.config.vocab_size, seed=6)
+    with torch.no_grad():
+        torch.testing.assert_close(rm_model(ids, mask).end_scores, expected(ids, mask).end_scores, rtol=1e-5,
+                                   atol=1e-6)
+    actor = from_pretrained(str(ppo))
+    with torch.no_grad():
+        assert not torch.equal(actor(ids, mask).logits, sft_model(ids, mask).logits)  # PPO moved the merged actor
+    assert main(["sft", "--model_name_or_path", str(tmp_path / "nothing"), "--train_datasets",
+                 "synthetic-sft/train:0.01", "--output_dir", str(tmp_path / "x")]) == 2

@@ -248,9 +248,10 @@ def read_adapter_config(folder: str) -> dict:
     return read_config(os.path.join(folder, ADAPTER_CONFIG))
 
 
-def load_adapter(model: DecoderModel, folder: str) -> DecoderModel:
+def load_adapter(model: DecoderModel, folder: str, keep_head: bool = False) -> DecoderModel:
     """Copy the adapters (and score head) of a PEFT folder into ``model`` (which carries adapters of the same
-    rank and targets).  ``CheckpointError`` naming the file and the tensors when they do not match."""
+    rank and targets).  ``CheckpointError`` naming the file and the tensors when they do not match.  ``keep_head``:
+    a folder without a score head (a causal LM's adapters) leaves the model's own head as it is."""
     from .checkpoint import CheckpointError, load_weights_file
 
     path = os.path.join(folder, ADAPTER_WEIGHTS)
@@ -258,6 +259,8 @@ def load_adapter(model: DecoderModel, folder: str) -> DecoderModel:
     state = {k[len(PEFT_PREFIX):] if k.startswith(PEFT_PREFIX) else k: v for k, v in state.items()}
     params = dict(model.named_parameters())
     expected = {n for n in params if _is_adapter_key(n)}
+    if keep_head and not any(k.split(".")[0] in MODULES_TO_SAVE for k in state):
+        expected = {n for n in expected if n.split(".")[0] not in MODULES_TO_SAVE}
     missing, unexpected = expected - set(state), set(state) - expected
     if missing or unexpected:
         raise CheckpointError(f"{path}: adapters do not match the model's (--lora_rank / --lora_target_modules "
@@ -269,3 +272,77 @@ def load_adapter(model: DecoderModel, folder: str) -> DecoderModel:
                                       f"{tuple(params[name].shape)} (--lora_rank changed?)")
             params[name].copy_(state[name])
     return model
+
+
+# ======================================================================================= adapter folders as inputs
+def base_of(folder: str) -> str:
+    """The base model folder of a PEFT adapter folder (its ``base_model_name_or_path``)."""
+    from .checkpoint import CheckpointError
+
+    base = read_adapter_config(folder).get("base_model_name_or_path")
+    if not base or not os.path.isdir(base):
+        raise CheckpointError(f"{os.path.join(folder, ADAPTER_CONFIG)}: base_model_name_or_path {base!r} is not a "
+                              "folder here (pass the adapters' base model, or save the run with --merge_lora True)")
+    return base
+
+
+def config_folder(path: str) -> str:
+    """The folder whose config.json describes ``path``'s architecture: ``path`` itself, or for an adapter folder its
+    base's (followed through adapters trained on adapters)."""
+    seen = set()
+    while is_adapter_folder(path) and not os.path.isfile(os.path.join(path, "config.json")) and path not in seen:
+        seen.add(path)
+        path = base_of(path)
+    return path
+
+
+def spec_from_config(config: dict) -> LoraSpec:
+    return LoraSpec(int(config["r"]), float(config.get("lora_alpha", 8)), float(config.get("lora_dropout", 0.0)),
+                    resolve_targets(config.get("target_modules") or TARGETS))
+
+
+def merge_adapters(model: DecoderModel) -> DecoderModel:
+    """Fold every adapter into its weight (``W <- W + scaling * B A``) and turn the model back into a plain one,
+    every parameter trainable again (as a freshly loaded model)."""
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, LoraLinear):
+                with torch.no_grad():
+                    child.weight += child.delta_weight().to(child.weight.dtype)
+                plain = Linear(child.in_features, child.out_features, bias=child.bias is not None, device="meta")
+                plain.weight, plain.bias = child.weight, child.bias
+                setattr(parent, name, plain)
+    model.lora_spec = None
+    model.requires_grad_(True)
+    return model
+
+
+def load_merged(folder: str, head: str, **kwargs) -> DecoderModel:
+    """A PEFT adapter folder as a plain model: its base (``from_pretrained(base, head, **kwargs)``) with the adapters
+    (and score head) merged in; it saves and trains as any loaded model."""
+    from .checkpoint import CheckpointError, from_pretrained
+
+    base = base_of(folder)
+    model = from_pretrained(base, head=head, **kwargs)
+    if not isinstance(model, DecoderModel):
+        raise CheckpointError(f"{folder}: LoRA adapters apply to the native decoder, and {base} loads with "
+                              "transformers")
+    apply_lora(model, spec_from_config(read_adapter_config(folder)))
+    load_adapter(model, folder, keep_head=True)  # an LM's adapters under a score head: the head stays fresh
+    model = merge_adapters(model)
+    model.source_dir = folder  # its tokenizer files
+    return model.eval()
+
+
+def has_adapter_score_head(folder: str) -> bool:
+    """Whether an adapter folder carries a trained score head (reads the key list only)."""
+    from safetensors import safe_open
+
+    from .checkpoint import CheckpointError
+
+    path = os.path.join(folder, ADAPTER_WEIGHTS)
+    try:
+        with safe_open(path, framework="pt") as f:
+            return PEFT_PREFIX + "score_head.weight" in f.keys()
+    except Exception as exc:  # a missing or unreadable file alike: not a usable adapter folder
+        raise CheckpointError(f"{path}: cannot read the adapters ({type(exc).__name__})") from exc

@@ -60,7 +60,7 @@ from .. import distributed, ops
 from ..data import DataError, PromptOnlyDataset, SupervisedDataset, load_tokenizer
 from ..data.tokenizer import save_tokenizer
 from ..engine import generate
-from ..loading import check_vocab, require_score_head
+from ..loading import check_vocab, is_model_folder, require_score_head
 from ..models import freeze, from_pretrained
 from ..models.lora import adapters_disabled, eval_mode, lora_spec_of
 from ..profiling import Phases
@@ -143,7 +143,7 @@ class PPOTrainer(RunCore):
     # ---------------------------------------------------------------------------------------------- setup
     @staticmethod
     def _check_folder(flag: str, path: str | None) -> None:
-        if not path or not os.path.isdir(path) or not os.path.isfile(os.path.join(path, "config.json")):
+        if not is_model_folder(path):
             raise ConfigError(f"--{flag} {path}: not a model folder (no config.json)")
 
     def _build_datasets(self):
