@@ -19,6 +19,8 @@ Parameter names: the base weight keeps its name (``model.layers.0.self_attn.q_pr
 * :func:`save_adapter` / :func:`load_adapter`: ``adapter_config.json`` + ``adapter_model.safetensors``.
 * :func:`merged_state_dict`: ``W + (alpha / r) B A`` in place of each adapted weight (a plain checkpoint;
   ``save_pretrained`` of a model with adapters writes that).
+* :func:`load_merged`: an adapter folder as an input model (``checkpoint.from_pretrained`` calls it): its base
+  with the adapters merged in.
 """
 from __future__ import annotations
 
