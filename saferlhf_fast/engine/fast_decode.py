@@ -68,6 +68,13 @@ class _Linear:
         return torch.addmm(self.b, x, self.w)
 
 
+def _weight(linear) -> Tensor:
+    """The weight a projection computes with: a LoRA projection's ``W + (alpha / r) B A`` (merged once per
+    ``generate`` call, as the packing), else ``W``."""
+    merged = getattr(linear, "merged_weight", None)
+    return merged() if merged is not None and not linear.disabled else linear.weight.detach()
+
+
 def _cat_bias(*linears):
     biases = [lin.bias for lin in linears]
     if all(b is None for b in biases):
@@ -105,12 +112,12 @@ class DecodePlan:
             L.idx = i
             L.ln1, L.eps1 = layer.input_layernorm.weight.detach(), layer.input_layernorm.eps
             L.ln2, L.eps2 = layer.post_attention_layernorm.weight.detach(), layer.post_attention_layernorm.eps
-            qkv_w = torch.cat([a.q_proj.weight.detach(), a.k_proj.weight.detach(), a.v_proj.weight.detach()])
+            qkv_w = torch.cat([_weight(a.q_proj), _weight(a.k_proj), _weight(a.v_proj)])
             L.qkv = _Linear(qkv_w, _cat_bias(a.q_proj, a.k_proj, a.v_proj), batch, packed)
-            L.o = _Linear(a.o_proj.weight, a.o_proj.bias, batch, packed)
-            gu_w = torch.cat([m.gate_proj.weight.detach(), m.up_proj.weight.detach()])
+            L.o = _Linear(_weight(a.o_proj), a.o_proj.bias, batch, packed)
+            gu_w = torch.cat([_weight(m.gate_proj), _weight(m.up_proj)])
             L.gate_up = _Linear(gu_w, _cat_bias(m.gate_proj, m.up_proj), batch, packed)
-            L.down = _Linear(m.down_proj.weight, m.down_proj.bias, batch, packed)
+            L.down = _Linear(_weight(m.down_proj), m.down_proj.bias, batch, packed)
             L.window = a.window
             self.layers.append(L)
         self.norm_w, self.norm_eps = lm.norm.weight.detach(), lm.norm.eps

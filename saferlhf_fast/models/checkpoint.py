@@ -544,8 +544,14 @@ def from_pretrained(path: str, head: str = "lm", dtype: torch.dtype = torch.floa
     head: ``"lm"`` (``LlamaForCausalLM``) or ``"score"`` (``LlamaForScore``: loads the reference's score
     checkpoints; from a plain LM checkpoint the score head is freshly initialised).  backend: ``"native"`` (our
     decoder), ``"hf"`` (transformers' own model class, any architecture, slower) or ``"auto"`` (native when the
-    architecture is one the native decoder implements, else transformers; :func:`resolve_backend`).
+    architecture is one the native decoder implements, else transformers; :func:`resolve_backend`).  A PEFT adapter
+    folder (``adapter_config.json``, no config.json) loads as its base with the adapters merged in
+    (:func:`.lora.load_merged`).
     """
+    from . import lora
+
+    if gguf_file is None and lora.is_adapter_folder(path) and not os.path.isfile(os.path.join(path, "config.json")):
+        return lora.load_merged(path, head, dtype=dtype, attn_backend=attn_backend, device=device, backend=backend)
     if backend == "auto":
         backend = resolve_backend(path, gguf_file)
     if backend == "hf":
@@ -600,6 +606,10 @@ def save_pretrained(model: DecoderModel, save_directory: str, *, max_shard_size=
     full = full_state_dict(model) if is_sharded(model) else model.state_dict()
     if full is None:  # not rank 0 of a sharded model: rank 0 writes
         return
+    if getattr(model, "lora_spec", None) is not None:  # LoRA: the adapters merged into the weights they adapt
+        from .lora import merged_state_dict
+
+        full = merged_state_dict(model, full)
     os.makedirs(save_directory, exist_ok=True)
     state = {}
     for name, tensor in full.items():

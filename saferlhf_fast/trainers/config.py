@@ -82,6 +82,20 @@ class RunConfig:
                           group=DEVICES)
     shard_frozen: bool = option(True, "under torchrun: shard the frozen models (reference, reward, cost) with FSDP2 "
                                       "too (False: a full replica on every rank)", group=DEVICES)
+    lora_rank: int = option(0, "LoRA rank r of the trained model(s): frozen base weights plus rank-r adapters on "
+                               "--lora_target_modules (0: full fine-tuning; PPO family: the default of "
+                               "--actor_lora_rank / --critic_lora_rank)", group=TRAINING)
+    lora_alpha: float = option(16.0, "LoRA scale numerator: the adapted projection is W x + (alpha / r) B A x",
+                               group=TRAINING)
+    lora_dropout: float = option(0.0, "dropout on the adapters' input while training", group=TRAINING)
+    lora_target_modules: list[str] = option(["all-linear"], "projections that get adapters: all-linear (q_proj, "
+                                                            "k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj: "
+                                                            "every linear layer but the lm_head) or some of those "
+                                                            "names (PEFT's Llama default: q_proj v_proj)",
+                                            group=TRAINING)
+    merge_lora: bool = option(False, "LoRA: save the final model(s) with the adapters merged into the weights (a "
+                                     "plain checkpoint) instead of PEFT adapter folders (checkpoint-N/ always holds "
+                                     "adapters)", group=OUTPUT)
     output_dir: str | None = option(None, "where the final model(s), checkpoints and metrics go", required=True,
                                     group=OUTPUT)
     save_16bit: bool = option(False, "save the final model(s) in 16 bits (bf16 with --bf16, else fp16); checkpoints "
@@ -123,6 +137,37 @@ class RunConfig:
             raise ConfigError(f"--adam_betas takes two numbers, got {self.adam_betas}")
         if self.eval_datasets or self.eval_split_ratio:
             self.need_eval = True
+        self.check_lora()
+
+    def lora_ranks(self) -> dict[str, int]:
+        """The LoRA rank of each trained role (0: trained in full)."""
+        return {"model": self.lora_rank}
+
+    def check_lora(self) -> None:
+        from ..models.lora import resolve_targets
+
+        for role, rank in self.lora_ranks().items():
+            if rank < 0:
+                flag = "lora_rank" if role == "model" else f"{role}_lora_rank"
+                raise ConfigError(f"--{flag} must be >= 0, got {rank}")
+        if not self.lora_alpha > 0:
+            raise ConfigError(f"--lora_alpha must be > 0, got {self.lora_alpha}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ConfigError(f"--lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        try:
+            resolve_targets(self.lora_target_modules)
+        except ValueError as err:
+            raise ConfigError(f"--lora_target_modules: {err}") from None
+
+    def lora_spec(self, role: str = "model"):
+        """The adapters of ``role`` (``model``; PPO: ``actor`` / ``critic``), None when it trains in full."""
+        from ..models.lora import LoraSpec, resolve_targets
+
+        rank = self.lora_ranks()[role]
+        if not rank:
+            return None
+        return LoraSpec(rank, float(self.lora_alpha), float(self.lora_dropout),
+                        resolve_targets(self.lora_target_modules))
 
 
 @dataclass
@@ -199,8 +244,17 @@ class PPOConfig(RunConfig):
     critic_lr_warmup_ratio: float = option(0.0, "fraction of critic steps spent warming up (not for 'constant')",
                                            group=TRAINING)
     critic_gradient_checkpointing: bool = option(False, "recompute critic activations in backward", group=TRAINING)
+    actor_lora_rank: int | None = option(None, "LoRA rank of the actor (default: --lora_rank; 0: full); with "
+                                               "adapters the reference is the actor with them disabled (no second "
+                                               "copy of the weights)", group=TRAINING)
+    critic_lora_rank: int | None = option(None, "LoRA rank of the critics (default: --lora_rank; 0: full); their "
+                                                "score heads always train in full", group=TRAINING)
 
     algorithm = "ppo"
+
+    def lora_ranks(self) -> dict[str, int]:
+        return {role: self.lora_rank if own is None else own
+                for role, own in (("actor", self.actor_lora_rank), ("critic", self.critic_lora_rank))}
 
     @property
     def command(self) -> str:

@@ -24,6 +24,7 @@ from torch import Tensor
 from ..data import PreferenceDataset
 from ..loading import load_model
 from ..models import freeze
+from ..models.lora import adapters_disabled, lora_spec_of
 from ..ops import IGNORE_INDEX
 from .base import maybe_shard
 from .config import ConfigError, TrainConfig, option
@@ -98,10 +99,13 @@ class DPOTrainer(Trainer):
 
     def __init__(self, config: DPOConfig):
         super().__init__(config)
-        # The frozen reference is always the initial model (also when resuming).
-        self.reference = freeze(load_model(config.model_name_or_path, "lm", config.attn_backend, self.device,
+        # The frozen reference is always the initial model (also when resuming); with LoRA it is the trained model
+        # with its adapters disabled (the frozen base: no second copy of the weights).
+        self.reference = None
+        if lora_spec_of(self.model) is None:
+            self.reference = freeze(load_model(config.model_name_or_path, "lm", config.attn_backend, self.device,
                                                config.backend))
-        self.reference = maybe_shard(self.reference, config, trainable=False)
+            self.reference = maybe_shard(self.reference, config, trainable=False)
 
     def _span_logps(self, model, batch, labels) -> Tensor:
         return token_logprobs(model, batch["input_ids"], batch["attention_mask"], labels).sum(-1)
@@ -110,7 +114,11 @@ class DPOTrainer(Trainer):
         labels = dpo_span_labels(batch["input_ids"], batch["attention_mask"])
         logps = self._span_logps(self.model, batch, labels)
         with torch.no_grad():
-            ref = self._span_logps(self.reference, batch, labels)
+            if self.reference is None:
+                with adapters_disabled(self.model):
+                    ref = self._span_logps(self.model, batch, labels)
+            else:
+                ref = self._span_logps(self.reference, batch, labels)
         return dpo_loss(logps, ref, self.config.scale_coeff)
 
     def loss(self, batch):

@@ -18,6 +18,36 @@ def token_logprobs(model, input_ids: Tensor, attention_mask: Tensor, labels: Ten
     return model.token_logprobs(input_ids, attention_mask, labels=shifted)[:, :-1]
 
 
+def attach_lora(model, spec, flag: str, path: str, adapter_dir: str | None = None):
+    """``model`` with LoRA adapters of ``spec`` (None: unchanged), base frozen; with ``adapter_dir`` (a checkpoint's
+    PEFT folder, on resume) their trained values.  A model loaded with transformers is refused (``ConfigError``
+    naming ``--flag``)."""
+    from ..models.lora import apply_lora, load_adapter
+    from .config import ConfigError
+
+    if spec is None:
+        return model
+    try:
+        apply_lora(model, spec)
+    except TypeError:
+        raise ConfigError(f"--{flag} {path}: LoRA adapts the native decoder only and this model loads with "
+                          "transformers (--backend hf, or an architecture the native decoder lacks)") from None
+    if adapter_dir is not None:
+        load_adapter(model, adapter_dir)
+    return model
+
+
+def save_trained(model, folder: str, dtype=None, merge: bool = False) -> None:
+    """A trained model's folder: with LoRA adapters a PEFT adapter folder (``merge``: the merged plain checkpoint),
+    else the plain checkpoint."""
+    from ..models.lora import lora_spec_of, save_adapter
+
+    if lora_spec_of(model) is not None and not merge:
+        save_adapter(model, folder, dtype=dtype)
+    else:
+        model.save_pretrained(folder, dtype=dtype)
+
+
 def make_tiny_model(output_dir: str, tokenizer_path: str | None = None, *, hidden_size: int = 128,
                     num_layers: int = 2, num_heads: int = 4, intermediate_size: int | None = None,
                     max_position_embeddings: int = 512, seed: int = 0) -> str:

@@ -13,7 +13,9 @@ multiplier differ:
 Six roles (PPO-Lag): actor (trained), reference (frozen copy of the initial actor), reward model and cost model
 (frozen score models), reward critic and cost critic (trained score models, initialised from the reward / cost
 models unless ``--reward_critic_model_name_or_path`` / ``--cost_critic_model_name_or_path`` name other, e.g.
-smaller, models).
+smaller, models).  With LoRA (``--actor_lora_rank`` / ``--critic_lora_rank``, default ``--lora_rank``) a trained model
+is its frozen base plus adapters, and the reference is the LoRA actor with its adapters disabled (no second copy of
+the actor's weights; ``docs/rl.md`` LoRA).
 
 Alignment (the reference implementation's, exactly).  A rollout row is ``prompt (left-padded, P tokens) + response
 (T tokens, right-padded after eos)``.  Response token ``t`` sits at sequence index ``P + t``; its log-prob comes
@@ -38,7 +40,9 @@ have moved by then) get their old values from no-grad critic forwards at rollout
 from the engine's sampled-token log-probs when ``--temperature 1`` (the consistency contract: the engine returns
 ``log_softmax(logits / T)[token]``, the training forward's numbers up to float rounding) or from a no-grad actor
 forward at temperature 1 otherwise (the reference always uses ``log_softmax(logits)`` at temperature 1, whatever
-the sampling temperature).  ``--separate_scoring`` forces the reference's separate forwards everywhere.
+the sampling temperature).  ``--separate_scoring`` forces the reference's separate forwards everywhere, and
+``--lora_dropout`` > 0 does for the first micro-batch (a training forward then drops adapter inputs; scoring runs
+in eval mode).
 
 Deviations, all deliberate: positions follow the attention mask (``cumsum(mask) - 1``) in every forward, as
 transformers' ``generate`` does; the reference's scoring forwards pass no position ids, so its left-padded rows
@@ -56,8 +60,9 @@ from .. import distributed, ops
 from ..data import DataError, PromptOnlyDataset, SupervisedDataset, load_tokenizer
 from ..data.tokenizer import save_tokenizer
 from ..engine import generate
-from ..loading import check_vocab, require_score_head
+from ..loading import check_vocab, is_model_folder, require_score_head
 from ..models import freeze, from_pretrained
+from ..models.lora import adapters_disabled, eval_mode, lora_spec_of
 from ..profiling import Phases
 from ..scores import load_normalizer
 from .algorithms import (  # noqa: F401 - re-exported: the configs and helpers tests and examples import from here
@@ -82,6 +87,7 @@ from .base import (
 )
 from .config import ConfigError, PPOConfig
 from .core import RunCore, Trained
+from .modeling import attach_lora, save_trained
 from .rollout import Rollout, response_labels, retokenize, same_tokenizer, trim
 from .safety import NonFiniteError, check_finite, clip_gradients, data_fingerprint  # noqa: F401 - re-exported
 from .sft import sft_loss
@@ -137,7 +143,7 @@ class PPOTrainer(RunCore):
     # ---------------------------------------------------------------------------------------------- setup
     @staticmethod
     def _check_folder(flag: str, path: str | None) -> None:
-        if not path or not os.path.isdir(path) or not os.path.isfile(os.path.join(path, "config.json")):
+        if not is_model_folder(path):
             raise ConfigError(f"--{flag} {path}: not a model folder (no config.json)")
 
     def _build_datasets(self):
@@ -156,26 +162,38 @@ class PPOTrainer(RunCore):
     def fingerprinted(self) -> tuple:
         return (self.train_dataset, self.ptx_dataset)
 
-    def _load(self, flag: str, path: str, head: str, trainable: bool):
+    def _load(self, flag: str, path: str, head: str, trainable: bool, lora=None, adapter_dir: str | None = None):
+        """A model of ``head`` from ``path``; ``lora``: with adapters of that spec on the frozen ``path`` base (their
+        trained values from ``adapter_dir`` on resume)."""
         self._check_folder(flag, path)
         model = from_pretrained(path, head=head, dtype=torch.float32, attn_backend=self.config.attn_backend,
                                 backend=self.config.backend)
-        model = model.to(self.device)
+        model = attach_lora(model.to(self.device), lora, flag, path, adapter_dir)
         if trainable:
             model.train()
         else:
             freeze(model)
         return maybe_shard(model, self.config, trainable)  # FSDP2 under torchrun
 
+    def _load_trained(self, flag: str, path: str, head: str, role: str, name: str):
+        """A trained model (``role``: actor / critic) from ``path``, or from checkpoint folder ``name`` on resume:
+        the whole model, or with LoRA the ``path`` base plus the checkpoint's adapters."""
+        ckpt = os.path.join(self.resume_from, name) if self.resume_from else None
+        spec = self.config.lora_spec(role)
+        if spec is None:
+            return self._load(flag, ckpt or path, head, True)
+        return self._load(flag, path, head, True, lora=spec, adapter_dir=ckpt)
+
     def _load_models(self) -> None:
         cfg = self.config
-        ckpt = self.resume_from
         self._check_inputs()
-        self.actor = self._load("actor_model_name_or_path",
-                                os.path.join(ckpt, "actor") if ckpt else cfg.actor_model_name_or_path, "lm", True)
+        self.actor = self._load_trained("actor_model_name_or_path", cfg.actor_model_name_or_path, "lm", "actor",
+                                        "actor")
         if cfg.actor_gradient_checkpointing:
             self.actor.set_gradient_checkpointing(True)
-        self.reference = self._load("actor_model_name_or_path", cfg.actor_model_name_or_path, "lm", False)
+        # A LoRA actor is its own reference with the adapters disabled: no second copy of the weights.
+        self.reference = None if lora_spec_of(self.actor) is not None else self._load(
+            "actor_model_name_or_path", cfg.actor_model_name_or_path, "lm", False)
         self.reward_model = self._load("reward_model_name_or_path", cfg.reward_model_name_or_path, "score", False)
         self.reward_normalizer = self._normalizer(cfg.reward_model_name_or_path) if cfg.normalize_reward else None
         self.cost_model = self.cost_normalizer = None
@@ -185,7 +203,7 @@ class PPOTrainer(RunCore):
         self.critics = []
         for name in self.critic_names:
             flag = f"{name}_model_name_or_path"
-            critic = self._load(flag, os.path.join(ckpt, name) if ckpt else self._critic_init(name)[1], "score", True)
+            critic = self._load_trained(flag, self._critic_init(name)[1], "score", "critic", name)
             critic.config.extra.update(score_type="critic", do_normalize=False)  # saved as the reference saves critics
             if cfg.critic_gradient_checkpointing:
                 critic.set_gradient_checkpointing(True)
@@ -347,9 +365,26 @@ class PPOTrainer(RunCore):
             return self.score_rollout(gen)
 
     @torch.no_grad()
+    def reference_logprobs(self, seq: Tensor, am: Tensor, labels: Tensor) -> Tensor:
+        """The frozen reference's log-probs of ``labels``: the reference model, or the LoRA actor with its adapters
+        disabled (the same base weights)."""
+        with self.autocast():
+            if self.reference is not None:
+                return self.reference.token_logprobs(seq, am, labels=labels)
+            with adapters_disabled(self.actor):
+                return self.actor.token_logprobs(seq, am, labels=labels)
+
+    @torch.no_grad()
     def score_rollout(self, gen) -> list[Rollout]:
         """Score generated sequences (``engine.GenerateOutput``), split them into micro-batches and observe the end
-        costs in the Lagrange window."""
+        costs in the Lagrange window.  Scoring runs in eval mode (no LoRA dropout)."""
+        with eval_mode(self.actor, *self.critics):
+            return self._score_rollout(gen)
+
+    def _adapter_dropout(self) -> bool:
+        return any(getattr(lora_spec_of(m), "dropout", 0.0) > 0 for m in (self.actor, *self.critics))
+
+    def _score_rollout(self, gen) -> list[Rollout]:
         cfg = self.config
         n = gen.sequences.shape[0]
         size = cfg.per_device_train_batch_size
@@ -360,8 +395,7 @@ class PPOTrainer(RunCore):
                                      gen.prompt_length)
             labels = response_labels(seq, rm, p)
             rmf = rm.float()
-            with self.autocast():
-                ref_lp = self.reference.token_logprobs(seq, am, labels=labels)
+            ref_lp = self.reference_logprobs(seq, am, labels)
             mb = Rollout(seq, am, rmf, p, labels, ref_logprobs=None, reward=None, cost=None)
             mb.ref_logprobs = mb.response_slice(ref_lp).float() * rmf
             mb.reward = self.end_scores(self.reward_model, self.reward_normalizer, self.reward_tokenizer, seq, am)
@@ -370,7 +404,8 @@ class PPOTrainer(RunCore):
             self._guard(mb.reward, "reward-model end scores")
             if mb.cost is not None:
                 self._guard(mb.cost, "cost-model end scores")
-            fused = k == 0 and not cfg.separate_scoring
+            # LoRA dropout makes a training forward differ from a scoring one: the old quantities are then scored
+            fused = k == 0 and not cfg.separate_scoring and not self._adapter_dropout()
             if not fused:
                 # The weights move after the first micro-batch's update: take the old quantities now.
                 if cfg.temperature == 1.0 and not cfg.separate_scoring:
@@ -584,11 +619,12 @@ class PPOTrainer(RunCore):
         """Checkpoint: ``actor/`` (+ tokenizer) and one folder per critic; final: the actor (+ tokenizer) at the top
         of ``folder`` and the critics in sub-folders."""
         actor_dir = folder if final else os.path.join(folder, "actor")
-        self.actor.save_pretrained(actor_dir, dtype=dtype)  # sharded: every rank gathers, rank 0 writes
+        merge = final and self.config.merge_lora  # LoRA: adapter folders, merged for the final save on request
+        save_trained(self.actor, actor_dir, dtype=dtype, merge=merge)  # sharded: every rank gathers, rank 0 writes
         if distributed.is_main():
             save_tokenizer(self.tokenizer, actor_dir)
         for name, critic in zip(self.critic_names, self.critics):
-            critic.save_pretrained(os.path.join(folder, name), dtype=dtype)
+            save_trained(critic, os.path.join(folder, name), dtype=dtype, merge=merge)
 
     def replaced_folders(self) -> list[str]:
         return self.critic_names

@@ -41,7 +41,7 @@ _RUN_FILE_RE = re.compile(r"^(checkpoint-\d+(\.damaged)?|\.checkpoint-\d+\.(tmp|
                           r"|.*\.safetensors\.index\.json|tokenizer.*|chat_template\..*)$")
 _RUN_FILES = {"config.json", "generation_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.json",
               "merges.txt", "score_normalizer.json", "metrics.jsonl", "metrics.jsonl.tmp", "arguments.json",
-              "results.json", "reward_critic", "cost_critic", LOCK_FILE}
+              "results.json", "reward_critic", "cost_critic", "adapter_config.json", LOCK_FILE}
 # What the reference's scripts/*.sh write into OUTPUT_DIR before they start the run (stdout.log / stderr.log are
 # still being written by their tee): they do not make the folder another run's, and a run never removes them.
 SCRIPT_FILES = {".gitignore", "script.sh", "stdout.log", "stderr.log"}
@@ -418,11 +418,12 @@ NEUTRAL = {"output_dir", "overwrite_output_dir", "resume", "resume_allow_changes
            "log_type", "log_dir", "log_project", "log_run_name", "logging_steps", "save_interval", "save_total_limit",
            "device", "backend", "attn_backend", "tf32", "offload", "shard_frozen", "gradient_checkpointing",
            "actor_gradient_checkpointing", "critic_gradient_checkpointing", "need_eval", "eval_datasets",
-           "eval_strategy", "eval_interval", "per_device_eval_batch_size", "trust_remote_code"}
+           "eval_strategy", "eval_interval", "per_device_eval_batch_size", "trust_remote_code", "merge_lora"}
 # Never allowed to change within a run: they change what the data position, the data order or the weights mean.
 FIXED = {"data", "seed", "train_datasets", "ptx_datasets", "eval_split_ratio", "max_length", "chat_template",
          "model_name_or_path", "actor_model_name_or_path", "tokenizer_name_or_path", "num_return_sequences",
-         "gradient_accumulation_steps", "per_device_train_batch_size", "per_device_prompt_batch_size"}
+         "gradient_accumulation_steps", "per_device_train_batch_size", "per_device_prompt_batch_size",
+         "lora_rank", "actor_lora_rank", "critic_lora_rank", "lora_target_modules"}
 
 
 def data_fingerprint(*datasets) -> str:

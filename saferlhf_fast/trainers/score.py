@@ -139,7 +139,7 @@ class ScoreTrainer(Trainer):
             self.normalizer = ScoreNormalizer(config.normalizer_type, self.normalize_function,
                                               config.normalizer_momentum).to(self.device)
 
-    def save_model(self, path: str, dtype: torch.dtype | None = None) -> None:
+    def save_model(self, path: str, dtype: torch.dtype | None = None, final: bool = False) -> None:
         """The model folder plus ``score_normalizer.json`` (score type and, when trained with one, the normalizer's
         statistics, which inference must apply: ``load_normalizer``)."""
         # config.json carries the reference's score-model keys too.
@@ -150,7 +150,7 @@ class ScoreTrainer(Trainer):
             extra.update(normalizer_type=n.kind, momentum=n.momentum, mean=[float(n.mean)], var=[float(n.var)])
             self.model.normalizer_state = {f"normalizer.{k}": getattr(n, k).detach().reshape(1).cpu()
                                            for k in ("mean", "var", "count")}
-        super().save_model(path, dtype=dtype)
+        super().save_model(path, dtype=dtype, final=final)
         if not distributed.is_main():
             return
         info = {"score_type": self.score_type, "do_normalize": self.normalizer is not None}

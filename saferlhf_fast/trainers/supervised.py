@@ -35,6 +35,7 @@ from .base import (
 )
 from .config import ConfigError, TrainConfig
 from .core import RunCore, Trained
+from .modeling import attach_lora, save_trained
 from .safety import NonFiniteError, check_finite, clip_gradients
 
 
@@ -59,8 +60,11 @@ class Trainer(RunCore):
             raise DataError("no training rows")
         self.resume_from = resolve_resume(cfg, self.data_fingerprint)
         check_vocab(self.tokenizer, tok_path, "model_name_or_path", cfg.model_name_or_path)
-        self.model = load_model(self.resume_from or cfg.model_name_or_path, self.head, cfg.attn_backend, self.device,
-                                cfg.backend)
+        spec = cfg.lora_spec()
+        # LoRA: the base is always the input model (frozen); a checkpoint holds the adapters only
+        self.model = load_model(cfg.model_name_or_path if spec else self.resume_from or cfg.model_name_or_path,
+                                self.head, cfg.attn_backend, self.device, cfg.backend)
+        self.model = attach_lora(self.model, spec, "model_name_or_path", cfg.model_name_or_path, self.resume_from)
         if cfg.gradient_checkpointing:
             self.model.set_gradient_checkpointing(True)
         self.model = maybe_shard(self.model, cfg, trainable=True)
@@ -106,8 +110,10 @@ class Trainer(RunCore):
     def micro_batches_per_epoch(self) -> int:
         return math.ceil(distributed.rows_per_rank(len(self.train_dataset)) / self.config.per_device_train_batch_size)
 
-    def save_model(self, path: str, dtype: torch.dtype | None = None) -> None:
-        self.model.save_pretrained(path, dtype=dtype)  # sharded: every rank gathers, rank 0 writes
+    def save_model(self, path: str, dtype: torch.dtype | None = None, final: bool = False) -> None:
+        """The model folder (sharded: every rank gathers, rank 0 writes); with LoRA the adapters (PEFT format),
+        merged into a plain checkpoint for the final save with ``--merge_lora``."""
+        save_trained(self.model, path, dtype=dtype, merge=final and self.config.merge_lora)
         if distributed.is_main():
             save_tokenizer(self.tokenizer, path)
 
@@ -119,7 +125,7 @@ class Trainer(RunCore):
         return [Trained("model", self.model, self.optimizer, self.scheduler)]
 
     def write_models(self, folder: str, dtype: torch.dtype | None = None, final: bool = False) -> None:
-        self.save_model(folder, dtype=dtype)
+        self.save_model(folder, dtype=dtype, final=final)
 
     def state_dict(self) -> dict:
         return {"extra": self.extra_state()}
