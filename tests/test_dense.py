@@ -132,6 +132,16 @@ def test_backend_choice_and_errors(monkeypatch):
     assert not lin.eligible(x, w, b)
 
 
+def test_without_the_extension_onednn_by_name_is_an_error(monkeypatch):
+    monkeypatch.setattr(_backend, "has_op", lambda name: False)
+    monkeypatch.setattr(_backend, "_EXTENSION", (None, "no _C here (test)"))
+    x, w, b = _data(5, 8, 6, True)
+    assert torch.equal(ops.linear(x, w, b), F.linear(x, w, b))  # the default: the reference
+    if lin.eligible(x, w, b):
+        with pytest.raises(RuntimeError, match=r"'onednn' needs the compiled extension: no _C here \(test\)"):
+            ops.linear(x, w, b, backend="onednn")
+
+
 @needs_onednn
 def test_model_outputs_and_gradients_agree_with_f_linear(monkeypatch):
     from saferlhf_fast.models.llama import LlamaForCausalLM, ModelConfig

@@ -142,7 +142,9 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, backend: st
         return F.linear(x, weight, bias)
     if x.shape[-1] != weight.shape[1]:
         raise ValueError(f"linear: x has {x.shape[-1]} features, weight is {tuple(weight.shape)}")
-    w = _forward_weight(weight)
-    if _backend.has_op("onednn_linear"):  # the autograd node in C++ (csrc/linear_ops.cpp)
-        return torch.ops.saferlhf.onednn_linear(x, weight, bias, w)
-    return F.linear(x, weight, bias)  # no extension: the reference
+    if not _backend.has_op("onednn_linear"):  # no extension: the reference, unless oneDNN was asked for by name
+        if backend == "onednn":
+            raise RuntimeError(f"linear backend 'onednn' needs the compiled extension: {_backend.extension()[1]}")
+        return F.linear(x, weight, bias)
+    # the autograd node in C++ (csrc/linear_ops.cpp)
+    return torch.ops.saferlhf.onednn_linear(x, weight, bias, _forward_weight(weight))
