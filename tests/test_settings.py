@@ -87,3 +87,13 @@ def test_reload_and_override(monkeypatch):
     assert settings.settings().demo_threads == 5
     with pytest.raises(settings.dataclasses.FrozenInstanceError):  # frozen: one object for everyone
         settings.settings().demo_threads = 1
+
+
+def test_a_bad_value_stops_the_cli_with_one_line(monkeypatch, capsys):
+    from saferlhf_fast import cli
+
+    monkeypatch.setenv("SAFERLHF_DEMO_THREADS", "two")
+    monkeypatch.setattr(settings, "_CURRENT", None)
+    assert cli.main(["docs", "cli", "--out", "/dev/null"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "saferlhf-fast: error: $SAFERLHF_DEMO_THREADS='two' is not an integer"
