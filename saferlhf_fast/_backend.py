@@ -1,24 +1,28 @@
-"""Backend discovery and choice for the ops.
+"""Backend discovery and choice for the ops: one registry, one selection function, one "has op" check.
 
 Backends: ``torch`` (reference), ``cpu`` (C++ kernels of the compiled extension), ``cuda`` (CUDA kernels of the
 compiled extension), ``triton`` (kernels in ``saferlhf_fast.kernels``, launched through
-``saferlhf_fast.kernels.launchers``; on CPU tensors only under
-``TRITON_INTERPRET=1``).  Choice order: the ``backend=`` argument, then ``$SAFERLHF_BACKEND``, then the default
-for the tensors' device (cpu -> ``cpu``; cuda -> ``triton``, then ``cuda``).  A default that is not available
-falls back to ``torch`` with a one-line warning naming what is missing; a backend asked for by name that is not
-available is an error.
+``saferlhf_fast.kernels.launchers``; on CPU tensors only under ``TRITON_INTERPRET=1``).
+
+:data:`REGISTRY` lists, per op family, the backends that implement it and the ``saferlhf::`` op each needs from the
+extension.  :func:`select` chooses one: the ``backend=`` argument, then ``$SAFERLHF_BACKEND`` (``settings().backend``;
+ignored by an op that has no such backend), then the default for the tensors' device (cpu -> ``cpu``; cuda ->
+``triton``, then ``cuda``; among the op's backends).  A default that is not available falls back to ``torch`` with a
+one-line warning naming what is missing; a backend asked for by name that is not available is an error.
+Adding a backend to an op: its kernel in the family's module, one entry here.
 """
 from __future__ import annotations
 
 import functools
 import importlib
-import os
 import warnings
 
 import torch
 
+from .settings import settings
+
 BACKENDS = ("torch", "cpu", "cuda", "triton")
-ENV_VAR = "SAFERLHF_BACKEND"
+ENV_VAR = "SAFERLHF_BACKEND"  # settings().backend
 TRITON_LAUNCHERS = "saferlhf_fast.kernels.launchers"
 # The op set's version the Python side calls; csrc/binding.cpp's SAFERLHF_API_VERSION must equal it.
 API_VERSION = 2
@@ -60,9 +64,13 @@ def _load_extension():
 
 @torch.compiler.assume_constant_result
 def has_op(name: str) -> bool:
-    """Whether the compiled extension imports and registers ``torch.ops.saferlhf.<name>`` (the ``*_ops.cpp`` sources
-    add ops outside the backend contract: the decode step, the sampler, attention).  A constant under
-    torch.compile (evaluated once while tracing)."""
+    """Whether the compiled extension imports and registers ``torch.ops.saferlhf.<name>``: the one such check of the
+    package.  A constant under torch.compile (evaluated once while tracing); cached, as it sits on hot paths."""
+    return _has_op(name)
+
+
+@functools.lru_cache(maxsize=None)
+def _has_op(name: str) -> bool:
     mod, _ = extension()
     try:
         return mod is not None and hasattr(torch.ops.saferlhf, name)
@@ -83,7 +91,7 @@ def triton_status():
 
 
 def triton_interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return settings().triton_interpret
 
 
 def availability(name: str, device_type: str) -> tuple[bool, str | None]:
@@ -127,25 +135,66 @@ def _warn_once(msg: str) -> None:
         warnings.warn(msg, RuntimeWarning, stacklevel=3)
 
 
-def resolve(backend: str | None, device: torch.device) -> str:
-    """The backend to use for tensors on ``device``."""
-    explicit = backend if backend is not None else os.environ.get(ENV_VAR) or None
-    if explicit is not None:
-        explicit = explicit.lower()
-        ok, why = availability(explicit, device.type)
-        if not ok:
-            raise RuntimeError(f"saferlhf_fast: backend {explicit!r} is not available: {why}")
-        return explicit
-    candidates = ["cpu"] if device.type == "cpu" else ["triton", "cuda"] if device.type == "cuda" else []
+# op family -> backend -> the saferlhf:: op its kernel needs from the extension (None: the backend alone decides).
+_CONTRACT = {"torch": None, "cpu": None, "cuda": None, "triton": None}  # the four backends of docs/kernels.md
+REGISTRY: dict[str, dict[str, str | None]] = {
+    "gather_logprobs": dict(_CONTRACT),
+    "linear_logprobs": dict(_CONTRACT),
+    "gae": dict(_CONTRACT),
+    "ppo_clip": dict(_CONTRACT),
+    "critic_loss": dict(_CONTRACT),
+    "kl_penalized_rewards": dict(_CONTRACT),
+    "rope": {"torch": None, "cpu": "rope"},
+    "swiglu": {"torch": None, "cpu": "swiglu"},
+    "rms_norm": {"torch": None, "cpu": "rms_norm"},
+    "add_rms_norm": {"torch": None, "cpu": "add_rms_norm"},
+}
+# Default backends per device type, in order of preference.
+DEVICE_DEFAULTS = {"cpu": ("cpu",), "cuda": ("triton", "cuda")}
+
+
+def op_availability(op: str, name: str, device_type: str) -> tuple[bool, str | None]:
+    """Whether backend ``name`` of op family ``op`` can run on tensors of ``device_type``, and why not."""
+    ok, why = availability(name, device_type)
+    needs = REGISTRY[op][name]
+    if ok and needs is not None and not has_op(needs):
+        return False, f"the compiled extension has no op saferlhf::{needs} (rebuild it)"
+    return ok, why
+
+
+def select(op: str, backend: str | None, device: torch.device) -> str:
+    """The backend of op family ``op`` for tensors on ``device``: ``backend`` if given, else
+    ``settings().backend`` if the op has it, else the device's default (module docstring)."""
+    impls = REGISTRY[op]
+    if backend is not None:
+        return _explicit(op, backend.lower(), device, impls)
+    setting = settings().backend
+    if setting and (setting in impls or setting not in BACKENDS):  # unknown names are an error, not skipped
+        return _explicit(op, setting, device, impls)
+    candidates = [b for b in DEVICE_DEFAULTS.get(device.type, ()) if b in impls]
     reasons = []
     for name in candidates:
-        ok, why = availability(name, device.type)
+        ok, why = op_availability(op, name, device.type)
         if ok:
             return name
         reasons.append(why)
     if candidates:
         _warn_once(f"saferlhf_fast: using the torch reference ops on {device.type}: " + "; ".join(reasons))
     return "torch"
+
+
+def _explicit(op: str, name: str, device: torch.device, impls: dict) -> str:
+    if name not in impls:
+        raise ValueError(f"{op}: unknown backend {name!r}; choose one of {', '.join(impls)}")
+    ok, why = op_availability(op, name, device.type)
+    if not ok:
+        raise RuntimeError(f"saferlhf_fast: backend {name!r} is not available for {op}: {why}")
+    return name
+
+
+def resolve(backend: str | None, device: torch.device) -> str:
+    """The backend of the ops of the backend contract (all four backends) for tensors on ``device``."""
+    return select("gae", backend, device)
 
 
 def kernel_module(name: str):

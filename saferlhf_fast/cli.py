@@ -383,6 +383,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"saferlhf-fast sft: error: {refusal}", file=sys.stderr)
             return 2
     args = build_parser().parse_args(argv)
+    from .settings import SettingsError, settings
+
+    try:
+        settings()  # every environment variable, read (and checked) once, before any command runs
+    except SettingsError as err:
+        print(f"saferlhf-fast: error: {err}", file=sys.stderr)
+        return 2
     from .runtime import tune_allocator
 
     tune_allocator()  # keep freed activations in the heap instead of page-faulting them in every step

@@ -34,6 +34,8 @@ import warnings
 import torch
 import torch.distributed as dist
 
+from .settings import settings
+
 SHARDED_DIR = "sharded"  # DCP folder inside a checkpoint
 
 
@@ -81,7 +83,7 @@ def init(device: str = "auto") -> bool:
     use_cuda = torch.cuda.is_available() and not str(device).startswith("cpu")
     if use_cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    timeout = datetime.timedelta(minutes=int(os.environ.get("SAFERLHF_DIST_TIMEOUT_MIN", "30")))
+    timeout = datetime.timedelta(minutes=settings().dist_timeout_min)
     dist.init_process_group("nccl" if use_cuda else "gloo", timeout=timeout)
     atexit.register(shutdown)  # the command's process group ends with the process
     return True

@@ -18,6 +18,8 @@ import shutil
 import time
 from dataclasses import dataclass, field
 
+from .settings import settings
+
 # Hyper-parameters of the demo.  The reference's values are for 7B models; a 0.5M-parameter model on a toy language
 # needs larger learning rates and fewer steps.  The cost model of the synthetic world scores safe responses around
 # -5 and unsafe ones around +6, so the threshold asks for an expected cost that only a policy refusing most harmful
@@ -121,7 +123,7 @@ def default_threads() -> int:
     """Threads per process of the demo: 1 unless ``SAFERLHF_DEMO_THREADS`` says otherwise.  For models this small,
     one thread per process is about as fast as two on an idle machine and many times faster on a busy one (a
     two-thread OpenMP team stalls at every barrier when another process holds a core)."""
-    return max(1, int(os.environ.get("SAFERLHF_DEMO_THREADS", "1")))
+    return max(1, settings().demo_threads)
 
 
 DEMO_MARKER = ".saferlhf-demo"  # written into the output folder the demo uses: its entries below are the demo's

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import os
 import random
 import sys
 
@@ -24,6 +23,7 @@ import torch
 
 from . import distributed
 from .options import ConfigError
+from .settings import settings
 
 ENV_VAR = "SAFERLHF_TUNE_MALLOC"
 # mallopt parameter numbers (malloc.h) and the values we set.
@@ -53,7 +53,7 @@ def tune_allocator() -> bool:
     if _applied is not None:
         return _applied
     _applied = False
-    if os.environ.get(ENV_VAR, "1") == "0":
+    if not settings().tune_malloc:
         return False
     libc = _glibc()
     if libc is None:

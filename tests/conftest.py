@@ -9,6 +9,16 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+@pytest.fixture(autouse=True)
+def _settings_follow_the_environment():
+    """Settings read again after every test, so that a test's ``monkeypatch.setenv`` (undone at its end) and any
+    override leave nothing behind for the next test."""
+    yield
+    from saferlhf_fast import settings
+
+    settings.reload()
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

@@ -4,19 +4,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from saferlhf_fast import ops
+from saferlhf_fast import _backend, ops, settings
 from saferlhf_fast.ops import dense as lin
 
 needs_onednn = pytest.mark.skipif(not lin.onednn_available(), reason="this torch has no oneDNN linear op")
 
 
-@pytest.fixture(params=["cpp", "python"])
-def autograd_impl(request, monkeypatch):
-    """The C++ autograd node (saferlhf::onednn_linear) and its Python twin (_OneDNNLinear)."""
-    if request.param == "cpp" and not lin._cpp_linear():
+@pytest.fixture
+def autograd_impl():
+    """The C++ autograd node (saferlhf::onednn_linear), which ``ops.linear`` takes whenever the extension loads."""
+    if not _backend.has_op("onednn_linear"):
         pytest.skip("the compiled extension has no saferlhf::onednn_linear")
-    monkeypatch.setattr(lin, "_cpp_linear", lambda: request.param == "cpp")
-    return request.param
 
 
 def _data(m, k, n, bias, seed=0):
@@ -61,28 +59,6 @@ def test_leading_dims_and_strided_input(autograd_impl):
     g = torch.randn_like(y)
     (dx,) = torch.autograd.grad(y, x3, g)
     torch.testing.assert_close(dx, g @ w, rtol=1e-5, atol=1e-5)
-
-
-@needs_onednn
-def test_cpp_node_and_python_twin_agree(monkeypatch):
-    if not lin._cpp_linear():
-        pytest.skip("the compiled extension has no saferlhf::onednn_linear")
-    x, w, b = _data(33, 40, 24, True, seed=3)
-    g = torch.randn(33, 24, generator=torch.Generator().manual_seed(4))
-
-    def run():
-        xs, ws, bs = (t.clone().requires_grad_(True) for t in (x, w, b))
-        y = ops.linear(xs, ws, bs)
-        y.backward(g)
-        return y.detach(), xs.grad, ws.grad, bs.grad
-
-    cpp = run()
-    assert ops.linear(x.requires_grad_(True), w, b).grad_fn is not None
-    x.requires_grad_(False)
-    monkeypatch.setattr(lin, "_cpp_linear", lambda: False)
-    py = run()
-    for a, c in zip(cpp, py):  # the same oneDNN / MKL calls in the same order: identical bits
-        assert torch.equal(a, c)
 
 
 @needs_onednn
@@ -152,7 +128,18 @@ def test_backend_choice_and_errors(monkeypatch):
     with pytest.raises(RuntimeError, match="needs fp32 CPU tensors"):
         ops.linear(x.double(), w.double(), b.double(), backend="onednn")
     monkeypatch.setenv(lin.ENV_VAR, "0")
+    settings.reload()
     assert not lin.eligible(x, w, b)
+
+
+def test_without_the_extension_onednn_by_name_is_an_error(monkeypatch):
+    monkeypatch.setattr(_backend, "has_op", lambda name: False)
+    monkeypatch.setattr(_backend, "_EXTENSION", (None, "no _C here (test)"))
+    x, w, b = _data(5, 8, 6, True)
+    assert torch.equal(ops.linear(x, w, b), F.linear(x, w, b))  # the default: the reference
+    if lin.eligible(x, w, b):
+        with pytest.raises(RuntimeError, match=r"'onednn' needs the compiled extension: no _C here \(test\)"):
+            ops.linear(x, w, b, backend="onednn")
 
 
 @needs_onednn
@@ -172,14 +159,14 @@ def test_model_outputs_and_gradients_agree_with_f_linear(monkeypatch):
         return lp.detach(), [p.grad.clone() for p in model.parameters()]
 
     lp1, g1 = run()
-    monkeypatch.setenv(lin.ENV_VAR, "0")
-    lp0, g0 = run()
+    with settings.override(onednn_linear=False):
+        lp0, g0 = run()
     assert float((lp1 - lp0).abs().max()) <= 1e-5
     for a, c in zip(g1, g0):
         torch.testing.assert_close(a, c, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.skipif(not lin._extension_has("transpose_2d"),
+@pytest.mark.skipif(not _backend.has_op("transpose_2d"),
                     reason="the compiled extension has no saferlhf::transpose_2d")
 @pytest.mark.parametrize("shape", [(1, 1), (16, 16), (17, 33), (640, 256), (5, 300), (129, 130), (0, 7)])
 def test_transpose_2d_is_an_exact_transposed_copy(shape):

@@ -119,8 +119,8 @@ def test_fake_matches_kernel(case):
 
 # test_aot_dispatch_dynamic is skipped for onednn_linear only: its C++ backward (csrc/linear_ops.cpp) calls the C++
 # function transpose_2d directly, not through the dispatcher, so AOTAutograd's trace of the backward runs that
-# kernel on fake tensors.  Under torch.compile, ops.linear takes the Python twin of the node instead, whose backward
-# calls torch.ops.saferlhf.transpose_2d (saferlhf_fast/ops/dense.py); test_compile.py covers it.
+# kernel on fake tensors.  Under torch.compile, ops.linear takes F.linear instead (dense.eligible is False while
+# compiling); test_compile.py covers it.
 _NO_AOT = {"onednn_linear"}
 _ALL_UTILS = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
 

@@ -1,12 +1,14 @@
 """The lean CPU decode path (engine/fast_decode.py, csrc/decode_ops.cpp) against the eager path it replaces:
 same logits within fp32 rounding, same greedy tokens, same log-prob contract; the native sampler against the torch
 sampler (same draws for the same uniforms); exact_logprobs; the single-chunk linear_logprobs backward."""
+import dataclasses
 import warnings
 
 import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
+from saferlhf_fast import settings
 from saferlhf_fast.engine import fast_decode as fd
 from saferlhf_fast.engine import generate
 from saferlhf_fast.engine.sampling import SamplingParams, native_sampling_ok, next_token
@@ -65,7 +67,7 @@ def variants():
 def test_step_logits_match_eager(ckpt, name, kind, packed, native, monkeypatch):
     if packed and not fd.onednn_available():
         pytest.skip("no MKL-DNN linear in this torch build")
-    monkeypatch.setattr(fd, "_NATIVE", native)
+    monkeypatch.setattr(settings, "_CURRENT", dataclasses.replace(settings.settings(), native_decode=native))
     model = from_pretrained(ckpt[name])
     ids, mask = prompts()
     b, p = ids.shape
@@ -132,6 +134,7 @@ def test_fast_decode_flag_errors_and_env(ckpt, monkeypatch):
     generate(model, ids, mask, max_new_tokens=2)  # bf16: the eager path, no error
     model = from_pretrained(ckpt["llama"])
     monkeypatch.setenv("SAFERLHF_FAST_DECODE", "0")
+    settings.reload()
     calls = []
     monkeypatch.setattr(fd, "DecodePlan", lambda *a, **k: calls.append(1))
     generate(model, ids, mask, max_new_tokens=3, eos_token_id=[])

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from saferlhf_fast import _backend, ops
+from saferlhf_fast import _backend, ops, settings
 from saferlhf_fast.ops import reference as ref
 
 
@@ -361,10 +361,13 @@ def test_backend_resolution_and_env(monkeypatch):
     x = torch.randn(2, 3, 5)
     y = torch.zeros(2, 3, dtype=torch.long)
     monkeypatch.setenv("SAFERLHF_BACKEND", "torch")
+    settings.reload()
     assert _backend.resolve(None, x.device) == "torch"
     monkeypatch.setenv("SAFERLHF_BACKEND", "nonsense")
+    settings.reload()
     with pytest.raises(ValueError, match="unknown backend"):
         ops.gather_logprobs(x, y)
     monkeypatch.delenv("SAFERLHF_BACKEND")
+    settings.reload()
     with pytest.raises(RuntimeError, match="not available"):
         ops.gather_logprobs(x, y, backend="cuda")

@@ -31,6 +31,8 @@ from typing import Callable
 
 import torch
 
+from ..settings import settings
+
 COLUMNS = ["kernel", "provider", "mode", "metric", "unit", "x", "p50", "p20", "p80", "config", "device", "timestamp",
            "version", "command"]
 # CSVs written before the ``command`` column existed are upgraded in place when rows are appended.
@@ -169,7 +171,7 @@ def _read_status(key: str) -> int:
 
 def _cpu_peak_child(case: Case, queue) -> None:
     try:
-        torch.set_num_threads(int(os.environ.get("SAFERLHF_BENCH_THREADS", torch.get_num_threads())))
+        torch.set_num_threads(settings().bench_threads or torch.get_num_threads())
         fn = case.build()
         fn()  # warm-up: lazy init, allocator pools
         with open("/proc/self/clear_refs", "w") as f:

@@ -24,21 +24,18 @@ kernels and the order of the sums differ, so logits agree to fp32 rounding and g
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from ..models.llama import _ACTIVATIONS
 from ..ops.dense import linear_pointwise, onednn_available
-
-_NATIVE = os.environ.get("SAFERLHF_NATIVE_DECODE", "1") != "0"
+from ..settings import settings
 
 
 def native_step_available() -> bool:
     """Whether the compiled extension has the one-op decode step (``csrc/decode_ops.cpp``)."""
-    if not _NATIVE:
+    if not settings().native_decode:
         return False
     from .. import _backend
 

@@ -12,7 +12,6 @@ log-prob of every sampled token under ``softmax(logits / temperature)`` (see ``s
 from __future__ import annotations
 
 import copy
-import os
 from dataclasses import dataclass
 from typing import Callable
 
@@ -20,6 +19,7 @@ import torch
 from torch import Tensor
 
 from ..models.llama import positions_from_mask
+from ..settings import settings
 from . import fast_decode as fd
 from .sampling import SamplingParams, native_sampling_ok, next_token
 
@@ -106,7 +106,7 @@ def generate(model, input_ids: Tensor, attention_mask: Tensor | None = None, *, 
     if use_cuda_graph is None:  # the captured step has no sliding-window masks: such models decode eagerly
         use_cuda_graph = device.type == "cuda" and not _has_windows(model)
     if fast_decode is None:
-        fast_decode = os.environ.get("SAFERLHF_FAST_DECODE", "1") != "0" and fd.supported(model)
+        fast_decode = settings().fast_decode and fd.supported(model)
     elif fast_decode and not fd.supported(model):
         raise ValueError("fast_decode covers the native decoder in fp32 on the CPU; pass fast_decode=False")
     if fast_decode:

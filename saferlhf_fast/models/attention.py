@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..ops.layers import cpp_autograd
+from .. import _backend
 
 BACKENDS = ("sdpa", "native", "flash", "flex", "xformers", "reference")
 
@@ -52,9 +52,7 @@ def flash_available() -> bool:
 
 def native_available() -> bool:
     """Whether the compiled extension has the CPU attention kernel (``csrc/attention_ops.cpp``)."""
-    from .. import _backend
-
-    return _backend.has_op("attention_forward")
+    return _backend.has_op("attention")
 
 
 def resolve_backend(name: str | None, device: torch.device) -> str:
@@ -255,26 +253,6 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, mask: Mask, scale: float) -
     return sdpa_attention(q, k, v, mask, scale)  # padded batches, decode steps
 
 
-class _NativeAttention(torch.autograd.Function):
-    """``saferlhf::attention_forward`` / ``attention_backward`` on ``[B, L, H, D]`` views (no copies): the Python twin
-    of the extension's differentiable ``saferlhf::attention`` (used when the extension is older)."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, cu_seqlens, scale, window):
-        out, lse = torch.ops.saferlhf.attention_forward(q, k, v, cu_seqlens, scale, window)
-        ctx.save_for_backward(q, k, v, out, lse, cu_seqlens)
-        ctx.scale, ctx.window = scale, window
-        return out
-
-    @staticmethod
-    def backward(ctx, dout):
-        q, k, v, out, lse, cu_seqlens = ctx.saved_tensors
-        if dout.stride(-1) != 1:
-            dout = dout.contiguous()
-        dq, dk, dv = torch.ops.saferlhf.attention_backward(dout, q, k, v, out, lse, cu_seqlens, ctx.scale, ctx.window)
-        return dq, dk, dv, None, None, None
-
-
 def native_attention(q: Tensor, k: Tensor, v: Tensor, mask: Mask, scale: float) -> Tensor:
     """The C++ CPU kernel for causal / packed-document attention of q ``[B, nh, L, d]`` over k / v of the same
     length; returns ``[B, nh, L, d]`` as a transposed view of a ``[B, L, nh, d]`` tensor, so the caller's
@@ -287,9 +265,8 @@ def native_attention(q: Tensor, k: Tensor, v: Tensor, mask: Mask, scale: float) 
             or longest > NATIVE_MAX_SEQLEN):
         return sdpa_attention(q, k, v, mask, scale)
     window = mask.window if mask.window is not None else 0
-    fn = torch.ops.saferlhf.attention if cpp_autograd("attention") else _NativeAttention.apply
-    out = fn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask.cu_seqlens if packed else None,
-             float(scale), int(window))
+    out = torch.ops.saferlhf.attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                       mask.cu_seqlens if packed else None, float(scale), int(window))
     return out.transpose(1, 2)
 
 

@@ -20,7 +20,7 @@ layout (figures in ``docs/perf-log.md``).
   by the backward, and copying it costs what the faster product saves.
 * The autograd node is C++ (``saferlhf::onednn_linear``, ``csrc/linear_ops.cpp``): a Python
   ``torch.autograd.Function`` around the same products adds interpreter overhead to every projection and
-  step.  Without the extension the Python twin (``_OneDNNLinear``) runs them.
+  step.  Without the extension ``F.linear`` runs.
 
 Anything else -- other dtypes, CUDA, autocast, tensor subclasses (FSDP's DTensor), a torch without oneDNN,
 ``$SAFERLHF_ONEDNN_LINEAR=0``, or code traced by torch.compile -- takes ``F.linear``, the reference.  Both sum in
@@ -29,15 +29,17 @@ fp32 in their own orders, so results agree to fp32 rounding (``tests/test_dense.
 from __future__ import annotations
 
 import functools
-import os
 import weakref
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .. import _backend
+from ..settings import settings
+
 BACKENDS = ("onednn", "torch")
-ENV_VAR = "SAFERLHF_ONEDNN_LINEAR"
+ENV_VAR = "SAFERLHF_ONEDNN_LINEAR"  # settings().onednn_linear
 
 
 @torch.compiler.assume_constant_result
@@ -71,7 +73,7 @@ def eligible(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> bool:
             and (bias is None or bias.dtype == torch.float32)
             and _plain(x) and _plain(weight) and _plain(bias)
             and not torch.is_autocast_enabled("cpu")
-            and os.environ.get(ENV_VAR, "1") != "0" and onednn_available())
+            and settings().onednn_linear and onednn_available())
 
 
 def linear_pointwise(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
@@ -118,53 +120,14 @@ def matmul_nn(dy: Tensor, weight: Tensor) -> Tensor:
     return dy @ weight
 
 
-@torch.compiler.assume_constant_result
-def _extension_has(op: str) -> bool:
-    """Whether the compiled extension registers ``saferlhf::<op>`` (a constant under torch.compile)."""
-    return _extension_has_cached(op)
-
-
-@functools.lru_cache(maxsize=None)
-def _extension_has_cached(op: str) -> bool:
-    """(asked once per op: it is on the hot path)"""
-    from .._backend import has_op
-
-    return has_op(op)
-
-
-def _cpp_linear() -> bool:
-    """Whether ``saferlhf::onednn_linear`` exists (else :class:`_OneDNNLinear` runs the same products from Python)."""
-    return _extension_has("onednn_linear")
-
-
 def matmul_tn(a: Tensor, b: Tensor) -> Tensor:
     """``a [M, N].T @ b [M, K]`` -> ``[N, K]`` with no autograd (weight gradients ``dy.T @ x``): when eligible,
     oneDNN's ``A @ B.T`` on ``A = a.T`` made contiguous by the extension's ``transpose_2d`` and ``B = b.T`` as a
     strided view -- faster than MKL's transposed-left ``torch.mm`` at the decoder's shapes, copy included --
     else ``torch.mm(a.t(), b)``."""
-    if eligible(a, b) and _extension_has("transpose_2d"):
+    if eligible(a, b) and _backend.has_op("transpose_2d"):
         return linear_pointwise(torch.ops.saferlhf.transpose_2d(a), b.t(), None)
     return torch.mm(a.t(), b)
-
-
-class _OneDNNLinear(torch.autograd.Function):
-    """Python twin of the extension's ``onednn_linear`` (used when the extension is missing or older)."""
-
-    @staticmethod
-    def forward(ctx, x2d, weight, bias, forward_weight):
-        ctx.save_for_backward(x2d, weight)
-        ctx.has_bias = bias is not None
-        return linear_pointwise(x2d, forward_weight, bias)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        x2d, weight = ctx.saved_tensors
-        if not grad_out.is_contiguous():
-            grad_out = grad_out.contiguous()
-        grad_x = linear_pointwise(grad_out, weight.t(), None) if ctx.needs_input_grad[0] else None
-        grad_w = matmul_tn(grad_out, x2d) if ctx.needs_input_grad[1] else None
-        grad_b = grad_out.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        return grad_x, grad_w, grad_b, None
 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, backend: str | None = None) -> Tensor:
@@ -179,13 +142,9 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, backend: st
         return F.linear(x, weight, bias)
     if x.shape[-1] != weight.shape[1]:
         raise ValueError(f"linear: x has {x.shape[-1]} features, weight is {tuple(weight.shape)}")
-    w = _forward_weight(weight)
-    if _cpp_linear():  # the same products with the autograd node in C++ (csrc/linear_ops.cpp)
-        return torch.ops.saferlhf.onednn_linear(x, weight, bias, w)
-    x2d = x.reshape(-1, x.shape[-1])
-    if not x2d.is_contiguous():
-        x2d = x2d.contiguous()
-    needs_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
-                                              or (bias is not None and bias.requires_grad))
-    y = _OneDNNLinear.apply(x2d, weight, bias, w) if needs_grad else linear_pointwise(x2d, w, bias)
-    return y.view(*x.shape[:-1], weight.shape[0])
+    if not _backend.has_op("onednn_linear"):  # no extension: the reference, unless oneDNN was asked for by name
+        if backend == "onednn":
+            raise RuntimeError(f"linear backend 'onednn' needs the compiled extension: {_backend.extension()[1]}")
+        return F.linear(x, weight, bias)
+    # the autograd node in C++ (csrc/linear_ops.cpp)
+    return torch.ops.saferlhf.onednn_linear(x, weight, bias, _forward_weight(weight))

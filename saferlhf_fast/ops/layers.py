@@ -8,10 +8,12 @@
   pre-norm decoder's residual add fused into the following norm (one pass forward; backward returns the gradient of
   ``s`` -- the norm's plus the one ``s`` gets from the residual stream -- to both ``x`` and ``residual``).
 
-Backends: ``cpu`` (the extension's C++ kernels, ``csrc/layer_ops.cpp``: one op call per direction, one pass over
-the data, threads over rows) and ``torch`` (the readable references below, ``*_reference``, which are also what
-the model computes today).  ``backend=None`` takes ``$SAFERLHF_BACKEND`` when it is ``torch`` or ``cpu``, else
-``cpu`` when the extension registers the op, else ``torch``.  The C++ kernels take fp32 CPU tensors only; any other
+Backends: ``cpu`` (the extension's C++ kernels, ``csrc/layer_ops.cpp``, behind C++ autograd nodes,
+``csrc/autograd_ops.cpp``: one op call per direction, one pass over the data, threads over rows) and ``torch`` (the
+readable references below, ``*_reference``, which are also what the model computes today).  The choice is
+``_backend.select`` (registry entries ``rope``, ``swiglu``, ``rms_norm``, ``add_rms_norm``): ``backend=``, else
+``$SAFERLHF_BACKEND`` when it is ``torch`` or ``cpu``, else ``cpu`` when the extension registers the op, else
+``torch`` (with one warning).  The C++ kernels take fp32 CPU tensors only; any other
 dtype or device -- or cos / sin that require grad (the kernels give them no gradient) -- goes to the reference,
 whatever the backend.  Asking for ``backend="cpu"`` when the extension lacks the op is an error.
 
@@ -21,9 +23,6 @@ and ``F.rms_norm`` to a few fp32 ulp (their own exp / summation order); all accu
 """
 from __future__ import annotations
 
-import functools
-import os
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -31,9 +30,7 @@ from torch import Tensor
 from .. import _backend
 
 BACKENDS = ("cpu", "torch")
-
-_OPS = {"rope": "rope_forward", "swiglu": "swiglu_forward", "rms_norm": "rms_norm_forward",
-        "add_rms_norm": "add_rms_norm_forward"}
+_CPU = torch.device("cpu")
 
 
 # ============================================================================================== references
@@ -67,82 +64,12 @@ def add_rms_norm_reference(x: Tensor, residual: Tensor, weight: Tensor, eps: flo
 
 # ============================================================================================== dispatch
 def _use_kernel(op: str, backend: str | None, tensors: tuple[Tensor, ...]) -> bool:
-    """Whether the C++ kernel runs: the chosen backend is ``cpu`` and every tensor is an fp32 CPU tensor."""
-    if backend is None:
-        env = (os.environ.get(_backend.ENV_VAR) or "").lower()
-        backend = env if env in BACKENDS else ("cpu" if _backend.has_op(_OPS[op]) else "torch")
-    backend = backend.lower()
-    if backend not in BACKENDS:
-        raise ValueError(f"{op}: unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
-    if backend == "torch":
+    """Whether the C++ kernel runs: the registry picks ``cpu`` for ``op`` (``_backend.select``; the kernels are CPU
+    kernels, so the choice is made for the CPU) and every tensor is an fp32 CPU tensor."""
+    if _backend.select(op, backend, _CPU) == "torch":
         return False
-    if not _backend.has_op(_OPS[op]):
-        _, why = _backend.extension()
-        raise RuntimeError(f"saferlhf_fast: backend 'cpu' is not available for {op}: "
-                           f"{why or 'the extension has no op saferlhf::' + _OPS[op] + ' (rebuild it)'}")
     return all(t.device.type == "cpu" and t.dtype == torch.float32 and type(t) in (Tensor, torch.nn.Parameter)
                for t in tensors)
-
-
-@torch.compiler.assume_constant_result
-def cpp_autograd(name: str) -> bool:
-    """Whether the extension has the differentiable op ``saferlhf::<name>`` (``csrc/autograd_ops.cpp``: the same
-    kernels behind a C++ autograd node, without the interpreter overhead per op and step of the Python
-    ``torch.autograd.Function`` twins below, which run when the extension is older).  A constant under
-    torch.compile."""
-    return _cpp_autograd(name)
-
-
-@functools.lru_cache(maxsize=None)
-def _cpp_autograd(name: str) -> bool:
-    return _backend.has_op(name)
-
-
-def _last_dim_contiguous(t: Tensor) -> Tensor:
-    return t if t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous()
-
-
-# ============================================================================================== autograd
-class _Rope(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, cos, sin_signed):
-        q_out, k_out = torch.ops.saferlhf.rope_forward(q, k, cos, sin_signed)
-        ctx.save_for_backward(cos, sin_signed)
-        return q_out, k_out
-
-    @staticmethod
-    def backward(ctx, dq_out, dk_out):
-        cos, sin_signed = ctx.saved_tensors
-        dq, dk = torch.ops.saferlhf.rope_backward(_last_dim_contiguous(dq_out), _last_dim_contiguous(dk_out),
-                                                   cos, sin_signed)
-        return dq, dk, None, None
-
-
-class _SwiGLU(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, gate, up):
-        ctx.save_for_backward(gate, up)
-        return torch.ops.saferlhf.swiglu_forward(gate, up)
-
-    @staticmethod
-    def backward(ctx, dout):
-        gate, up = ctx.saved_tensors
-        dgate, dup = torch.ops.saferlhf.swiglu_backward(dout, gate, up)
-        return (dgate if ctx.needs_input_grad[0] else None), (dup if ctx.needs_input_grad[1] else None)
-
-
-class _RMSNorm(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, eps):
-        y, rstd = torch.ops.saferlhf.rms_norm_forward(x, weight, eps)
-        ctx.save_for_backward(x, weight, rstd)
-        return y
-
-    @staticmethod
-    def backward(ctx, dy):
-        x, weight, rstd = ctx.saved_tensors
-        dx, dweight = torch.ops.saferlhf.rms_norm_backward(dy, x, weight, rstd)
-        return (dx if ctx.needs_input_grad[0] else None), (dweight if ctx.needs_input_grad[1] else None), None
 
 
 # ============================================================================================== public API
@@ -156,9 +83,7 @@ def rope(q: Tensor, k: Tensor, cos: Tensor, sin_signed: Tensor, *, backend: str 
                          f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(cos.shape)}, {tuple(sin_signed.shape)}")
     if (_use_kernel("rope", backend, (q, k, cos, sin_signed))
             and not (cos.requires_grad or sin_signed.requires_grad)):
-        if cpp_autograd("rope"):
-            return torch.ops.saferlhf.rope(q, k, cos, sin_signed)
-        return _Rope.apply(_last_dim_contiguous(q), _last_dim_contiguous(k), cos, sin_signed)
+        return torch.ops.saferlhf.rope(q, k, cos, sin_signed)
     return rope_reference(q, k, cos, sin_signed)
 
 
@@ -166,16 +91,14 @@ def swiglu(gate: Tensor, up: Tensor, *, backend: str | None = None) -> Tensor:
     """``silu(gate) * up`` for gate / up ``[..., I]`` of the same shape (any strides; the kernel reads rows with a
     contiguous last dim, copying when the layout has none)."""
     if _use_kernel("swiglu", backend, (gate, up)):
-        return torch.ops.saferlhf.swiglu(gate, up) if cpp_autograd("swiglu") else _SwiGLU.apply(gate, up)
+        return torch.ops.saferlhf.swiglu(gate, up)
     return swiglu_reference(gate, up)
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float = 1e-6, *, backend: str | None = None) -> Tensor:
     """``x * rsqrt(mean(x^2, -1) + eps) * weight`` for x ``[..., H]``, weight ``[H]``."""
     if _use_kernel("rms_norm", backend, (x, weight)):
-        if cpp_autograd("rms_norm"):
-            return torch.ops.saferlhf.rms_norm(x, weight, float(eps))
-        return _RMSNorm.apply(x, weight, float(eps))
+        return torch.ops.saferlhf.rms_norm(x, weight, float(eps))
     return rms_norm_reference(x, weight, eps)
 
 
@@ -183,10 +106,10 @@ def add_rms_norm(x: Tensor, residual: Tensor, weight: Tensor, eps: float = 1e-6,
                  ) -> tuple[Tensor, Tensor]:
     """``(s, rms_norm(s, weight, eps))`` with ``s = x + residual`` (x, residual ``[..., H]`` of one shape, weight
     ``[H]``): bit-identical to the two separate ops, in one pass (the C++ node of ``saferlhf::add_rms_norm``);
-    without it (other dtypes, backend ``torch``, an older extension) the two ops run separately."""
+    without it (other dtypes, backend ``torch``, no extension) the two ops run separately."""
     if x.shape != residual.shape:
         raise ValueError(f"add_rms_norm: x {tuple(x.shape)} and residual {tuple(residual.shape)} differ")
-    if _use_kernel("add_rms_norm", backend, (x, residual, weight)) and cpp_autograd("add_rms_norm"):
+    if _use_kernel("add_rms_norm", backend, (x, residual, weight)):
         s, y = torch.ops.saferlhf.add_rms_norm(x, residual, weight, float(eps))
         return s, y
     s = x + residual
