@@ -66,6 +66,8 @@ def _bench_ppo_step(args) -> int:
     from .benchmarks.harness import write_rows
 
     w = replace(ppo_step.SIZES[_size(args)], algorithm=args.algorithm)
+    if args.lora_ranks is not None:
+        return _bench_ppo_variants(args, w)
     result = ppo_step.run(w, device=args.device, reps=args.reps, warmup=args.warmup, memory=not args.no_memory,
                           echo=lambda line: print(line, flush=True))
     print(ppo_step.format_summary(result["summary"]))
@@ -74,6 +76,41 @@ def _bench_ppo_step(args) -> int:
     if args.json:
         ppo_step.write_json(args.json, result)
     print(f"rows written to {csv_path}")
+    return 0
+
+
+def _bench_ppo_variants(args, w) -> int:
+    """bench ppo-step --lora_ranks: our step per LoRA rank (0: full fine-tuning), no reference-style step."""
+    from .benchmarks import ppo_step
+    from .benchmarks.harness import write_rows
+
+    try:
+        names = [ppo_step.variant_name(v) for v in args.lora_ranks]
+        if len(set(names)) != len(names):
+            raise ValueError(f"{' '.join(args.lora_ranks)} repeats a variant")
+    except ValueError as err:
+        print(f"saferlhf-fast bench ppo-step: error: --lora_ranks: {err}", file=sys.stderr)
+        return 2
+    result = ppo_step.run_variants(w, args.lora_ranks, device=args.device, reps=args.reps, warmup=args.warmup,
+                                   memory=not args.no_memory, echo=lambda line: print(line, flush=True))
+    print(ppo_step.format_variants(result["summary"]))
+    csv_path = _csv(args, "ppo-step")
+    write_rows(csv_path, ppo_step.variant_rows(result, args.device), overwrite=args.overwrite)
+    if args.json:
+        ppo_step.write_json(args.json, result)
+    print(f"rows written to {csv_path}")
+    return 0
+
+
+def _bench_memory(args) -> int:
+    """bench memory: the PPO-Lag memory table of 7B / 8B shapes from our accounting (no measurement)."""
+    from .benchmarks.memory import table
+
+    for name, value in (("batch", args.batch), ("seq", args.seq), ("lora_rank", args.lora_rank)):
+        if value < 1:
+            print(f"saferlhf-fast bench memory: error: --{name} must be >= 1, got {value}", file=sys.stderr)
+            return 2
+    print(table(args.models, rank=args.lora_rank, batch=args.batch, seq=args.seq))
     return 0
 
 
@@ -297,6 +334,18 @@ def build_parser() -> argparse.ArgumentParser:
                    _bench_ppo_step, reps=5, warmup=1, presets=("tiny", "default", "realistic", "gpu"))
     ppo.add_argument("--algorithm", choices=["ppo-lag", "ppo"], default="ppo-lag")
     ppo.add_argument("--json", default=None, help="also write every rep and the summary here")
+    ppo.add_argument("--lora_ranks", nargs="+", default=None, metavar="R[:ref-copy]",
+                     help="measure our step once per variant instead, repetitions interleaved, peak and resident "
+                          "memory per variant: 0 full fine-tuning, R LoRA rank R (the reference is the actor's base "
+                          "with adapters off), R:ref-copy the same with a second copy of the base as the reference")
+    mem_text = ("PPO-Lag GPU memory of 7B / 8B shapes, full fine-tuning vs LoRA vs LoRA + shared reference, from our "
+                "accounting (saferlhf_fast/benchmarks/memory.py: parameters, gradients, optimizer state, activations)")
+    mem = bench_sub.add_parser("memory", help=mem_text, description=mem_text)
+    mem.add_argument("--models", nargs="+", choices=["llama2-7b", "llama3-8b"], default=["llama2-7b", "llama3-8b"])
+    mem.add_argument("--lora_rank", type=int, default=16)
+    mem.add_argument("--batch", type=int, default=8, help="sequences per training micro-batch")
+    mem.add_argument("--seq", type=int, default=512, help="tokens per sequence (prompt + response)")
+    mem.set_defaults(func=_bench_memory)
     plot = bench_sub.add_parser("plot", help="PNG charts (speed-up, memory ratio) from benchmark CSVs")
     plot.add_argument("--csv", required=True, nargs="+")
     plot.add_argument("--out", default=os.path.join(RUN_RESULTS, "plots"))

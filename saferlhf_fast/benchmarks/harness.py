@@ -39,8 +39,9 @@ COLUMNS = ["kernel", "provider", "mode", "metric", "unit", "x", "p50", "p20", "p
 _LEGACY_COLUMNS = COLUMNS[:-1]
 
 # The provider each row is compared with: ``baseline`` for ops, transformers for the model benchmarks (dynamic-cache
-# ``generate``; ``hf`` forward + backward), the reference-style step for the PPO step.
-BASELINES = ("baseline", "hf_dynamic", "hf", "reference-style")
+# ``generate``; ``hf`` forward + backward), the reference-style step for the PPO step, full fine-tuning for the PPO
+# step's LoRA variants.
+BASELINES = ("baseline", "hf_dynamic", "hf", "reference-style", "saferlhf_fast:full")
 HIGHER_IS_BETTER = ("throughput", "tflops", "bandwidth")
 
 

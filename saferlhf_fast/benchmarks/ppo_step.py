@@ -308,8 +308,9 @@ def build(w, root: str, device: str = "cpu"):
     return tok, paths, hf
 
 
-def make_trainer(w, paths, out, device: str = "cpu"):
-    """Our PPO trainer on the saved checkpoints, configured for exactly ``new_tokens`` new tokens per response."""
+def make_trainer(w, paths, out, device: str = "cpu", lora_rank: int = 0):
+    """Our PPO trainer on the saved checkpoints, configured for exactly ``new_tokens`` new tokens per response;
+    ``lora_rank`` > 0: LoRA actor and critics of that rank (the reference is then the actor with adapters off)."""
     from ..trainers.algorithms import ALGORITHMS
     from ..trainers.ppo import PPOTrainer
 
@@ -319,7 +320,7 @@ def make_trainer(w, paths, out, device: str = "cpu"):
               train_datasets=["synthetic-prompts/train:0.05"], output_dir=out, max_length=512,
               max_new_tokens=w.new_tokens, per_device_prompt_batch_size=w.batch,
               per_device_train_batch_size=w.batch, kl_coeff=0.01, progress=False, actor_lr_warmup_ratio=0.0,
-              top_k=getattr(w, "top_k", 50), device=device)
+              top_k=getattr(w, "top_k", 50), device=device, lora_rank=lora_rank)
     if algorithm.uses_cost:
         kw["cost_model_name_or_path"] = paths["cm"]
     cfg = cls(**kw)
@@ -458,6 +459,138 @@ def format_summary(s) -> str:
     if "peak_memory_bytes" in s["ours"]:
         lines.append("peak memory of one step: " + ", ".join(
             f"{name} {s[name]['peak_memory_bytes'] / 2**20:.1f} MiB" for name in ENGINES))
+    return "\n".join(lines)
+
+
+# ================================================================================================ LoRA variants
+# A variant: ``"0"`` full fine-tuning; ``"R"`` LoRA rank R with the reference being the actor's base with adapters off
+# (the trainer's way: one copy of the base); ``"R:ref-copy"`` the same with a second frozen copy of the base loaded as
+# the reference (what a trainer without the shared base holds; the log-probs are the same).
+REF_COPY = "ref-copy"
+
+
+def parse_variant(text: str) -> tuple[int, bool]:
+    """``"R"`` or ``"R:ref-copy"`` -> (rank, separate reference copy); ValueError naming the text."""
+    rank, _, mode = str(text).partition(":")
+    if not rank.isdigit() or mode not in ("", REF_COPY) or (mode and int(rank) == 0):
+        raise ValueError(f"{text!r} is not a rank >= 0 or R:{REF_COPY} with R > 0")
+    return int(rank), bool(mode)
+
+
+def variant_name(variant: str) -> str:
+    rank, copy = parse_variant(variant)
+    return "full" if rank == 0 else f"lora-r{rank}" + ("-ref-copy" if copy else "")
+
+
+def variant_provider(variant: str) -> str:
+    """The ``provider`` of a variant's rows; full fine-tuning (``saferlhf_fast:full``) is their baseline."""
+    return f"saferlhf_fast:{variant_name(variant)}"
+
+
+def resident_bytes(trainer) -> int:
+    """Bytes of the distinct tensors the trainer keeps between steps: the parameters and buffers of all six models
+    plus the AdamW state, a storage counted once however many models hold it (a LoRA actor is also the reference:
+    its base weights count once)."""
+    models = [trainer.actor, trainer.reference, trainer.reward_model, trainer.cost_model, *trainer.critics]
+    tensors = [t for m in models if m is not None for t in (*m.parameters(), *m.buffers())]
+    for opt in (trainer.actor_optimizer, *trainer.critic_optimizers):
+        tensors += [v for state in opt.state.values() for v in state.values() if torch.is_tensor(v)]
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+    return sum(storages.values())
+
+
+def trainable_parameters(trainer) -> int:
+    return sum(p.numel() for m in (trainer.actor, *trainer.critics) for p in m.parameters() if p.requires_grad)
+
+
+def run_variants(w, variants, device: str = "cpu", reps: int = 5, warmup: int = 1, memory: bool = True,
+                 echo=print) -> dict:
+    """Our step once per variant in ``variants`` (:func:`parse_variant`; ``"0"``: full fine-tuning), all from the
+    same checkpoints, repetitions interleaved across the variants (same prompts and seed per rep).  Per variant:
+    medians as :func:`run`, the peak memory of one extra step, the resident bytes after it (:func:`resident_bytes`)
+    and the trainable parameters."""
+    root = tempfile.mkdtemp(prefix="bench_ppo_lora_")
+    try:
+        _, paths, _ = build_checkpoints(w, root)
+        trainers = {}
+        for n, v in enumerate(variants):
+            rank, copy = parse_variant(v)
+            trainers[v] = make_trainer(w, paths, os.path.join(root, f"out{n}"), device, lora_rank=rank)
+            if copy:
+                trainers[v].reference = trainers[v]._load("actor_model_name_or_path", paths["actor"], "lm", False)
+        ids_list, mask = prompts(w, warmup + reps + (1 if memory else 0), device)
+        results = {v: [] for v in variants}
+        for i, ids in enumerate(ids_list[:warmup + reps]):
+            times = {r: our_step(t, ids, mask, seed=i) for r, t in trainers.items()}
+            tag = "warmup" if i < warmup else f"rep {i - warmup + 1}"
+            echo(f"{tag}: " + ", ".join(f"{variant_name(v)} {times[v]['total']:.3f} s" for v in variants))
+            if i >= warmup:
+                for v in variants:
+                    results[v].append(times[v])
+        extra = {r: {"trainable_parameters": trainable_parameters(t)} for r, t in trainers.items()}
+        if memory:
+            i = warmup + reps
+            for r, t in trainers.items():
+                extra[r]["peak_memory_bytes"] = _peak(lambda t=t: our_step(t, ids_list[i], mask, seed=i), device)
+                extra[r]["resident_bytes"] = resident_bytes(t)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    tokens = w.batch * w.new_tokens
+    summary = {"variants": [variant_name(v) for v in variants], "specs": list(variants)}
+    for r, rows_ in results.items():
+        med = {k: statistics.median(x[k] for x in rows_) for k in (*PHASES, "total")}
+        summary[variant_name(r)] = {"median_s": med["total"], "min_s": min(x["total"] for x in rows_),
+                                    "max_s": max(x["total"] for x in rows_), "tokens_per_s": tokens / med["total"],
+                                    "phases_median_s": {k: med[k] for k in PHASES}} | extra[r]
+    summary["workload"] = asdict(w) | {"threads": torch.get_num_threads(), "reps": reps, "device": device}
+    summary["ops_backend"] = _ops_backend(device)
+    summary["date"] = _dt.datetime.now().isoformat(timespec="seconds")
+    return {"summary": summary, "runs": {variant_name(r): rows_ for r, rows_ in results.items()}}
+
+
+def _ops_backend(device: str) -> str:
+    from .. import _backend
+
+    return _backend.resolve(None, torch.device(device))
+
+
+def variant_rows(result: dict, device: str) -> list[dict]:
+    """CSV rows of :func:`run_variants`: as :func:`rows`, provider :func:`variant_provider`, size the workload label
+    plus ``:lora``; memory rows: mode ``step`` (peak of one step) and ``resident`` (held between steps)."""
+    s, runs = result["summary"], result["runs"]
+    w = s["workload"]
+    x = Workload(**{k: w[k] for k in Workload.__dataclass_fields__}).label() + ":lora"
+    config = f"threads={w['threads']} reps={w['reps']} ops={s['ops_backend']}"
+    out = []
+    for spec, name in zip(s["specs"], s["variants"]):
+        prov = variant_provider(spec)
+        for mode, key in (("step", "total"), *((p, p) for p in PHASES)):
+            out.append(harness.row("ppo_step", prov, mode, "time", "s", x,
+                                   *harness.summarize([r[key] for r in runs[name]]), config, device))
+        out.append(harness.rate_row("ppo_step", prov, "step", "throughput", "tokens/s", x,
+                                    w["batch"] * w["new_tokens"], [r["total"] for r in runs[name]], config, device))
+        for mode, key in (("step", "peak_memory_bytes"), ("resident", "resident_bytes")):
+            if key in s[name]:
+                v = float(s[name][key])
+                out.append(harness.row("ppo_step", prov, mode, "memory", "B", x, v, v, v, config, device))
+    return out
+
+
+def format_variants(s) -> str:
+    w = s["workload"]
+    full = s.get("full")
+    lines = [f"\n{w['algorithm']} step, ours per variant: Llama h{w['hidden']}/i{w['intermediate']}/{w['layers']} "
+             f"layers/{w['heads']} heads, V {w['vocab']}, {w['batch']} prompts x {w['prompt_len']} tokens, "
+             f"{w['new_tokens']} new tokens, {w['threads']} threads, {w['reps']} reps",
+             "| variant | trainable params | s / step (median) | min-max | vs full | " + " | ".join(PHASES)
+             + " | peak MiB | resident MiB |", "|---|---|---|---|---|" + "---|" * len(PHASES) + "---|---|"]
+    for name in s["variants"]:
+        d = s[name]
+        ratio = f"x{d['median_s'] / full['median_s']:.2f}" if full else ""
+        mem = [f"{d[k] / 2**20:.1f}" if k in d else "" for k in ("peak_memory_bytes", "resident_bytes")]
+        lines.append(f"| {name} | {d['trainable_parameters']:,} | {d['median_s']:.3f} | {d['min_s']:.3f}-"
+                     f"{d['max_s']:.3f} | {ratio} | " + " | ".join(f"{d['phases_median_s'][k]:.3f}" for k in PHASES)
+                     + f" | {mem[0]} | {mem[1]} |")
     return "\n".join(lines)
 
 
