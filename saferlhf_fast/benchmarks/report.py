@@ -122,7 +122,10 @@ median (p50) and the 20th / 80th percentiles are reported. Baselines: `baseline`
 then `gather`, the Python GAE loop once per stream, eager losses); `hf_dynamic` / `hf` for the model
 (transformers `generate` with its default cache, the transformers forward with full `[B, L, V]` logits);
 `reference-style` for the PPO step (`saferlhf_fast/benchmarks/ppo_step.py`: transformers `generate`, six separate
-scoring forwards with full `[B, L, V]` log-softmax, the Python GAE loop, eager losses). Peak memory: CUDA
+scoring forwards with full `[B, L, V]` log-softmax, the Python GAE loop, eager losses); `saferlhf_fast:full` (full
+fine-tuning) for our PPO step's LoRA variants (`bench ppo-step --lora_ranks`: `lora-rR` with the reference as the
+actor's base with adapters off, `lora-rR-ref-copy` with a second copy of the base as the reference; mode `resident`:
+the bytes of weights and optimizer state held between steps, each storage counted once). Peak memory: CUDA
 `max_memory_allocated` above the inputs; on CPU the `VmHWM - VmRSS` of one call in a fresh process (ops, model) or
 the peak of torch's CPU allocator over one step (PPO step). Each table names its machine, date, versions, git
 commit (`+dirty`: uncommitted changes), load average and the command that reproduces it. Timings on shared
