@@ -1,4 +1,5 @@
-"""The lean CPU decode path (engine/fast_decode.py, csrc/decode_ops.cpp) against the eager path it replaces:
+"""The lean CPU decode path (engine/fast_decode.py, csrc/decode_ops.cpp) against the eager path it replaces
+(both chosen by engine/decode_steps.choose_step):
 same logits within fp32 rounding, same greedy tokens, same log-prob contract; the native sampler against the torch
 sampler (same draws for the same uniforms); exact_logprobs; the single-chunk linear_logprobs backward."""
 import dataclasses
@@ -11,6 +12,7 @@ transformers = pytest.importorskip("transformers")
 from saferlhf_fast import settings
 from saferlhf_fast.engine import fast_decode as fd
 from saferlhf_fast.engine import generate
+from saferlhf_fast.engine.decode_steps import EagerStep, choose_step
 from saferlhf_fast.engine.sampling import SamplingParams, native_sampling_ok, next_token
 from saferlhf_fast.models import from_pretrained, positions_from_mask
 
@@ -56,7 +58,7 @@ def prompts(b=3, length=7, seed=0):
 
 
 def variants():
-    out = [("python", False, False), ("python", True, False)]
+    out = [("eager", False, False), ("eager", True, False)]
     if NATIVE:
         out += [("native", False, True), ("native", True, True)]
     return out
@@ -77,8 +79,10 @@ def test_step_logits_match_eager(ckpt, name, kind, packed, native, monkeypatch):
         c.valid[:, :p] = mask
     with torch.no_grad():
         first = [model.forward_cached(ids, positions_from_mask(mask), c, 0) for c in caches]
-        plan = fd.DecodePlan(model, caches[1], b, mask, packed=packed)
-        assert plan.native == (native and plan.silu)
+        plan = choose_step(model, caches[1], b, mask, use_cuda_graph=False, fast_decode=True, packed=packed)
+        # native_decode off: the eager forward_cached step serves the fast path (no third copy of the math)
+        assert isinstance(plan, fd.DecodePlan if native else EagerStep) and plan.native == native
+        assert torch.equal(plan.prefill(ids, positions_from_mask(mask)), first[1])
         pos = mask.sum(-1)
         tok = first[0].argmax(-1)
         for t in range(n_new - 1):
