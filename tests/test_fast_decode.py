@@ -12,7 +12,7 @@ transformers = pytest.importorskip("transformers")
 from saferlhf_fast import settings
 from saferlhf_fast.engine import fast_decode as fd
 from saferlhf_fast.engine import generate
-from saferlhf_fast.engine.decode_steps import EagerStep, choose_step
+from saferlhf_fast.engine.decode_steps import CudaGraphStep, EagerStep, choose_step
 from saferlhf_fast.engine.sampling import SamplingParams, native_sampling_ok, next_token
 from saferlhf_fast.models import from_pretrained, positions_from_mask
 
@@ -198,3 +198,23 @@ def test_linear_logprobs_single_chunk_backward_equals_recompute():
     h.grad = w.grad = None
     lp.backward(g)
     assert torch.allclose(h.grad, first, atol=1e-5)
+
+
+def test_choose_step_picks_one_implementation(ckpt, monkeypatch):
+    """The one choice per generate call: compiled step only for fast_decode with the op, CUDA graph only when asked,
+    else the eager step; with native_decode off, fast_decode=True decodes bit for bit like fast_decode=False."""
+    model = from_pretrained(ckpt["llama"])
+    ids, mask = prompts()
+    cache = model.allocate_cache(ids.shape[0], ids.shape[1] + 2)
+    pick = dict(use_cuda_graph=False, fast_decode=False)
+    assert type(choose_step(model, cache, 3, mask, **pick)) is EagerStep
+    assert type(choose_step(model, cache, 3, mask, **{**pick, "use_cuda_graph": True})) is CudaGraphStep
+    fast = choose_step(model, cache, 3, mask, **{**pick, "fast_decode": True, "use_cuda_graph": True})
+    assert type(fast) is (fd.DecodePlan if NATIVE else EagerStep)
+    monkeypatch.setattr(settings, "_CURRENT", dataclasses.replace(settings.settings(), native_decode=False))
+    assert type(choose_step(model, cache, 3, mask, **{**pick, "fast_decode": True})) is EagerStep
+    with pytest.raises(RuntimeError, match="decode_step"):
+        fd.DecodePlan(model, cache, 3, mask)
+    kw = dict(max_new_tokens=8, eos_token_id=[], seed=2, top_k=20)
+    a, f = (generate(model, ids, mask, fast_decode=flag, **kw) for flag in (False, True))
+    assert torch.equal(a.sequences, f.sequences) and torch.equal(a.logprobs, f.logprobs)
