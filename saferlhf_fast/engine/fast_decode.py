@@ -84,7 +84,7 @@ class _Layer:
 
 
 class DecodePlan:
-    """Prepared weights + the compiled step for one ``generate`` call (batch ``b``, cache ``cache``).  Built by
+    """Prepared weights + the compiled step for one ``generate`` call (``batch`` rows, ``cache``).  Built by
     ``decode_steps.choose_step`` only where the extension has ``decode_step`` and the activation is SiLU."""
 
     native = True
