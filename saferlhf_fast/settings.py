@@ -43,7 +43,7 @@ VARIABLES: tuple[Variable, ...] = (
              "`0` makes `generate` run the model's own forward per step instead of the fast decode path "
              "(engine/fast_decode.py) when `fast_decode=None`."),
     Variable("SAFERLHF_NATIVE_DECODE", "native_decode", "flag", True,
-             "`0` runs the fast decode step in torch ops (`step_python`) instead of the extension's `decode_step`."),
+             "`0` decodes through the model's own `forward_cached` instead of the extension's `decode_step`."),
     Variable("SAFERLHF_TUNE_MALLOC", "tune_malloc", "flag", True,
              "`0` leaves glibc malloc's mmap / trim thresholds alone (runtime.py)."),
     Variable("SAFERLHF_DEMO_THREADS", "demo_threads", "int", 1,

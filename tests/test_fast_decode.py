@@ -1,4 +1,5 @@
-"""The lean CPU decode path (engine/fast_decode.py, csrc/decode_ops.cpp) against the eager path it replaces:
+"""The lean CPU decode path (engine/fast_decode.py, csrc/decode_ops.cpp) against the eager path it replaces
+(both chosen by engine/decode_steps.choose_step):
 same logits within fp32 rounding, same greedy tokens, same log-prob contract; the native sampler against the torch
 sampler (same draws for the same uniforms); exact_logprobs; the single-chunk linear_logprobs backward."""
 import dataclasses
@@ -11,6 +12,7 @@ transformers = pytest.importorskip("transformers")
 from saferlhf_fast import settings
 from saferlhf_fast.engine import fast_decode as fd
 from saferlhf_fast.engine import generate
+from saferlhf_fast.engine.decode_steps import CudaGraphStep, EagerStep, choose_step
 from saferlhf_fast.engine.sampling import SamplingParams, native_sampling_ok, next_token
 from saferlhf_fast.models import from_pretrained, positions_from_mask
 
@@ -56,7 +58,7 @@ def prompts(b=3, length=7, seed=0):
 
 
 def variants():
-    out = [("python", False, False), ("python", True, False)]
+    out = [("eager", False, False), ("eager", True, False)]
     if NATIVE:
         out += [("native", False, True), ("native", True, True)]
     return out
@@ -77,8 +79,10 @@ def test_step_logits_match_eager(ckpt, name, kind, packed, native, monkeypatch):
         c.valid[:, :p] = mask
     with torch.no_grad():
         first = [model.forward_cached(ids, positions_from_mask(mask), c, 0) for c in caches]
-        plan = fd.DecodePlan(model, caches[1], b, mask, packed=packed)
-        assert plan.native == (native and plan.silu)
+        plan = choose_step(model, caches[1], b, mask, use_cuda_graph=False, fast_decode=True, packed=packed)
+        # native_decode off: the eager forward_cached step serves the fast path (no third copy of the math)
+        assert isinstance(plan, fd.DecodePlan if native else EagerStep) and plan.native == native
+        assert torch.equal(plan.prefill(ids, positions_from_mask(mask)), first[1])
         pos = mask.sum(-1)
         tok = first[0].argmax(-1)
         for t in range(n_new - 1):
@@ -194,3 +198,23 @@ def test_linear_logprobs_single_chunk_backward_equals_recompute():
     h.grad = w.grad = None
     lp.backward(g)
     assert torch.allclose(h.grad, first, atol=1e-5)
+
+
+def test_choose_step_picks_one_implementation(ckpt, monkeypatch):
+    """The one choice per generate call: compiled step only for fast_decode with the op, CUDA graph only when asked,
+    else the eager step; with native_decode off, fast_decode=True decodes bit for bit like fast_decode=False."""
+    model = from_pretrained(ckpt["llama"])
+    ids, mask = prompts()
+    cache = model.allocate_cache(ids.shape[0], ids.shape[1] + 2)
+    pick = dict(use_cuda_graph=False, fast_decode=False)
+    assert type(choose_step(model, cache, 3, mask, **pick)) is EagerStep
+    assert type(choose_step(model, cache, 3, mask, **{**pick, "use_cuda_graph": True})) is CudaGraphStep
+    fast = choose_step(model, cache, 3, mask, **{**pick, "fast_decode": True, "use_cuda_graph": True})
+    assert type(fast) is (fd.DecodePlan if NATIVE else EagerStep)
+    monkeypatch.setattr(settings, "_CURRENT", dataclasses.replace(settings.settings(), native_decode=False))
+    assert type(choose_step(model, cache, 3, mask, **{**pick, "fast_decode": True})) is EagerStep
+    with pytest.raises(RuntimeError, match="decode_step"):
+        fd.DecodePlan(model, cache, 3, mask)
+    kw = dict(max_new_tokens=8, eos_token_id=[], seed=2, top_k=20)
+    a, f = (generate(model, ids, mask, fast_decode=flag, **kw) for flag in (False, True))
+    assert torch.equal(a.sequences, f.sequences) and torch.equal(a.logprobs, f.logprobs)

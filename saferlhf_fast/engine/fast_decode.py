@@ -16,11 +16,12 @@ in between is always seen):
   in plain loops between the oneDNN matmuls (~45 torch ops per layer become 4 matmul calls); the additive key
   mask is built once per call, not per step.  Only the Llama math: ``supported`` sends Qwen3 / Gemma models to
   ``forward_cached``.  Without the compiled extension (or with a non-SiLU activation,
-  or ``$SAFERLHF_NATIVE_DECODE=0``) ``step_python`` runs the same step in torch ops.
+  or ``$SAFERLHF_NATIVE_DECODE=0``) ``decode_steps.choose_step`` picks the eager ``forward_cached`` step instead.
 
 Same math as ``LlamaForCausalLM.forward_cached`` (RMSNorm, the RoPE formula, softmax in fp32); only the matmul
 kernels and the order of the sums differ, so logits agree to fp32 rounding and greedy tokens are the same
-(``tests/test_fast_decode.py``).  The prefill still runs ``forward_cached`` (the training model's own modules).
+(``tests/test_fast_decode.py``).  The prefill runs ``forward_cached`` (the training model's own modules).
+``DecodePlan`` is one implementation of ``decode_steps.DecodeStep``.
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..models.llama import _ACTIVATIONS
-from ..ops.dense import linear_pointwise, onednn_available
+from ..ops.dense import onednn_available
 from ..settings import settings
 
 
@@ -42,8 +43,13 @@ def native_step_available() -> bool:
     return _backend.has_op("decode_step")
 
 
+def silu_activation(model) -> bool:
+    """The compiled step hard-codes the SiLU-gated MLP."""
+    return _ACTIVATIONS[model.config.hidden_act] is F.silu
+
+
 class _Linear:
-    """``y = x @ W.T + b`` with the weight prepared for small-batch decode matmuls."""
+    """The weight and bias of ``y = x @ W.T + b`` prepared for the compiled step's small-batch matmuls."""
 
     __slots__ = ("w", "b", "packed", "n")
 
@@ -56,13 +62,6 @@ class _Linear:
             self.w = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), batch)
         else:
             self.w = weight.t().contiguous()  # [H, N] row-major: the fast side of sgemm for small M
-
-    def __call__(self, x: Tensor) -> Tensor:
-        if self.packed:
-            return linear_pointwise(x, self.w, self.b)
-        if self.b is None:
-            return torch.mm(x, self.w)
-        return torch.addmm(self.b, x, self.w)
 
 
 def _weight(linear) -> Tensor:
@@ -81,34 +80,34 @@ def _cat_bias(*linears):
 
 
 class _Layer:
-    __slots__ = ("ln1", "ln2", "eps1", "eps2", "qkv", "o", "gate_up", "down", "window", "idx")
+    __slots__ = ("ln1", "ln2", "eps1", "qkv", "o", "gate_up", "down", "window")
 
 
 class DecodePlan:
-    """Prepared weights + the step function for one ``generate`` call (batch ``b``, cache ``cache``)."""
+    """Prepared weights + the compiled step for one ``generate`` call (``batch`` rows, ``cache``).  Built by
+    ``decode_steps.choose_step`` only where the extension has ``decode_step`` and the activation is SiLU."""
+
+    native = True
 
     def __init__(self, model, cache, batch: int, prompt_valid: Tensor, packed: bool | None = None):
+        if not (native_step_available() and silu_activation(model)):
+            raise RuntimeError("DecodePlan needs saferlhf::decode_step and a SiLU model; use decode_steps.EagerStep")
         cfg = model.config
         if packed is None:
             packed = onednn_available()
         self.packed = packed
-        self.cfg = cfg
+        self.model = model
         self.cache = cache
-        self.b = batch
-        self.nh, self.nkv, self.d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        self.scale = self.d ** -0.5
-        self.act = _ACTIVATIONS[cfg.hidden_act]
-        self.silu = self.act is F.silu
+        self.nh, self.nkv = cfg.num_attention_heads, cfg.num_key_value_heads
         self.inter = cfg.intermediate_size
         lm = model.model
         self.embed = lm.embed_tokens.weight.detach()
         self.layers = []
-        for i, layer in enumerate(lm.layers):
+        for layer in lm.layers:
             a, m = layer.self_attn, layer.mlp
             L = _Layer()
-            L.idx = i
             L.ln1, L.eps1 = layer.input_layernorm.weight.detach(), layer.input_layernorm.eps
-            L.ln2, L.eps2 = layer.post_attention_layernorm.weight.detach(), layer.post_attention_layernorm.eps
+            L.ln2 = layer.post_attention_layernorm.weight.detach()
             qkv_w = torch.cat([_weight(a.q_proj), _weight(a.k_proj), _weight(a.v_proj)])
             L.qkv = _Linear(qkv_w, _cat_bias(a.q_proj, a.k_proj, a.v_proj), batch, packed)
             L.o = _Linear(_weight(a.o_proj), a.o_proj.bias, batch, packed)
@@ -117,7 +116,7 @@ class DecodePlan:
             L.down = _Linear(_weight(m.down_proj), m.down_proj.bias, batch, packed)
             L.window = a.window
             self.layers.append(L)
-        self.norm_w, self.norm_eps = lm.norm.weight.detach(), lm.norm.eps
+        self.norm_w = lm.norm.weight.detach()
         self.lm_head = _Linear(model.lm_head.weight, None, batch, packed)
         rope = lm.rotary_emb
         rope.ensure(cache.max_len, self.embed.device)
@@ -128,68 +127,23 @@ class DecodePlan:
         p = prompt_valid.shape[1]
         add[:, :p].masked_fill_(~prompt_valid.bool(), float("-inf"))
         self.additive2d = add
-        self.additive = add[:, None, None, :]  # [B, 1, 1, S]
-        self.windows = any(L.window is not None for L in self.layers)
-        self.native = native_step_available() and self.silu and self.cos.dtype == torch.float32
-        if self.native:
-            self.weights, self.biases = [], []
-            for L in self.layers:
-                self.weights += [L.ln1, L.qkv.w, L.o.w, L.ln2, L.gate_up.w, L.down.w]
-                self.biases += [L.qkv.b, L.o.b, L.gate_up.b, L.down.b]
-            self.window_list = [L.window or 0 for L in self.layers]
+        self.weights, self.biases = [], []
+        for L in self.layers:
+            self.weights += [L.ln1, L.qkv.w, L.o.w, L.ln2, L.gate_up.w, L.down.w]
+            self.biases += [L.qkv.b, L.o.b, L.gate_up.b, L.down.b]
+        self.window_list = [L.window or 0 for L in self.layers]
 
-    def _mask(self, total: int, window: int | None) -> Tensor:
-        m = self.additive[..., :total]
-        if window is not None and total > window:
-            m = m.clone()
-            m[..., : total - window] = float("-inf")
-        return m
+    def prefill(self, input_ids: Tensor, positions: Tensor) -> Tensor:
+        """The prompts through the model's own ``forward_cached`` (fills the cache the compiled step reads)."""
+        return self.model.forward_cached(input_ids, positions, self.cache, 0)
 
     @torch.no_grad()
     def step(self, tok: Tensor, pos: Tensor, slot: int) -> Tensor:
         """``tok`` [B] int64 written at cache slot ``slot``, position ``pos`` [B] -> logits [B, V] fp32."""
-        if self.native:
-            return torch.ops.saferlhf.decode_step(
-                tok, pos, self.embed, self.weights, self.biases, self.norm_w, self.lm_head.w, self.cache.k,
-                self.cache.v, self.cos, self.sin, self.additive2d, self.window_list, slot, self.nh, self.nkv,
-                self.inter, float(self.layers[0].eps1), self.packed)
-        return self.step_python(tok, pos, slot)
-
-    def step_python(self, tok: Tensor, pos: Tensor, slot: int) -> Tensor:
-        """The same step in torch ops (no compiled extension, or an activation other than SiLU)."""
-        b, nh, nkv, d = self.b, self.nh, self.nkv, self.d
-        g = nh // nkv
-        total = slot + 1
-        x = F.embedding(tok, self.embed)  # [B, H]
-        h_dim = x.shape[-1]
-        cos = self.cos[pos][:, None, :]  # [B, 1, d]
-        sin = self.sin[pos][:, None, :]
-        masks = {None: self.additive[..., :total]}
-        k_layers, v_layers = self.cache.k_layers, self.cache.v_layers
-        nq = nh * d
-        for L in self.layers:
-            h = F.rms_norm(x, (h_dim,), L.ln1, L.eps1)
-            qkv = L.qkv(h)  # [B, (nh + 2 nkv) d]
-            qk = qkv[:, : nq + nkv * d].view(b, nh + nkv, d)
-            qk = qk * cos + torch.roll(qk, d // 2, dims=-1) * sin
-            q = qk[:, :nh]  # [B, nh, d]
-            ck, cv = k_layers[L.idx], v_layers[L.idx]  # [B, nkv, S, d]
-            ck[:, :, slot] = qk[:, nh:]
-            cv[:, :, slot] = qkv[:, nq + nkv * d:].view(b, nkv, d)
-            mask = masks.get(L.window)
-            if mask is None:
-                mask = masks[L.window] = self._mask(total, L.window)
-            scores = torch.matmul(q.reshape(b, nkv, g, d), ck[:, :, :total].transpose(-1, -2))
-            scores = scores.mul_(self.scale).add_(mask)
-            probs = torch.softmax(scores, dim=-1)
-            att = torch.matmul(probs, cv[:, :, :total])  # [B, nkv, g, d]
-            x = x + L.o(att.reshape(b, nq))
-            h = F.rms_norm(x, (h_dim,), L.ln2, L.eps2)
-            gu = L.gate_up(h)
-            gate, up = gu[:, : self.inter], gu[:, self.inter:]
-            x = x + L.down(self.act(gate) * up)
-        x = F.rms_norm(x, (h_dim,), self.norm_w, self.norm_eps)
-        return self.lm_head(x)
+        return torch.ops.saferlhf.decode_step(
+            tok, pos, self.embed, self.weights, self.biases, self.norm_w, self.lm_head.w, self.cache.k,
+            self.cache.v, self.cos, self.sin, self.additive2d, self.window_list, slot, self.nh, self.nkv,
+            self.inter, float(self.layers[0].eps1), self.packed)
 
 
 def supported(model, dtype=None) -> bool:

@@ -4,8 +4,9 @@ One ``generate`` call: switch to eval + ``no_grad`` (the weights are not copied)
 ``[layers, B, kv_heads, P + T, head_dim]``, prefill the left-padded prompts in one batched forward, then decode one
 token per step (in-place cache writes; the step is captured once in a CUDA graph on GPU and replayed; on the CPU
 the lean fused step of ``fast_decode.py``, one compiled op per step, and the compiled sampler for greedy / top-k
-draws), with finished rows masked (they emit ``pad`` and log-prob 0).  Returns the sequences, masks, and the
-log-prob of every sampled token under ``softmax(logits / temperature)`` (see ``sampling.py``), which equals what
+draws; ``decode_steps.choose_step`` picks the step once per call), with finished rows masked (they emit ``pad``
+and log-prob 0).  Returns the sequences, masks, and the log-prob of every sampled token under
+``softmax(logits / temperature)`` (see ``sampling.py``), which equals what
 ``model.token_logprobs(gen.sequences, gen.attention_mask, temperature=T)`` computes up to fp32 rounding
 (bit for bit with ``exact_logprobs=True``).
 """
@@ -21,6 +22,7 @@ from torch import Tensor
 from ..models.llama import positions_from_mask
 from ..settings import settings
 from . import fast_decode as fd
+from .decode_steps import choose_step, has_windows
 from .sampling import SamplingParams, native_sampling_ok, next_token
 
 
@@ -67,9 +69,10 @@ def generate(model, input_ids: Tensor, attention_mask: Tensor | None = None, *, 
     makes sampling reproducible (a private ``torch.Generator``; the global RNG is untouched).  Decoding stops when
     every row has emitted eos; ``T`` is then the number of steps taken.
 
-    ``fast_decode``: the lean CPU decode step (``fast_decode.py``: fused projections, prepacked weights); default
-    on for fp32 models on the CPU unless ``$SAFERLHF_FAST_DECODE=0``; False runs the model's own
-    ``forward_cached`` every step (the eager reference path).
+    ``fast_decode``: the lean CPU decode step (``fast_decode.py``: fused projections, prepacked weights, the
+    compiled ``decode_step``); default on for fp32 models on the CPU unless ``$SAFERLHF_FAST_DECODE=0``; where the
+    extension lacks the op or ``$SAFERLHF_NATIVE_DECODE=0``, and with False, the model's own ``forward_cached``
+    runs every step (the eager reference path).
 
     ``exact_logprobs``: recompute ``logprobs`` with the training forward (``model.token_logprobs`` over the
     generated batch, one extra no-grad forward), so they are bit-identical to what a training forward computes.
@@ -104,7 +107,7 @@ def generate(model, input_ids: Tensor, attention_mask: Tensor | None = None, *, 
             on_token(out.responses[:, t], out.response_mask[:, t])
         return out
     if use_cuda_graph is None:  # the captured step has no sliding-window masks: such models decode eagerly
-        use_cuda_graph = device.type == "cuda" and not _has_windows(model)
+        use_cuda_graph = device.type == "cuda" and not has_windows(model)
     if fast_decode is None:
         fast_decode = settings().fast_decode and fd.supported(model)
     elif fast_decode and not fd.supported(model):
@@ -125,17 +128,14 @@ def generate(model, input_ids: Tensor, attention_mask: Tensor | None = None, *, 
     return out
 
 
-def _has_windows(model) -> bool:
-    return any(model.config.layer_window(i) is not None for i in range(model.config.num_hidden_layers))
-
-
 def _decode(model, input_ids, prompt_mask, max_new_tokens, params, eos, pad, generator, use_cuda_graph,
             fast_decode=False, on_token=None):
     b, p = input_ids.shape
     device = input_ids.device
     cache = model.allocate_cache(b, p + max_new_tokens)
     cache.valid[:, :p] = prompt_mask
-    logits = model.forward_cached(input_ids, positions_from_mask(prompt_mask), cache, 0)
+    decoder = choose_step(model, cache, b, prompt_mask, use_cuda_graph=use_cuda_graph, fast_decode=fast_decode)
+    logits = decoder.prefill(input_ids, positions_from_mask(prompt_mask))
 
     tokens = torch.full((b, max_new_tokens), pad, dtype=torch.long, device=device)
     logprobs = torch.zeros(b, max_new_tokens, dtype=torch.float32, device=device)
@@ -146,10 +146,8 @@ def _decode(model, input_ids, prompt_mask, max_new_tokens, params, eos, pad, gen
     if params.repetition_penalty != 1.0:
         seen = torch.zeros(b, model.config.vocab_size, dtype=torch.bool, device=device)
         seen.scatter_(1, input_ids, prompt_mask)  # real prompt tokens only (transformers also counts pads)
-    position = prompt_mask.sum(-1, keepdim=True)  # [B, 1] position of the next token
-    step_fn = _CudaGraphStep(model, cache, b) if use_cuda_graph else None
-    plan = fd.DecodePlan(model, cache, b, prompt_mask) if fast_decode else None
-    native_sampling = plan is not None and plan.native and native_sampling_ok(logits.float(), params)
+    position = prompt_mask.sum(-1)  # [B] position of the next token
+    native_sampling = decoder.native and native_sampling_ok(logits.float(), params)
     check_every = 8 if device.type == "cuda" else 1
 
     steps = max_new_tokens
@@ -172,12 +170,7 @@ def _decode(model, input_ids, prompt_mask, max_new_tokens, params, eos, pad, gen
             seen.scatter_(1, tok[:, None], alive[:, None] | seen.gather(1, tok[:, None]))
         slot = p + t
         cache.valid[:, slot] = True
-        if plan is not None:
-            logits = plan.step(tok, position[:, 0], slot)
-        elif step_fn is not None:
-            logits = step_fn(tok[:, None], position, slot)
-        else:
-            logits = model.forward_cached(tok[:, None], position, cache, slot)
+        logits = decoder.step(tok, position, slot)
         position = position + 1
 
     if check_every > 1 and steps == max_new_tokens:  # trim trailing all-finished steps (checked lazily on GPU)
@@ -191,42 +184,6 @@ def _decode(model, input_ids, prompt_mask, max_new_tokens, params, eos, pad, gen
         logprobs=logprobs,
         prompt_length=p,
     )
-
-
-class _CudaGraphStep:
-    """The decode step (n = 1) captured once in a CUDA graph and replayed: static input buffers, the cache slot
-    as a tensor (``index_copy_`` writes), attention over the whole cache under ``cache.valid``."""
-
-    def __init__(self, model, cache, batch: int):
-        if _has_windows(model):
-            raise NotImplementedError("CUDA-graph decode does not support sliding-window layers; use_cuda_graph=False")
-        device = cache.k.device
-        self.model, self.cache = model, cache
-        self.tok = torch.zeros(batch, 1, dtype=torch.long, device=device)
-        self.pos = torch.zeros(batch, 1, dtype=torch.long, device=device)
-        self.slot = torch.zeros(1, dtype=torch.long, device=device)
-        self.graph = None
-
-    def _capture(self, slot: int):
-        self.slot.fill_(slot)  # warm-up and capture write this slot; the real step overwrites it
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(2):
-                self.model.forward_cached(self.tok, self.pos, self.cache, self.slot)
-        torch.cuda.current_stream().wait_stream(stream)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.out = self.model.forward_cached(self.tok, self.pos, self.cache, self.slot)
-
-    def __call__(self, tok: Tensor, pos: Tensor, slot: int) -> Tensor:
-        self.tok.copy_(tok)
-        self.pos.copy_(pos)
-        if self.graph is None:
-            self._capture(slot)
-        self.slot.fill_(slot)
-        self.graph.replay()
-        return self.out
 
 
 def _generate_hf(model, input_ids, prompt_mask, max_new_tokens, params, eos, pad, seed) -> GenerateOutput:
