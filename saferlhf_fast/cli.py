@@ -63,7 +63,6 @@ def _bench_ppo_step(args) -> int:
     from dataclasses import replace
 
     from .benchmarks import ppo_step
-    from .benchmarks.harness import write_rows
 
     w = replace(ppo_step.SIZES[_size(args)], algorithm=args.algorithm)
     if args.lora_ranks is not None:
@@ -71,8 +70,16 @@ def _bench_ppo_step(args) -> int:
     result = ppo_step.run(w, device=args.device, reps=args.reps, warmup=args.warmup, memory=not args.no_memory,
                           echo=lambda line: print(line, flush=True))
     print(ppo_step.format_summary(result["summary"]))
+    return _write_ppo_step(args, result, ppo_step.rows(result, args.device))
+
+
+def _write_ppo_step(args, result: dict, rows: list) -> int:
+    """The rows of a ``bench ppo-step`` run to its CSV and, with ``--json``, every rep to the JSON file."""
+    from .benchmarks import ppo_step
+    from .benchmarks.harness import write_rows
+
     csv_path = _csv(args, "ppo-step")
-    write_rows(csv_path, ppo_step.rows(result, args.device), overwrite=args.overwrite)
+    write_rows(csv_path, rows, overwrite=args.overwrite)
     if args.json:
         ppo_step.write_json(args.json, result)
     print(f"rows written to {csv_path}")
@@ -82,7 +89,6 @@ def _bench_ppo_step(args) -> int:
 def _bench_ppo_variants(args, w) -> int:
     """bench ppo-step --lora_ranks: our step per LoRA rank (0: full fine-tuning), no reference-style step."""
     from .benchmarks import ppo_step
-    from .benchmarks.harness import write_rows
 
     try:
         names = [ppo_step.variant_name(v) for v in args.lora_ranks]
@@ -94,12 +100,7 @@ def _bench_ppo_variants(args, w) -> int:
     result = ppo_step.run_variants(w, args.lora_ranks, device=args.device, reps=args.reps, warmup=args.warmup,
                                    memory=not args.no_memory, echo=lambda line: print(line, flush=True))
     print(ppo_step.format_variants(result["summary"]))
-    csv_path = _csv(args, "ppo-step")
-    write_rows(csv_path, ppo_step.variant_rows(result, args.device), overwrite=args.overwrite)
-    if args.json:
-        ppo_step.write_json(args.json, result)
-    print(f"rows written to {csv_path}")
-    return 0
+    return _write_ppo_step(args, result, ppo_step.variant_rows(result, args.device))
 
 
 def _bench_memory(args) -> int:

@@ -162,12 +162,15 @@ def test_saved_score_model_keeps_its_bias_setting(lm, tmp_path):
                        torch.tensor([0.75]))
 
 
-def reference_score_model(path: str, spelling: str):
-    """``path`` loaded by a transcription of the reference's ``LlamaForScore`` (``ScoreModelMixin.init_score_head``):
-    head bias from config ``score_bias`` (later code, default True) or ``bias`` (released models, default False),
-    normalizer buffers set from config mean / var; -> (model, transformers' loading info)."""
+def reference_score_class(backbone_cls, spelling: str = "bias"):
+    """A transcription of the reference's ``<Arch>ForScore`` (``ScoreModelMixin.init_score_head``) on the
+    transformers backbone class ``backbone_cls``: the backbone under the class's ``base_model_prefix``,
+    ``score_head = Linear(width, score_dim)`` (OPT's width is ``word_embed_proj_dim``) with its bias from config
+    ``score_bias`` (later code, default True) or ``bias`` (released models, default False), and the normalizer
+    buffers set from config mean / var."""
     from torch import nn
-    from transformers import LlamaModel, LlamaPreTrainedModel
+
+    pretrained = next(c for c in backbone_cls.__mro__ if c.__name__.endswith("PreTrainedModel"))
 
     class Normalizer(nn.Module):
         def __init__(self):
@@ -176,12 +179,13 @@ def reference_score_model(path: str, spelling: str):
             self.register_buffer("var", torch.ones(1))
             self.register_buffer("count", torch.zeros(1, dtype=torch.long))
 
-    class LlamaForScore(LlamaPreTrainedModel):
+    class ForScore(pretrained):
         def __init__(self, config):
             super().__init__(config)
-            self.model = LlamaModel(config)
+            setattr(self, self.base_model_prefix, backbone_cls(config))
+            width = getattr(config, "word_embed_proj_dim", None) or config.hidden_size
             bias = getattr(config, spelling, spelling == "score_bias")
-            self.score_head = nn.Linear(config.hidden_size, config.score_dim, bias=bias)
+            self.score_head = nn.Linear(width, config.score_dim, bias=bias)
             self.normalizer = Normalizer()
             self.post_init()
             with torch.no_grad():
@@ -189,7 +193,16 @@ def reference_score_model(path: str, spelling: str):
                     if getattr(config, name, None) is not None:
                         getattr(self.normalizer, name).copy_(torch.tensor(getattr(config, name)))
 
-    return LlamaForScore.from_pretrained(path, dtype=torch.float32, output_loading_info=True)
+    return ForScore
+
+
+def reference_score_model(path: str, spelling: str):
+    """``path`` loaded by the reference's ``LlamaForScore`` (:func:`reference_score_class`); -> (model,
+    transformers' loading info)."""
+    from transformers import LlamaModel
+
+    return reference_score_class(LlamaModel, spelling).from_pretrained(path, dtype=torch.float32,
+                                                                       output_loading_info=True)
 
 
 @pytest.mark.parametrize("spelling", ["score_bias", "bias"])

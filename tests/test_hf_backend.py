@@ -11,7 +11,7 @@ import os
 import pytest
 import torch
 import transformers as T
-from torch import nn
+from test_checkpoint_compat import reference_score_class
 
 from saferlhf_fast.cli import main
 from saferlhf_fast.data import load_tokenizer
@@ -123,31 +123,6 @@ def test_generate_logprobs_equal_a_training_forward(arch):
     assert out.sequences.shape[1] == ids.shape[1] + 5 or bool((~out.response_mask).any())
 
 
-def reference_score_class(base: nn.Module):
-    """A transcription of the reference's ``<Arch>ForScore`` for ``base``'s architecture: the backbone under the
-    class's ``base_model_prefix``, ``score_head = Linear(width, score_dim, bias=config.bias)`` and the normalizer
-    buffers (``ScoreModelMixin.init_score_head``)."""
-    pretrained = next(c for c in type(base).__mro__ if c.__name__.endswith("PreTrainedModel"))
-
-    class Normalizer(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.register_buffer("mean", torch.zeros(1))
-            self.register_buffer("var", torch.ones(1))
-            self.register_buffer("count", torch.zeros(1, dtype=torch.long))
-
-    class ForScore(pretrained):
-        def __init__(self, config):
-            super().__init__(config)
-            setattr(self, self.base_model_prefix, type(base)(config))
-            width = getattr(config, "word_embed_proj_dim", None) or config.hidden_size
-            self.score_head = nn.Linear(width, config.score_dim, bias=getattr(config, "bias", False))
-            self.normalizer = Normalizer()
-            self.post_init()
-
-    return ForScore
-
-
 def test_score_model_in_the_reference_layout(arch, tmp_path):
     """A score model on any backbone saves as the reference's ``<Arch>ForScore``: its class loads every tensor,
     and end scores equal ``w . h_end + b`` on transformers' hidden states; ours loads it back identically."""
@@ -162,7 +137,7 @@ def test_score_model_in_the_reference_layout(arch, tmp_path):
     cfg = json.load(open(os.path.join(out, "config.json")))
     assert cfg["architectures"] == [type(ours.hf).__name__.removesuffix("Model") + "ForScore"]
     assert cfg["score_dim"] == 1 and cfg["bias"] is True and cfg["score_type"] == "cost"
-    ref, info = reference_score_class(ours.hf).from_pretrained(out, dtype=torch.float32, output_loading_info=True)
+    ref, info = reference_score_class(type(ours.hf)).from_pretrained(out, dtype=torch.float32, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
     assert torch.equal(ref.score_head.weight, ours.score_head.weight)
     ids, mask = _batch(ours.config.vocab_size, pad_left=False)
@@ -231,7 +206,7 @@ def test_pipeline_from_the_command_line(kind, tmp_path):
         cfg = json.load(open(os.path.join(folder, "config.json")))
         assert cfg["architectures"][0].endswith("ForScore") and cfg["model_type"] == kind
         base = T.AutoModel.from_config(T.AutoConfig.from_pretrained(folder))
-        _, info = reference_score_class(base).from_pretrained(folder, output_loading_info=True)
+        _, info = reference_score_class(type(base)).from_pretrained(folder, output_loading_info=True)
         assert not info["missing_keys"] and not info["unexpected_keys"], name
     arena = json.load(open(os.path.join(out["arena"], "arena.json")))
     assert arena
@@ -271,7 +246,7 @@ def test_transformers_model_under_torchrun_equals_one_process(stage, tmp_path):
             for key in ("train/loss", "train/grad_norm"):
                 assert y[key] == pytest.approx(x[key], rel=1e-5), (x["step"], key)
         base = T.AutoModel.from_config(T.AutoConfig.from_pretrained(two))
-        _, info = reference_score_class(base).from_pretrained(two, output_loading_info=True)
+        _, info = reference_score_class(type(base)).from_pretrained(two, output_loading_info=True)
         assert not info["missing_keys"] and not info["unexpected_keys"]
     else:
         assert T.AutoModelForCausalLM.from_pretrained(two).config.model_type == "gpt2"

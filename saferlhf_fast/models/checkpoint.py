@@ -29,9 +29,9 @@ _CAUSAL_ARCH = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "q
                 "qwen3": "Qwen3ForCausalLM", "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM"}
 _SCORE_ARCH = {"llama": "LlamaForScore", "mistral": "MistralForScore", "qwen2": "Qwen2ForScore",
                "qwen3": "Qwen3ForScore", "gemma2": "Gemma2ForScore", "gemma3_text": "Gemma3ForScore"}
+_DEFAULT_HEAD_DIM = {"qwen3": 128, "gemma2": 256, "gemma3_text": 256}  # transformers' config defaults
 # transformers' defaults for Gemma keys a config.json may omit: (attn_logit_softcapping, final_logit_softcapping,
 # RoPE base, sliding_window_pattern); query_pre_attn_scalar defaults to 256 for both
-_DEFAULT_HEAD_DIM = {"qwen3": 128, "gemma2": 256, "gemma3_text": 256}  # transformers' config defaults
 _GEMMA_DEFAULTS = {"gemma2": (50.0, 30.0, 10000.0, 2), "gemma3_text": (None, None, 1_000_000.0, 6)}
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                     "vocab.json", "merges.txt", "added_tokens.json", "generation_config.json", "chat_template.jinja")
