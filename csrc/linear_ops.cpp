@@ -2,6 +2,8 @@
 //
 //   saferlhf::onednn_linear(x [..., K], weight [N, K], bias [N]?, forward_weight) -> y [..., N]
 //
+// x, weight, bias and forward_weight share one dtype, fp32 or bf16 (oneDNN's bf16 matmul: bf16 operands, fp32
+// accumulation, output rounded to bf16; the bf16 mixed-precision path of saferlhf_fast/ops/dense.py).
 // Math: y = x @ weight.T + bias.  Backward (rows flattened to [M, K] / [M, N]):
 //   dx = dy @ weight   (oneDNN on the strided view weight.T, no copy),
 //   dW = dy.T @ x      (torch.mm: MKL's sgemm is the faster one for this transposed-left product),
@@ -25,6 +27,7 @@
 #include <algorithm>
 #include <optional>
 #include <string_view>
+#include <type_traits>
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
@@ -48,7 +51,7 @@ Tensor linear_pointwise(const Tensor& x, const Tensor& w, const std::optional<Te
 }
 
 // ------------------------------------------------------------------------------------------------- transpose
-// dst [N, M] = src [M, N]^T for fp32 row-major matrices with row strides lds / ldd, in tiles of 16 x 16.
+// dst [N, M] = src [M, N]^T for fp32 or bf16 row-major matrices with row strides lds / ldd, in tiles of 16 x 16.
 #if defined(__AVX512F__)
 // One 16 x 16 tile in registers: three interleave stages (32-, 64-, 128-bit) and a final 256-bit one.
 inline void transpose_tile16(const float* src, int64_t lds, float* dst, int64_t ldd) {
@@ -77,50 +80,64 @@ inline void transpose_tile16(const float* src, int64_t lds, float* dst, int64_t 
 }
 #endif
 
-void transpose_block(const float* src, int64_t lds, float* dst, int64_t ldd, int64_t rows, int64_t cols) {
+template <typename T>
+void transpose_block(const T* src, int64_t lds, T* dst, int64_t ldd, int64_t rows, int64_t cols) {
 #if defined(__AVX512F__)
-  if (rows == 16 && cols == 16) return transpose_tile16(src, lds, dst, ldd);
+  if constexpr (std::is_same_v<T, float>) {
+    if (rows == 16 && cols == 16) return transpose_tile16(src, lds, dst, ldd);
+  }
 #endif
   for (int64_t j = 0; j < cols; ++j)
     for (int64_t i = 0; i < rows; ++i) dst[j * ldd + i] = src[i * lds + j];
 }
 
-// Why not x.t().contiguous(): torch's strided copy moves ~4-5 GB/s here; the 16 x 16 register tiles several times
-// that, which is what makes a transposed copy cheaper than MKL's slower transposed-left product (see backward).
-Tensor transpose_2d(const Tensor& x) {
-  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 2,
-              "transpose_2d: a 2-D fp32 CPU tensor expected, got ", x.sizes(), " ", x.scalar_type());
-  const Tensor src = x.stride(1) == 1 ? x : x.contiguous();
-  const int64_t M = src.size(0), N = src.size(1), lds = src.stride(0);
-  Tensor out = at::empty({N, M}, src.options());
-  if (M == 0 || N == 0) return out;
-  const float* sp = src.data_ptr<float>();
-  float* dp = out.data_ptr<float>();
-  // Blocks of kB x kB (64 KiB read + 64 KiB written: L2-resident), each walked in 16 x 16 register tiles.
-  constexpr int64_t T = 16, kB = 128;
+template <typename T>
+void transpose_into(const T* sp, int64_t M, int64_t N, int64_t lds, T* dp) {
+  // Blocks of kB x kB (64 KiB read + 64 KiB written in fp32: L2-resident), each walked in 16 x 16 tiles.
+  constexpr int64_t kT = 16, kB = 128;
   const int64_t row_blocks = (M + kB - 1) / kB, col_blocks = (N + kB - 1) / kB;
   at::parallel_for(0, row_blocks * col_blocks, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t i0 = (b % row_blocks) * kB, j0 = (b / row_blocks) * kB;
       const int64_t i1 = std::min(M, i0 + kB), j1 = std::min(N, j0 + kB);
-      for (int64_t j = j0; j < j1; j += T)
-        for (int64_t i = i0; i < i1; i += T)
-          transpose_block(sp + i * lds + j, lds, dp + j * M + i, M, std::min(T, i1 - i), std::min(T, j1 - j));
+      for (int64_t j = j0; j < j1; j += kT)
+        for (int64_t i = i0; i < i1; i += kT)
+          transpose_block(sp + i * lds + j, lds, dp + j * M + i, M, std::min(kT, i1 - i), std::min(kT, j1 - j));
     }
   });
+}
+
+// Why not x.t().contiguous(): torch's strided copy moves ~4-5 GB/s here; the 16 x 16 register tiles several times
+// that, which is what makes a transposed copy cheaper than MKL's slower transposed-left product (see backward).
+Tensor transpose_2d(const Tensor& x) {
+  TORCH_CHECK(x.device().is_cpu() && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16) &&
+                  x.dim() == 2,
+              "transpose_2d: a 2-D fp32 or bf16 CPU tensor expected, got ", x.sizes(), " ", x.scalar_type());
+  const Tensor src = x.stride(1) == 1 ? x : x.contiguous();
+  const int64_t M = src.size(0), N = src.size(1), lds = src.stride(0);
+  Tensor out = at::empty({N, M}, src.options());
+  if (M == 0 || N == 0) return out;
+  if (src.scalar_type() == at::kFloat) {
+    transpose_into(src.data_ptr<float>(), M, N, lds, out.data_ptr<float>());
+  } else {  // bf16 moved as raw 16-bit words
+    transpose_into(reinterpret_cast<const uint16_t*>(src.data_ptr<at::BFloat16>()), M, N, lds,
+                   reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>()));
+  }
   return out;
 }
 
 void check(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias, const Tensor& forward_weight) {
   TORCH_CHECK(x.device().is_cpu() && weight.device().is_cpu(), "onednn_linear: CPU tensors expected");
-  TORCH_CHECK(x.scalar_type() == at::kFloat && weight.scalar_type() == at::kFloat,
-              "onednn_linear: fp32 x and weight expected, got ", x.scalar_type(), " and ", weight.scalar_type());
+  const auto dtype = x.scalar_type();
+  TORCH_CHECK((dtype == at::kFloat || dtype == at::kBFloat16) && weight.scalar_type() == dtype &&
+                  forward_weight.scalar_type() == dtype,
+              "onednn_linear: x, weight and forward_weight must share a dtype, fp32 or bf16; got ", dtype, ", ",
+              weight.scalar_type(), " and ", forward_weight.scalar_type());
   TORCH_CHECK(weight.dim() == 2 && x.dim() >= 1 && x.size(-1) == weight.size(1), "onednn_linear: x ", x.sizes(),
               " does not match weight ", weight.sizes());
   TORCH_CHECK(!bias.has_value() || (bias->dim() == 1 && bias->size(0) == weight.size(0) &&
-                                    bias->scalar_type() == at::kFloat),
-              "onednn_linear: bias must be fp32 [", weight.size(0), "]");
-  TORCH_CHECK(forward_weight.defined(), "onednn_linear: forward_weight is undefined");
+                                    bias->scalar_type() == dtype),
+              "onednn_linear: bias must be [", weight.size(0), "] in the dtype of x");
 }
 
 // [..., K] -> [M, K] contiguous (a view when the layout allows).
@@ -164,6 +181,7 @@ class LinearFunction : public torch::autograd::Function<LinearFunction> {
 // Autograd kernel: records one C++ node when a gradient is needed.
 Tensor onednn_linear_autograd(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias,
                               const Tensor& forward_weight) {
+  TORCH_CHECK(forward_weight.defined(), "onednn_linear: forward_weight is undefined");
   check(x, weight, bias, forward_weight);
   const Tensor x2d = rows_of(x);
   const Tensor y2d = LinearFunction::apply(x2d, weight, bias, forward_weight);
@@ -173,6 +191,7 @@ Tensor onednn_linear_autograd(const Tensor& x, const Tensor& weight, const std::
 // CPU kernel (below autograd: no gradient recorded).
 Tensor onednn_linear_cpu(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias,
                          const Tensor& forward_weight) {
+  TORCH_CHECK(forward_weight.defined(), "onednn_linear: forward_weight is undefined");
   check(x, weight, bias, forward_weight);
   return to_output_shape(linear_pointwise(rows_of(x), forward_weight, bias), x, weight.size(0));
 }

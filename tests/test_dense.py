@@ -94,10 +94,10 @@ def test_packed_copy_is_dropped_with_its_weight():
     _, w, _ = _data(4, 8, 8, False)
     lin.packed_weight(w)
     key = id(w)
-    assert key in lin._PACKED
+    assert key in lin.packed_weight.entries
     del w
     gc.collect()
-    assert key not in lin._PACKED
+    assert key not in lin.packed_weight.entries
 
 
 @needs_onednn
@@ -109,15 +109,83 @@ def test_gradient_only_for_what_needs_it(autograd_impl):
     torch.testing.assert_close(w.grad, torch.ones(9, 8).t() @ x, rtol=1e-5, atol=1e-5)
 
 
-def test_other_dtypes_and_autocast_take_f_linear():
+def test_other_dtypes_and_fp16_autocast_take_f_linear():
     x, w, b = _data(5, 8, 6, True)
-    xb, wb, bb = x.bfloat16(), w.bfloat16(), b.bfloat16()
-    assert not lin.eligible(xb, wb, bb)
-    assert torch.equal(ops.linear(xb, wb, bb), F.linear(xb, wb, bb))
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    xh, wh, bh = x.half(), w.half(), b.half()
+    assert not lin.eligible(xh, wh, bh)
+    assert torch.equal(ops.linear(xh, wh, bh), F.linear(xh, wh, bh))
+    with torch.autocast("cpu", dtype=torch.float16):
         assert not lin.eligible(x, w, b)
         y = ops.linear(x, w, b)
-    assert y.dtype == torch.bfloat16  # autocast still applies: the call went to F.linear
+    assert y.dtype == torch.float16  # autocast still applies: the call went to F.linear
+
+
+needs_bf16 = pytest.mark.skipif(not lin.onednn_bf16_available(), reason="oneDNN has no native bf16 matmul here")
+
+
+def _bf16_reference(x, w, b):
+    """fp64 product of the bf16-rounded operands: what a bf16 matmul with fp32 accumulation approximates."""
+    y = x.bfloat16().double() @ w.bfloat16().double().t()
+    return y if b is None else y + b.bfloat16().double()
+
+
+@needs_onednn
+@needs_bf16
+@pytest.mark.parametrize("shape", [(1, 8, 3), (37, 24, 40), (130, 256, 688)])
+def test_bf16_operands_take_onednn(shape, autograd_impl, monkeypatch):
+    x, w, b = _data(*shape, True)
+    xb, wb, bb = x.bfloat16(), w.bfloat16(), b.bfloat16()
+    assert lin.eligible(xb, wb, bb)
+    monkeypatch.setattr(lin.F, "linear", lambda *a: pytest.fail("F.linear ran"))
+    y = ops.linear(xb, wb, bb)
+    assert y.dtype == torch.bfloat16
+    # fp32 accumulation, one rounding to bf16 (plus the bias add's): within 2 bf16 ulp of the exact product
+    torch.testing.assert_close(y.double(), _bf16_reference(x, w, b), rtol=2 ** -7, atol=1e-6)
+
+
+@needs_onednn
+@needs_bf16
+@pytest.mark.parametrize("bias", [False, True])
+def test_bf16_autocast_keeps_fp32_masters_and_gradients(bias, autograd_impl, monkeypatch):
+    """Under CPU bf16 autocast a trainable fp32 weight is cast per call inside the graph: the output is bf16, the
+    gradients reach x, W and b in their own fp32, and equal the fp64 gradients of the bf16-rounded operands to
+    bf16 rounding (the gradient products round their outputs to bf16)."""
+    x, w, b = _data(67, 96, 80, bias)
+    x.requires_grad_(True)
+    w.requires_grad_(True)
+    if b is not None:
+        b.requires_grad_(True)
+    monkeypatch.setattr(lin.F, "linear", lambda *a: pytest.fail("F.linear ran"))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = ops.linear(x, w, b)
+    assert y.dtype == torch.bfloat16
+    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(3)).bfloat16()
+    y.backward(g)
+    assert x.grad.dtype == w.grad.dtype == torch.float32
+    x64 = x.detach().bfloat16().double().requires_grad_(True)
+    w64 = w.detach().bfloat16().double().requires_grad_(True)
+    b64 = None if b is None else b.detach().bfloat16().double().requires_grad_(True)
+    y64 = x64 @ w64.t() + (0 if b64 is None else b64)
+    y64.backward(g.double())
+    torch.testing.assert_close(y.double(), y64, rtol=2 ** -7, atol=1e-6)
+    for got, want in ((x.grad, x64.grad), (w.grad, w64.grad), *(((b.grad, b64.grad),) if bias else ())):
+        torch.testing.assert_close(got.double(), want, rtol=2 ** -7, atol=want.abs().max().item() * 2 ** -7)
+
+
+@needs_onednn
+@needs_bf16
+def test_bf16_autocast_caches_the_copy_of_a_frozen_weight(autograd_impl):
+    x, w, _ = _data(9, 32, 16, False)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y0 = ops.linear(x, w)
+        copy = lin._bf16_copy(w)
+        assert copy.dtype == torch.bfloat16 and lin._bf16_copy(w) is copy
+        torch.testing.assert_close(y0.double(), _bf16_reference(x, w, None), rtol=2 ** -7, atol=1e-6)
+        with torch.no_grad():
+            w.mul_(2.0)  # a changed weight is cast (and packed) again
+        y1 = ops.linear(x, w)
+    assert lin._bf16_copy(w) is not copy
+    torch.testing.assert_close(y1.float(), 2.0 * y0.float(), rtol=2 ** -7, atol=1e-5)
 
 
 def test_backend_choice_and_errors(monkeypatch):
@@ -125,7 +193,7 @@ def test_backend_choice_and_errors(monkeypatch):
     assert torch.equal(ops.linear(x, w, b, backend="torch"), F.linear(x, w, b))
     with pytest.raises(ValueError, match="unknown linear backend"):
         ops.linear(x, w, b, backend="mkl")
-    with pytest.raises(RuntimeError, match="needs fp32 CPU tensors"):
+    with pytest.raises(RuntimeError, match="needs fp32 or bf16 CPU tensors"):
         ops.linear(x.double(), w.double(), b.double(), backend="onednn")
     monkeypatch.setenv(lin.ENV_VAR, "0")
     settings.reload()

@@ -133,6 +133,36 @@ def test_linear_logprobs(backend, dtype, tol, chunk_rows):
     torch.testing.assert_close(weight.grad.float(), w_ref.grad.float(), atol=tol * scale, rtol=tol)
 
 
+@pytest.mark.parametrize("chunk_rows", [None, 3])
+def test_linear_logprobs_under_bf16_autocast(chunk_rows):
+    """CPU bf16 autocast (``--bf16``): fp32 hidden and master weight are cast to bf16 inside the op, so the result
+    and the gradients equal the same op on bf16 copies (the gradients reach the fp32 tensors in fp32), and the
+    log-probs stay within bf16 logit rounding of the fp32 ones."""
+    from saferlhf_fast.ops.dense import onednn_bf16_available
+
+    if not onednn_bf16_available():
+        pytest.skip("oneDNN has no native bf16 matmul here")
+    g = torch.Generator().manual_seed(4)
+    hidden = torch.randn(3, 7, 32, generator=g).requires_grad_()
+    weight = (torch.randn(53, 32, generator=g) * 0.3).requires_grad_()
+    labels = torch.randint(0, 53, (3, 7), generator=g)
+    labels[2, 6] = ops.IGNORE_INDEX
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logp, ent = ops.linear_logprobs(hidden, weight, labels, return_entropy=True, chunk_rows=chunk_rows)
+    hb = hidden.detach().bfloat16().requires_grad_()
+    wb = weight.detach().bfloat16().requires_grad_()
+    logp_b, ent_b = ops.linear_logprobs(hb, wb, labels, return_entropy=True, chunk_rows=chunk_rows)
+    assert logp.dtype == torch.float32 and torch.equal(logp, logp_b) and torch.equal(ent, ent_b)
+    w1 = torch.randn(3, 7, generator=g)
+    (logp * w1 + 0.1 * ent).sum().backward()
+    (logp_b * w1 + 0.1 * ent_b).sum().backward()
+    assert hidden.grad.dtype == weight.grad.dtype == torch.float32
+    assert torch.equal(hidden.grad, hb.grad.float()) and torch.equal(weight.grad, wb.grad.float())
+    logp32 = ref.linear_logprobs(hidden.detach(), weight.detach(), labels)
+    # logits of magnitude ~5 rounded to bf16 (2^-8 relative) move a log-prob by a few hundredths at most
+    torch.testing.assert_close(logp.detach(), logp32, atol=5e-2, rtol=0)
+
+
 # ---------------------------------------------------------------------------------------------- GAE
 @pytest.mark.parametrize("t", [1, 9, 70])
 @pytest.mark.parametrize("kind", ["var", "left", "empty"])

@@ -30,6 +30,7 @@ from .llama import (
     LlamaForScore,
     ModelConfig,
     ScoreOutput,
+    hold_in_bf16,
     positions_from_mask,
 )
 from .memory import freeze, offload, on_device, onload
@@ -52,6 +53,7 @@ __all__ = [
     "convert_gguf",
     "freeze",
     "from_pretrained",
+    "hold_in_bf16",
     "offload",
     "on_device",
     "onload",

@@ -24,6 +24,12 @@ Two heads on one backbone (``LlamaModel``):
   position: ``scores`` ``[B, L]`` and ``end_scores`` ``[B]`` (score at the last real token), as the reference's score
   models.
 
+bf16 mixed precision (``--bf16``: CPU ``torch.autocast`` in bf16, or CUDA autocast): every product uses the bf16
+rounding of its 2-D weight (projections, lm_head, embedding rows) with fp32 accumulation (``ops.linear``,
+``ops.linear_logprobs``); the residual stream, norms, softmax, scores and log-probs stay fp32.  A model whose 2-D
+weights are held in bf16 (:func:`hold_in_bf16`: the frozen reference / reward / cost models) therefore computes
+exactly what its fp32 original computes under autocast.
+
 Positions follow the attention mask exactly as transformers does for left-padded batches:
 ``position_ids = cumsum(mask) - 1`` (pads get 1), so results equal ``transformers`` on padded batches too.
 """
@@ -39,6 +45,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from .. import ops
+from ..ops.dense import autocast_bf16
 from ..ops.reference import IGNORE_INDEX
 from . import attention as attn
 from .attention import Mask, StaticKVCache
@@ -431,6 +438,8 @@ class LlamaModel(nn.Module):
 
     def embed(self, input_ids: Tensor) -> Tensor:
         x = self.embed_tokens(input_ids)
+        if autocast_bf16(x):  # the bf16 table's rows, in an fp32 residual stream (module docstring)
+            x = x.to(torch.bfloat16).float()
         if self.embed_scale is not None:
             # a Python float already rounded to the dtype: x * scale in the dtype's arithmetic, as transformers'
             x = x * _rounded(self.embed_scale, x.dtype)
@@ -677,6 +686,26 @@ class LlamaForCausalLM(DecoderModel):
         return self.logits(h[:, -1])
 
 
+class ScoreHead(nn.Linear):
+    """``nn.Linear(H, 1)`` computed in fp32 whatever the precision around it: scores are rewards, costs and values,
+    the inputs of the advantage and loss math (a bf16 score of 2.3 would be rounded to a multiple of 1/64)."""
+
+    def forward(self, h: Tensor) -> Tensor:
+        with torch.autocast(h.device.type, enabled=False):
+            bias = None if self.bias is None else self.bias.float()
+            return F.linear(h.float(), self.weight.float(), bias)
+
+
+def hold_in_bf16(model: nn.Module) -> nn.Module:
+    """Frozen models under bf16 mixed precision: the 2-D weights (projections, lm_head, embedding) stored in bf16,
+    halving their memory, and the rest (norm weights, biases, the score head) kept fp32.  Under autocast the model
+    computes what its fp32 original computes there (module docstring).  In place; returns ``model``."""
+    for name, p in model.named_parameters():
+        if p.dim() >= 2 and not name.startswith("score_head."):
+            p.data = p.data.to(torch.bfloat16)
+    return model
+
+
 class LlamaForScore(DecoderModel):
     """Backbone + ``score_head = Linear(H, 1, bias=score_bias)`` (the reference's ``LlamaForScore``; its released
     beaver models have no bias: ``score = w . h``)."""
@@ -685,7 +714,7 @@ class LlamaForScore(DecoderModel):
 
     def __init__(self, config: ModelConfig, attn_backend: str | None = None, score_bias: bool = True):
         super().__init__(config, attn_backend)
-        self.score_head = nn.Linear(config.hidden_size, 1, bias=score_bias)
+        self.score_head = ScoreHead(config.hidden_size, 1, bias=score_bias)
         self._init_weights()
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, position_ids: Tensor | None = None,

@@ -22,9 +22,17 @@ layout (figures in ``docs/perf-log.md``).
   ``torch.autograd.Function`` around the same products adds interpreter overhead to every projection and
   step.  Without the extension ``F.linear`` runs.
 
-Anything else -- other dtypes, CUDA, autocast, tensor subclasses (FSDP's DTensor), a torch without oneDNN,
-``$SAFERLHF_ONEDNN_LINEAR=0``, or code traced by torch.compile -- takes ``F.linear``, the reference.  Both sum in
-fp32 in their own orders, so results agree to fp32 rounding (``tests/test_dense.py``).
+bf16 mixed precision (``--bf16``: CPU ``torch.autocast`` in bf16).  Under autocast :func:`linear` computes in bf16
+on oneDNN (AVX512-BF16 / AMX: several times the fp32 matmul rate): ``x`` and ``W`` rounded to bf16, products
+accumulated in fp32, ``y`` rounded to bf16 -- what autocast's own ``F.linear`` computes, without its per-call cast of
+frozen weights.  The bf16 weight (:func:`compute_weight`): a bf16 parameter as it is; a trainable fp32 master cast
+per call inside the autograd graph (its gradient reaches the fp32 master through the cast); a frozen fp32 weight
+cast once and cached (then packed like any frozen weight) until it changes.  Outside autocast, bf16 ``x`` and ``W``
+take the same oneDNN products.
+
+Anything else -- other dtypes, CUDA, fp16 autocast, tensor subclasses (FSDP's DTensor), a torch without oneDNN or
+without bf16 support in it, ``$SAFERLHF_ONEDNN_LINEAR=0``, or code traced by torch.compile -- takes ``F.linear``, the
+reference.  Both sum in fp32 in their own orders, so fp32 results agree to fp32 rounding (``tests/test_dense.py``).
 """
 from __future__ import annotations
 
@@ -59,20 +67,41 @@ def _onednn_available() -> bool:
         return False
 
 
+@functools.lru_cache(maxsize=None)
+def onednn_bf16_available() -> bool:
+    """Whether oneDNN runs bf16 matmuls natively on this CPU (AVX512-BF16 / AMX; elsewhere it would emulate them)."""
+    try:
+        return onednn_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 def _plain(t: Tensor | None) -> bool:
     return t is None or type(t) in (Tensor, torch.nn.Parameter)
 
 
+def autocast_bf16(x: Tensor) -> bool:
+    """Whether ``x`` is a CPU tensor under CPU autocast in bf16 (``--bf16``): the ops then compute in bf16."""
+    return (x.device.type == "cpu" and torch.is_autocast_enabled("cpu")
+            and torch.get_autocast_dtype("cpu") == torch.bfloat16)
+
+
 def eligible(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> bool:
-    """Whether the oneDNN path takes these tensors (see the module docstring for what falls back).  Never under
+    """Whether the oneDNN path takes these tensors as they are: plain CPU tensors of one dtype, fp32 (not under
+    autocast, which wants them cast) or bf16 (see the module docstring for what falls back).  Never under
     torch.compile: inductor lowers ``mkldnn._linear_pointwise`` only for constant (frozen) weights, and picks its
     own GEMM for ``F.linear`` / ``mm``."""
+    dtype = x.dtype
+    if dtype == torch.float32:
+        if torch.is_autocast_enabled("cpu"):
+            return False
+    elif dtype != torch.bfloat16 or not onednn_bf16_available():
+        return False
     return (not torch.compiler.is_compiling()
-            and x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
+            and x.device.type == "cpu" and weight.dtype == dtype
             and weight.device.type == "cpu" and weight.dim() == 2
-            and (bias is None or bias.dtype == torch.float32)
+            and (bias is None or bias.dtype == dtype)
             and _plain(x) and _plain(weight) and _plain(bias)
-            and not torch.is_autocast_enabled("cpu")
             and settings().onednn_linear and onednn_available())
 
 
@@ -81,22 +110,41 @@ def linear_pointwise(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
 
-# id(frozen weight) -> (weak reference, version, data_ptr, blocked copy); an entry goes when its weight is freed.
-_PACKED: dict[int, tuple] = {}
+class _DerivedCache:
+    """Tensors derived from a frozen weight (its oneDNN blocked copy, its bf16 copy), made on first use and reused
+    while the weight is unchanged (same storage, same version counter); an entry goes when its weight is freed."""
+
+    def __init__(self, make):
+        self.make = make
+        self.entries: dict[int, tuple] = {}  # id(weight) -> (weak reference, version, data_ptr, derived)
+
+    def __call__(self, weight: Tensor) -> Tensor:
+        key = id(weight)
+        hit = self.entries.get(key)
+        if hit is not None and hit[0]() is weight and hit[1] == weight._version and hit[2] == weight.data_ptr():
+            return hit[3]
+        derived = self.make(weight.detach())
+        if hit is None or hit[0]() is not weight:
+            weakref.finalize(weight, self.entries.pop, key, None)
+        self.entries[key] = (weakref.ref(weight), weight._version, weight.data_ptr(), derived)
+        return derived
 
 
-def packed_weight(weight: Tensor) -> Tensor:
-    """oneDNN's blocked copy of a frozen ``weight`` [N, K], packed on first use and reused while the weight is
-    unchanged (same storage, same version counter)."""
-    key = id(weight)
-    hit = _PACKED.get(key)
-    if hit is not None and hit[0]() is weight and hit[1] == weight._version and hit[2] == weight.data_ptr():
-        return hit[3]
-    packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), None)
-    if hit is None or hit[0]() is not weight:
-        weakref.finalize(weight, _PACKED.pop, key, None)
-    _PACKED[key] = (weakref.ref(weight), weight._version, weight.data_ptr(), packed)
-    return packed
+packed_weight = _DerivedCache(lambda w: torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), None))
+packed_weight.__doc__ = """oneDNN's blocked copy of a frozen ``weight`` [N, K], packed on first use and reused while the
+weight is unchanged."""
+_bf16_copy = _DerivedCache(lambda w: w.to(torch.bfloat16))
+
+
+def compute_weight(weight: Tensor) -> Tensor:
+    """The bf16 weight a bf16 product multiplies by: a bf16 weight as it is; a trainable fp32 weight (gradient
+    enabled) cast inside the autograd graph, so its gradient reaches the fp32 master; otherwise (frozen, or no
+    gradient wanted) a bf16 copy, cached while the weight is unchanged for a frozen weight."""
+    if weight.dtype == torch.bfloat16:
+        return weight
+    if weight.requires_grad:
+        return weight.to(torch.bfloat16)  # fresh every call: the master changes after every optimizer step
+    return _bf16_copy(weight)
 
 
 def _forward_weight(weight: Tensor) -> Tensor:
@@ -130,15 +178,30 @@ def matmul_tn(a: Tensor, b: Tensor) -> Tensor:
     return torch.mm(a.t(), b)
 
 
+def _autocast_operands(x: Tensor, weight: Tensor, bias: Tensor | None):
+    """The bf16 operands of :func:`linear` under CPU bf16 autocast, or when the weight is held in bf16 and ``x`` is
+    fp32 (a frozen model held in bf16, see ``models.llama.hold_in_bf16``); else the inputs as they are."""
+    mixed = weight.dtype == torch.bfloat16 and x.dtype == torch.float32 and x.device.type == "cpu"
+    if mixed or (torch.float32 in (x.dtype, weight.dtype) and autocast_bf16(x) and onednn_bf16_available()):
+        x = x.to(torch.bfloat16)
+        bias = None if bias is None else bias.to(torch.bfloat16)
+        weight = compute_weight(weight) if _plain(weight) else weight.to(torch.bfloat16)
+    return x, weight, bias
+
+
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, backend: str | None = None) -> Tensor:
-    """``x @ weight.T + bias`` (``F.linear``'s contract).  ``backend``: ``"onednn"``, ``"torch"`` (``F.linear``) or
-    None (oneDNN where :func:`eligible`, else torch)."""
+    """``x @ weight.T + bias`` (``F.linear``'s contract; under CPU bf16 autocast the bf16 product of the module
+    docstring).  ``backend``: ``"onednn"``, ``"torch"`` (``F.linear``) or None (oneDNN where :func:`eligible`, else
+    torch)."""
     if backend not in (None, *BACKENDS):
         raise ValueError(f"unknown linear backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    trainable = weight.requires_grad  # a per-call bf16 cast of a trainable weight is never packed
+    if backend != "torch":
+        x, weight, bias = _autocast_operands(x, weight, bias)
     if backend == "torch" or x.numel() == 0 or not eligible(x, weight, bias):
         if backend == "onednn":
-            raise RuntimeError("linear backend 'onednn' needs fp32 CPU tensors (no autocast, no tensor subclass) and "
-                               f"a torch with oneDNN (available: {onednn_available()})")
+            raise RuntimeError("linear backend 'onednn' needs fp32 or bf16 CPU tensors (no tensor subclass) and a "
+                               f"torch with oneDNN (available: {onednn_available()}; bf16: {onednn_bf16_available()})")
         return F.linear(x, weight, bias)
     if x.shape[-1] != weight.shape[1]:
         raise ValueError(f"linear: x has {x.shape[-1]} features, weight is {tuple(weight.shape)}")
@@ -147,4 +210,4 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, backend: st
             raise RuntimeError(f"linear backend 'onednn' needs the compiled extension: {_backend.extension()[1]}")
         return F.linear(x, weight, bias)
     # the autograd node in C++ (csrc/linear_ops.cpp)
-    return torch.ops.saferlhf.onednn_linear(x, weight, bias, _forward_weight(weight))
+    return torch.ops.saferlhf.onednn_linear(x, weight, bias, weight if trainable else packed_weight(weight))

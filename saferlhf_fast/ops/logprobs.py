@@ -17,7 +17,7 @@ from torch import Tensor
 
 from .. import _backend
 from . import reference
-from .dense import matmul_nn, matmul_nt
+from .dense import autocast_bf16, compute_weight, matmul_nn, matmul_nt, onednn_bf16_available
 
 IGNORE_INDEX = reference.IGNORE_INDEX
 
@@ -230,8 +230,18 @@ def linear_logprobs(
     hidden ``[..., H]``, weight ``[V, H]`` (same dtype), labels ``[...]`` -> ``[...]`` fp32.  Never materialises the
     ``[N, V]`` logits on the kernel backends: rows are processed in chunks of ``chunk_rows`` (default: about 16 M
     logits per chunk).  Differentiable w.r.t. hidden and weight.
+
+    Under CPU bf16 autocast (``--bf16``) hidden and weight are cast to bf16 first (the weight as ``ops.linear``
+    casts it: per call for a trainable fp32 master, cached for a frozen one): each chunk's logits come from a bf16
+    matmul (fp32 accumulation, logits rounded to bf16 as every bf16 lm_head rounds them), the log-softmax, entropy
+    and their gradients run in fp32, and the weight gradient sums its chunks in fp32.  A weight held in bf16 with
+    fp32 hidden states (a frozen model held in bf16) takes the same bf16 product, autocast or not.
     """
     temperature = _check_temperature(temperature)
+    held_bf16 = weight.dtype == torch.bfloat16 and hidden.dtype == torch.float32 and hidden.device.type == "cpu"
+    if held_bf16 or (torch.float32 in (hidden.dtype, weight.dtype) and autocast_bf16(hidden)
+                     and onednn_bf16_available()):
+        hidden, weight = hidden.to(torch.bfloat16), compute_weight(weight)
     if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
         raise ValueError(f"weight must be [V, H] with H = {hidden.shape[-1]}, got {tuple(weight.shape)}")
     if weight.dtype != hidden.dtype:

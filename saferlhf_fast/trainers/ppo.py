@@ -61,7 +61,7 @@ from ..data import DataError, PromptOnlyDataset, SupervisedDataset, load_tokeniz
 from ..data.tokenizer import save_tokenizer
 from ..engine import generate
 from ..loading import check_vocab, is_model_folder, require_score_head
-from ..models import freeze, from_pretrained
+from ..models import freeze, from_pretrained, hold_in_bf16
 from ..models.lora import adapters_disabled, eval_mode, lora_spec_of
 from ..profiling import Phases
 from ..scores import load_normalizer
@@ -173,6 +173,9 @@ class PPOTrainer(RunCore):
             model.train()
         else:
             freeze(model)
+            if (self.config.bf16 and lora is None and model.device.type == "cpu" and not getattr(model, "is_hf", False)
+                    and not distributed.is_distributed()):
+                hold_in_bf16(model)  # frozen and only ever run under bf16 autocast: half the memory, same numbers
         return maybe_shard(model, self.config, trainable)  # FSDP2 under torchrun
 
     def _load_trained(self, flag: str, path: str, head: str, role: str, name: str):

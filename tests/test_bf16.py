@@ -1,0 +1,102 @@
+"""bf16 mixed precision at the model level (``--bf16``: CPU autocast in bf16; ``models/llama.py`` module docstring):
+products in bf16 with fp32 accumulation, an fp32 residual stream, fp32 scores and log-probs, fp32 masters; frozen
+models held in bf16 compute exactly what their fp32 originals compute under autocast."""
+import copy
+
+import pytest
+import torch
+
+from saferlhf_fast.models import LlamaForCausalLM, LlamaForScore, ModelConfig, hold_in_bf16
+from saferlhf_fast.ops.dense import onednn_bf16_available
+
+pytestmark = pytest.mark.skipif(not onednn_bf16_available(), reason="oneDNN has no native bf16 matmul here")
+
+
+def _config(**kw) -> ModelConfig:
+    base = dict(model_type="llama", vocab_size=96, hidden_size=64, intermediate_size=136, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False)
+    return ModelConfig(**(base | kw))
+
+
+def _batch(vocab=96, b=3, n=11, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, vocab, (b, n), generator=g)
+    mask = torch.ones(b, n, dtype=torch.bool)
+    mask[1, :4] = False  # a left-padded row
+    return ids, mask
+
+
+def _autocast():
+    return torch.autocast("cpu", dtype=torch.bfloat16)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_frozen_model_held_in_bf16_equals_its_fp32_original_under_autocast(tied):
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(_config(tie_word_embeddings=tied)).eval().requires_grad_(False)
+    held = hold_in_bf16(copy.deepcopy(model))
+    dtypes = {name: p.dtype for name, p in held.named_parameters()}
+    assert dtypes["model.embed_tokens.weight"] == torch.bfloat16
+    assert dtypes["model.layers.0.self_attn.q_proj.weight"] == torch.bfloat16
+    assert dtypes["model.norm.weight"] == torch.float32  # 1-D weights stay fp32
+    ids, mask = _batch()
+    with _autocast(), torch.no_grad():
+        want = model.token_logprobs(ids, mask, return_entropy=True)
+        got = held.token_logprobs(ids, mask, return_entropy=True)
+    assert got[0].dtype == torch.float32
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+def test_score_model_held_in_bf16_and_its_fp32_head():
+    torch.manual_seed(1)
+    model = LlamaForScore(_config()).eval().requires_grad_(False)
+    with torch.no_grad():
+        model.score_head.weight.normal_(0, 0.5)
+    held = hold_in_bf16(copy.deepcopy(model))
+    assert held.score_head.weight.dtype == torch.float32
+    ids, mask = _batch(seed=2)
+    with _autocast(), torch.no_grad():
+        want, got = model.score_ends(ids, mask), held.score_ends(ids, mask)
+        out = model(ids, mask)
+        h = model.hidden_states(ids, mask)
+    assert got.dtype == torch.float32 and torch.equal(got, want)
+    # the head is an fp32 product of the (fp32) last hidden states, not a bf16 one
+    head = (h.float() @ model.score_head.weight.t() + model.score_head.bias).squeeze(-1)
+    torch.testing.assert_close(out.scores, head, rtol=1e-6, atol=1e-6)
+
+
+def test_training_under_autocast_keeps_fp32_masters_and_tracks_fp32():
+    """Under autocast the log-probs stay within bf16 rounding of the fp32 ones, and every gradient reaches its fp32
+    master in fp32, close in direction to the fp32 gradient."""
+    torch.manual_seed(3)
+    model = LlamaForCausalLM(_config()).train()
+    ids, mask = _batch(seed=4)
+    lp32 = model.token_logprobs(ids, mask)
+    lp32.sum().backward()
+    g32 = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    with _autocast():
+        lp16 = model.token_logprobs(ids, mask)
+    assert lp16.dtype == torch.float32
+    assert (lp16 - lp32).abs().max().item() < 5e-2
+    lp16.sum().backward()
+    for name, p in model.named_parameters():
+        assert p.dtype == p.grad.dtype == torch.float32, name
+        cos = torch.nn.functional.cosine_similarity(p.grad.flatten(), g32[name].flatten(), dim=0).item()
+        assert cos > 0.99, (name, cos)
+
+
+def test_bf16_products_run_on_the_kernels_not_f_linear(monkeypatch):
+    """The projections and the lm_head of a model under autocast take the oneDNN bf16 path (F.linear never runs)."""
+    from saferlhf_fast import _backend
+    from saferlhf_fast.ops import dense
+
+    if not _backend.has_op("onednn_linear"):
+        pytest.skip("the compiled extension has no saferlhf::onednn_linear")
+    torch.manual_seed(5)
+    model = LlamaForCausalLM(_config()).train()
+    ids, mask = _batch(seed=6)
+    monkeypatch.setattr(dense.F, "linear", lambda *a, **k: pytest.fail("F.linear ran"))
+    with _autocast():
+        model.token_logprobs(ids, mask).sum().backward()
+    assert model.lm_head.weight.grad is not None
