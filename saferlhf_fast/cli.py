@@ -67,8 +67,12 @@ def _bench_ppo_step(args) -> int:
     w = replace(ppo_step.SIZES[_size(args)], algorithm=args.algorithm)
     if args.lora_ranks is not None:
         return _bench_ppo_variants(args, w)
+    if len(set(args.precisions)) != len(args.precisions):
+        print(f"saferlhf-fast bench ppo-step: error: --precisions: {' '.join(args.precisions)} repeats a precision",
+              file=sys.stderr)
+        return 2
     result = ppo_step.run(w, device=args.device, reps=args.reps, warmup=args.warmup, memory=not args.no_memory,
-                          echo=lambda line: print(line, flush=True))
+                          echo=lambda line: print(line, flush=True), precisions=tuple(args.precisions))
     print(ppo_step.format_summary(result["summary"]))
     return _write_ppo_step(args, result, ppo_step.rows(result, args.device))
 
@@ -335,6 +339,11 @@ def build_parser() -> argparse.ArgumentParser:
                    _bench_ppo_step, reps=5, warmup=1, presets=("tiny", "default", "realistic", "gpu"))
     ppo.add_argument("--algorithm", choices=["ppo-lag", "ppo"], default="ppo-lag")
     ppo.add_argument("--json", default=None, help="also write every rep and the summary here")
+    ppo.add_argument("--precisions", nargs="+", choices=["fp32", "bf16"], default=["fp32"],
+                     help="run both steps once per precision, repetitions interleaved: bf16 is our --bf16 (bf16 "
+                          "products, fp32 masters, frozen models held in bf16) and the reference's --bf16 True "
+                          "(frozen models in bf16, trained ones under bf16 autocast); bf16 rows carry ':bf16' in "
+                          "their size label")
     ppo.add_argument("--lora_ranks", nargs="+", default=None, metavar="R[:ref-copy]",
                      help="measure our step once per variant instead, repetitions interleaved, peak and resident "
                           "memory per variant: 0 full fine-tuning, R LoRA rank R (the reference is the actor's base "

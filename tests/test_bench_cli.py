@@ -94,6 +94,25 @@ def test_bench_ppo_step_tiny(tmp_path, capsys):
     assert "speed-up" in capsys.readouterr().out
 
 
+def test_bench_ppo_step_precisions(tmp_path, capsys):
+    """``--precisions fp32 bf16``: both steps per precision in one run; the bf16 rows carry ``:bf16`` in their size
+    label, so each precision's rows pair ours with the reference-style step of the same precision."""
+    path, js = tmp_path / "ppo.csv", tmp_path / "ppo.json"
+    assert main(["bench", "ppo-step", "--sizes", "tiny", "--reps", "1", "--warmup", "0", "--no-memory",
+                 "--precisions", "fp32", "bf16", "--csv", str(path), "--json", str(js)]) == 0
+    rows = read_rows(path)
+    check_rows(rows, "saferlhf-fast bench ppo-step")
+    sizes = {r["x"] for r in rows}
+    assert len(sizes) == 2 and {x.endswith(":bf16") for x in sizes} == {True, False}
+    for x in sizes:
+        assert {r["provider"] for r in rows if r["x"] == x} == {"saferlhf_fast", "reference-style"}
+    result = json.loads(js.read_text())
+    assert set(result["runs"]) == {"ours", "reference-style", "ours:bf16", "reference-style:bf16"}
+    assert set(result["summary"]["speedups"]) == {"fp32", "bf16"} and result["summary"]["bf16_vs_fp32"] > 0
+    assert "ours in bf16 vs ours in fp32" in capsys.readouterr().out
+    assert main(["bench", "ppo-step", "--sizes", "tiny", "--precisions", "bf16", "bf16", "--csv", str(path)]) == 2
+
+
 def test_profile_ppo_step_tiny(tmp_path):
     out = tmp_path / "prof"
     assert main(["profile", "ppo-step", "--sizes", "tiny", "--warmup", "0", "--out", str(out)]) == 0
@@ -139,6 +158,24 @@ def test_report_rewrites_readme_headline_and_writes_the_document(tmp_path):
     readme.write_text("no markers\n")
     with pytest.raises(SystemExit):
         main(["bench", "report", "--results", str(tmp_path), "--readme", str(readme)])
+
+
+def test_headline_pairs_bf16_rows_with_their_own_baselines(tmp_path):
+    """A ``:bf16`` PPO-step row is compared with the fp32 row of our step (``--bf16`` vs fp32) and with the
+    reference-style bf16 row; the fp32 headline never picks a bf16 row."""
+    from saferlhf_fast.benchmarks.report import headline
+
+    label = "ppo-lag:h256,i688,L4,H4,V49152:B8xP64+T256"
+    times = {("saferlhf_fast", label): 3.0, ("reference-style", label): 12.0,
+             ("saferlhf_fast", label + ":bf16"): 1.5, ("reference-style", label + ":bf16"): 6.0}
+    rows = [harness.row("ppo_step", prov, "step", "time", "s", x, t, t, t, "", "cpu") for (prov, x), t in times.items()]
+    harness.write_rows(str(tmp_path / "ppo-step-cpu.csv"), rows)
+    lines = {line.split(" | ")[0].lstrip("| "): line for line in headline(str(tmp_path)).splitlines()[2:]}
+    assert "**4.00x faster**" in lines["PPO-Lag step, realistic shape (V 49152, 8 x 64-token prompts, 256 new tokens)"]
+    assert "**2.00x faster**" in lines["PPO-Lag step, realistic shape, `--bf16` vs our fp32 step"]
+    assert "(saferlhf_fast, fp32)" in lines["PPO-Lag step, realistic shape, `--bf16` vs our fp32 step"]
+    both = [v for k, v in lines.items() if k.startswith("same, both in bf16")]
+    assert len(both) == 1 and "**4.00x faster**" in both[0] and "1.5 s" in both[0]
 
 
 def test_write_rows_upgrades_csv_without_command_column(tmp_path):

@@ -16,6 +16,12 @@ so load drifts of a shared machine hit both alike.  Reported: median seconds per
 above the memory in use before the step; CPU: the peak of torch's CPU allocator over the step, from the profiler's
 memory events).
 
+``precisions=("fp32", "bf16")`` (``--precisions``) runs both steps once per precision, all repetitions interleaved:
+ours with ``--bf16`` (bf16 products, fp32 masters, the frozen models held in bf16), the reference-style step as the
+reference trains with ``--bf16 True`` (DeepSpeed bf16): frozen models in bf16, the trained ones under bf16 autocast
+with fp32 weights and optimizer state.  bf16 rows carry ``:bf16`` in their size label, so each precision's table
+compares ours with the reference-style step of the same precision.
+
 Used by ``saferlhf-fast bench ppo-step``, ``saferlhf-fast profile ppo-step`` and ``bench/bench_ppo_step.py``.
 """
 from __future__ import annotations
@@ -40,6 +46,17 @@ from . import harness
 PHASES = ("generation", "scoring", "gae", "actor", "critics")
 ENGINES = ("ours", "reference-style")
 PROVIDER = {"ours": "saferlhf_fast", "reference-style": "reference-style"}
+PRECISIONS = ("fp32", "bf16")
+
+
+def engine_key(engine: str, precision: str) -> str:
+    """``ours`` / ``reference-style`` in fp32 (the historical keys), ``ours:bf16`` / ``reference-style:bf16``."""
+    return engine if precision == "fp32" else f"{engine}:{precision}"
+
+
+def split_key(key: str) -> tuple[str, str]:
+    engine, _, precision = key.partition(":")
+    return engine, precision or "fp32"
 
 
 @dataclass
@@ -93,8 +110,9 @@ class RefScoreModel(nn.Module):
 
 
 def gather_log_probabilities(logits, labels):
+    """The reference's function; the gathered log-probs in fp32 for the advantage math (bf16 logits give bf16)."""
     log_probs = F.log_softmax(logits, dim=-1)
-    return log_probs.gather(dim=-1, index=labels.unsqueeze(-1)).squeeze(-1)
+    return log_probs.gather(dim=-1, index=labels.unsqueeze(-1)).squeeze(-1).float()
 
 
 def masked_mean(x, mask):
@@ -106,8 +124,9 @@ class ReferenceStep:
 
     def __init__(self, actor, reference, reward_model, cost_model, reward_critic, cost_critic, *, pad_token_id,
                  max_new_tokens, algorithm="ppo-lag", kl_coeff=0.01, clip_range_ratio=0.2, clip_range_score=50.0,
-                 clip_range_value=5.0, gamma=1.0, gae_lambda=0.95, lr=1e-5, critic_lr=5e-6, top_k=50):
+                 clip_range_value=5.0, gamma=1.0, gae_lambda=0.95, lr=1e-5, critic_lr=5e-6, top_k=50, bf16=False):
         self.cuda = next(actor.parameters()).is_cuda
+        self.bf16 = bf16  # the whole step under bf16 autocast (trained models keep fp32 weights)
         self.actor, self.reference = actor, reference
         self.reward_model, self.cost_model = reward_model, cost_model
         self.reward_critic, self.cost_critic = reward_critic, cost_critic
@@ -149,10 +168,11 @@ class ReferenceStep:
         attention_mask = sequence.not_equal(self.pad)
         logits = self.actor(sequence, attention_mask=attention_mask).logits
         ref_logits = self.reference(sequence, attention_mask=attention_mask).logits
-        _, reward = self.reward_model(sequence, attention_mask)
-        cost = self.cost_model(sequence, attention_mask)[1] if self.lagrangian else None
-        reward_values = self.reward_critic(sequence, attention_mask)[0].squeeze(-1)[:, :-1]
-        cost_values = self.cost_critic(sequence, attention_mask)[0].squeeze(-1)[:, :-1] \
+        # scores and values in fp32 for the advantage math (bf16 models return them in bf16)
+        reward = self.reward_model(sequence, attention_mask)[1].float()
+        cost = self.cost_model(sequence, attention_mask)[1].float() if self.lagrangian else None
+        reward_values = self.reward_critic(sequence, attention_mask)[0].squeeze(-1)[:, :-1].float()
+        cost_values = self.cost_critic(sequence, attention_mask)[0].squeeze(-1)[:, :-1].float() \
             if self.lagrangian else None
         log_probs = gather_log_probabilities(logits[:, :-1], sequence[:, 1:])
         ref_log_probs = gather_log_probabilities(ref_logits[:, :-1], sequence[:, 1:])
@@ -232,7 +252,7 @@ class ReferenceStep:
         olds = [b["reward_values"]] + ([b["cost_values"]] if self.lagrangian else [])
         rets = [r_ret] + ([c_ret] if self.lagrangian else [])
         for critic, opt, old, ret in zip(self.critics(), self.critic_opts, olds, rets):
-            values = critic(input_ids, attention_mask)[0].squeeze(-1)[:, :-1]
+            values = critic(input_ids, attention_mask)[0].squeeze(-1)[:, :-1].float()
             loss = self.critic_loss(values[:, start:], old[:, start:], ret, mask)
             opt.zero_grad()
             loss.backward()
@@ -242,8 +262,9 @@ class ReferenceStep:
         self.timings.update(gae=t1 - t0, actor=t2 - t1, critics=t3 - t2)
 
     def step(self, input_ids, attention_mask, seed):
-        b = self.rollout(input_ids, attention_mask, seed)
-        self.rl_step(b)
+        with torch.autocast(input_ids.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            b = self.rollout(input_ids, attention_mask, seed)
+            self.rl_step(b)
         return dict(self.timings)
 
 
@@ -286,12 +307,18 @@ def model_config(w, tok) -> dict:
 def build(w, root: str, device: str = "cpu"):
     """Same initial weights on both sides: our models are built and saved (HF format); the transformers models get
     the same state dicts.  Returns (tokenizer, checkpoint paths, transformers models)."""
+    tok, paths, ours = build_checkpoints(w, root)
+    return tok, paths, reference_models(w, tok, ours, device)
+
+
+def reference_models(w, tok, ours: dict, device: str = "cpu", precision: str = "fp32") -> dict:
+    """The reference-style step's six transformers models with the weights of ``ours``; ``precision`` bf16: the
+    frozen ones (reference, reward, cost) held in bf16, as DeepSpeed's bf16 engine holds them."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from .model import _quiet
 
     _quiet()
-    tok, paths, ours = build_checkpoints(w, root)
     hf_cfg = LlamaConfig(**model_config(w, tok), attn_implementation="sdpa")
     hf = {}
     for name in ("actor", "reference"):
@@ -305,10 +332,12 @@ def build(w, root: str, device: str = "cpu"):
         hf[name] = m.float().to(device)
     for name in ("reference", "reward_model", "cost_model"):
         hf[name].eval().requires_grad_(False)
-    return tok, paths, hf
+        if precision == "bf16":
+            hf[name].to(torch.bfloat16)
+    return hf
 
 
-def make_trainer(w, paths, out, device: str = "cpu", lora_rank: int = 0):
+def make_trainer(w, paths, out, device: str = "cpu", lora_rank: int = 0, precision: str = "fp32"):
     """Our PPO trainer on the saved checkpoints, configured for exactly ``new_tokens`` new tokens per response;
     ``lora_rank`` > 0: LoRA actor and critics of that rank (the reference is then the actor with adapters off)."""
     from ..trainers.algorithms import ALGORITHMS
@@ -320,7 +349,7 @@ def make_trainer(w, paths, out, device: str = "cpu", lora_rank: int = 0):
               train_datasets=["synthetic-prompts/train:0.05"], output_dir=out, max_length=512,
               max_new_tokens=w.new_tokens, per_device_prompt_batch_size=w.batch,
               per_device_train_batch_size=w.batch, kl_coeff=0.01, progress=False, actor_lr_warmup_ratio=0.0,
-              top_k=getattr(w, "top_k", 50), device=device, lora_rank=lora_rank)
+              top_k=getattr(w, "top_k", 50), device=device, lora_rank=lora_rank, bf16=precision == "bf16")
     if algorithm.uses_cost:
         kw["cost_model_name_or_path"] = paths["cm"]
     cfg = cls(**kw)
@@ -364,53 +393,78 @@ def _peak(fn, device: str) -> int:
     return harness.allocator_peak(fn)
 
 
-def run(w, device: str = "cpu", reps: int = 5, warmup: int = 1, memory: bool = True, echo=print) -> dict:
-    """Both steps, repetitions interleaved (ours then the baseline, same prompts and seed).  Returns the summary
-    (``summary``: medians, per-phase split, speed-up; ``runs``: every rep; ``memory``: peak bytes of one step)."""
-    from .. import _backend
-
+def run(w, device: str = "cpu", reps: int = 5, warmup: int = 1, memory: bool = True, echo=print,
+        precisions=("fp32",)) -> dict:
+    """Both steps once per precision in ``precisions``, repetitions interleaved (per rep: ours then the baseline,
+    precision by precision, same prompts and seed).  Returns the summary (``summary``: per engine key
+    (:func:`engine_key`) medians and per-phase split; ``speedup_median_of_ratios`` of the first precision,
+    ``speedups`` per precision, ``bf16_vs_fp32`` when both ran; ``runs``: every rep; peak memory of one step)."""
     root = tempfile.mkdtemp(prefix="bench_ppo_step_")
     try:
-        tok, paths, hf = build(w, root, device)
-        trainer = make_trainer(w, paths, os.path.join(root, "out"), device)
-        ref_step = ReferenceStep(hf["actor"], hf["reference"], hf["reward_model"], hf["cost_model"],
-                                 hf["reward_critic"], hf["cost_critic"], pad_token_id=tok.pad_token_id,
-                                 max_new_tokens=w.new_tokens, algorithm=w.algorithm, top_k=w.top_k)
+        tok, paths, ours_models = build_checkpoints(w, root)
+        steps = {}
+        for precision in precisions:
+            hf = reference_models(w, tok, ours_models, device, precision)
+            trainer = make_trainer(w, paths, os.path.join(root, f"out-{precision}"), device, precision=precision)
+            ref_step = ReferenceStep(hf["actor"], hf["reference"], hf["reward_model"], hf["cost_model"],
+                                     hf["reward_critic"], hf["cost_critic"], pad_token_id=tok.pad_token_id,
+                                     max_new_tokens=w.new_tokens, algorithm=w.algorithm, top_k=w.top_k,
+                                     bf16=precision == "bf16")
+            steps[engine_key("ours", precision)] = lambda ids, mask, seed, t=trainer: our_step(t, ids, mask, seed)
+            steps[engine_key("reference-style", precision)] = \
+                lambda ids, mask, seed, r=ref_step: _timed_reference(r, ids, mask, seed, device)
+        del ours_models
         ids_list, mask = prompts(w, warmup + reps + (1 if memory else 0), device)
-        results = {"ours": [], "reference-style": []}
+        results = {key: [] for key in steps}
         for i, ids in enumerate(ids_list[:warmup + reps]):
-            row_ours = our_step(trainer, ids, mask, seed=i)
-            t0 = time.perf_counter()
-            row_ref = ref_step.step(ids, mask.long(), seed=i)
-            _sync(device)
-            row_ref["total"] = time.perf_counter() - t0
+            times = {key: step(ids, mask, i) for key, step in steps.items()}
             tag = "warmup" if i < warmup else f"rep {i - warmup + 1}"
-            echo(f"{tag}: ours {row_ours['total']:.3f} s, reference-style {row_ref['total']:.3f} s "
-                 f"(x{row_ref['total'] / row_ours['total']:.2f})")
+            echo(f"{tag}: " + ", ".join(f"{key} {t['total']:.3f} s" for key, t in times.items()))
             if i >= warmup:
-                results["ours"].append(row_ours)
-                results["reference-style"].append(row_ref)
+                for key, t in times.items():
+                    results[key].append(t)
         peaks = {}
         if memory:
             i = warmup + reps
-            peaks["ours"] = _peak(lambda: our_step(trainer, ids_list[i], mask, seed=i), device)
-            peaks["reference-style"] = _peak(lambda: ref_step.step(ids_list[i], mask.long(), seed=i), device)
+            for key, step in steps.items():
+                peaks[key] = _peak(lambda step=step: step(ids_list[i], mask, i), device)
     finally:
         shutil.rmtree(root, ignore_errors=True)
+    return {"summary": _summary(w, results, peaks, precisions, reps, device), "runs": results}
+
+
+def _timed_reference(ref_step, ids, mask, seed, device) -> dict:
+    t0 = time.perf_counter()
+    row = ref_step.step(ids, mask.long(), seed=seed)
+    _sync(device)
+    row["total"] = time.perf_counter() - t0
+    return row
+
+
+def _summary(w, results: dict, peaks: dict, precisions, reps: int, device: str) -> dict:
     tokens = w.batch * w.new_tokens
-    summary = {}
-    for name, rows in results.items():
-        med = {k: statistics.median(r[k] for r in rows) for k in (*PHASES, "total")}
-        summary[name] = {"median_s": med["total"], "min_s": min(r["total"] for r in rows),
-                         "max_s": max(r["total"] for r in rows), "tokens_per_s": tokens / med["total"],
+    summary = {"engines": list(results), "precisions": list(precisions)}
+    for name, rows_ in results.items():
+        med = {k: statistics.median(r[k] for r in rows_) for k in (*PHASES, "total")}
+        summary[name] = {"median_s": med["total"], "min_s": min(r["total"] for r in rows_),
+                         "max_s": max(r["total"] for r in rows_), "tokens_per_s": tokens / med["total"],
                          "phases_median_s": {k: med[k] for k in PHASES}}
         if name in peaks:
             summary[name]["peak_memory_bytes"] = peaks[name]
-    ratios = [r["total"] / o["total"] for o, r in zip(results["ours"], results["reference-style"])]
-    summary["speedup_median_of_ratios"] = statistics.median(ratios)
-    summary["speedup_of_medians"] = summary["reference-style"]["median_s"] / summary["ours"]["median_s"]
+
+    def median_ratio(slow: str, fast: str) -> float:
+        return statistics.median(s["total"] / f["total"] for f, s in zip(results[fast], results[slow]))
+
+    summary["speedups"] = {p: median_ratio(engine_key("reference-style", p), engine_key("ours", p))
+                           for p in precisions}
+    first = precisions[0]
+    summary["speedup_median_of_ratios"] = summary["speedups"][first]
+    summary["speedup_of_medians"] = (summary[engine_key("reference-style", first)]["median_s"]
+                                     / summary[engine_key("ours", first)]["median_s"])
+    if "fp32" in precisions and "bf16" in precisions:
+        summary["bf16_vs_fp32"] = median_ratio("ours", "ours:bf16")
     summary["workload"] = asdict(w) | {"threads": torch.get_num_threads(), "reps": reps, "device": device}
-    summary["ops_backend"] = _backend.resolve(None, torch.device(device))
+    summary["ops_backend"] = _ops_backend(device)
     summary["versions"] = {"torch": torch.__version__}
     try:
         import transformers
@@ -419,7 +473,7 @@ def run(w, device: str = "cpu", reps: int = 5, warmup: int = 1, memory: bool = T
     except ImportError:
         pass
     summary["date"] = _dt.datetime.now().isoformat(timespec="seconds")
-    return {"summary": summary, "runs": results}
+    return summary
 
 
 def rows(result: dict, device: str) -> list[dict]:
@@ -427,11 +481,13 @@ def rows(result: dict, device: str) -> list[dict]:
     (seconds, p50 / p20 / p80 over reps), ``throughput`` (generated tokens/s, mode ``step``), ``memory``."""
     s, runs = result["summary"], result["runs"]
     w = s["workload"]
-    x = Workload(**{k: w[k] for k in Workload.__dataclass_fields__}).label()
+    label = Workload(**{k: w[k] for k in Workload.__dataclass_fields__}).label()
     config = f"threads={w['threads']} reps={w['reps']} ops={s['ops_backend']}"
     out = []
-    for name in ENGINES:
-        prov = PROVIDER[name]
+    for name in s.get("engines", ENGINES):
+        engine, precision = split_key(name)
+        prov = PROVIDER[engine]
+        x = label if precision == "fp32" else f"{label}:{precision}"
         for mode, key in (("step", "total"), *((p, p) for p in PHASES)):
             out.append(harness.row("ppo_step", prov, mode, "time", "s", x,
                                    *harness.summarize([r[key] for r in runs[name]]), config, device))
@@ -450,15 +506,19 @@ def format_summary(s) -> str:
              f"{w['threads']} threads, {w['reps']} reps (ops backend: {s['ops_backend']})",
              "| engine | s / step (median) | min-max | generated tokens/s | " + " | ".join(PHASES) + " |",
              "|---|---|---|---|" + "---|" * len(PHASES)]
-    for name in ENGINES:
+    for name in s.get("engines", ENGINES):
         d = s[name]
         lines.append(f"| {name} | {d['median_s']:.3f} | {d['min_s']:.3f}-{d['max_s']:.3f} | {d['tokens_per_s']:.0f} | "
                      + " | ".join(f"{d['phases_median_s'][k]:.3f}" for k in PHASES) + " |")
-    lines.append(f"speed-up: x{s['speedup_median_of_ratios']:.2f} (median of per-rep ratios), "
-                 f"x{s['speedup_of_medians']:.2f} (ratio of medians)")
-    if "peak_memory_bytes" in s["ours"]:
+    for precision, speedup in s.get("speedups", {}).items():
+        lines.append(f"speed-up over the reference-style step, {precision}: x{speedup:.2f} (median of per-rep ratios)")
+    if "bf16_vs_fp32" in s:
+        lines.append(f"ours in bf16 vs ours in fp32: x{s['bf16_vs_fp32']:.2f} (median of per-rep ratios)")
+    lines.append(f"x{s['speedup_of_medians']:.2f} (ratio of medians, {s.get('precisions', ['fp32'])[0]})")
+    engines = [name for name in s.get("engines", ENGINES) if "peak_memory_bytes" in s[name]]
+    if engines:
         lines.append("peak memory of one step: " + ", ".join(
-            f"{name} {s[name]['peak_memory_bytes'] / 2**20:.1f} MiB" for name in ENGINES))
+            f"{name} {s[name]['peak_memory_bytes'] / 2**20:.1f} MiB" for name in engines))
     return "\n".join(lines)
 
 
@@ -605,7 +665,7 @@ def write_legacy_csv(path, s) -> None:
             writer.writerow(["date", "algorithm", "engine", "layers", "hidden", "vocab", "batch", "prompt_len",
                              "new_tokens", "threads", "median_s", "min_s", "max_s", "tokens_per_s", *PHASES,
                              "speedup"])
-        for name in ENGINES:
+        for name in (n for n in ENGINES if n in s):
             d = s[name]
             writer.writerow([s["date"], w["algorithm"], name, w["layers"], w["hidden"], w["vocab"], w["batch"],
                              w["prompt_len"], w["new_tokens"], w["threads"], f"{d['median_s']:.4f}",

@@ -137,7 +137,9 @@ machines drift; only the ratios within one table are comparable. Dated history: 
 @dataclass(frozen=True)
 class Headline:
     """One line of the README's headline table: the latest row of ``csv`` (a file name in the results folder) whose
-    ``kernel`` / ``mode`` / ``metric`` match and whose ``x`` contains ``size``, for ``provider`` and its baseline."""
+    ``kernel`` / ``mode`` / ``metric`` match and whose ``x`` contains ``size``, for ``provider`` and its baseline
+    (measured in the same run: same ``x``, or with ``baseline_strip`` the ``x`` without that suffix, e.g. the fp32
+    row of a ``:bf16`` one).  A size label without a precision suffix never matches a bf16 row."""
 
     what: str
     csv: str
@@ -147,6 +149,7 @@ class Headline:
     size: str
     provider: str
     baseline: str
+    baseline_strip: str = ""
 
 
 HEADLINES = (
@@ -154,6 +157,10 @@ HEADLINES = (
              "ppo_step", "step", "time", "V49152", "saferlhf_fast", "reference-style"),
     Headline("same, peak memory", "ppo-step-cpu.csv", "ppo_step", "step", "memory", "V49152", "saferlhf_fast",
              "reference-style"),
+    Headline("PPO-Lag step, realistic shape, `--bf16` vs our fp32 step", "ppo-step-cpu.csv", "ppo_step", "step",
+             "time", "V49152:B8xP64+T256:bf16", "saferlhf_fast", "saferlhf_fast", ":bf16"),
+    Headline("same, both in bf16 (the reference-style step as the reference's `--bf16 True`)", "ppo-step-cpu.csv",
+             "ppo_step", "step", "time", "V49152:B8xP64+T256:bf16", "saferlhf_fast", "reference-style"),
     Headline("PPO-Lag step, default shape (V 8192, 16 x 16-token prompts, 64 new tokens)", "ppo-step-cpu.csv",
              "ppo_step", "step", "time", "V8192", "saferlhf_fast", "reference-style"),
     Headline("`generate`, 7M Llama, 8 x 16 prompt + 64 tokens", "model-cpu.csv", "generate", "decode", "throughput",
@@ -171,9 +178,11 @@ HEADLINES = (
 )
 
 
-def _pick(rows: list[dict], h: Headline, provider: str) -> dict | None:
+def _pick(rows: list[dict], h: Headline, provider: str, size: str | None = None) -> dict | None:
+    size = h.size if size is None else size
     hits = [r for r in rows if r["kernel"] == h.kernel and r["mode"] == h.mode and r["metric"] == h.metric
-            and h.size in r["x"] and r["provider"] == provider]
+            and size in r["x"] and r["provider"] == provider
+            and (r["x"].endswith(":bf16") == size.endswith(":bf16"))]
     return max(hits, key=lambda r: r["timestamp"]) if hits else None
 
 
@@ -186,8 +195,9 @@ def headline_rows(results_dir: str) -> list[tuple[Headline, dict, dict]]:
             continue
         rows = latest_rows(path)
         ours = _pick(rows, h, h.provider)
-        base = _pick([r for r in rows if ours and r["x"] == ours["x"] and r["device"] == ours["device"]], h,
-                     h.baseline)
+        base_x = ours["x"].removesuffix(h.baseline_strip) if ours else None
+        base = _pick([r for r in rows if r["x"] == base_x and ours["device"] == r["device"]], h, h.baseline,
+                     h.size.removesuffix(h.baseline_strip))
         if ours is not None and base is not None:
             out.append((h, ours, base))
     return out
@@ -204,7 +214,8 @@ def headline(results_dir: str) -> str:
         ratio = (f"{got[0]:.2f}x the memory" if got[1] == "fraction" else
                  f"**{got[0]:.2f}x faster**" if got[0] >= 1 else f"{1 / got[0]:.2f}x slower")
         link = f"[{h.csv}](bench/results/{h.csv}), `{ours.get('command') or ''}`"
-        lines.append(f"| {h.what} | {_fmt(ours)} | {_fmt(base)} ({h.baseline}) | {ratio} | {ours['device']} | {link} |")
+        name = h.baseline + (", fp32" if h.baseline_strip == ":bf16" else "")
+        lines.append(f"| {h.what} | {_fmt(ours)} | {_fmt(base)} ({name}) | {ratio} | {ours['device']} | {link} |")
     return "\n".join(lines)
 
 
