@@ -37,7 +37,7 @@ def _bench_roofline(args) -> int:
     from .benchmarks.harness import write_rows
 
     rows = roofline.run(size=_size(args), device=args.device, reps=args.reps, warmup=args.warmup,
-                        backend=args.backend)
+                        backend=args.backend, dtypes=args.dtypes)
     csv_path = _csv(args, "roofline")
     write_rows(csv_path, rows, overwrite=args.overwrite)
     print(f"rows written to {csv_path}")
@@ -323,6 +323,9 @@ def build_parser() -> argparse.ArgumentParser:
     roof = measured("roofline", "log-prob kernels next to the matmul and bandwidth floors", "roofline",
                     _bench_roofline, reps=5, warmup=1, memory=False)
     roof.add_argument("--backend", default=None, help="op backend to measure (default: the device default)")
+    roof.add_argument("--dtypes", nargs="+", choices=["fp32", "bf16"], default=None,
+                      help="measure each dtype against its own floors: the same device's matmul rate and copy "
+                           "bandwidth in that dtype (default: the preset's dtype)")
     for name, text in (("generate", "generation tokens/s and memory: engine.generate vs transformers generate"),
                        ("train-step", "training forward + backward tokens/s and memory, full and ragged batches: "
                                       "our model vs transformers")):

@@ -70,3 +70,17 @@ def test_roofline_tiny(tmp_path, capsys):
     assert ("linear_logprobs", "tflops") in metrics and ("gather_logprobs", "bandwidth") in metrics
     assert {r["provider"] for r in rows} >= {"matmul", "copy"}
     assert all(float(r["p50"]) > 0 for r in rows)
+
+
+def test_roofline_per_dtype(tmp_path, capsys):
+    """``--dtypes fp32 bf16``: each dtype against its own floors (its own matmul rate and copy bandwidth)."""
+    path = tmp_path / "roof.csv"
+    assert main(["bench", "roofline", "--sizes", "tiny", "--reps", "1", "--dtypes", "fp32", "bf16",
+                 "--csv", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert out.count("x the matmul alone") == 2 and ",bf16:" in out and ",fp32:" in out
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    for dtype in ("fp32", "bf16"):
+        floors = {r["provider"] for r in rows if r["x"].endswith(dtype)}
+        assert {"matmul", "copy"} <= floors, dtype

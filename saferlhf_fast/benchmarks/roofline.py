@@ -5,6 +5,9 @@
 * ``gather_logprobs`` forward: bandwidth floor = the ``N V`` logits read once (plus labels and outputs) at the
   device's measured copy bandwidth (a copy of the logits into a preallocated buffer, which moves 2x the bytes,
   timed in the same run; preallocated so that first-touch page faults of a fresh buffer are not counted).
+
+``dtypes`` (``--dtypes fp32 bf16``): each dtype against its own floors, so bf16 is reported against the machine's
+measured bf16 matmul rate (oneDNN's AVX512-BF16 / AMX kernels on a CPU that has them), not the fp32 one.
 """
 from __future__ import annotations
 
@@ -40,13 +43,21 @@ def build_roofline(what: str, provider: str, n: int, h: int, v: int, dtype: str,
 
 
 def run(size: str = "default", device: str = "cpu", reps: int = 5, warmup: int = 1, backend: str | None = None,
-        echo=print) -> list[dict]:
+        echo=print, dtypes=None) -> list[dict]:
     p = PRESETS[size]
-    n, h, v, dtype = p["n"], p["h"], p["v"], p["dtype"]
     backend = backend or _backend.resolve(None, torch.device(device))
+    rows, lines = [], []
+    for dtype in dtypes or [p["dtype"]]:
+        _measure(p["n"], p["h"], p["v"], dtype, device, reps, warmup, backend, rows, lines)
+    echo(f"roofline on {rows[0]['device']} (backend {backend})")
+    for line in lines:
+        echo("  " + line)
+    return rows
+
+
+def _measure(n, h, v, dtype, device, reps, warmup, backend, rows: list, lines: list) -> None:
+    """Both kernels in ``dtype`` against their floors; appends CSV rows and report lines."""
     elem = torch.empty((), dtype=_DTYPES[dtype]).element_size()
-    rows = []
-    lines = []
     for what, floor_provider in (("linear", "matmul"), ("gather", "copy")):
         shape = {"n": n, "h": h, "v": v} if what == "linear" else {"n": n, "v": v}
         x = ",".join(f"{k}={val}" for k, val in shape.items()) + f",{dtype}"
@@ -81,7 +92,3 @@ def run(size: str = "default", device: str = "cpu", reps: int = 5, warmup: int =
                 f"{moved / ours_t / 1e9:.3g} GB/s; bandwidth floor {floor_bw_t * 1e3:.3f} ms at the copy's "
                 f"{bandwidth / 1e9:.3g} GB/s ({ours_t / floor_bw_t:.2f}x the floor)"
             )
-    echo(f"roofline on {rows[0]['device']} (backend {backend})")
-    for line in lines:
-        echo("  " + line)
-    return rows
