@@ -115,3 +115,20 @@ def test_native_sampler_takes_half_logits(dtype, params):
     full = next_token(logits.float(), params, None, torch.Generator().manual_seed(5), native=True)
     assert half[1].dtype == torch.float32
     assert torch.equal(half[0], full[0]) and torch.equal(half[1], full[1])
+
+
+def test_mixed_precision_in_a_single_process_is_the_autocast_flag(monkeypatch):
+    """``--mixed_precision bf16`` outside torchrun means ``--bf16`` (FSDP2's policy needs torchrun); combined with
+    the other dtype's flag it is one clear error."""
+    from saferlhf_fast.trainers.config import ConfigError
+    from saferlhf_fast.trainers.sft import SFTConfig
+
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    base = dict(model_name_or_path="m", train_datasets=["synthetic-sft/train"], output_dir="o")
+    cfg = SFTConfig(**base, mixed_precision="bf16")
+    cfg.validate()
+    assert cfg.bf16 and not cfg.fp16
+    cfg = SFTConfig(**base, mixed_precision="bf16", fp16=True)
+    with pytest.raises(ConfigError, match="--mixed_precision bf16 means --bf16"):
+        cfg.validate()

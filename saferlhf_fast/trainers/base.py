@@ -112,8 +112,8 @@ def maybe_shard(model, config, trainable: bool = True):
 
 
 def warn_single_process_flags(config) -> None:
-    if not distributed.is_distributed() and (config.mixed_precision or config.offload != "none"):
-        print("warning: --mixed_precision / --offload apply to FSDP2 under torchrun; ignored in a single process")
+    if not distributed.is_distributed() and config.offload != "none":
+        print("warning: --offload applies to FSDP2 under torchrun; ignored in a single process")
 
 
 class NullLogger:

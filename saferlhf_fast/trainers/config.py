@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from ..distributed import launched
 from ..models.attention import BACKENDS as ATTN_BACKENDS
 from ..models.checkpoint import MODEL_BACKENDS
 from ..options import (  # noqa: F401 - re-exported for the trainers
@@ -73,8 +74,9 @@ class RunConfig:
                                   "the architecture is ours, else hf)", choices=list(MODEL_BACKENDS), group=DEVICES)
     attn_backend: str | None = option(None, "attention backend of the models (default: the model's choice)",
                                       choices=list(ATTN_BACKENDS), group=DEVICES)
-    mixed_precision: str | None = option(None, "under torchrun: FSDP2 mixed precision (parameters gathered and "
-                                               "computed in this dtype, gradients reduced in fp32)",
+    mixed_precision: str | None = option(None, "mixed precision in this dtype: under torchrun FSDP2's (parameters "
+                                               "gathered and computed in this dtype, gradients reduced in fp32); "
+                                               "in a single process the same as --bf16 / --fp16",
                                          choices=["bf16", "fp16"], group=DEVICES)
     offload: str = option("none", "under torchrun on GPUs: FSDP2 CPU offload of the trained models' sharded "
                                   "parameters, gradients and optimizer state (FSDP2 offloads them together: every "
@@ -131,8 +133,12 @@ class RunConfig:
                 raise ConfigError(f"--{name} must be >= 1, got {getattr(self, name)}")
         if self.eval_split_ratio is not None and not 0.0 < self.eval_split_ratio < 1.0:
             raise ConfigError(f"--eval_split_ratio must be in (0, 1), got {self.eval_split_ratio}")
+        if self.mixed_precision and not launched():  # a single process: the autocast flag of that dtype
+            setattr(self, self.mixed_precision, True)
         if self.fp16 and self.bf16:
-            raise ConfigError("--fp16 and --bf16 are exclusive")
+            raise ConfigError("--fp16 and --bf16 are exclusive" + (
+                f" (--mixed_precision {self.mixed_precision} means --{self.mixed_precision} in a single process)"
+                if self.mixed_precision else ""))
         if len(self.adam_betas) != 2:
             raise ConfigError(f"--adam_betas takes two numbers, got {self.adam_betas}")
         if self.eval_datasets or self.eval_split_ratio:
