@@ -236,9 +236,10 @@ def test_bf16_forward_returns_bf16_out_and_fp32_lse_equal_to_the_fp32_kernel_on_
 
 def test_bf16_model_under_autocast_runs_native_as_close_to_fp32_as_sdpa(monkeypatch):
     """The model under CPU bf16 autocast (bf16 q / k / v from the projections) runs the native kernel (its SDPA
-    fallback is disabled here) and is as close to the fp32 model as the SDPA backend under autocast.  Measured: log-prob
-    errors 1.7e-3 (native) and 1.5e-3 (SDPA), q_proj gradient errors 2.5e-4 and 2.4e-4 (gradients up to 0.035): the
-    bf16 projections dominate both."""
+    fallback is disabled here), on a full batch and on a ragged one (packed documents), and is as close to the fp32
+    model as the SDPA backend under autocast.  Measured (both batches): log-prob errors 1.7e-3 (native) and 1.5e-3
+    (SDPA), q_proj gradient errors 2.4-2.5e-4 and 2.4-2.5e-4 (gradients up to 0.035): the bf16 projections dominate
+    both."""
     from saferlhf_fast.models.llama import LlamaForCausalLM, ModelConfig
 
     cfg = ModelConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
@@ -249,14 +250,18 @@ def test_bf16_model_under_autocast_runs_native_as_close_to_fp32_as_sdpa(monkeypa
     sdpa.load_state_dict(native.state_dict())
     ids = torch.randint(1, cfg.vocab_size, (3, 12), generator=torch.Generator().manual_seed(2))
     sdpa_attention = attn.sdpa_attention
-    out = {}
-    for name, m, bf16 in (("fp32", sdpa, False), ("native", native, True), ("sdpa", sdpa, True)):
-        m.zero_grad(set_to_none=True)
-        monkeypatch.setattr(attn, "sdpa_attention", None if name == "native" else sdpa_attention)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            logp = m.token_logprobs(ids, torch.ones_like(ids))
-        logp.float().sum().backward()
-        out[name] = (logp.detach().float(), m.model.layers[0].self_attn.q_proj.weight.grad.clone())
-    for name in ("native", "sdpa"):
-        assert float((out[name][0] - out["fp32"][0]).abs().max()) <= 4e-3, name
-        assert float((out[name][1] - out["fp32"][1]).abs().max()) <= 6e-4, name
+    for ragged in (False, True):  # full batch: causal rows; one ragged row: the native path packs the batch
+        mask = torch.ones_like(ids)
+        if ragged:
+            mask[1, 9:] = 0
+        out = {}
+        for name, m, bf16 in (("fp32", sdpa, False), ("native", native, True), ("sdpa", sdpa, True)):
+            m.zero_grad(set_to_none=True)
+            monkeypatch.setattr(attn, "sdpa_attention", None if name == "native" else sdpa_attention)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                logp = m.token_logprobs(ids, mask)
+            logp.float().sum().backward()
+            out[name] = (logp.detach().float(), m.model.layers[0].self_attn.q_proj.weight.grad.clone())
+        for name in ("native", "sdpa"):
+            assert float((out[name][0] - out["fp32"][0]).abs().max()) <= 4e-3, (name, ragged)
+            assert float((out[name][1] - out["fp32"][1]).abs().max()) <= 6e-4, (name, ragged)
