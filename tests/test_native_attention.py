@@ -265,3 +265,21 @@ def test_bf16_model_under_autocast_runs_native_as_close_to_fp32_as_sdpa(monkeypa
         for name in ("native", "sdpa"):
             assert float((out[name][0] - out["fp32"][0]).abs().max()) <= 4e-3, (name, ragged)
             assert float((out[name][1] - out["fp32"][1]).abs().max()) <= 6e-4, (name, ragged)
+
+
+def test_bf16_no_grad_and_training_forwards_agree_bit_for_bit():
+    """One kernel serves no-grad and training forwards in bf16 (SDPA's forward alone would be faster, its backward is
+    slower): a policy's rollout log-probs (no grad) equal its training forward's, so PPO's first ratio is exactly 1."""
+    from saferlhf_fast.models.llama import LlamaForCausalLM, ModelConfig
+
+    cfg = ModelConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg)
+    assert model.backend() == "native"
+    ids = torch.randint(1, cfg.vocab_size, (3, 40), generator=torch.Generator().manual_seed(4))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.no_grad():
+            rollout = model.token_logprobs(ids, torch.ones_like(ids))
+        training = model.token_logprobs(ids, torch.ones_like(ids))
+    assert training.requires_grad and torch.equal(rollout, training.detach())
