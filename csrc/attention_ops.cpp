@@ -1,4 +1,4 @@
-// Causal grouped-query attention for CPU training and prefill (fp32), forward and backward, two torch ops:
+// Causal grouped-query attention for CPU training and prefill (fp32 or bf16), forward and backward, two torch ops:
 //
 //   saferlhf::attention_forward(q [B, L, Hq, D], k [B, L, Hk, D], v [B, L, Hk, D], cu_seqlens?, scale, window)
 //       -> (out [B, L, Hq, D], lse [B, Hq, L])
@@ -21,6 +21,10 @@
 // [kRows, L] score block stays in L1/L2, so there is no online softmax: lse is exact.  dk / dv accumulate in the
 // unit's own buffers, so units never write the same memory.  Units are handed out dynamically (cost ~ len^2).
 // Numerics: fp32 throughout, exp <= 1.05 ulp (exp_nonpos); results differ from SDPA by fp32 summation order only.
+// bf16 q / k / v (and dout): each unit converts its rows to fp32 as it copies them (exact), computes exactly as the
+// fp32 path, and rounds out / dq / dk / dv to bf16 once (round-to-nearest-even); lse stays fp32.  The bf16 backward
+// takes delta_i = sum_j p_ij (dout_i . v_j), which equals dout_i . out_i with the unrounded fp32 out, instead of
+// reading the bf16-rounded out (whose rounding would leave a scale * delta-error * out_i bias in dq).
 //
 // torch-dependent on purpose (named *_ops.cpp, not *_cpu.cpp, so the torch-free CMake core does not glob it).
 #include <torch/extension.h>
@@ -44,6 +48,8 @@ namespace saferlhf_attention {
 
 using at::Tensor;
 using saferlhf::cpu::Vec;
+using saferlhf::cpu::Elem;
+using bf16 = saferlhf::cpu::bf16;
 using saferlhf::cpu::exp_nonpos;
 using saferlhf::cpu::clamp_floor;
 
@@ -59,15 +65,60 @@ struct Segment {
   int64_t b, start, len;
 };
 
-// A [B, L, H, D] tensor with contiguous D.
+template <class E>
+constexpr bool kIsF32 = std::is_same_v<E, float>;
+
+// A [B, L, H, D] tensor of element type E (float or bf16) with contiguous D.
+template <class E>
 struct View {
-  float* data;
+  E* data;
   int64_t sb, sl, sh;
-  float* row(int64_t b, int64_t t, int64_t h) const { return data + b * sb + t * sl + h * sh; }
+  E* row(int64_t b, int64_t t, int64_t h) const { return data + b * sb + t * sl + h * sh; }
 };
 
-View view_of(const Tensor& t) {
-  return View{t.data_ptr<float>(), t.stride(0), t.stride(1), t.stride(2)};
+template <class E>
+View<E> view_of(const Tensor& t) {
+  return View<E>{static_cast<E*>(t.data_ptr()), t.stride(0), t.stride(1), t.stride(2)};
+}
+
+// The row itself when E is float (read in place), else nullptr (such rows always go through fp32 copies).
+template <class E>
+inline const float* fp32_row(const E* p) {
+  if constexpr (kIsF32<E>) return p;
+  return nullptr;
+}
+
+// dst[d] = float(src[d]) for d < D (exact).
+template <class E>
+inline void row_to_float(const E* src, float* dst, int64_t D) {
+  if constexpr (kIsF32<E>) {
+    std::copy(src, src + D, dst);
+  } else {
+    int64_t d = 0;
+    for (; d + W <= D; d += W) Vec::load(src + d).store(dst + d);
+    for (; d < D; ++d) dst[d] = Elem<E>::to_float(src[d]);
+  }
+}
+
+// dst[d] = E(src[d] * scale) for d < D (one rounding to E after the fp32 product).
+template <class E>
+inline void scaled_copy(const float* src, float scale, E* dst, int64_t D) {
+  const Vec s(scale);
+  int64_t d = 0;
+  for (; d + W <= D; d += W) (Vec::load(src + d) * s).store(dst + d);
+  for (; d < D; ++d) dst[d] = Elem<E>::from_float(src[d] * scale);
+}
+
+// dst[d] = E(src[d]) for d < D.
+template <class E>
+inline void row_from_float(const float* src, E* dst, int64_t D) {
+  if constexpr (kIsF32<E>) {
+    std::copy(src, src + D, dst);
+  } else {
+    int64_t d = 0;
+    for (; d + W <= D; d += W) Vec::load(src + d).store(dst + d);
+    for (; d < D; ++d) dst[d] = Elem<E>::from_float(src[d]);
+  }
 }
 
 // dst[r * ld_dst + j] = scale * sum_d a[r * lda + d] * bt[d * ldb + j] for r < kRows and j in [j0, j1) (multiples
@@ -196,14 +247,6 @@ inline float row_dot(const float* a, const float* b, int64_t D) {
   return hsum(acc) + tail;
 }
 
-// dst[d] = src[d] * scale for d < D.
-inline void scaled_copy(const float* src, float scale, float* dst, int64_t D) {
-  const Vec s(scale);
-  int64_t d = 0;
-  for (; d + W <= D; d += W) (Vec::load(src + d) * s).store(dst + d);
-  for (; d < D; ++d) dst[d] = src[d] * scale;
-}
-
 // Everything a work unit needs to know about the problem.
 struct Problem {
   int64_t D, Dp, Hq, Hk, rep;
@@ -244,24 +287,26 @@ inline void mask_block(const Problem& pb, const Block& bl, float* s, int64_t lds
   }
 }
 
-// Copies k (or v) of one sequence and kv head into kt [D, Lp] (transposed) and/or kr [Lp, Dp] (rows), zero padded.
-void load_keys(const View& x, const Segment& sg, int64_t g, const Problem& pb, int64_t Lp, float* kt, float* kr) {
+// Copies k (or v) of one sequence and kv head into kt [D, Lp] (transposed) and/or kr [Lp, Dp] (rows), zero padded,
+// as fp32.
+template <class E>
+void load_keys(const View<E>& x, const Segment& sg, int64_t g, const Problem& pb, int64_t Lp, float* kt, float* kr) {
   if (kt != nullptr) std::fill(kt, kt + pb.D * Lp, 0.0f);
   if (kr != nullptr) std::fill(kr, kr + Lp * pb.Dp, 0.0f);
   for (int64_t j = 0; j < sg.len; ++j) {
-    const float* src = x.row(sg.b, sg.start + j, g);
+    const E* src = x.row(sg.b, sg.start + j, g);
     if (kt != nullptr)
-      for (int64_t d = 0; d < pb.D; ++d) kt[d * Lp + j] = src[d];
-    if (kr != nullptr) std::copy(src, src + pb.D, kr + j * pb.Dp);
+      for (int64_t d = 0; d < pb.D; ++d) kt[d * Lp + j] = Elem<E>::to_float(src[d]);
+    if (kr != nullptr) row_to_float(src, kr + j * pb.Dp, pb.D);
   }
 }
 
-// Copies query-like rows [i0, i0 + rows) of head h into dst [kRows, Dp] (zero padded).
-inline void load_rows(const View& x, const Segment& sg, int64_t h, const Problem& pb, const Block& bl, float* dst) {
+// Copies query-like rows [i0, i0 + rows) of head h into dst [kRows, Dp] (zero padded, fp32).
+template <class E>
+inline void load_rows(const View<E>& x, const Segment& sg, int64_t h, const Problem& pb, const Block& bl, float* dst) {
   std::fill(dst, dst + kRows * pb.Dp, 0.0f);
   for (int64_t r = 0; r < bl.rows; ++r) {
-    const float* src = x.row(sg.b, sg.start + bl.i0 + r, h);
-    std::copy(src, src + pb.D, dst + r * pb.Dp);
+    row_to_float(x.row(sg.b, sg.start + bl.i0 + r, h), dst + r * pb.Dp, pb.D);
   }
 }
 
@@ -278,8 +323,10 @@ void for_each_unit(int64_t n, const F& fn) {
 Problem make_problem(const Tensor& q, const Tensor& k, const Tensor& v, const std::optional<Tensor>& cu_seqlens,
                      double scale, int64_t window) {
   TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu(), "attention: CPU tensors expected");
-  TORCH_CHECK(q.scalar_type() == at::kFloat && k.scalar_type() == at::kFloat && v.scalar_type() == at::kFloat,
-              "attention: fp32 q, k, v expected, got ", q.scalar_type());
+  TORCH_CHECK((q.scalar_type() == at::kFloat || q.scalar_type() == at::kBFloat16) &&
+                  k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
+              "attention: fp32 or bf16 q, k, v (one dtype) expected, got ", q.scalar_type(), ", ", k.scalar_type(),
+              ", ", v.scalar_type());
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "attention: q, k, v must be [B, L, H, D]");
   TORCH_CHECK(k.sizes() == v.sizes(), "attention: k ", k.sizes(), " and v ", v.sizes(), " differ");
   TORCH_CHECK(q.size(0) == k.size(0) && q.size(1) == k.size(1) && q.size(3) == k.size(3),
@@ -328,100 +375,130 @@ void zero_uncovered(Tensor& t, const Problem& pb, int64_t dim) {
   if (pb.covered_end < L) t.narrow(dim, pb.covered_end, L - pb.covered_end).zero_();
 }
 
-std::tuple<Tensor, Tensor> attention_forward(const Tensor& q, const Tensor& k, const Tensor& v,
-                                             const std::optional<Tensor>& cu_seqlens, double scale, int64_t window) {
-  const Problem pb = make_problem(q, k, v, cu_seqlens, scale, window);
-  const int64_t B = q.size(0), L = q.size(1);
-  Tensor out = at::empty(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
-  Tensor lse = at::empty({B, pb.Hq, L}, q.options());
-  zero_uncovered(out, pb, 1);
-  zero_uncovered(lse, pb, 2);
-  const View qv = view_of(q), kv = view_of(k), vv = view_of(v), ov = view_of(out);
+// Softmax of the kRows score rows of a block in place (p_ij = exp(s_ij - lse_i), 0 where masked), writing lse.
+inline void softmax_rows(const Block& bl, float* s, int64_t lds, float* lse_rows) {
+  for (int r = 0; r < bl.rows; ++r) {
+    float* row = s + r * lds;
+    Vec m(kNegInf);
+    for (int64_t j = bl.jt0; j < bl.jt1; j += W) m = Vec::max(m, Vec::load(row + j));
+    const float mx = hmax(m);  // finite: key i is always allowed
+    Vec sum(0.0f);
+    for (int64_t j = bl.jt0; j < bl.jt1; j += W) {
+      const Vec e = exp_nonpos(clamp_floor(Vec::load(row + j) - Vec(mx)));
+      e.store(row + j);
+      sum = sum + e;
+    }
+    const float total = hsum(sum);
+    const Vec inv(1.0f / total);
+    for (int64_t j = bl.jt0; j < bl.jt1; j += W) (Vec::load(row + j) * inv).store(row + j);
+    lse_rows[r] = mx + std::log(total);
+  }
+  for (int r = bl.rows; r < kRows; ++r) std::fill(s + r * lds + bl.jt0, s + r * lds + bl.jt1, 0.0f);
+}
+
+template <class E>
+void forward_impl(const Tensor& q, const Tensor& k, const Tensor& v, const Problem& pb, Tensor& out, Tensor& lse) {
+  const int64_t L = q.size(1);
+  const View<E> qv = view_of<E>(q), kv = view_of<E>(k), vv = view_of<E>(v), ov = view_of<E>(out);
   float* lse_p = lse.data_ptr<float>();
   const int64_t n_units = static_cast<int64_t>(pb.segments.size()) * pb.Hk;
   for_each_unit(n_units, [&](int64_t u) {
     const Segment& sg = pb.segments[u / pb.Hk];
     const int64_t g = u % pb.Hk;
     const int64_t Lp = round_up(sg.len, W), Dp = pb.Dp, D = pb.D;
-    const bool direct = D == Dp;  // rows need no padding: read v / full blocks of q and write out in place
+    // fp32 rows that need no padding are read (v, full blocks of q) and written (out) in place.
+    const bool direct = kIsF32<E> && D == Dp;
     Scratch kt(D * Lp), vr(direct ? 0 : Lp * Dp), qb(kRows * Dp), s(kRows * Lp), ob(kRows * Dp);
     load_keys(kv, sg, g, pb, Lp, kt.data(), nullptr);
     if (!direct) load_keys(vv, sg, g, pb, Lp, nullptr, vr.data());
-    const float* v_rows = direct ? vv.row(sg.b, sg.start, g) : vr.data();
+    const float* v_rows = direct ? fp32_row(vv.row(sg.b, sg.start, g)) : vr.data();
     const int64_t ld_v = direct ? vv.sl : Dp;
     for (int64_t h = g * pb.rep; h < (g + 1) * pb.rep; ++h) {
       float* lse_h = lse_p + (sg.b * pb.Hq + h) * L + sg.start;
       for (int64_t i0 = 0; i0 < sg.len; i0 += kRows) {
         const Block bl = block_of(pb, i0, sg.len);
         const bool in_place = direct && bl.rows == kRows;
-        const float* qa = in_place ? qv.row(sg.b, sg.start + i0, h) : qb.data();
+        const float* qa = in_place ? fp32_row(qv.row(sg.b, sg.start + i0, h)) : qb.data();
         const int64_t ld_q = in_place ? qv.sl : Dp;
         if (!in_place) load_rows(qv, sg, h, pb, bl, qb.data());
         rows_times_cols(qa, ld_q, kt.data(), Lp, D, bl.jt0, bl.jt1, pb.scale, s.data(), Lp);
         mask_block(pb, bl, s.data(), Lp);
-        for (int r = 0; r < bl.rows; ++r) {
-          float* row = s.data() + r * Lp;
-          Vec m(kNegInf);
-          for (int64_t j = bl.jt0; j < bl.jt1; j += W) m = Vec::max(m, Vec::load(row + j));
-          const float mx = hmax(m);  // finite: key i is always allowed
-          Vec sum(0.0f);
-          for (int64_t j = bl.jt0; j < bl.jt1; j += W) {
-            const Vec e = exp_nonpos(clamp_floor(Vec::load(row + j) - Vec(mx)));
-            e.store(row + j);
-            sum = sum + e;
+        softmax_rows(bl, s.data(), Lp, lse_h + i0);
+        if constexpr (kIsF32<E>) {
+          if (in_place) {
+            weights_times_rows(s.data(), Lp, v_rows, ld_v, bl.jt0, bl.jhi, Dp, ov.row(sg.b, sg.start + i0, h), ov.sl);
+            continue;
           }
-          const float total = hsum(sum);
-          const Vec inv(1.0f / total);
-          for (int64_t j = bl.jt0; j < bl.jt1; j += W) (Vec::load(row + j) * inv).store(row + j);
-          lse_h[i0 + r] = mx + std::log(total);
         }
-        for (int r = bl.rows; r < kRows; ++r) std::fill(s.data() + r * Lp + bl.jt0, s.data() + r * Lp + bl.jt1, 0.0f);
-        if (in_place) {
-          weights_times_rows(s.data(), Lp, v_rows, ld_v, bl.jt0, bl.jhi, Dp, ov.row(sg.b, sg.start + i0, h), ov.sl);
-        } else {
-          weights_times_rows(s.data(), Lp, v_rows, ld_v, bl.jt0, bl.jhi, Dp, ob.data(), Dp);
-          for (int64_t r = 0; r < bl.rows; ++r)
-            std::copy(ob.data() + r * Dp, ob.data() + r * Dp + D, ov.row(sg.b, sg.start + i0 + r, h));
-        }
+        weights_times_rows(s.data(), Lp, v_rows, ld_v, bl.jt0, bl.jhi, Dp, ob.data(), Dp);
+        for (int64_t r = 0; r < bl.rows; ++r) row_from_float(ob.data() + r * Dp, ov.row(sg.b, sg.start + i0 + r, h), D);
       }
     }
   });
+}
+
+std::tuple<Tensor, Tensor> attention_forward(const Tensor& q, const Tensor& k, const Tensor& v,
+                                             const std::optional<Tensor>& cu_seqlens, double scale, int64_t window) {
+  const Problem pb = make_problem(q, k, v, cu_seqlens, scale, window);
+  const int64_t B = q.size(0), L = q.size(1);
+  Tensor out = at::empty(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
+  Tensor lse = at::empty({B, pb.Hq, L}, q.options().dtype(at::kFloat));
+  zero_uncovered(out, pb, 1);
+  zero_uncovered(lse, pb, 2);
+  if (q.scalar_type() == at::kFloat)
+    forward_impl<float>(q, k, v, pb, out, lse);
+  else
+    forward_impl<bf16>(q, k, v, pb, out, lse);
   return {out, lse};
 }
 
-std::tuple<Tensor, Tensor, Tensor> attention_backward(const Tensor& dout, const Tensor& q, const Tensor& k,
-                                                      const Tensor& v, const Tensor& out, const Tensor& lse,
-                                                      const std::optional<Tensor>& cu_seqlens, double scale,
-                                                      int64_t window) {
-  const Problem pb = make_problem(q, k, v, cu_seqlens, scale, window);
-  TORCH_CHECK(dout.sizes() == q.sizes() && out.sizes() == q.sizes(), "attention_backward: dout / out must match q");
-  TORCH_CHECK(dout.scalar_type() == at::kFloat && out.scalar_type() == at::kFloat && lse.scalar_type() == at::kFloat,
-              "attention_backward: fp32 dout, out, lse expected");
-  TORCH_CHECK(dout.stride(3) == 1 && out.stride(3) == 1, "attention_backward: the head dim must be contiguous");
-  const int64_t B = q.size(0), L = q.size(1);
-  TORCH_CHECK(lse.dim() == 3 && lse.size(0) == B && lse.size(1) == pb.Hq && lse.size(2) == L,
-              "attention_backward: lse must be [B, Hq, L]");
-  const Tensor lse_c = lse.contiguous();
-  const auto contiguous = q.options().memory_format(at::MemoryFormat::Contiguous);
-  Tensor dq = at::empty(q.sizes(), contiguous), dk = at::empty(k.sizes(), contiguous),
-         dv = at::empty(v.sizes(), contiguous);
-  for (Tensor* t : {&dq, &dk, &dv}) zero_uncovered(*t, pb, 1);
-  const View qv = view_of(q), kv = view_of(k), vv = view_of(v), ov = view_of(out), dov = view_of(dout),
-             dqv = view_of(dq), dkv = view_of(dk), dvv = view_of(dv);
-  const float* lse_p = lse_c.data_ptr<float>();
+// ds = p (dp - delta) of a block, in place: p_ij = exp(s_ij - lse_i) over the scores in p, dp_ij = dout_i . v_j in
+// dp (overwritten by ds).  delta_i: given (fp32: dout_i . out_i), or (bf16, delta == nullptr) sum_j p_ij dp_ij.
+inline void block_ds(const Block& bl, const float* lse_rows, const float* delta, float* p, float* dp, int64_t ld) {
+  for (int r = 0; r < kRows; ++r) {
+    float* pr = p + r * ld;
+    float* dr = dp + r * ld;
+    const Vec l(r < bl.rows ? lse_rows[r] : 0.0f);
+    if (delta != nullptr) {
+      const Vec dl(delta[r]);
+      for (int64_t j = bl.jt0; j < bl.jt1; j += W) {
+        const Vec e = exp_nonpos(clamp_floor(Vec::load(pr + j) - l));
+        e.store(pr + j);
+        (e * (Vec::load(dr + j) - dl)).store(dr + j);
+      }
+      continue;
+    }
+    Vec acc(0.0f);
+    for (int64_t j = bl.jt0; j < bl.jt1; j += W) {
+      const Vec e = exp_nonpos(clamp_floor(Vec::load(pr + j) - l));
+      e.store(pr + j);
+      acc = Vec::fma(e, Vec::load(dr + j), acc);
+    }
+    const Vec dl(hsum(acc));
+    for (int64_t j = bl.jt0; j < bl.jt1; j += W) (Vec::load(pr + j) * (Vec::load(dr + j) - dl)).store(dr + j);
+  }
+}
+
+template <class E>
+void backward_impl(const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out,
+                   const Tensor& lse, const Problem& pb, Tensor& dq, Tensor& dk, Tensor& dv) {
+  const int64_t L = q.size(1);
+  const View<E> qv = view_of<E>(q), kv = view_of<E>(k), vv = view_of<E>(v), ov = view_of<E>(out),
+                dov = view_of<E>(dout), dqv = view_of<E>(dq), dkv = view_of<E>(dk), dvv = view_of<E>(dv);
+  const float* lse_p = lse.data_ptr<float>();
   const int64_t n_units = static_cast<int64_t>(pb.segments.size()) * pb.Hk;
   for_each_unit(n_units, [&](int64_t u) {
     const Segment& sg = pb.segments[u / pb.Hk];
     const int64_t g = u % pb.Hk;
     const int64_t Lp = round_up(sg.len, W), Dp = pb.Dp, D = pb.D;
-    const bool direct = D == Dp;  // rows need no padding: read k / full blocks of q and dout in place
+    const bool direct = kIsF32<E> && D == Dp;  // fp32 rows need no padding: read k / full blocks of q and dout in place
     Scratch kt(D * Lp), kr(direct ? 0 : Lp * Dp), vt(D * Lp), dk_acc(Lp * Dp), dv_acc(Lp * Dp), qb(kRows * Dp),
         dob(kRows * Dp), p(kRows * Lp), dp(kRows * Lp), dqb(kRows * Dp);
     std::fill(dk_acc.data(), dk_acc.data() + Lp * Dp, 0.0f);
     std::fill(dv_acc.data(), dv_acc.data() + Lp * Dp, 0.0f);
     load_keys(kv, sg, g, pb, Lp, kt.data(), direct ? nullptr : kr.data());
     load_keys(vv, sg, g, pb, Lp, vt.data(), nullptr);
-    const float* k_rows = direct ? kv.row(sg.b, sg.start, g) : kr.data();
+    const float* k_rows = direct ? fp32_row(kv.row(sg.b, sg.start, g)) : kr.data();
     const int64_t ld_k = direct ? kv.sl : Dp;
     for (int64_t h = g * pb.rep; h < (g + 1) * pb.rep; ++h) {
       const float* lse_h = lse_p + (sg.b * pb.Hq + h) * L + sg.start;
@@ -430,29 +507,22 @@ std::tuple<Tensor, Tensor, Tensor> attention_backward(const Tensor& dout, const 
         // A full block of a head dim with no padding reads q / dout where they are; the rest goes through zero-padded
         // copies (rows past the block end must be zeros: their weights are 0 and 0 * garbage could be NaN).
         const bool in_place = direct && bl.rows == kRows;
-        const float* qa = in_place ? qv.row(sg.b, sg.start + i0, h) : qb.data();
-        const float* da = in_place ? dov.row(sg.b, sg.start + i0, h) : dob.data();
+        const float* qa = in_place ? fp32_row(qv.row(sg.b, sg.start + i0, h)) : qb.data();
+        const float* da = in_place ? fp32_row(dov.row(sg.b, sg.start + i0, h)) : dob.data();
         const int64_t ld_q = in_place ? qv.sl : Dp, ld_d = in_place ? dov.sl : Dp;
         if (!in_place) {
           load_rows(qv, sg, h, pb, bl, qb.data());
           load_rows(dov, sg, h, pb, bl, dob.data());
         }
         float delta[kRows] = {};
-        for (int64_t r = 0; r < bl.rows; ++r) delta[r] = row_dot(da + r * ld_d, ov.row(sg.b, sg.start + i0 + r, h), D);
+        if constexpr (kIsF32<E>)
+          for (int64_t r = 0; r < bl.rows; ++r)
+            delta[r] = row_dot(da + r * ld_d, ov.row(sg.b, sg.start + i0 + r, h), D);
         // p = exp(s - lse) (0 where masked), dp = dout . v, ds = p (dp - delta) (written over dp).
         rows_times_cols(qa, ld_q, kt.data(), Lp, D, bl.jt0, bl.jt1, pb.scale, p.data(), Lp);
         mask_block(pb, bl, p.data(), Lp);
         rows_times_cols(da, ld_d, vt.data(), Lp, D, bl.jt0, bl.jt1, 1.0f, dp.data(), Lp);
-        for (int r = 0; r < kRows; ++r) {
-          float* pr = p.data() + r * Lp;
-          float* dr = dp.data() + r * Lp;
-          const Vec l(r < bl.rows ? lse_h[i0 + r] : 0.0f), dl(delta[r]);
-          for (int64_t j = bl.jt0; j < bl.jt1; j += W) {
-            const Vec e = exp_nonpos(clamp_floor(Vec::load(pr + j) - l));
-            e.store(pr + j);
-            (e * (Vec::load(dr + j) - dl)).store(dr + j);
-          }
-        }
+        block_ds(bl, lse_h + i0, kIsF32<E> ? delta : nullptr, p.data(), dp.data(), Lp);
         accumulate_outer(p.data(), Lp, da, ld_d, bl.jt0, bl.jhi, Dp, dv_acc.data(), Dp);
         accumulate_outer(dp.data(), Lp, qa, ld_q, bl.jt0, bl.jhi, Dp, dk_acc.data(), Dp);
         weights_times_rows(dp.data(), Lp, k_rows, ld_k, bl.jt0, bl.jhi, Dp, dqb.data(), Dp);
@@ -462,9 +532,33 @@ std::tuple<Tensor, Tensor, Tensor> attention_backward(const Tensor& dout, const 
     }
     for (int64_t j = 0; j < sg.len; ++j) {
       scaled_copy(dk_acc.data() + j * Dp, pb.scale, dkv.row(sg.b, sg.start + j, g), D);
-      std::copy(dv_acc.data() + j * Dp, dv_acc.data() + j * Dp + D, dvv.row(sg.b, sg.start + j, g));
+      row_from_float(dv_acc.data() + j * Dp, dvv.row(sg.b, sg.start + j, g), D);
     }
   });
+}
+
+std::tuple<Tensor, Tensor, Tensor> attention_backward(const Tensor& dout, const Tensor& q, const Tensor& k,
+                                                      const Tensor& v, const Tensor& out, const Tensor& lse,
+                                                      const std::optional<Tensor>& cu_seqlens, double scale,
+                                                      int64_t window) {
+  const Problem pb = make_problem(q, k, v, cu_seqlens, scale, window);
+  TORCH_CHECK(dout.sizes() == q.sizes() && out.sizes() == q.sizes(), "attention_backward: dout / out must match q");
+  TORCH_CHECK(dout.scalar_type() == q.scalar_type() && out.scalar_type() == q.scalar_type() &&
+                  lse.scalar_type() == at::kFloat,
+              "attention_backward: dout / out of q's dtype (", q.scalar_type(), ") and fp32 lse expected");
+  TORCH_CHECK(dout.stride(3) == 1 && out.stride(3) == 1, "attention_backward: the head dim must be contiguous");
+  const int64_t B = q.size(0), L = q.size(1);
+  TORCH_CHECK(lse.dim() == 3 && lse.size(0) == B && lse.size(1) == pb.Hq && lse.size(2) == L,
+              "attention_backward: lse must be [B, Hq, L]");
+  const Tensor lse_c = lse.contiguous();
+  const auto contiguous = q.options().memory_format(at::MemoryFormat::Contiguous);
+  Tensor dq = at::empty(q.sizes(), contiguous), dk = at::empty(k.sizes(), contiguous),
+         dv = at::empty(v.sizes(), contiguous);
+  for (Tensor* t : {&dq, &dk, &dv}) zero_uncovered(*t, pb, 1);
+  if (q.scalar_type() == at::kFloat)
+    backward_impl<float>(dout, q, k, v, out, lse_c, pb, dq, dk, dv);
+  else
+    backward_impl<bf16>(dout, q, k, v, out, lse_c, pb, dq, dk, dv);
   return {dq, dk, dv};
 }
 

@@ -31,6 +31,7 @@ SIZES = {
         ("gae", "forward", {"streams": 2, "b": 4, "t": 64}, "fp32"),
         ("ppo_losses", "full", {"b": 4, "t": 64}, "fp32"),
         ("attention", "full", {"b": 2, "hq": 4, "hk": 2, "l": 24, "d": 16}, "fp32"),
+        ("attention", "full", {"b": 2, "hq": 4, "hk": 2, "l": 24, "d": 16}, "bf16"),
     ],
     "default": [
         ("gather_logprobs", "forward", {"n": 8192, "v": 32000}, "fp32"),
@@ -42,6 +43,9 @@ SIZES = {
         ("attention", "full", {"b": 8, "hq": 8, "hk": 4, "l": 80, "d": 32}, "fp32"),  # the 7M model's training batch
         ("attention", "full", {"b": 8, "hq": 9, "hk": 3, "l": 80, "d": 64}, "fp32"),  # SmolLM2-135M heads
         ("attention", "full", {"b": 4, "hq": 8, "hk": 4, "l": 512, "d": 64}, "fp32"),  # NATIVE_MAX_SEQLEN
+        # the default model's heads at the realistic PPO training batch (8 x (64 + 256) tokens), both dtypes
+        ("attention", "full", {"b": 8, "hq": 4, "hk": 4, "l": 320, "d": 64}, "fp32"),
+        ("attention", "full", {"b": 8, "hq": 4, "hk": 4, "l": 320, "d": 64}, "bf16"),
         # the decoder's elementwise layers at the 7M model's training batch (B 16, L 80, hidden 256, inter 688)
         ("rope", "full", {"b": 16, "l": 80, "hq": 4, "hk": 4, "d": 64}, "fp32"),
         ("rope", "full", {"b": 16, "l": 80, "hq": 8, "hk": 4, "d": 32}, "fp32"),

@@ -16,9 +16,12 @@ xformers does, else ``sdpa``; on CPU ``native`` when the extension is built, els
 * ``xformers``  -- ``memory_efficient_attention`` on packed sequences (block-diagonal causal bias), GPU only
                    (``attention_ext.py``).
 * ``native``    -- the extension's C++ CPU kernel (``csrc/attention_ops.cpp``, forward and backward): causal,
-                   packed documents (``cu_seqlens``) and sliding windows, fp32, no N x N mask, no k / v expansion.
-                   The CPU default (fp32, sequences up to ``NATIVE_MAX_SEQLEN``); anything else it cannot take
-                   (padded masks, decode steps, bf16, longer sequences) goes to ``sdpa``.
+                   packed documents (``cu_seqlens``) and sliding windows, fp32 or bf16 (bf16 autocast: fp32 scores,
+                   softmax, lse and accumulation, bf16 out / gradients), no N x N mask, no k / v expansion.
+                   The CPU default (sequences up to ``NATIVE_MAX_SEQLEN``); anything else it cannot take
+                   (padded masks, decode steps, fp16, longer sequences) goes to ``sdpa``.  In bf16, SDPA's
+                   forward alone is faster (AMX), the native forward + backward is faster; one kernel serves both so
+                   that no-grad and training forwards of a model agree bit for bit (PPO's first ratio is 1).
 * ``reference`` -- explicit matmul / softmax / matmul in fp32, for tests.
 
 Masks.  ``Mask`` carries what a layer needs, built once per forward: a boolean ``[B or 1, 1, Lq, Lk]`` "may attend"
@@ -44,6 +47,8 @@ BACKENDS = ("sdpa", "native", "flash", "flex", "xformers", "reference")
 # rows in cache, which beats SDPA's fwd + bwd at training lengths up to this bound (docs/performance.md); longer
 # sequences are unmeasured and go to SDPA.  `saferlhf-fast bench ops --kernels attention` measures it.
 NATIVE_MAX_SEQLEN = 512
+# q / k / v dtypes the native kernel takes (one dtype for all three); bf16 computes in fp32 and rounds its outputs.
+NATIVE_DTYPES = (torch.float32, torch.bfloat16)
 
 
 def flash_available() -> bool:
@@ -255,14 +260,15 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, mask: Mask, scale: float) -
 
 def native_attention(q: Tensor, k: Tensor, v: Tensor, mask: Mask, scale: float) -> Tensor:
     """The C++ CPU kernel for causal / packed-document attention of q ``[B, nh, L, d]`` over k / v of the same
-    length; returns ``[B, nh, L, d]`` as a transposed view of a ``[B, L, nh, d]`` tensor, so the caller's
-    ``transpose(1, 2).reshape`` before ``o_proj`` is free.  Other cases go to :func:`sdpa_attention`."""
+    length and dtype (fp32 or bf16; bf16 returns bf16); returns ``[B, nh, L, d]`` as a transposed view of a
+    ``[B, L, nh, d]`` tensor, so the caller's ``transpose(1, 2).reshape`` before ``o_proj`` is free.  Other cases go
+    to :func:`sdpa_attention`."""
     length = q.shape[-2]
     packed = mask.cu_seqlens is not None
     aligned = mask.is_causal or (packed and q.shape[0] == 1)
     longest = mask.max_seqlen if packed else length
-    if (not aligned or q.dtype != torch.float32 or q.device.type != "cpu" or k.shape[-2] != length
-            or longest > NATIVE_MAX_SEQLEN):
+    if (not aligned or q.dtype not in NATIVE_DTYPES or not q.dtype == k.dtype == v.dtype or q.device.type != "cpu"
+            or k.shape[-2] != length or longest > NATIVE_MAX_SEQLEN):
         return sdpa_attention(q, k, v, mask, scale)
     window = mask.window if mask.window is not None else 0
     out = torch.ops.saferlhf.attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),

@@ -94,9 +94,10 @@ def _kl_penalized_rewards(reward, cost, logprobs, ref_logprobs, mask, kl_coeff, 
 # ---------------------------------------------------------------------------------------------- attention
 @fake("attention_forward")
 def _attention_forward(q, k, v, cu_seqlens, scale, window):
-    """q ``[B, L, Hq, D]`` -> (out ``[B, L, Hq, D]`` contiguous, lse ``[B, Hq, L]``)."""
+    """q ``[B, L, Hq, D]`` (fp32 or bf16) -> (out ``[B, L, Hq, D]`` contiguous of q's dtype, lse ``[B, Hq, L]``
+    fp32)."""
     b, length, hq, _ = q.shape
-    return _contiguous(q), _contiguous(q, (b, hq, length))
+    return _contiguous(q), _contiguous(q, (b, hq, length), torch.float32)
 
 
 @fake("attention_backward")
