@@ -313,12 +313,18 @@ def test_score_head_on_backbone(checkpoints, tmp_path, name):
 
 @pytest.mark.parametrize("name", GEMMA)
 def test_bf16_close_to_transformers(checkpoints, name):
-    """bf16: Gemma's norms round once after scaling by 1 + weight (not Llama's round-then-scale)."""
+    """bf16: Gemma's norms round once after scaling by 1 + weight (not Llama's round-then-scale).  The fused RoPE
+    computes in fp32 and rounds once, transformers' bf16 expression after every product (and rounds the tables), so
+    both are compared with the fp32 model: ours no further from it than transformers' bf16 (measured 0.050 vs 0.053
+    for gemma2, 0.055 vs 0.067 for gemma3), and within 0.15 of transformers' bf16 (measured 0.070 / 0.113)."""
     model = from_pretrained(checkpoints[name], dtype=torch.bfloat16).eval()
     hf = transformers.AutoModelForCausalLM.from_pretrained(checkpoints[name], dtype=torch.bfloat16).eval()
+    hf32 = transformers.AutoModelForCausalLM.from_pretrained(checkpoints[name], dtype=torch.float32).eval()
     ids, mask = left_padded_batch()
     with torch.no_grad():
-        assert masked_max(model(ids, mask).logits, hf_logits(hf, ids, mask), mask) <= 5e-2
+        ours, theirs, exact = model(ids, mask).logits, hf_logits(hf, ids, mask), hf_logits(hf32, ids, mask)
+    assert masked_max(ours.float(), exact, mask) <= masked_max(theirs.float(), exact, mask)
+    assert masked_max(ours, theirs, mask) <= 0.15
 
 
 def test_transformers4_config_spellings():
