@@ -7,6 +7,8 @@ to the output dtype, in bf16 ulps, and against the bf16 reference's own error; t
 residual / weight); and a profile showing that the kernels, not the references, ran."""
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -578,6 +580,40 @@ def test_add_rms_norm_all_bf16(shape, use_sum):
     scale = (gy.float() * wf.detach() * rstd).abs().max() + (gs.float().abs().max() if use_sum else 0.0)
     assert float((x.grad.float() - s32.grad).abs().max()) <= 2 * float(_ulp(scale.to(BF16)))
     assert _dweight_close(w.grad, s, gy, 1e-5)
+
+
+@needs_rms
+@pytest.mark.parametrize("x_dtype,r_dtype,w_dtype", list(itertools.product((torch.float32, BF16), repeat=3)))
+def test_norm_dtype_combinations_follow_the_reference(x_dtype, r_dtype, w_dtype):
+    """Every fp32 / bf16 combination of x, residual and weight (rms_norm: x and weight) runs the kernel and gives
+    outputs and gradients in the dtypes the reference gives (torch's type promotion), s bit-identical, y within 1
+    bf16 ulp of the reference (the same roundings, up to rstd's last fp32 bit), gradients within 2^-7 of the largest
+    of the fp32 reference's on the upcast inputs."""
+    x32, w32 = _norm_inputs((5, 37))
+    r32 = torch.randn(5, 37, generator=_gen(8))
+    dtypes = (x_dtype, r_dtype, w_dtype)
+    ours = [_leaf(t, d) for t, d in zip((x32, r32, w32), dtypes)]
+    theirs = [_leaf(t, d) for t, d in zip((x32, r32, w32), dtypes)]
+    upcast = [_leaf(t.to(d), torch.float32) for t, d in zip((x32, r32, w32), dtypes)]
+    (s, y), names = _profiled_ops(lambda: ops.add_rms_norm(*ours, 1e-6))
+    assert "saferlhf::add_rms_norm" in names
+    s_ref, y_ref = layers.add_rms_norm_reference(*theirs, 1e-6)
+    assert (s.dtype, y.dtype) == (s_ref.dtype, y_ref.dtype)
+    assert torch.equal(s, s_ref) and _ulps(y, y_ref.detach()) <= 1
+    y_norm = ops.rms_norm(ours[0], ours[2], 1e-6)
+    y_norm_ref = layers.rms_norm_reference(theirs[0], theirs[2], 1e-6)
+    assert y_norm.dtype == y_norm_ref.dtype and _ulps(y_norm, y_norm_ref.detach()) <= 1
+
+    g = _gen(9)
+    gs, gy, gn = (torch.randn(5, 37, generator=g).to(t.dtype) for t in (s, y, y_norm))
+    for outs, grads in (((s, y, y_norm), (gs, gy, gn)), ((s_ref, y_ref, y_norm_ref), (gs, gy, gn))):
+        torch.autograd.backward(list(outs), list(grads))
+    s32, y32 = layers.add_rms_norm_reference(*upcast, 1e-6)
+    n32 = layers.rms_norm_reference(upcast[0], upcast[2], 1e-6)
+    torch.autograd.backward([s32, y32, n32], [gs.float(), gy.float(), gn.float()])
+    for a, b, c in zip(ours, theirs, upcast):
+        assert a.grad.dtype == b.grad.dtype == a.dtype
+        assert _max_rel(a.grad, c.grad) <= 2.0 ** -7
 
 
 def _profiled_ops(fn):
