@@ -13,10 +13,9 @@ Backends: ``cpu`` (the extension's C++ kernels, ``csrc/layer_ops.cpp``, behind C
 readable references below, ``*_reference``, which are also what the model computes today).  The choice is
 ``_backend.select`` (registry entries ``rope``, ``swiglu``, ``rms_norm``, ``add_rms_norm``): ``backend=``, else
 ``$SAFERLHF_BACKEND`` when it is ``torch`` or ``cpu``, else ``cpu`` when the extension registers the op, else
-``torch`` (with one warning).  The C++ kernels take fp32 and bf16 CPU tensors in the
-combinations below; any other dtype, combination or device -- or cos / sin that require grad (the kernels give them
-no gradient) -- goes to the reference, whatever the backend.  Asking for ``backend="cpu"`` when the extension lacks
-the op is an error.
+``torch`` (with one warning).  The C++ kernels take fp32 and bf16 CPU tensors in the combinations below; any other
+dtype, combination or device -- or cos / sin that require grad (the kernels give them no gradient) -- goes to the
+reference, whatever the backend.  Asking for ``backend="cpu"`` when the extension lacks the op is an error.
 
 Dtypes (the kernels read bf16 exactly, compute and accumulate in fp32 and round each output once; every output and
 gradient has the dtype the reference gives for the same inputs):
