@@ -1,5 +1,5 @@
-// Differentiable fused decoder ops for CPU training (fp32): the kernels of layer_ops.cpp and attention_ops.cpp
-// behind autograd nodes written in C++, five torch ops:
+// Differentiable fused decoder ops for CPU training (fp32; the layer ops also bf16): the kernels of layer_ops.cpp
+// and attention_ops.cpp behind autograd nodes written in C++, five torch ops:
 //
 //   saferlhf::rope(q [B, L, Hq, d], k [B, L, Hk, d], cos [Bc, L, d], sin_signed [Bc, L, d]) -> (q_out, k_out)
 //   saferlhf::swiglu(gate [..., I], up [..., I]) -> silu(gate) * up
@@ -9,7 +9,9 @@
 //       -> out [B, L, Hq, D]
 //
 // Math and numerics: exactly those of the *_forward / *_backward ops they call (see those files); gradients flow to
-// q / k (rope: not to the tables), gate / up, x / weight, and q / k / v.
+// q / k (rope: not to the tables), gate / up, x / weight, and q / k / v.  Each gradient has its input's dtype:
+// add_rms_norm's kernel returns the gradient of the sum (in the sum's dtype), cast here for x and for residual when
+// theirs differs (bf16 x + fp32 residual: fp32 sum, bf16 gradient of x).
 //
 // Why: the same nodes as Python torch.autograd.Functions pay interpreter overhead per op and step (forward +
 // backward); a decoder layer has five of them.  The Python wrappers (saferlhf_fast/ops/layers.py,
@@ -71,6 +73,9 @@ inline Tensor grad_or_zeros(const Tensor& g, c10::IntArrayRef shape, const at::T
   return g.defined() ? g : at::zeros(shape, options);
 }
 
+// g in dtype t (autograd hands a node gradients in its outputs' dtypes; this guards the kernels' dtype checks).
+inline Tensor as_dtype(const Tensor& g, at::ScalarType t) { return g.scalar_type() == t ? g : g.to(t); }
+
 // ------------------------------------------------------------------------------------------------------- rope
 class RopeFunction : public torch::autograd::Function<RopeFunction> {
  public:
@@ -78,16 +83,19 @@ class RopeFunction : public torch::autograd::Function<RopeFunction> {
                              const Tensor& sin_signed) {
     auto [q_out, k_out] = rope_forward().call(q, k, cos, sin_signed);
     ctx->save_for_backward({cos, sin_signed});
-    ctx->saved_data["q_shape"] = q.sizes().vec();  // shapes only: zeros for an unused output's gradient
+    ctx->saved_data["q_shape"] = q.sizes().vec();  // shapes and dtype only: zeros for an unused output's gradient
     ctx->saved_data["k_shape"] = k.sizes().vec();
+    ctx->saved_data["dtype"] = q.scalar_type();
     return {q_out, k_out};
   }
   static tensor_list backward(AutogradContext* ctx, tensor_list grads) {
     const auto saved = ctx->get_saved_variables();
-    const auto options = saved[0].options();
-    auto [dq, dk] = rope_backward().call(grad_or_zeros(grads[0], ctx->saved_data["q_shape"].toIntVector(), options),
-                                         grad_or_zeros(grads[1], ctx->saved_data["k_shape"].toIntVector(), options),
-                                         saved[0], saved[1]);
+    const at::ScalarType dtype = ctx->saved_data["dtype"].toScalarType();
+    const auto options = saved[0].options().dtype(dtype);
+    auto [dq, dk] = rope_backward().call(
+        as_dtype(grad_or_zeros(grads[0], ctx->saved_data["q_shape"].toIntVector(), options), dtype),
+        as_dtype(grad_or_zeros(grads[1], ctx->saved_data["k_shape"].toIntVector(), options), dtype), saved[0],
+        saved[1]);
     return {dq, dk, Tensor(), Tensor()};
   }
 };
@@ -113,7 +121,7 @@ class SwiGLUFunction : public torch::autograd::Function<SwiGLUFunction> {
   }
   static tensor_list backward(AutogradContext* ctx, tensor_list grads) {
     const auto saved = ctx->get_saved_variables();
-    auto [dgate, dup] = swiglu_backward().call(grads[0], saved[0], saved[1]);
+    auto [dgate, dup] = swiglu_backward().call(as_dtype(grads[0], saved[0].scalar_type()), saved[0], saved[1]);
     return {ctx->needs_input_grad(0) ? dgate : Tensor(), ctx->needs_input_grad(1) ? dup : Tensor()};
   }
 };
@@ -132,7 +140,8 @@ class RMSNormFunction : public torch::autograd::Function<RMSNormFunction> {
   }
   static tensor_list backward(AutogradContext* ctx, tensor_list grads) {
     const auto saved = ctx->get_saved_variables();
-    auto [dx, dweight] = rms_norm_backward().call(grads[0], saved[0], saved[1], saved[2]);
+    const at::ScalarType y_dtype = at::promote_types(saved[0].scalar_type(), saved[1].scalar_type());
+    auto [dx, dweight] = rms_norm_backward().call(as_dtype(grads[0], y_dtype), saved[0], saved[1], saved[2]);
     return {ctx->needs_input_grad(0) ? dx : Tensor(), ctx->needs_input_grad(1) ? dweight : Tensor(), Tensor()};
   }
 };
@@ -155,15 +164,25 @@ class AddRMSNormFunction : public torch::autograd::Function<AddRMSNormFunction> 
                              double eps) {
     auto [sum, y, rstd] = add_rms_norm_forward().call(x, residual, weight, eps);
     ctx->save_for_backward({sum, weight, rstd});
+    ctx->saved_data["x_dtype"] = x.scalar_type();
+    ctx->saved_data["residual_dtype"] = residual.scalar_type();
+    ctx->saved_data["y_dtype"] = y.scalar_type();
     return {sum, y};
   }
   static tensor_list backward(AutogradContext* ctx, tensor_list grads) {
     const auto saved = ctx->get_saved_variables();
     const Tensor& sum = saved[0];
+    const at::ScalarType y_dtype = ctx->saved_data["y_dtype"].toScalarType();
     std::optional<Tensor> dsum;
-    if (grads[0].defined()) dsum = grads[0];
-    auto [dx, dweight] = add_rms_norm_backward().call(grad_or_zeros(grads[1], sum), dsum, sum, saved[1], saved[2]);
-    return {dx, dx, ctx->needs_input_grad(2) ? dweight : Tensor(), Tensor()};
+    if (grads[0].defined()) dsum = as_dtype(grads[0], sum.scalar_type());
+    const Tensor dy = as_dtype(grad_or_zeros(grads[1], sum.sizes(), sum.options().dtype(y_dtype)), y_dtype);
+    auto [dsum_total, dweight] = add_rms_norm_backward().call(dy, dsum, sum, saved[1], saved[2]);
+    // x and residual both receive the sum's gradient, each in its own dtype
+    const auto grad_as = [&](int i, const char* dtype) {
+      return ctx->needs_input_grad(i) ? as_dtype(dsum_total, ctx->saved_data[dtype].toScalarType()) : Tensor();
+    };
+    return {grad_as(0, "x_dtype"), grad_as(1, "residual_dtype"), ctx->needs_input_grad(2) ? dweight : Tensor(),
+            Tensor()};
   }
 };
 

@@ -1,4 +1,5 @@
-// Elementwise layer ops of the Llama decoder for CPU training (fp32), forward and backward, eight torch ops:
+// Elementwise layer ops of the Llama decoder for CPU training (fp32 and bf16), forward and backward, eight torch
+// ops:
 //
 //   saferlhf::rope_forward(q [B, L, Hq, d], k [B, L, Hk, d], cos [Bc, L, d], sin_signed [Bc, L, d])
 //       -> (q_out [B, L, Hq, d], k_out [B, L, Hk, d])
@@ -26,6 +27,18 @@
 //     (torch's, bit for bit), normalised as above; backward returns the gradient of sum, the norm's dx plus the
 //     gradient dsum that sum gets from the residual stream (x and residual both receive it).
 //
+// Dtypes: every tensor argument is fp32 or bf16 (rstd always fp32); bf16 is read exactly as fp32, all arithmetic and
+// accumulation is fp32, and each output is rounded once (to nearest-even, as c10::BFloat16) to the dtype torch's
+// type promotion gives the reference expression:
+//   rope: q, k of one dtype E, cos / sin_signed of one dtype (either) -> outputs and gradients E.  With bf16 q / k
+//     the result is the fp32 expression on the upcast inputs, rounded once (the bf16 torch expression also rounds
+//     the tables and each product).
+//   swiglu: gate, up and dout of one dtype E -> E.
+//   norms: sum = x + residual has S = promote(x, residual) (S = x's dtype for rms_norm), y has promote(S, weight).
+//     When S is bf16, xhat = x rstd is rounded to bf16 before it is scaled by weight (transformers' LlamaRMSNorm:
+//     `weight * xhat.to(input_dtype)`); the backward treats that rounding as the identity, as autograd does.
+//     The backward takes dy in y's dtype and dsum in S, returns dx in S and dweight in weight's dtype.
+//
 // Layout: q / k / cos / sin / dout may be strided views (the last dim contiguous; any other strides, e.g. a
 // [B, L, H, d] view of a fused qkv projection output); swiglu / rms_norm inputs are seen as [N, I] / [N, H] rows
 // (a view when the leading dims allow one, else a copy).  Outputs are new contiguous tensors.
@@ -46,6 +59,7 @@
 #include <cmath>
 #include <optional>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "simd_cpu.h"
@@ -53,6 +67,7 @@
 namespace saferlhf_layers {
 
 using at::Tensor;
+using saferlhf::cpu::bf16;
 using saferlhf::cpu::Vec;
 using saferlhf::cpu::clamp_floor;
 using saferlhf::cpu::exp_nonpos;
@@ -64,18 +79,55 @@ constexpr int64_t kGrainElems = 16384;
 
 inline int64_t grain_rows(int64_t row_elems) { return std::max<int64_t>(1, kGrainElems / std::max<int64_t>(1, row_elems)); }
 
+// ------------------------------------------------------------------------------------------------ element types
+// E = float or bf16 (simd_cpu.h's bit-level bf16; Vec loads it exactly and stores it rounded to nearest-even).
+template <class E>
+constexpr at::ScalarType kScalar = std::is_same_v<E, float> ? at::kFloat : at::kBFloat16;
+
+// Torch's type promotion restricted to {fp32, bf16}: fp32 if either is.
+template <class A, class B>
+using Promote = std::conditional_t<std::is_same_v<A, float> || std::is_same_v<B, float>, float, bf16>;
+
+template <class E>
+E* ptr(const Tensor& t) {
+  if constexpr (std::is_same_v<E, float>)
+    return t.data_ptr<float>();
+  else
+    return reinterpret_cast<bf16*>(t.data_ptr<at::BFloat16>());
+}
+
+// Calls f(E{}) with E the element type of `s` (float or bf16; the checks below reject anything else).
+template <class F>
+decltype(auto) with_elem(at::ScalarType s, F&& f) {
+  if (s == at::kBFloat16) return f(bf16{});
+  return f(float{});
+}
+
 // ---------------------------------------------------------------------------------------------------- helpers
-// Loads p[0, n) (n < W) zero padded / stores the first n lanes.
-inline Vec load_n(const float* p, int64_t n) {
+// Loads p[0, n) (n < W) zero padded / stores the first n lanes.  (bf16 lanes are widened one by one: exact, and it
+// keeps GCC 12 from reporting its own vector intrinsics' undefined-register idiom as uninitialised.)
+template <class E>
+inline Vec load_n(const E* p, int64_t n) {
   alignas(64) float buf[W] = {};
-  std::copy(p, p + n, buf);
+  if constexpr (std::is_same_v<E, float>)
+    std::copy(p, p + n, buf);
+  else
+    for (int64_t l = 0; l < n; ++l) buf[l] = saferlhf::cpu::Elem<E>::to_float(p[l]);
   return Vec::load(buf);
 }
 
-inline void store_n(Vec v, float* p, int64_t n) {
-  alignas(64) float buf[W];
+template <class E>
+inline void store_n(Vec v, E* p, int64_t n) {
+  alignas(64) E buf[W];
   v.store(buf);
   std::copy(buf, buf + n, p);
+}
+
+// v rounded to bf16 (nearest-even) and back: what `t.to(bfloat16)` of an fp32 tensor holds.
+inline Vec round_bf16(Vec v) {
+  alignas(64) bf16 buf[W];
+  v.store(buf);
+  return Vec::load(buf);
 }
 
 inline Vec div(Vec a, Vec b) {
@@ -107,9 +159,17 @@ inline Vec sigmoid(Vec x) {
   return div(num, one + e);
 }
 
-inline void check_cpu_fp32(const char* op, const char* name, const Tensor& t) {
+// A CPU tensor of dtype fp32 or bf16.
+inline void check_cpu_float(const char* op, const char* name, const Tensor& t) {
   TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor, got ", t.device());
-  TORCH_CHECK(t.scalar_type() == at::kFloat, op, ": ", name, " must be float32, got ", t.scalar_type());
+  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16, op, ": ", name,
+              " must be float32 or bfloat16, got ", t.scalar_type());
+}
+
+inline void check_dtype(const char* op, const char* name, const Tensor& t, at::ScalarType expected,
+                        const char* why) {
+  TORCH_CHECK(t.scalar_type() == expected, op, ": ", name, " must be ", expected, " (", why, "), got ",
+              t.scalar_type());
 }
 
 inline Tensor last_dim_contiguous(const Tensor& t) { return t.size(-1) <= 1 || t.stride(-1) == 1 ? t : t.contiguous(); }
@@ -119,27 +179,36 @@ inline Tensor as_rows(const Tensor& t, int64_t n) { return last_dim_contiguous(t
 
 // ------------------------------------------------------------------------------------------------------- RoPE
 // A [B, L, H, d] tensor with a contiguous last dim.
+template <class E>
 struct Heads {
-  float* data;
+  E* data;
   int64_t sb, sl, sh, H;
-  float* at(int64_t b, int64_t t, int64_t h) const { return data + b * sb + t * sl + h * sh; }
+  E* at(int64_t b, int64_t t, int64_t h) const { return data + b * sb + t * sl + h * sh; }
 };
 
-Heads heads_of(const Tensor& t) { return Heads{t.data_ptr<float>(), t.stride(0), t.stride(1), t.stride(2), t.size(2)}; }
+template <class E>
+Heads<E> heads_of(const Tensor& t) {
+  return Heads<E>{ptr<E>(t), t.stride(0), t.stride(1), t.stride(2), t.size(2)};
+}
 
 // A [Bc, L, d] table (cos or sin), Bc == 1 broadcast over the batch.
+template <class T>
 struct Table {
-  const float* data;
+  const T* data;
   int64_t sb, sl;
-  const float* at(int64_t b, int64_t t) const { return data + b * sb + t * sl; }
+  const T* at(int64_t b, int64_t t) const { return data + b * sb + t * sl; }
 };
 
-Table table_of(const Tensor& t) { return Table{t.data_ptr<float>(), t.size(0) == 1 ? 0 : t.stride(0), t.stride(1)}; }
+template <class T>
+Table<T> table_of(const Tensor& t) {
+  return Table<T>{ptr<T>(t), t.size(0) == 1 ? 0 : t.stride(0), t.stride(1)};
+}
 
 // o[j] = x[j] c[j] + x[j + half] sa[j],  o[j + half] = x[j + half] c[j + half] + x[j] sb[j]  for j < half.
 // Forward: sa = sin, sb = sin + half.  Backward: sa = sin + half, sb = sin.  (x * c and the other product are
 // rounded separately, then added: the rounding of torch's x * cos + roll(x, half) * sin_signed.)
-inline void rotate(const float* x, const float* c, const float* sa, const float* sb, float* o, int64_t half) {
+template <class E, class T>
+inline void rotate(const E* x, const T* c, const T* sa, const T* sb, E* o, int64_t half) {
   int64_t j = 0;
   for (; j + W <= half; j += W) {
     const Vec lo = Vec::load(x + j), hi = Vec::load(x + j + half);
@@ -154,12 +223,32 @@ inline void rotate(const float* x, const float* c, const float* sa, const float*
   }
 }
 
+template <class E, class T>
+void rope_rows(const Tensor& q, const Tensor& k, const Tensor& cos, const Tensor& sin, Tensor& q_out, Tensor& k_out,
+               bool backward) {
+  const Heads<E> qi = heads_of<E>(q), ki = heads_of<E>(k), qo = heads_of<E>(q_out), ko = heads_of<E>(k_out);
+  const Table<T> ct = table_of<T>(cos), st = table_of<T>(sin);
+  const int64_t L = q.size(1), half = q.size(3) / 2;
+  const int64_t sa_off = backward ? half : 0, sb_off = backward ? 0 : half;
+  at::parallel_for(0, q.size(0) * L, grain_rows((qi.H + ki.H) * 2 * half), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t b = r / L, t = r % L;
+      const T* c = ct.at(b, t);
+      const T* s = st.at(b, t);
+      for (int64_t h = 0; h < qi.H; ++h) rotate(qi.at(b, t, h), c, s + sa_off, s + sb_off, qo.at(b, t, h), half);
+      for (int64_t h = 0; h < ki.H; ++h) rotate(ki.at(b, t, h), c, s + sa_off, s + sb_off, ko.at(b, t, h), half);
+    }
+  });
+}
+
 std::tuple<Tensor, Tensor> rope_apply(const char* op, const Tensor& q_in, const Tensor& k_in, const Tensor& cos_in,
                                       const Tensor& sin_in, bool backward) {
-  check_cpu_fp32(op, "q", q_in);
-  check_cpu_fp32(op, "k", k_in);
-  check_cpu_fp32(op, "cos", cos_in);
-  check_cpu_fp32(op, "sin_signed", sin_in);
+  check_cpu_float(op, "q", q_in);
+  check_cpu_float(op, "k", k_in);
+  check_cpu_float(op, "cos", cos_in);
+  check_cpu_float(op, "sin_signed", sin_in);
+  check_dtype(op, "k", k_in, q_in.scalar_type(), "q's dtype");
+  check_dtype(op, "sin_signed", sin_in, cos_in.scalar_type(), "cos's dtype");
   TORCH_CHECK(q_in.dim() == 4 && k_in.dim() == 4, op, ": q and k must be [B, L, H, d], got ", q_in.sizes(), " and ",
               k_in.sizes());
   TORCH_CHECK(cos_in.dim() == 3 && sin_in.dim() == 3, op, ": cos and sin_signed must be [B or 1, L, d], got ",
@@ -178,18 +267,10 @@ std::tuple<Tensor, Tensor> rope_apply(const char* op, const Tensor& q_in, const 
   Tensor q_out = at::empty(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
   Tensor k_out = at::empty(k.sizes(), k.options().memory_format(at::MemoryFormat::Contiguous));
   if (q.numel() + k.numel() == 0) return {q_out, k_out};
-  const Heads qi = heads_of(q), ki = heads_of(k), qo = heads_of(q_out), ko = heads_of(k_out);
-  const Table ct = table_of(cos), st = table_of(sin);
-  const int64_t half = d / 2;
-  const int64_t sa_off = backward ? half : 0, sb_off = backward ? 0 : half;
-  at::parallel_for(0, B * L, grain_rows((qi.H + ki.H) * d), [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      const int64_t b = r / L, t = r % L;
-      const float* c = ct.at(b, t);
-      const float* s = st.at(b, t);
-      for (int64_t h = 0; h < qi.H; ++h) rotate(qi.at(b, t, h), c, s + sa_off, s + sb_off, qo.at(b, t, h), half);
-      for (int64_t h = 0; h < ki.H; ++h) rotate(ki.at(b, t, h), c, s + sa_off, s + sb_off, ko.at(b, t, h), half);
-    }
+  with_elem(q.scalar_type(), [&](auto e) {
+    with_elem(cos.scalar_type(), [&](auto t) {
+      rope_rows<decltype(e), decltype(t)>(q, k, cos, sin, q_out, k_out, backward);
+    });
   });
   return {q_out, k_out};
 }
@@ -209,23 +290,16 @@ void check_same(const char* op, const char* a, const Tensor& x, const char* b, c
               "shape");
 }
 
-Tensor swiglu_forward(const Tensor& gate, const Tensor& up) {
-  const char* op = "swiglu_forward";
-  check_cpu_fp32(op, "gate", gate);
-  check_cpu_fp32(op, "up", up);
-  TORCH_CHECK(gate.dim() >= 1, op, ": gate must have at least one dim");
-  check_same(op, "gate", gate, "up", up);
-  Tensor out = at::empty(gate.sizes(), gate.options().memory_format(at::MemoryFormat::Contiguous));
-  const int64_t I = gate.size(-1);
-  if (out.numel() == 0) return out;
-  const Tensor g2 = as_rows(gate, I), u2 = as_rows(up, I);
-  const float *gp = g2.data_ptr<float>(), *upp = u2.data_ptr<float>();
+template <class E>
+void swiglu_rows(const Tensor& g2, const Tensor& u2, Tensor& out) {
+  const int64_t I = g2.size(1);
+  const E *gp = ptr<E>(g2), *upp = ptr<E>(u2);
   const int64_t gs = g2.stride(0), us = u2.stride(0);
-  float* op_ = out.data_ptr<float>();
+  E* op_ = ptr<E>(out);
   at::parallel_for(0, g2.size(0), grain_rows(I), [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
-      const float *g = gp + r * gs, *u = upp + r * us;
-      float* o = op_ + r * I;
+      const E *g = gp + r * gs, *u = upp + r * us;
+      E* o = op_ + r * I;
       int64_t j = 0;
       for (; j + W <= I; j += W) {
         const Vec x = Vec::load(g + j);
@@ -237,6 +311,20 @@ Tensor swiglu_forward(const Tensor& gate, const Tensor& up) {
       }
     }
   });
+}
+
+Tensor swiglu_forward(const Tensor& gate, const Tensor& up) {
+  const char* op = "swiglu_forward";
+  check_cpu_float(op, "gate", gate);
+  check_cpu_float(op, "up", up);
+  check_dtype(op, "up", up, gate.scalar_type(), "gate's dtype");
+  TORCH_CHECK(gate.dim() >= 1, op, ": gate must have at least one dim");
+  check_same(op, "gate", gate, "up", up);
+  Tensor out = at::empty(gate.sizes(), gate.options().memory_format(at::MemoryFormat::Contiguous));
+  const int64_t I = gate.size(-1);
+  if (out.numel() == 0) return out;
+  const Tensor g2 = as_rows(gate, I), u2 = as_rows(up, I);
+  with_elem(gate.scalar_type(), [&](auto e) { swiglu_rows<decltype(e)>(g2, u2, out); });
   return out;
 }
 
@@ -248,26 +336,16 @@ inline void swiglu_grad(Vec dy, Vec x, Vec u, Vec& dg, Vec& du) {
   dg = ((dy * u) * s) * (one + x * (one - s));
 }
 
-std::tuple<Tensor, Tensor> swiglu_backward(const Tensor& dout, const Tensor& gate, const Tensor& up) {
-  const char* op = "swiglu_backward";
-  check_cpu_fp32(op, "dout", dout);
-  check_cpu_fp32(op, "gate", gate);
-  check_cpu_fp32(op, "up", up);
-  TORCH_CHECK(gate.dim() >= 1, op, ": gate must have at least one dim");
-  check_same(op, "gate", gate, "up", up);
-  check_same(op, "dout", dout, "gate", gate);
-  const auto contiguous = gate.options().memory_format(at::MemoryFormat::Contiguous);
-  Tensor dgate = at::empty(gate.sizes(), contiguous), dup = at::empty(gate.sizes(), contiguous);
-  const int64_t I = gate.size(-1);
-  if (dgate.numel() == 0) return {dgate, dup};
-  const Tensor d2 = as_rows(dout, I), g2 = as_rows(gate, I), u2 = as_rows(up, I);
-  const float *dp = d2.data_ptr<float>(), *gp = g2.data_ptr<float>(), *upp = u2.data_ptr<float>();
+template <class E>
+void swiglu_backward_rows(const Tensor& d2, const Tensor& g2, const Tensor& u2, Tensor& dgate, Tensor& dup) {
+  const int64_t I = g2.size(1);
+  const E *dp = ptr<E>(d2), *gp = ptr<E>(g2), *upp = ptr<E>(u2);
   const int64_t ds = d2.stride(0), gs = g2.stride(0), us = u2.stride(0);
-  float *dgp = dgate.data_ptr<float>(), *dup_ = dup.data_ptr<float>();
+  E *dgp = ptr<E>(dgate), *dup_ = ptr<E>(dup);
   at::parallel_for(0, g2.size(0), grain_rows(I), [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
-      const float *dy = dp + r * ds, *g = gp + r * gs, *u = upp + r * us;
-      float *dg = dgp + r * I, *du = dup_ + r * I;
+      const E *dy = dp + r * ds, *g = gp + r * gs, *u = upp + r * us;
+      E *dg = dgp + r * I, *du = dup_ + r * I;
       int64_t j = 0;
       Vec vg, vu;
       for (; j + W <= I; j += W) {
@@ -283,36 +361,108 @@ std::tuple<Tensor, Tensor> swiglu_backward(const Tensor& dout, const Tensor& gat
       }
     }
   });
+}
+
+std::tuple<Tensor, Tensor> swiglu_backward(const Tensor& dout, const Tensor& gate, const Tensor& up) {
+  const char* op = "swiglu_backward";
+  check_cpu_float(op, "dout", dout);
+  check_cpu_float(op, "gate", gate);
+  check_cpu_float(op, "up", up);
+  check_dtype(op, "up", up, gate.scalar_type(), "gate's dtype");
+  check_dtype(op, "dout", dout, gate.scalar_type(), "gate's dtype");
+  TORCH_CHECK(gate.dim() >= 1, op, ": gate must have at least one dim");
+  check_same(op, "gate", gate, "up", up);
+  check_same(op, "dout", dout, "gate", gate);
+  const auto contiguous = gate.options().memory_format(at::MemoryFormat::Contiguous);
+  Tensor dgate = at::empty(gate.sizes(), contiguous), dup = at::empty(gate.sizes(), contiguous);
+  const int64_t I = gate.size(-1);
+  if (dgate.numel() == 0) return {dgate, dup};
+  const Tensor d2 = as_rows(dout, I), g2 = as_rows(gate, I), u2 = as_rows(up, I);
+  with_elem(gate.scalar_type(), [&](auto e) { swiglu_backward_rows<decltype(e)>(d2, g2, u2, dgate, dup); });
   return {dgate, dup};
 }
 
 // ---------------------------------------------------------------------------------------------------- RMSNorm
 void check_norm(const char* op, const Tensor& x, const Tensor& weight) {
-  check_cpu_fp32(op, "x", x);
-  check_cpu_fp32(op, "weight", weight);
+  check_cpu_float(op, "x", x);
+  check_cpu_float(op, "weight", weight);
   TORCH_CHECK(x.dim() >= 1, op, ": x must have at least one dim");
   TORCH_CHECK(weight.dim() == 1 && weight.size(0) == x.size(-1), op, ": weight must be [H] with H = x.size(-1) = ",
               x.size(-1), ", got ", weight.sizes());
 }
 
-// sum_h a[h] b[h] (b == nullptr: sum a[h]^2), two vector accumulators.
-inline float dot(const float* a, const float* b, int64_t n) {
+// sum_h a[h]^2, two vector accumulators.
+template <class E>
+inline float sum_sq(const E* a, int64_t n) {
   Vec acc0(0.0f), acc1(0.0f);
   int64_t j = 0;
   for (; j + 2 * W <= n; j += 2 * W) {
     const Vec a0 = Vec::load(a + j), a1 = Vec::load(a + j + W);
-    acc0 = acc0 + a0 * (b ? Vec::load(b + j) : a0);
-    acc1 = acc1 + a1 * (b ? Vec::load(b + j + W) : a1);
+    acc0 = acc0 + a0 * a0;
+    acc1 = acc1 + a1 * a1;
   }
   for (; j + W <= n; j += W) {
     const Vec a0 = Vec::load(a + j);
-    acc0 = acc0 + a0 * (b ? Vec::load(b + j) : a0);
+    acc0 = acc0 + a0 * a0;
   }
   if (j < n) {
     const Vec a0 = load_n(a + j, n - j);
-    acc1 = acc1 + a0 * (b ? load_n(b + j, n - j) : a0);
+    acc1 = acc1 + a0 * a0;
   }
   return hsum(acc0 + acc1);
+}
+
+// xhat = s rstd, rounded to bf16 when the normalised tensor s is bf16 (the reference's `xhat.to(input_dtype)`).
+template <class S>
+inline Vec normalised(Vec s, Vec rstd) {
+  if constexpr (std::is_same_v<S, bf16>)
+    return round_bf16(s * rstd);
+  else
+    return s * rstd;
+}
+
+// Rows of y = rms_norm(s) weight with s = x, or s = x + residual written to `sum` (R = X when there is no residual;
+// the sum's dtype is then X).
+template <class X, class R, class Wt>
+void rms_norm_forward_rows(const Tensor& x2, const Tensor* r2, Tensor* sum, const Tensor& w, Tensor& y,
+                           Tensor& rstd, float eps) {
+  using S = Promote<X, R>;
+  using Y = Promote<S, Wt>;
+  const int64_t N = x2.size(0), H = x2.size(1);
+  const X* xp = ptr<X>(x2);
+  const Wt* wp = ptr<Wt>(w);
+  const R* resp = r2 != nullptr ? ptr<R>(*r2) : nullptr;
+  S* sp = sum != nullptr ? ptr<S>(*sum) : nullptr;
+  const int64_t xs = x2.stride(0), rs_stride = r2 != nullptr ? r2->stride(0) : 0;
+  Y* yp = ptr<Y>(y);
+  float* rp = rstd.data_ptr<float>();
+  at::parallel_for(0, N, grain_rows(H), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      // the row to normalise: x itself, or the sum just written (in its own dtype S, as the reference reads it)
+      const S* xr;
+      if (resp != nullptr) {  // s = x + residual, one fp32 add per element (torch's x + residual, bit for bit)
+        S* sr = sp + r * H;
+        const R* rr = resp + r * rs_stride;
+        const X* xin = xp + r * xs;
+        int64_t j = 0;
+        for (; j + W <= H; j += W) (Vec::load(xin + j) + Vec::load(rr + j)).store(sr + j);
+        if (j < H) store_n(load_n(xin + j, H - j) + load_n(rr + j, H - j), sr + j, H - j);
+        xr = sr;
+      } else if constexpr (std::is_same_v<X, S>) {
+        xr = xp + r * xs;
+      } else {
+        xr = nullptr;  // unreachable: without a residual the caller instantiates R = X, so S = X
+      }
+      Y* yr = yp + r * H;
+      const float ms = sum_sq(xr, H) / static_cast<float>(H);
+      const float rs = 1.0f / std::sqrt(ms + eps);
+      rp[r] = rs;
+      const Vec vr(rs);
+      int64_t j = 0;
+      for (; j + W <= H; j += W) (normalised<S>(Vec::load(xr + j), vr) * Vec::load(wp + j)).store(yr + j);
+      if (j < H) store_n(normalised<S>(load_n(xr + j, H - j), vr) * load_n(wp + j, H - j), yr + j, H - j);
+    }
+  });
 }
 
 // y = rms_norm(s) weight with s = x, or s = x + residual written to `sum` (the fused pre-norm residual add).
@@ -320,47 +470,32 @@ std::tuple<Tensor, Tensor> rms_norm_rows(const char* op, const Tensor& x, const 
                                          const Tensor& weight, double eps) {
   check_norm(op, x, weight);
   if (residual != nullptr) {
-    check_cpu_fp32(op, "residual", *residual);
+    check_cpu_float(op, "residual", *residual);
     check_same(op, "x", x, "residual", *residual);
   }
+  const at::ScalarType s_type =
+      residual != nullptr ? at::promote_types(x.scalar_type(), residual->scalar_type()) : x.scalar_type();
   const int64_t H = x.size(-1);
   const auto contiguous = x.options().memory_format(at::MemoryFormat::Contiguous);
-  Tensor y = at::empty(x.sizes(), contiguous);
-  if (sum != nullptr) *sum = at::empty(x.sizes(), contiguous);
+  Tensor y = at::empty(x.sizes(), contiguous.dtype(at::promote_types(s_type, weight.scalar_type())));
+  if (sum != nullptr) *sum = at::empty(x.sizes(), contiguous.dtype(s_type));
   const int64_t N = H > 0 ? x.numel() / H : 0;
-  Tensor rstd = at::empty({N}, x.options());
+  Tensor rstd = at::empty({N}, x.options().dtype(at::kFloat));
   if (y.numel() == 0) {
     rstd.fill_(1.0f / std::sqrt(static_cast<float>(eps)));
     return {y, rstd};
   }
   const Tensor x2 = as_rows(x, H), w = weight.contiguous();
   const Tensor r2 = residual != nullptr ? as_rows(*residual, H) : Tensor();
-  const float *xp = x2.data_ptr<float>(), *wp = w.data_ptr<float>();
-  const float* resp = residual != nullptr ? r2.data_ptr<float>() : nullptr;
-  float* sp = sum != nullptr ? sum->data_ptr<float>() : nullptr;
-  const int64_t xs = x2.stride(0), rs_stride = residual != nullptr ? r2.stride(0) : 0;
-  float *yp = y.data_ptr<float>(), *rp = rstd.data_ptr<float>();
+  const Tensor* r2p = residual != nullptr ? &r2 : nullptr;
+  const at::ScalarType r_type = residual != nullptr ? residual->scalar_type() : x.scalar_type();
   const float eps_f = static_cast<float>(eps);
-  at::parallel_for(0, N, grain_rows(H), [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      const float* xr = xp + r * xs;
-      if (resp != nullptr) {  // s = x + residual, one fp32 add per element (torch's x + residual, bit for bit)
-        float* sr = sp + r * H;
-        const float* rr = resp + r * rs_stride;
-        int64_t j = 0;
-        for (; j + W <= H; j += W) (Vec::load(xr + j) + Vec::load(rr + j)).store(sr + j);
-        if (j < H) store_n(load_n(xr + j, H - j) + load_n(rr + j, H - j), sr + j, H - j);
-        xr = sr;
-      }
-      float* yr = yp + r * H;
-      const float ms = dot(xr, nullptr, H) / static_cast<float>(H);
-      const float rs = 1.0f / std::sqrt(ms + eps_f);
-      rp[r] = rs;
-      const Vec vr(rs);
-      int64_t j = 0;
-      for (; j + W <= H; j += W) ((Vec::load(xr + j) * vr) * Vec::load(wp + j)).store(yr + j);
-      if (j < H) store_n((load_n(xr + j, H - j) * vr) * load_n(wp + j, H - j), yr + j, H - j);
-    }
+  with_elem(x.scalar_type(), [&](auto xe) {
+    with_elem(r_type, [&](auto re) {
+      with_elem(weight.scalar_type(), [&](auto we) {
+        rms_norm_forward_rows<decltype(xe), decltype(re), decltype(we)>(x2, r2p, sum, w, y, rstd, eps_f);
+      });
+    });
   });
   return {y, rstd};
 }
@@ -376,31 +511,21 @@ std::tuple<Tensor, Tensor, Tensor> add_rms_norm_forward(const Tensor& x, const T
   return {sum, y, rstd};
 }
 
-// dx = rstd (g - xhat mean(g xhat)) [+ dsum: the gradient the normalised sum also gets from the residual stream].
-std::tuple<Tensor, Tensor> rms_norm_backward_rows(const char* op, const Tensor& dy, const Tensor* dsum,
-                                                  const Tensor& x, const Tensor& weight, const Tensor& rstd) {
-  check_norm(op, x, weight);
-  if (dsum != nullptr) {
-    check_cpu_fp32(op, "dsum", *dsum);
-    check_same(op, "dsum", *dsum, "x", x);
-  }
-  check_cpu_fp32(op, "dy", dy);
-  check_cpu_fp32(op, "rstd", rstd);
-  check_same(op, "dy", dy, "x", x);
-  const int64_t H = x.size(-1);
-  const int64_t N = H > 0 ? x.numel() / H : 0;
-  TORCH_CHECK(rstd.numel() == N, op, ": rstd must hold one value per row (", N, "), got ", rstd.sizes());
-  Tensor dx = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
-  Tensor dweight = at::zeros({H}, x.options());
-  if (dx.numel() == 0) return {dx, dweight};
-  const Tensor x2 = as_rows(x, H), d2 = as_rows(dy, H), w = weight.contiguous(), rs_c = rstd.contiguous();
-  const float *xp = x2.data_ptr<float>(), *dp = d2.data_ptr<float>(), *wp = w.data_ptr<float>(),
-              *rp = rs_c.data_ptr<float>();
+// Rows of dx = rstd (g - xhat mean(g xhat)) [+ dsum] and block partials of dweight = sum_rows dy xhat, for x in S
+// and weight in Wt (dy in promote(S, Wt), dsum and dx in S); then dweight = the partials added in block order.
+template <class S, class Wt>
+void rms_norm_backward_rows_typed(const Tensor& d2, const Tensor* s2, const Tensor& x2, const Tensor& w,
+                                  const Tensor& rs_c, Tensor& dx, Tensor& dweight) {
+  using Y = Promote<S, Wt>;
+  const int64_t N = x2.size(0), H = x2.size(1);
+  const S* xp = ptr<S>(x2);
+  const Y* dp = ptr<Y>(d2);
+  const Wt* wp = ptr<Wt>(w);
+  const float* rp = rs_c.data_ptr<float>();
   const int64_t xs = x2.stride(0), ds = d2.stride(0);
-  const Tensor s2 = dsum != nullptr ? as_rows(*dsum, H) : Tensor();
-  const float* dsp = dsum != nullptr ? s2.data_ptr<float>() : nullptr;
-  const int64_t dss = dsum != nullptr ? s2.stride(0) : 0;
-  float* dxp = dx.data_ptr<float>();
+  const S* dsp = s2 != nullptr ? ptr<S>(*s2) : nullptr;
+  const int64_t dss = s2 != nullptr ? s2->stride(0) : 0;
+  S* dxp = ptr<S>(dx);
   // Fixed blocks of rows (at most kMaxBlocks, at least kMinBlockRows rows each: a function of N only), each with
   // its own partial dweight row.
   constexpr int64_t kMaxBlocks = 256, kMinBlockRows = 16;
@@ -412,8 +537,9 @@ std::tuple<Tensor, Tensor> rms_norm_backward_rows(const char* op, const Tensor& 
     for (int64_t blk = b0; blk < b1; ++blk) {
       float* pw = partial.data() + blk * H;
       for (int64_t r = blk * block_rows; r < std::min(N, (blk + 1) * block_rows); ++r) {
-        const float *xr = xp + r * xs, *dr = dp + r * ds;
-        float* dxr = dxp + r * H;
+        const S* xr = xp + r * xs;
+        const Y* dr = dp + r * ds;
+        S* dxr = dxp + r * H;
         const Vec vr(rp[r]);
         // pass 1: g = dy w and xhat = x rstd into row buffers (L1), dweight partial += dy xhat, c = mean(g xhat)
         Vec acc(0.0f);
@@ -441,7 +567,7 @@ std::tuple<Tensor, Tensor> rms_norm_backward_rows(const char* op, const Tensor& 
             (vr * (Vec::load(g.data() + j) - Vec::load(xh.data() + j) * c)).store(dxr + j);
           if (j < H) store_n(vr * (Vec::load(g.data() + j) - Vec::load(xh.data() + j) * c), dxr + j, H - j);
         } else {
-          const float* dsr = dsp + r * dss;
+          const S* dsr = dsp + r * dss;
           for (j = 0; j + W <= H; j += W)
             (vr * (Vec::load(g.data() + j) - Vec::load(xh.data() + j) * c) + Vec::load(dsr + j)).store(dxr + j);
           if (j < H)
@@ -452,7 +578,7 @@ std::tuple<Tensor, Tensor> rms_norm_backward_rows(const char* op, const Tensor& 
     }
   });
   // dweight = sum of the block partials in block order (columns split across threads).
-  float* dwp = dweight.data_ptr<float>();
+  Wt* dwp = ptr<Wt>(dweight);
   at::parallel_for(0, (H + W - 1) / W, grain_rows(n_blocks * W), [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
       const int64_t j = c * W, n = std::min<int64_t>(W, H - j);
@@ -466,6 +592,36 @@ std::tuple<Tensor, Tensor> rms_norm_backward_rows(const char* op, const Tensor& 
       else
         store_n(acc, dwp + j, n);
     }
+  });
+}
+
+// dx = rstd (g - xhat mean(g xhat)) [+ dsum: the gradient the normalised sum also gets from the residual stream].
+std::tuple<Tensor, Tensor> rms_norm_backward_rows(const char* op, const Tensor& dy, const Tensor* dsum,
+                                                  const Tensor& x, const Tensor& weight, const Tensor& rstd) {
+  check_norm(op, x, weight);
+  if (dsum != nullptr) {
+    check_cpu_float(op, "dsum", *dsum);
+    check_dtype(op, "dsum", *dsum, x.scalar_type(), "the sum's dtype");
+    check_same(op, "dsum", *dsum, "x", x);
+  }
+  check_cpu_float(op, "dy", dy);
+  check_dtype(op, "dy", dy, at::promote_types(x.scalar_type(), weight.scalar_type()), "the output's dtype");
+  TORCH_CHECK(rstd.device().is_cpu() && rstd.scalar_type() == at::kFloat, op, ": rstd must be a float32 CPU tensor, "
+              "got ", rstd.scalar_type(), " on ", rstd.device());
+  check_same(op, "dy", dy, "x", x);
+  const int64_t H = x.size(-1);
+  const int64_t N = H > 0 ? x.numel() / H : 0;
+  TORCH_CHECK(rstd.numel() == N, op, ": rstd must hold one value per row (", N, "), got ", rstd.sizes());
+  Tensor dx = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
+  Tensor dweight = at::zeros({H}, weight.options());
+  if (dx.numel() == 0) return {dx, dweight};
+  const Tensor x2 = as_rows(x, H), d2 = as_rows(dy, H), w = weight.contiguous(), rs_c = rstd.contiguous();
+  const Tensor s2 = dsum != nullptr ? as_rows(*dsum, H) : Tensor();
+  const Tensor* s2p = dsum != nullptr ? &s2 : nullptr;
+  with_elem(x.scalar_type(), [&](auto se) {
+    with_elem(weight.scalar_type(), [&](auto we) {
+      rms_norm_backward_rows_typed<decltype(se), decltype(we)>(d2, s2p, x2, w, rs_c, dx, dweight);
+    });
   });
   return {dx, dweight};
 }

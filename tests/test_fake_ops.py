@@ -34,9 +34,42 @@ def _attention_qkv(grad=False, strided=False):
     return tuple(t.detach().requires_grad_(grad) for t in (q, k, v))
 
 
-def _rope_args(grad=False):
-    q, k = _g(2, 5, 4, 8, grad=grad), _g(2, 5, 2, 8, grad=grad)
+def _rope_args(grad=False, dtype=torch.float32):
+    q, k = _g(2, 5, 4, 8, dtype=dtype, grad=grad), _g(2, 5, 2, 8, dtype=dtype, grad=grad)
     return q, k, _g(1, 5, 8), _g(1, 5, 8)
+
+
+def _bf16_layer_cases():
+    """The layer ops on bf16 inputs (tables and, in the "_mixed" cases, the residual / weight fp32): the norms'
+    outputs take torch's type promotion of their inputs."""
+    bf16 = torch.bfloat16
+    xb, wb, w = _g(3, 4, 16, dtype=bf16), _g(16, dtype=bf16), _g(16)
+    mixed = OPS.add_rms_norm_forward(xb, _g(3, 4, 16), w, 1e-6)
+    plain = OPS.add_rms_norm_forward(xb, xb, wb, 1e-6)
+    gate_up = _g(3, 4, 20, dtype=bf16)
+    return [
+        ("rope_forward_bf16", OPS.rope_forward, _rope_args(dtype=bf16)),
+        ("rope_backward_bf16", OPS.rope_backward, _rope_args(dtype=bf16)),
+        ("rope_bf16", OPS.rope, _rope_args(grad=True, dtype=bf16)),
+        ("swiglu_forward_bf16", OPS.swiglu_forward, (gate_up[..., :10], gate_up[..., 10:])),
+        ("swiglu_backward_bf16", OPS.swiglu_backward, (_g(3, 4, 10, dtype=bf16), gate_up[..., :10],
+                                                       gate_up[..., 10:])),
+        ("swiglu_bf16", OPS.swiglu, (_g(3, 4, 10, dtype=bf16, grad=True), _g(3, 4, 10, dtype=bf16, grad=True))),
+        ("rms_norm_forward_bf16", OPS.rms_norm_forward, (xb, wb, 1e-6)),
+        ("rms_norm_forward_bf16_mixed", OPS.rms_norm_forward, (xb, w, 1e-6)),
+        ("rms_norm_backward_bf16_mixed", OPS.rms_norm_backward, (_g(3, 4, 16), xb, w, _norm_rstd(xb, w))),
+        ("rms_norm_bf16", OPS.rms_norm, (_g(3, 4, 16, dtype=bf16, grad=True), _g(16, dtype=bf16, grad=True), 1e-6)),
+        ("rms_norm_bf16_mixed", OPS.rms_norm, (_g(3, 4, 16, dtype=bf16, grad=True), _g(16, grad=True), 1e-6)),
+        ("add_rms_norm_forward_bf16", OPS.add_rms_norm_forward, (xb, xb, wb, 1e-6)),
+        ("add_rms_norm_forward_bf16_mixed", OPS.add_rms_norm_forward, (xb, _g(3, 4, 16), w, 1e-6)),
+        ("add_rms_norm_backward_bf16", OPS.add_rms_norm_backward,
+         (_g(3, 4, 16, dtype=bf16), _g(3, 4, 16, dtype=bf16), plain[0], wb, plain[2])),
+        ("add_rms_norm_backward_bf16_mixed", OPS.add_rms_norm_backward, (_g(3, 4, 16), None, mixed[0], w, mixed[2])),
+        ("add_rms_norm_bf16", OPS.add_rms_norm, (_g(3, 4, 16, dtype=bf16, grad=True),
+                                                 _g(3, 4, 16, dtype=bf16, grad=True), _g(16, dtype=bf16), 1e-6)),
+        ("add_rms_norm_bf16_mixed", OPS.add_rms_norm, (_g(3, 4, 16, dtype=bf16, grad=True),
+                                                       _g(3, 4, 16, grad=True), _g(16, grad=True), 1e-6)),
+    ]
 
 
 def _norm_rstd(x, w):
@@ -86,6 +119,7 @@ def _cases():
         ("onednn_linear", OPS.onednn_linear, (_g(2, 3, 8, grad=True), w8 := _g(5, 8, grad=True), _g(5), w8)),
         ("transpose_2d", OPS.transpose_2d, (wide,)),
         ("transpose_2d_strided", OPS.transpose_2d, (wide[:, 1:12],)),
+        *_bf16_layer_cases(),
     ]
 
 

@@ -223,9 +223,9 @@ class RotaryEmbedding(nn.Module):
 
 
 def apply_rope(q: Tensor, k: Tensor, cos: Tensor, sin_signed: Tensor) -> tuple[Tensor, Tensor]:
-    """``x * cos + rotate_half(x) * sin`` (transformers' formula, same rounding) on q ``[B, L, Hq, d]`` and k
-    ``[B, L, Hk, d]`` with ``[B, L, d]`` tables: :func:`ops.rope` (one fused C++ pass over both on CPU fp32,
-    bit-identical to the torch expression)."""
+    """``x * cos + rotate_half(x) * sin`` (transformers' formula) on q ``[B, L, Hq, d]`` and k ``[B, L, Hk, d]``
+    with ``[B, L, d]`` tables: :func:`ops.rope` (one fused C++ pass over both on CPU: in fp32 bit-identical to the
+    torch expression; bf16 q / k computed in fp32 and rounded once, where transformers rounds each product)."""
     return ops.rope(q, k, cos, sin_signed)
 
 
@@ -246,7 +246,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """``x * rsqrt(mean(x^2) + eps) * weight`` (:func:`ops.rms_norm`: fused C++ forward and backward on CPU
-        fp32; other dtypes normalise in fp32, round, then scale, as transformers does)."""
+        fp32 / bf16; other dtypes than fp32 normalise in fp32, round, then scale, as transformers does)."""
         return ops.rms_norm(x, self.weight, self.eps)
 
     def add_forward(self, x: Tensor, residual: Tensor) -> tuple[Tensor, Tensor]:
@@ -357,7 +357,7 @@ class MLP(nn.Module):
         self.act = _ACTIVATIONS[config.hidden_act]
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.act is F.silu:  # fused C++ SwiGLU on CPU fp32 (ops.swiglu), else the same torch expression
+        if self.act is F.silu:  # fused C++ SwiGLU on CPU fp32 / bf16 (ops.swiglu), else the same torch expression
             return self.down_proj(ops.swiglu(self.gate_proj(x), self.up_proj(x)))
         return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
 

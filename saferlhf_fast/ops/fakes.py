@@ -3,8 +3,9 @@ FakeTensorMode can trace code that calls them.
 
 A fake computes the outputs' metadata only -- shape, dtype, strides, device -- exactly as the C++ kernel allocates
 them (``csrc/*.cpp``): every kernel returns new contiguous tensors (``at::empty(sizes, contiguous)`` or
-``at::empty_like`` of a contiguous input); log-prob outputs are fp32 whatever the logits' dtype; all other
-outputs take the dtype of the input named below.  No output size depends on data.
+``at::empty_like`` of a contiguous input); log-prob outputs and the norms' rstd are fp32 whatever the inputs'
+dtypes; the norms' outputs take torch's type promotion of their inputs (``s``: x and residual, ``y``: s and
+weight); all other outputs take the dtype of the input named below.  No output size depends on data.
 
 :func:`register` runs once, when :func:`saferlhf_fast._backend.extension` first imports ``saferlhf_fast._C``; it
 registers a fake for each op the loaded extension defines (an older build may lack some) and returns their names.
@@ -147,38 +148,50 @@ def _swiglu(gate, up):
     return _contiguous(gate)
 
 
+def _norm_out(s: Tensor, weight: Tensor) -> Tensor:
+    """y shaped as s in ``promote(s, weight)``."""
+    return _contiguous(s, dtype=torch.promote_types(s.dtype, weight.dtype))
+
+
 @fake("rms_norm_forward")
 def _rms_norm_forward(x, weight, eps):
-    """x ``[..., H]`` -> (y shaped as x, rstd ``[N]``), ``N = numel / H``."""
-    return _contiguous(x), _contiguous(x, (_rows(x),))
+    """x ``[..., H]`` -> (y shaped as x in ``promote(x, weight)``, rstd ``[N]`` fp32), ``N = numel / H``."""
+    return _norm_out(x, weight), _contiguous(x, (_rows(x),), torch.float32)
 
 
 @fake("rms_norm_backward")
 def _rms_norm_backward(dy, x, weight, rstd):
-    """-> (dx shaped as x, dweight ``[H]``)."""
-    return _contiguous(x), _contiguous(x, (x.shape[-1],))
+    """-> (dx shaped as x in x's dtype, dweight ``[H]`` in weight's)."""
+    return _contiguous(x), _contiguous(weight, (x.shape[-1],))
 
 
 @fake("rms_norm")
 def _rms_norm(x, weight, eps):
-    return _contiguous(x)
+    return _norm_out(x, weight)
+
+
+def _add_norm_sum(x: Tensor, residual: Tensor) -> Tensor:
+    """s = x + residual shaped as x in ``promote(x, residual)``."""
+    return _contiguous(x, dtype=torch.promote_types(x.dtype, residual.dtype))
 
 
 @fake("add_rms_norm_forward")
 def _add_rms_norm_forward(x, residual, weight, eps):
-    """-> (sum, y shaped as x, rstd ``[N]``)."""
-    return _contiguous(x), _contiguous(x), _contiguous(x, (_rows(x),))
+    """-> (sum, y shaped as x, rstd ``[N]`` fp32)."""
+    s = _add_norm_sum(x, residual)
+    return s, _norm_out(s, weight), _contiguous(x, (_rows(x),), torch.float32)
 
 
 @fake("add_rms_norm_backward")
 def _add_rms_norm_backward(dy, dsum, sum, weight, rstd):  # noqa: A002 (the schema's argument names)
-    """-> (d sum shaped as sum, dweight ``[H]``)."""
-    return _contiguous(sum), _contiguous(sum, (sum.shape[-1],))
+    """-> (d sum shaped as sum in its dtype, dweight ``[H]`` in weight's)."""
+    return _contiguous(sum), _contiguous(weight, (sum.shape[-1],))
 
 
 @fake("add_rms_norm")
 def _add_rms_norm(x, residual, weight, eps):
-    return _contiguous(x), _contiguous(x)
+    s = _add_norm_sum(x, residual)
+    return s, _norm_out(s, weight)
 
 
 # -------------------------------------------------------------------------------------------- linear
