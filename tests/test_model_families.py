@@ -22,7 +22,6 @@ from saferlhf_fast.models import (
     from_pretrained,
     positions_from_mask,
 )
-from saferlhf_fast.models import attention as attn
 
 warnings.filterwarnings("ignore", message=".*torch reference ops.*")
 transformers.logging.set_verbosity_error()
