@@ -20,7 +20,16 @@ in between is always seen):
 
 Same math as ``LlamaForCausalLM.forward_cached`` (RMSNorm, the RoPE formula, softmax in fp32); only the matmul
 kernels and the order of the sums differ, so logits agree to fp32 rounding and greedy tokens are the same
-(``tests/test_fast_decode.py``).  The prefill runs ``forward_cached`` (the training model's own modules).
+(``tests/test_fast_decode.py``).
+
+bf16 (``matmul_dtype``, read once per ``generate`` call): under CPU bf16 autocast, or for a model held in bf16, the
+plan packs bf16 copies of the projection and lm_head weights and the step runs every matmul in bf16 (input rounded
+to bf16 just before it, fp32 accumulation, the bf16 product widened to fp32); norms, RoPE, attention, SwiGLU,
+residuals and the logits stay fp32, and so does the KV cache: a model held in bf16 fills its own bf16 cache in the
+prefill, which the plan widens once into an fp32 cache it decodes into (one attention kernel for every precision;
+the cost is that fp32 copy of the cache, small next to the weights at decode sizes).  Its logits are within a few
+bf16 ulp of the eager step's in the same precision (the eager step also rounds RoPE, attention and the residual
+stream to bf16).  The prefill runs ``forward_cached`` (the training model's own modules).
 ``DecodePlan`` is one implementation of ``decode_steps.DecodeStep``.
 """
 from __future__ import annotations
