@@ -235,7 +235,8 @@ def run(what: str, size: str = "default", device: str = "cpu", reps: int = 5, wa
     rows: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="saferlhf_bench_model_") as tmp:
         path = model or make_checkpoint(os.path.join(tmp, "ckpt"), shape)
-        name = name or (os.path.basename(os.path.normpath(model)) if model else preset["name"])
+        name = name or (os.path.basename(os.path.normpath(model)) if model
+                        else preset["name"] + (f"-V{vocab}" if vocab else ""))
         vocab = _vocab(path)
         config = f"{name} B={b} P={p} T={t} {dtype} threads={torch.get_num_threads()}"
         x = f"{name}:B{b}xP{p}+T{t}"
