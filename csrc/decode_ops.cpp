@@ -41,15 +41,18 @@ namespace saferlhf_decode {
 using at::Tensor;
 
 // y = x @ W (+ b) in the weight's dtype: a bf16 weight (bf16 autocast, or a model held in bf16) takes its input
-// rounded to bf16 just before the matmul (oneDNN / at::mm accumulate in fp32) and returns the bf16 product widened
-// back to fp32, so everything between the matmuls stays fp32; an fp32 weight runs the fp32 matmul unchanged.
+// rounded to bf16 just before the matmul (oneDNN / at::mm accumulate in fp32) and returns the bf16 product (the
+// callers widen it to fp32: exactly, so everything between the matmuls stays fp32); an fp32 weight runs the fp32
+// matmul unchanged.
 Tensor linear_same_dtype(const Tensor& x, const Tensor& w, const std::optional<Tensor>& b, bool packed);
 
+Tensor linear_in_weight_dtype(const Tensor& x, const Tensor& w, const std::optional<Tensor>& b, bool packed) {
+  return linear_same_dtype(w.scalar_type() == at::kBFloat16 ? x.to(at::kBFloat16) : x, w, b, packed);
+}
+
+// The product as fp32 (a no-op for fp32 weights).
 Tensor linear(const Tensor& x, const Tensor& w, const std::optional<Tensor>& b, bool packed) {
-  if (w.scalar_type() == at::kBFloat16) {
-    return linear_same_dtype(x.to(at::kBFloat16), w, b, packed).to(at::kFloat);
-  }
-  return linear_same_dtype(x, w, b, packed);
+  return linear_in_weight_dtype(x, w, b, packed).to(at::kFloat);
 }
 
 Tensor linear_same_dtype(const Tensor& x, const Tensor& w, const std::optional<Tensor>& b, bool packed) {
@@ -207,7 +210,7 @@ Tensor decode_step(const Tensor& tok, const Tensor& pos, const Tensor& embed, at
       }
     }
     });
-    x.add_(linear(att, weights[6 * l + 2], b_o, packed));
+    x.add_(linear_in_weight_dtype(att, weights[6 * l + 2], b_o, packed));  // a bf16 product widens in the add
     // --- MLP block
     rms_norm_rows(xp, ln2.data_ptr<float>(), hp, B, H, feps);
     Tensor gu = linear(h, weights[6 * l + 4], b_gu, packed).contiguous();  // [B, 2 I]
@@ -222,7 +225,7 @@ Tensor decode_step(const Tensor& tok, const Tensor& pos, const Tensor& embed, at
         }
       }
     });
-    x.add_(linear(act, weights[6 * l + 5], b_dn, packed));
+    x.add_(linear_in_weight_dtype(act, weights[6 * l + 5], b_dn, packed));
   }
   rms_norm_rows(xp, norm_w.data_ptr<float>(), hp, B, H, feps);
   return linear(h, lm_w, std::nullopt, packed);
