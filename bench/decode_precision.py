@@ -7,7 +7,9 @@ from ``model.token_logprobs`` on the generated batch (what a PPO update recomput
 Precisions: ``fp32`` (the fp32 model as it is), ``bf16`` (the same fp32 model under CPU bf16 autocast, as
 ``--bf16 True`` runs rollouts: bf16 matmuls in the decode step, fp32 elsewhere), ``bf16-held`` (the model converted
 to bf16, as frozen models may be held).  Per model and precision: max and mean ``|generate logprob - token_logprobs|``
-over the generated tokens (sampling at temperature 1, top-k 0, no eos), and how many tokens that is.  With
+over the generated tokens (sampling at temperature 1, top-k 0, no eos), and how many tokens that is, for the
+compiled decode step (``decode=fast``, fp32 between the bf16 matmuls) and the eager ``forward_cached`` step
+(``decode=eager``, bf16 wherever autocast or the bf16 weights put it, as the training forward).  With
 ``exact_logprobs=True`` the difference is 0 by construction (tests/test_fast_decode.py).  Rows go to ``--csv``
 (default ``runs/decode_precision.csv``).
 """
@@ -30,7 +32,7 @@ from saferlhf_fast.models import from_pretrained
 PRECISIONS = {"fp32": (torch.float32, False), "bf16": (torch.float32, True), "bf16-held": (torch.bfloat16, False)}
 
 
-def logprob_gap(path: str, precision: str, batch: int, prompt: int, new_tokens: int, seed: int) -> dict:
+def logprob_gap(path: str, precision: str, fast: bool, batch: int, prompt: int, new_tokens: int, seed: int) -> dict:
     """max / mean |generate's log-prob - token_logprobs'| over the generated tokens of one sampled batch."""
     held, autocast = PRECISIONS[precision]
     model = from_pretrained(path, dtype=held)
@@ -38,10 +40,11 @@ def logprob_gap(path: str, precision: str, batch: int, prompt: int, new_tokens: 
     ids = torch.randint(1, vocab, (batch, prompt), generator=torch.Generator().manual_seed(seed))
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         gen = generate(model, ids, torch.ones_like(ids, dtype=torch.bool), max_new_tokens=new_tokens, seed=seed,
-                       eos_token_id=[], pad_token_id=0)
+                       eos_token_id=[], pad_token_id=0, fast_decode=fast)
         lp = model.token_logprobs(gen.sequences, gen.attention_mask)[:, gen.prompt_length - 1:]
     diff = (lp.float() - gen.logprobs)[gen.response_mask].abs()
-    return dict(precision=precision, tokens=int(diff.numel()), max_abs=float(diff.max()), mean_abs=float(diff.mean()))
+    return dict(precision=precision, decode="fast" if fast else "eager", tokens=int(diff.numel()),
+                max_abs=float(diff.max()), mean_abs=float(diff.mean()))
 
 
 def main(argv=None) -> int:
@@ -63,11 +66,12 @@ def main(argv=None) -> int:
             else:
                 path, label = smollm2_checkpoint(os.path.join(tmp, "smollm2")), "SmolLM2-135M"
             for precision in PRECISIONS:
-                row = dict(model=label, **logprob_gap(path, precision, args.batch, args.prompt, args.new_tokens,
-                                                      args.seed))
-                print(f"{row['model']:<14} {row['precision']:<10} tokens={row['tokens']:<5} "
-                      f"max|dlogp|={row['max_abs']:.3e} mean|dlogp|={row['mean_abs']:.3e}", flush=True)
-                rows.append(row)
+                for fast in (True, False):
+                    row = dict(model=label, **logprob_gap(path, precision, fast, args.batch, args.prompt,
+                                                          args.new_tokens, args.seed))
+                    rows.append(row)
+                    print(f"{row['model']:<14} {row['precision']:<10} {row['decode']:<6} tokens={row['tokens']:<5} "
+                          f"max|dlogp|={row['max_abs']:.3e} mean|dlogp|={row['mean_abs']:.3e}", flush=True)
     os.makedirs(os.path.dirname(os.path.abspath(args.csv)), exist_ok=True)
     with open(args.csv, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
