@@ -87,9 +87,13 @@ class _Linear:
 
 def _weight(linear) -> Tensor:
     """The weight a projection computes with: a LoRA projection's ``W + (alpha / r) B A`` (merged once per
-    ``generate`` call, as the packing), else ``W``."""
+    ``generate`` call, as the packing, in the weights' own dtype even under autocast, so a bf16 plan rounds the
+    merged weight once), else ``W``."""
     merged = getattr(linear, "merged_weight", None)
-    return merged() if merged is not None and not linear.disabled else linear.weight.detach()
+    if merged is None or linear.disabled:
+        return linear.weight.detach()
+    with torch.autocast("cpu", enabled=False):
+        return merged()
 
 
 def _cat_bias(*linears):
