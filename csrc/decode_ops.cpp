@@ -12,9 +12,13 @@
 //
 // Per layer l, weights[6 l .. 6 l + 5] = input_layernorm, qkv [(nh + 2 nkv) d, H] (or packed), o, post-attention
 // layernorm, gate_up [2 I, H], down; biases[4 l .. 4 l + 3] = qkv, o, gate_up, down (None when absent).
+// Precision: the matmul weights (and their biases) are all fp32 or all bf16; with bf16 ones every matmul runs in
+// bf16 (input rounded to bf16, fp32 accumulation, bf16 output widened to fp32) and the rest stays fp32: embedding
+// rows (fp32 or bf16 table) widened to fp32, norm weights fp32, RoPE, attention, SiLU, residuals, logits fp32.
 // k_cache / v_cache [L, B, nkv, S, d] contiguous fp32; mask [B, S] additive fp32 (0 / -inf: prompt padding);
 // windows[l] > 0: sliding window of layer l (keys older than slot + 1 - window are masked).  Same math as
-// LlamaForCausalLM.forward_cached in fp32; only the order of the sums differs (fp32 rounding).
+// LlamaForCausalLM.forward_cached in fp32; only the order of the sums differs (fp32 rounding; with bf16 weights,
+// the bf16 roundings of the matmuls as under bf16 autocast).
 //
 // torch-dependent on purpose (named *_ops.cpp, not *_cpu.cpp, so the torch-free CMake core does not glob it).
 #include <torch/extension.h>
@@ -36,7 +40,22 @@ namespace saferlhf_decode {
 
 using at::Tensor;
 
+// y = x @ W (+ b) in the weight's dtype: a bf16 weight (bf16 autocast, or a model held in bf16) takes its input
+// rounded to bf16 just before the matmul (oneDNN / at::mm accumulate in fp32) and returns the bf16 product (the
+// callers widen it to fp32: exactly, so everything between the matmuls stays fp32); an fp32 weight runs the fp32
+// matmul unchanged.
+Tensor linear_same_dtype(const Tensor& x, const Tensor& w, const std::optional<Tensor>& b, bool packed);
+
+Tensor linear_in_weight_dtype(const Tensor& x, const Tensor& w, const std::optional<Tensor>& b, bool packed) {
+  return linear_same_dtype(w.scalar_type() == at::kBFloat16 ? x.to(at::kBFloat16) : x, w, b, packed);
+}
+
+// The product as fp32 (a no-op for fp32 weights).
 Tensor linear(const Tensor& x, const Tensor& w, const std::optional<Tensor>& b, bool packed) {
+  return linear_in_weight_dtype(x, w, b, packed).to(at::kFloat);
+}
+
+Tensor linear_same_dtype(const Tensor& x, const Tensor& w, const std::optional<Tensor>& b, bool packed) {
   if (packed) {
     static const c10::OperatorHandle op =
         c10::Dispatcher::singleton().findSchemaOrThrow("mkldnn::_linear_pointwise", "");
@@ -85,8 +104,9 @@ Tensor decode_step(const Tensor& tok, const Tensor& pos, const Tensor& embed, at
                    Tensor k_cache, Tensor v_cache, const Tensor& cos_t, const Tensor& sin_t, const Tensor& mask,
                    at::IntArrayRef windows, int64_t slot, int64_t n_heads, int64_t n_kv, int64_t inter, double eps,
                    bool packed) {
-  TORCH_CHECK(embed.scalar_type() == at::kFloat && k_cache.scalar_type() == at::kFloat,
-              "decode_step: fp32 only");
+  TORCH_CHECK((embed.scalar_type() == at::kFloat || embed.scalar_type() == at::kBFloat16) &&
+                  k_cache.scalar_type() == at::kFloat && v_cache.scalar_type() == at::kFloat,
+              "decode_step: fp32 / bf16 embedding, fp32 cache expected");
   TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && mask.is_contiguous() &&
                   cos_t.is_contiguous() && sin_t.is_contiguous(),
               "decode_step: contiguous cache / mask / rope tables expected");
@@ -102,7 +122,7 @@ Tensor decode_step(const Tensor& tok, const Tensor& pos, const Tensor& embed, at
   const float scale = static_cast<float>(std::pow(static_cast<double>(d), -0.5));
   const int64_t half = d / 2;
 
-  Tensor x = embed.index_select(0, tok).contiguous();  // [B, H]
+  Tensor x = embed.index_select(0, tok).to(at::kFloat).contiguous();  // [B, H] fp32 residual stream
   Tensor h = at::empty_like(x);
   Tensor q = at::empty({B, n_heads, d}, x.options());
   Tensor att = at::empty({B, nq}, x.options());
@@ -190,7 +210,7 @@ Tensor decode_step(const Tensor& tok, const Tensor& pos, const Tensor& embed, at
       }
     }
     });
-    x.add_(linear(att, weights[6 * l + 2], b_o, packed));
+    x.add_(linear_in_weight_dtype(att, weights[6 * l + 2], b_o, packed));  // a bf16 product widens in the add
     // --- MLP block
     rms_norm_rows(xp, ln2.data_ptr<float>(), hp, B, H, feps);
     Tensor gu = linear(h, weights[6 * l + 4], b_gu, packed).contiguous();  // [B, 2 I]
@@ -205,7 +225,7 @@ Tensor decode_step(const Tensor& tok, const Tensor& pos, const Tensor& embed, at
         }
       }
     });
-    x.add_(linear(act, weights[6 * l + 5], b_dn, packed));
+    x.add_(linear_in_weight_dtype(act, weights[6 * l + 5], b_dn, packed));
   }
   rms_norm_rows(xp, norm_w.data_ptr<float>(), hp, B, H, feps);
   return linear(h, lm_w, std::nullopt, packed);

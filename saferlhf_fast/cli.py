@@ -53,7 +53,8 @@ def _bench_model(args) -> int:
                     reps=args.reps, warmup=args.warmup, memory=not args.no_memory, model=args.model,
                     dtype=args.dtype, batch=args.batch, prompt=args.prompt, new_tokens=args.new_tokens,
                     layouts=tuple(getattr(args, "layouts", None) or ("full", "ragged")), csv_path=csv_path,
-                    overwrite=args.overwrite)
+                    overwrite=args.overwrite, precisions=getattr(args, "precision", None),
+                    vocab=getattr(args, "vocab", None))
     print(f"rows written to {csv_path}")
     return 0
 
@@ -338,6 +339,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--new-tokens", type=int, default=None, help="generated / response tokens")
         if name == "train-step":
             p.add_argument("--layouts", nargs="+", choices=["full", "ragged"], default=None)
+        else:
+            p.add_argument("--precision", nargs="+", choices=["fp32", "bf16"], default=None,
+                           help="ours only, one row per precision, repetitions interleaved: fp32 as it is, bf16 the "
+                                "fp32 model under CPU bf16 autocast (bf16 matmuls in the decode step)")
+            p.add_argument("--vocab", type=int, default=None,
+                           help="vocabulary of the random checkpoint (default: the preset's; 49152: SmolLM2's)")
     ppo = measured("ppo-step", "one PPO-Lag step vs the reference-style step, per phase", "ppo-step",
                    _bench_ppo_step, reps=5, warmup=1, presets=("tiny", "default", "realistic", "gpu"))
     ppo.add_argument("--algorithm", choices=["ppo-lag", "ppo"], default="ppo-lag")

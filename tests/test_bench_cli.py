@@ -34,6 +34,20 @@ def check_rows(rows, command_prefix):
         assert {"time": "s", "memory": "B", "throughput": "tokens/s"}[r["metric"]] == r["unit"]
 
 
+def test_bench_generate_precisions_tiny(tmp_path, capsys):
+    """--precision: ours only, one throughput row per precision (interleaved), the first the table's baseline;
+    --vocab sets the random checkpoint's vocabulary (named in the rows' x)."""
+    path = tmp_path / "gen.csv"
+    assert main(["bench", "generate", "--sizes", "tiny", "--reps", "1", "--warmup", "0", "--no-memory",
+                 "--precision", "fp32", "bf16", "--vocab", "1000", "--csv", str(path)]) == 0
+    rows = read_rows(path)
+    check_rows(rows, "saferlhf-fast bench generate --sizes tiny")
+    assert [r["provider"] for r in rows] == ["saferlhf_fast:fp32", "saferlhf_fast:bf16"]
+    assert all(r["x"].startswith("llama-tiny-V1000:") for r in rows)
+    out = capsys.readouterr().out
+    assert "1.00x" in out and "saferlhf_fast:bf16" in out
+
+
 def test_bench_generate_and_train_step_tiny(tmp_path, capsys):
     path = tmp_path / "model.csv"
     assert main(["bench", "generate", "--sizes", "tiny", "--reps", "1", "--warmup", "0", "--no-memory",

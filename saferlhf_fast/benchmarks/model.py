@@ -5,6 +5,10 @@
   (``hf_dynamic``, the baseline) and with ``cache_implementation="static"`` (``hf_static``, when supported).
   Sampling (top-k 0, top-p 1), exactly T new tokens (no stop token).  Metric ``throughput``: B * T generated
   tokens per second.
+  ``--precision fp32 bf16``: our generate only, one provider per precision (``saferlhf_fast:fp32``: the fp32
+  model as it is; ``saferlhf_fast:bf16``: the same fp32 model under CPU bf16 autocast, as ``--bf16 True`` runs
+  rollouts: bf16 matmuls in the compiled decode step), repetitions interleaved; ``--vocab`` overrides the preset's
+  vocabulary (49152: SmolLM2's, the realistic lm_head).
 * ``train_fwd_bwd``: the PPO actor's training step without the optimizer: log-probs of the response tokens, masked
   mean, backward.  Ours: ``token_logprobs`` (fused linear log-probs, padding-free when the batch is ragged); the
   baseline ``hf``: the transformers forward, full ``[B, L, V]`` logits, ``log_softmax``, gather.  Layouts ``full``
@@ -111,11 +115,13 @@ def build_generate(provider: str, path: str, vocab: int, batch: int, prompt: int
         from ..engine import generate
 
         graph = provider == "saferlhf_fast_graph"
+        autocast = provider.endswith(":bf16")  # saferlhf_fast:<precision> (--precision)
 
         @torch.no_grad()
         def run():
-            return generate(model, ids, mask, max_new_tokens=new_tokens, do_sample=True, top_k=0, top_p=1.0,
-                            eos_token_id=[], pad_token_id=0, seed=1, use_cuda_graph=graph)
+            with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=autocast):
+                return generate(model, ids, mask, max_new_tokens=new_tokens, do_sample=True, top_k=0, top_p=1.0,
+                                eos_token_id=[], pad_token_id=0, seed=1, use_cuda_graph=graph)
 
         return run
     kw = dict(do_sample=True, top_k=0, top_p=1.0, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
@@ -217,23 +223,29 @@ def _run_group(kernel: str, mode: str, x: str, builder: str, providers: list[str
 def run(what: str, size: str = "default", device: str = "cpu", reps: int = 5, warmup: int = 1, memory: bool = True,
         model: str | None = None, name: str | None = None, dtype: str | None = None, batch: int | None = None,
         prompt: int | None = None, new_tokens: int | None = None, layouts: tuple[str, ...] = ("full", "ragged"),
-        csv_path: str | None = None, overwrite: bool = False, echo=print) -> list[dict]:
-    """``what``: ``generate``, ``train-step`` or ``both``.  Returns the rows (and appends them to ``csv_path``)."""
+        csv_path: str | None = None, overwrite: bool = False, precisions: tuple[str, ...] | None = None,
+        vocab: int | None = None, echo=print) -> list[dict]:
+    """``what``: ``generate``, ``train-step`` or ``both``.  Returns the rows (and appends them to ``csv_path``).
+    ``precisions`` (generate): ours only, one provider per precision, the first the baseline of the table.
+    ``vocab``: the random checkpoint's vocabulary instead of the preset's."""
     preset = SIZES[size]
+    shape = dict(preset["model"], **({"vocab_size": vocab} if vocab else {}))
     dtype = dtype or preset["dtype"]
     b, p, t = batch or preset["batch"], prompt or preset["prompt"], new_tokens or preset["new_tokens"]
     rows: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="saferlhf_bench_model_") as tmp:
-        path = model or make_checkpoint(os.path.join(tmp, "ckpt"), preset["model"])
-        name = name or (os.path.basename(os.path.normpath(model)) if model else preset["name"])
+        path = model or make_checkpoint(os.path.join(tmp, "ckpt"), shape)
+        name = name or (os.path.basename(os.path.normpath(model)) if model
+                        else preset["name"] + (f"-V{vocab}" if vocab else ""))
         vocab = _vocab(path)
         config = f"{name} B={b} P={p} T={t} {dtype} threads={torch.get_num_threads()}"
         x = f"{name}:B{b}xP{p}+T{t}"
         common = dict(path=path, vocab=vocab, batch=b, prompt=p, new_tokens=t, dtype=dtype, device=device)
         if what in ("generate", "both"):
+            providers = ([f"saferlhf_fast:{p}" for p in precisions] if precisions else generate_providers(device))
             group = _run_group("generate", "decode", x, "saferlhf_fast.benchmarks.model:build_generate",
-                               generate_providers(device), common, b * t, config, device, reps, warmup, memory, echo)
-            echo(format_table(group, baseline="hf_dynamic"))
+                               providers, common, b * t, config, device, reps, warmup, memory, echo)
+            echo(format_table(group, baseline=providers[0] if precisions else "hf_dynamic"))
             rows += group
         if what in ("train-step", "both"):
             for layout in layouts:

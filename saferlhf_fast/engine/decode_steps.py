@@ -5,8 +5,9 @@ on the same static KV cache:
 
 * ``EagerStep``: the model's own ``forward_cached``, one token per row (the reference path; any model, any device);
 * ``CudaGraphStep``: that step captured once in a CUDA graph and replayed (GPU, no sliding-window layers);
-* ``fast_decode.DecodePlan``: the compiled CPU step ``saferlhf::decode_step`` over fused, prepacked weights (fp32
-  Llama-family models on the CPU, when the extension has the op and ``$SAFERLHF_NATIVE_DECODE`` is on).
+* ``fast_decode.DecodePlan``: the compiled CPU step ``saferlhf::decode_step`` over fused, prepacked weights
+  (Llama-family models on the CPU in fp32, under bf16 autocast or held in bf16, when the extension has the op and
+  ``$SAFERLHF_NATIVE_DECODE`` is on).
 
 The prefill is always ``forward_cached`` on the model's own modules; only the one-token step differs.
 """

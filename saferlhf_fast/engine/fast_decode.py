@@ -20,7 +20,16 @@ in between is always seen):
 
 Same math as ``LlamaForCausalLM.forward_cached`` (RMSNorm, the RoPE formula, softmax in fp32); only the matmul
 kernels and the order of the sums differ, so logits agree to fp32 rounding and greedy tokens are the same
-(``tests/test_fast_decode.py``).  The prefill runs ``forward_cached`` (the training model's own modules).
+(``tests/test_fast_decode.py``).
+
+bf16 (``matmul_dtype``, read once per ``generate`` call): under CPU bf16 autocast, or for a model held in bf16, the
+plan packs bf16 copies of the projection and lm_head weights and the step runs every matmul in bf16 (input rounded
+to bf16 just before it, fp32 accumulation, the bf16 product widened to fp32); norms, RoPE, attention, SwiGLU,
+residuals and the logits stay fp32, and so does the KV cache: a model held in bf16 fills its own bf16 cache in the
+prefill, which the plan widens once into an fp32 cache it decodes into (one attention kernel for every precision;
+the cost is that fp32 copy of the cache, small next to the weights at decode sizes).  Its logits are within a few
+bf16 ulp of the eager step's in the same precision (the eager step also rounds RoPE, attention and the residual
+stream to bf16).  The prefill runs ``forward_cached`` (the training model's own modules).
 ``DecodePlan`` is one implementation of ``decode_steps.DecodeStep``.
 """
 from __future__ import annotations
@@ -29,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..models.attention import StaticKVCache
 from ..models.llama import _ACTIVATIONS
 from ..ops.dense import onednn_available
 from ..settings import settings
@@ -48,15 +58,26 @@ def silu_activation(model) -> bool:
     return _ACTIVATIONS[model.config.hidden_act] is F.silu
 
 
+def matmul_dtype(model) -> torch.dtype | None:
+    """The dtype of the compiled step's matmuls for ``model`` in the current autocast state (read once per
+    ``generate`` call): bf16 under CPU bf16 autocast or for a model held in bf16, fp32 for an fp32 model without
+    autocast, None for anything else (fp16, autocast to another dtype: the eager step)."""
+    if torch.is_autocast_enabled("cpu"):
+        return torch.bfloat16 if torch.get_autocast_dtype("cpu") == torch.bfloat16 else None
+    return model.dtype if model.dtype in (torch.float32, torch.bfloat16) else None
+
+
 class _Linear:
-    """The weight and bias of ``y = x @ W.T + b`` prepared for the compiled step's small-batch matmuls."""
+    """The weight and bias of ``y = x @ W.T + b`` prepared for the compiled step's small-batch matmuls, both in
+    ``dtype`` (the step rounds its input to the weight's dtype: bf16 weights make a bf16 matmul)."""
 
     __slots__ = ("w", "b", "packed", "n")
 
-    def __init__(self, weight: Tensor, bias: Tensor | None, batch: int, packed: bool):
-        weight = weight.detach()
+    def __init__(self, weight: Tensor, bias: Tensor | None, batch: int, packed: bool,
+                 dtype: torch.dtype = torch.float32):
+        weight = weight.detach().to(dtype)
         self.n = weight.shape[0]
-        self.b = None if bias is None else bias.detach().contiguous()
+        self.b = None if bias is None else bias.detach().to(dtype).contiguous()
         self.packed = packed
         if packed:
             self.w = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), batch)
@@ -66,9 +87,13 @@ class _Linear:
 
 def _weight(linear) -> Tensor:
     """The weight a projection computes with: a LoRA projection's ``W + (alpha / r) B A`` (merged once per
-    ``generate`` call, as the packing), else ``W``."""
+    ``generate`` call, as the packing, in the weights' own dtype even under autocast, so a bf16 plan rounds the
+    merged weight once), else ``W``."""
     merged = getattr(linear, "merged_weight", None)
-    return merged() if merged is not None and not linear.disabled else linear.weight.detach()
+    if merged is None or linear.disabled:
+        return linear.weight.detach()
+    with torch.autocast("cpu", enabled=False):
+        return merged()
 
 
 def _cat_bias(*linears):
@@ -77,6 +102,11 @@ def _cat_bias(*linears):
         return None
     return torch.cat([b.detach() if b is not None else torch.zeros(lin.out_features, dtype=lin.weight.dtype)
                       for b, lin in zip(biases, linears)])
+
+
+def _fp32(t: Tensor) -> Tensor:
+    """An fp32 copy of a small tensor (norm weights) of a model held in bf16; an fp32 tensor as it is."""
+    return t.detach().float()
 
 
 class _Layer:
@@ -90,34 +120,41 @@ class DecodePlan:
     native = True
 
     def __init__(self, model, cache, batch: int, prompt_valid: Tensor, packed: bool | None = None):
-        if not (native_step_available() and silu_activation(model)):
-            raise RuntimeError("DecodePlan needs saferlhf::decode_step and a SiLU model; use decode_steps.EagerStep")
+        mm = matmul_dtype(model)
+        if not (native_step_available() and silu_activation(model)) or mm is None:
+            raise RuntimeError("DecodePlan needs saferlhf::decode_step, a SiLU model and fp32 / bf16 matmuls; use "
+                               "decode_steps.EagerStep")
         cfg = model.config
         if packed is None:
             packed = onednn_available()
         self.packed = packed
         self.model = model
+        self.matmul_dtype = mm
         self.cache = cache
+        # the step keeps its KV cache in fp32 (one attention kernel for every precision); a model held in bf16 has a
+        # bf16 cache, which its own prefill fills: the plan then decodes into an fp32 copy (see prefill)
+        self.kv = cache if cache.k.dtype == torch.float32 else StaticKVCache(
+            cache.k.shape[0], batch, cache.k.shape[2], cache.max_len, cache.k.shape[4], torch.float32, cache.k.device)
         self.nh, self.nkv = cfg.num_attention_heads, cfg.num_key_value_heads
         self.inter = cfg.intermediate_size
         lm = model.model
-        self.embed = lm.embed_tokens.weight.detach()
+        self.embed = lm.embed_tokens.weight.detach()  # fp32 or bf16: the step widens the rows it reads to fp32
         self.layers = []
         for layer in lm.layers:
             a, m = layer.self_attn, layer.mlp
             L = _Layer()
-            L.ln1, L.eps1 = layer.input_layernorm.weight.detach(), layer.input_layernorm.eps
-            L.ln2 = layer.post_attention_layernorm.weight.detach()
+            L.ln1, L.eps1 = _fp32(layer.input_layernorm.weight), layer.input_layernorm.eps
+            L.ln2 = _fp32(layer.post_attention_layernorm.weight)
             qkv_w = torch.cat([_weight(a.q_proj), _weight(a.k_proj), _weight(a.v_proj)])
-            L.qkv = _Linear(qkv_w, _cat_bias(a.q_proj, a.k_proj, a.v_proj), batch, packed)
-            L.o = _Linear(_weight(a.o_proj), a.o_proj.bias, batch, packed)
+            L.qkv = _Linear(qkv_w, _cat_bias(a.q_proj, a.k_proj, a.v_proj), batch, packed, mm)
+            L.o = _Linear(_weight(a.o_proj), a.o_proj.bias, batch, packed, mm)
             gu_w = torch.cat([_weight(m.gate_proj), _weight(m.up_proj)])
-            L.gate_up = _Linear(gu_w, _cat_bias(m.gate_proj, m.up_proj), batch, packed)
-            L.down = _Linear(_weight(m.down_proj), m.down_proj.bias, batch, packed)
+            L.gate_up = _Linear(gu_w, _cat_bias(m.gate_proj, m.up_proj), batch, packed, mm)
+            L.down = _Linear(_weight(m.down_proj), m.down_proj.bias, batch, packed, mm)
             L.window = a.window
             self.layers.append(L)
-        self.norm_w = lm.norm.weight.detach()
-        self.lm_head = _Linear(model.lm_head.weight, None, batch, packed)
+        self.norm_w = _fp32(lm.norm.weight)
+        self.lm_head = _Linear(model.lm_head.weight, None, batch, packed, mm)
         rope = lm.rotary_emb
         rope.ensure(cache.max_len, self.embed.device)
         self.cos, self.sin = rope.cos_table, rope.sin_table
@@ -134,20 +171,27 @@ class DecodePlan:
         self.window_list = [L.window or 0 for L in self.layers]
 
     def prefill(self, input_ids: Tensor, positions: Tensor) -> Tensor:
-        """The prompts through the model's own ``forward_cached`` (fills the cache the compiled step reads)."""
-        return self.model.forward_cached(input_ids, positions, self.cache, 0)
+        """The prompts through the model's own ``forward_cached`` (fills the cache the compiled step reads; a bf16
+        cache is widened once into the step's fp32 one, prompt slots only)."""
+        logits = self.model.forward_cached(input_ids, positions, self.cache, 0)
+        if self.kv is not self.cache:
+            p = input_ids.shape[1]
+            self.kv.k[..., :p, :].copy_(self.cache.k[..., :p, :])
+            self.kv.v[..., :p, :].copy_(self.cache.v[..., :p, :])
+        return logits
 
     @torch.no_grad()
     def step(self, tok: Tensor, pos: Tensor, slot: int) -> Tensor:
         """``tok`` [B] int64 written at cache slot ``slot``, position ``pos`` [B] -> logits [B, V] fp32."""
         return torch.ops.saferlhf.decode_step(
-            tok, pos, self.embed, self.weights, self.biases, self.norm_w, self.lm_head.w, self.cache.k,
-            self.cache.v, self.cos, self.sin, self.additive2d, self.window_list, slot, self.nh, self.nkv,
+            tok, pos, self.embed, self.weights, self.biases, self.norm_w, self.lm_head.w, self.kv.k,
+            self.kv.v, self.cos, self.sin, self.additive2d, self.window_list, slot, self.nh, self.nkv,
             self.inter, float(self.layers[0].eps1), self.packed)
 
 
 def supported(model, dtype=None) -> bool:
-    """The fast step covers the native Llama-family decoder in fp32 on the CPU: models whose config has no
+    """The fast step covers the native Llama-family decoder on the CPU with fp32 or bf16 matmuls (``matmul_dtype``:
+    an fp32 model, under bf16 autocast or not, or a model held in bf16): models whose config has no
     ``family_features`` (Qwen3's q/k norms, Gemma's scaled embeddings, sandwich norms, soft-capping, local RoPE
     decode through the model's own ``forward_cached``)."""
     if getattr(model, "is_hf", False) or not hasattr(model, "lm_head"):
@@ -156,4 +200,4 @@ def supported(model, dtype=None) -> bool:
         return False
     if any(type(p.data).__name__ == "DTensor" for p in (model.lm_head.weight, model.model.embed_tokens.weight)):
         return False  # sharded (FSDP2) weights: the eager path
-    return model.device.type == "cpu" and model.dtype == torch.float32
+    return model.device.type == "cpu" and matmul_dtype(model) is not None
