@@ -48,13 +48,16 @@ def _bench_model(args) -> int:
     """bench generate / train-step: ours vs transformers on the same checkpoint."""
     from .benchmarks import model as bench_model
 
+    if args.precisions and len(set(args.precisions)) != len(args.precisions):
+        print(f"saferlhf-fast bench {args.what}: error: --precisions: {' '.join(args.precisions)} repeats a precision",
+              file=sys.stderr)
+        return 2
     csv_path = _csv(args, "model")
     bench_model.run("generate" if args.what == "generate" else "train-step", size=_size(args), device=args.device,
                     reps=args.reps, warmup=args.warmup, memory=not args.no_memory, model=args.model,
                     dtype=args.dtype, batch=args.batch, prompt=args.prompt, new_tokens=args.new_tokens,
                     layouts=tuple(getattr(args, "layouts", None) or ("full", "ragged")), csv_path=csv_path,
-                    overwrite=args.overwrite, precisions=getattr(args, "precision", None),
-                    vocab=getattr(args, "vocab", None))
+                    overwrite=args.overwrite, precisions=args.precisions, vocab=args.vocab)
     print(f"rows written to {csv_path}")
     return 0
 
@@ -339,12 +342,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--new-tokens", type=int, default=None, help="generated / response tokens")
         if name == "train-step":
             p.add_argument("--layouts", nargs="+", choices=["full", "ragged"], default=None)
-        else:
-            p.add_argument("--precision", nargs="+", choices=["fp32", "bf16"], default=None,
-                           help="ours only, one row per precision, repetitions interleaved: fp32 as it is, bf16 the "
-                                "fp32 model under CPU bf16 autocast (bf16 matmuls in the decode step)")
-            p.add_argument("--vocab", type=int, default=None,
-                           help="vocabulary of the random checkpoint (default: the preset's; 49152: SmolLM2's)")
+        p.add_argument("--precisions", nargs="+", choices=["fp32", "bf16"], default=None,
+                       help="every provider once per precision, repetitions interleaved: bf16 is ours under CPU bf16 "
+                            "autocast (fp32 masters, bf16 matmuls) and transformers with bf16 weights; bf16 rows "
+                            "carry ':bf16' in their size label")
+        p.add_argument("--vocab", type=int, default=None,
+                       help="vocabulary of the random checkpoint (default: the preset's; 49152: SmolLM2's)")
     ppo = measured("ppo-step", "one PPO-Lag step vs the reference-style step, per phase", "ppo-step",
                    _bench_ppo_step, reps=5, warmup=1, presets=("tiny", "default", "realistic", "gpu"))
     ppo.add_argument("--algorithm", choices=["ppo-lag", "ppo"], default="ppo-lag")

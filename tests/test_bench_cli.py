@@ -34,18 +34,24 @@ def check_rows(rows, command_prefix):
         assert {"time": "s", "memory": "B", "throughput": "tokens/s"}[r["metric"]] == r["unit"]
 
 
-def test_bench_generate_precisions_tiny(tmp_path, capsys):
-    """--precision: ours only, one throughput row per precision (interleaved), the first the table's baseline;
+@pytest.mark.parametrize("what", ["generate", "train-step"])
+def test_bench_model_precisions_tiny(tmp_path, capsys, what):
+    """--precisions fp32 bf16: every provider once per precision in one run; bf16 rows carry ``:bf16`` in their size
+    label (ours under autocast, transformers in bf16), so each precision pairs ours with its own transformers row;
     --vocab sets the random checkpoint's vocabulary (named in the rows' x)."""
-    path = tmp_path / "gen.csv"
-    assert main(["bench", "generate", "--sizes", "tiny", "--reps", "1", "--warmup", "0", "--no-memory",
-                 "--precision", "fp32", "bf16", "--vocab", "1000", "--csv", str(path)]) == 0
+    path = tmp_path / "model.csv"
+    extra = ["--layouts", "full"] if what == "train-step" else []
+    assert main(["bench", what, "--sizes", "tiny", "--reps", "1", "--warmup", "0", "--no-memory", *extra,
+                 "--precisions", "fp32", "bf16", "--vocab", "1000", "--csv", str(path)]) == 0
     rows = read_rows(path)
-    check_rows(rows, "saferlhf-fast bench generate --sizes tiny")
-    assert [r["provider"] for r in rows] == ["saferlhf_fast:fp32", "saferlhf_fast:bf16"]
-    assert all(r["x"].startswith("llama-tiny-V1000:") for r in rows)
-    out = capsys.readouterr().out
-    assert "1.00x" in out and "saferlhf_fast:bf16" in out
+    check_rows(rows, f"saferlhf-fast bench {what} --sizes tiny")
+    sizes = {r["x"] for r in rows}
+    assert len(sizes) == 2 and all(x.startswith("llama-tiny-V1000:") for x in sizes)
+    fp32 = {r["provider"] for r in rows if not r["x"].endswith(":bf16")}
+    bf16 = {r["provider"] for r in rows if r["x"].endswith(":bf16")}
+    assert fp32 == bf16 and "saferlhf_fast" in fp32 and len(fp32) >= 2
+    assert capsys.readouterr().out.count("saferlhf_fast") >= 2
+    assert main(["bench", what, "--sizes", "tiny", "--precisions", "bf16", "bf16", "--csv", str(path)]) == 2
 
 
 def test_bench_generate_and_train_step_tiny(tmp_path, capsys):

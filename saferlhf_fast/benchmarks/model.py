@@ -5,10 +5,7 @@
   (``hf_dynamic``, the baseline) and with ``cache_implementation="static"`` (``hf_static``, when supported).
   Sampling (top-k 0, top-p 1), exactly T new tokens (no stop token).  Metric ``throughput``: B * T generated
   tokens per second.
-  ``--precision fp32 bf16``: our generate only, one provider per precision (``saferlhf_fast:fp32``: the fp32
-  model as it is; ``saferlhf_fast:bf16``: the same fp32 model under CPU bf16 autocast, as ``--bf16 True`` runs
-  rollouts: bf16 matmuls in the compiled decode step), repetitions interleaved; ``--vocab`` overrides the preset's
-  vocabulary (49152: SmolLM2's, the realistic lm_head).
+  ``--vocab`` overrides the preset's vocabulary (49152: SmolLM2's, the realistic lm_head).
 * ``train_fwd_bwd``: the PPO actor's training step without the optimizer: log-probs of the response tokens, masked
   mean, backward.  Ours: ``token_logprobs`` (fused linear log-probs, padding-free when the batch is ragged); the
   baseline ``hf``: the transformers forward, full ``[B, L, V]`` logits, ``log_softmax``, gather.  Layouts ``full``
@@ -19,6 +16,12 @@
 
 The checkpoint is a randomly initialised Llama of the preset's shape written by transformers (nothing is
 downloaded), or any Hugging Face checkpoint folder (``--model``).
+
+``--precisions fp32 bf16`` (both commands): every provider once per precision, all in one interleaved group.  bf16:
+ours is the fp32 model under CPU bf16 autocast, as ``--bf16 True`` runs it (bf16 matmuls, fp32 masters; the compiled
+decode step's matmuls in bf16); transformers' model is held in bf16, as the reference's DeepSpeed bf16 engine holds
+its weights for the forward and generation.  bf16 rows carry ``:bf16`` in their size label, so each precision's rows
+pair ours with transformers in that precision, and ours in bf16 with ours in fp32 across the two labels.
 """
 from __future__ import annotations
 
@@ -88,8 +91,17 @@ def _quiet() -> None:
         pass
 
 
+def split_provider(provider: str) -> tuple[str, str | None]:
+    """``hf:bf16`` -> (``hf``, ``bf16``); a provider without a precision suffix -> (provider, None)."""
+    base, _, precision = provider.partition(":")
+    return base, precision or None
+
+
 def _load(provider: str, path: str, dtype: str, device: str):
     _quiet()
+    provider, precision = split_provider(provider)
+    if precision == "bf16" and not provider.startswith("saferlhf_fast"):
+        dtype = "bf16"  # transformers in bf16: the weights themselves (ours: fp32 masters under autocast)
     if provider.startswith("saferlhf_fast"):
         from ..models import from_pretrained
 
@@ -111,11 +123,12 @@ def build_generate(provider: str, path: str, vocab: int, batch: int, prompt: int
                    device: str, seed: int = 0):
     model = _load(provider, path, dtype, device)
     ids, mask = _prompt(vocab, batch, prompt, device, seed)
+    provider, precision = split_provider(provider)
     if provider.startswith("saferlhf_fast"):
         from ..engine import generate
 
         graph = provider == "saferlhf_fast_graph"
-        autocast = provider.endswith(":bf16")  # saferlhf_fast:<precision> (--precision)
+        autocast = precision == "bf16"
 
         @torch.no_grad()
         def run():
@@ -164,9 +177,13 @@ def build_train_step(provider: str, path: str, vocab: int, batch: int, prompt: i
     model = _load(provider, path, dtype, device)
     model.train()
     seq, mask, resp, labels = train_batch(vocab, batch, prompt, new_tokens, layout, device, seed)
+    provider, precision = split_provider(provider)
     if provider.startswith("saferlhf_fast"):
+        autocast = precision == "bf16"
+
         def run():
-            logp = model.token_logprobs(seq, mask, labels)[:, :-1]
+            with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=autocast):
+                logp = model.token_logprobs(seq, mask, labels)[:, :-1]
             loss = -(logp * resp).sum() / resp.sum()
             loss.backward()
             model.zero_grad(set_to_none=True)
@@ -197,9 +214,15 @@ def _vocab(path: str) -> int:
         return int(json.load(f)["vocab_size"])
 
 
+def with_precisions(providers: list[str], precisions) -> list[str]:
+    """Every provider once per precision: fp32 as it is, bf16 as ``provider:bf16``."""
+    return [prov if p == "fp32" else f"{prov}:{p}" for p in precisions for prov in providers]
+
+
 def _run_group(kernel: str, mode: str, x: str, builder: str, providers: list[str], args: dict, amount: float,
                config: str, device: str, reps: int, warmup: int, memory: bool, echo) -> list[dict]:
-    """Build every provider (dropping unavailable ones), time them interleaved, add throughput (+ memory) rows."""
+    """Build every provider (dropping unavailable ones), time them interleaved, add throughput (+ memory) rows.  A
+    ``provider:bf16`` row is written as ``provider`` with ``:bf16`` appended to its size label."""
     cases, fns = [], {}
     for provider in providers:
         case = Case(kernel, provider, mode, x, builder, dict(args, provider=provider), config=config)
@@ -211,13 +234,26 @@ def _run_group(kernel: str, mode: str, x: str, builder: str, providers: list[str
         cases.append(case)
     times = time_fns(fns, device, reps=reps, warmup=warmup)
     del fns
-    rows = [rate_row(kernel, c.provider, mode, "throughput", "tokens/s", x, amount, times[c.provider], config,
-                     device) for c in cases]
+    def named(provider: str) -> tuple[str, str]:
+        base, precision = split_provider(provider)
+        return base, x if precision is None else f"{x}:{precision}"
+
+    rows = []
+    for c in cases:
+        base, x_p = named(c.provider)
+        rows.append(rate_row(kernel, base, mode, "throughput", "tokens/s", x_p, amount, times[c.provider], config,
+                             device))
     if memory:
         for c in cases:
             peak = float(peak_memory(c, device))
-            rows.append(row(kernel, c.provider, mode, "memory", "B", x, peak, peak, peak, config, device))
+            base, x_p = named(c.provider)
+            rows.append(row(kernel, base, mode, "memory", "B", x_p, peak, peak, peak, config, device))
     return rows
+
+
+def _echo_tables(group: list[dict], baseline: str, echo) -> None:
+    for x in dict.fromkeys(r["x"] for r in group):
+        echo(format_table([r for r in group if r["x"] == x], baseline=baseline))
 
 
 def run(what: str, size: str = "default", device: str = "cpu", reps: int = 5, warmup: int = 1, memory: bool = True,
@@ -226,8 +262,9 @@ def run(what: str, size: str = "default", device: str = "cpu", reps: int = 5, wa
         csv_path: str | None = None, overwrite: bool = False, precisions: tuple[str, ...] | None = None,
         vocab: int | None = None, echo=print) -> list[dict]:
     """``what``: ``generate``, ``train-step`` or ``both``.  Returns the rows (and appends them to ``csv_path``).
-    ``precisions`` (generate): ours only, one provider per precision, the first the baseline of the table.
-    ``vocab``: the random checkpoint's vocabulary instead of the preset's."""
+    ``precisions``: every provider once per precision (module docstring).  ``vocab``: the random checkpoint's
+    vocabulary instead of the preset's."""
+    precisions = tuple(precisions or ("fp32",))
     preset = SIZES[size]
     shape = dict(preset["model"], **({"vocab_size": vocab} if vocab else {}))
     dtype = dtype or preset["dtype"]
@@ -242,18 +279,19 @@ def run(what: str, size: str = "default", device: str = "cpu", reps: int = 5, wa
         x = f"{name}:B{b}xP{p}+T{t}"
         common = dict(path=path, vocab=vocab, batch=b, prompt=p, new_tokens=t, dtype=dtype, device=device)
         if what in ("generate", "both"):
-            providers = ([f"saferlhf_fast:{p}" for p in precisions] if precisions else generate_providers(device))
+            providers = with_precisions(generate_providers(device), precisions)
             group = _run_group("generate", "decode", x, "saferlhf_fast.benchmarks.model:build_generate",
                                providers, common, b * t, config, device, reps, warmup, memory, echo)
-            echo(format_table(group, baseline=providers[0] if precisions else "hf_dynamic"))
+            _echo_tables(group, "hf_dynamic", echo)
             rows += group
         if what in ("train-step", "both"):
             for layout in layouts:
                 n_tokens = int(train_batch(vocab, b, p, t, layout, "cpu")[1].sum())
                 group = _run_group("train_fwd_bwd", layout, f"{x}:{layout}",
-                                   "saferlhf_fast.benchmarks.model:build_train_step", ["hf", "saferlhf_fast"],
-                                   dict(common, layout=layout), n_tokens, config, device, reps, warmup, memory, echo)
-                echo(format_table(group, baseline="hf"))
+                                   "saferlhf_fast.benchmarks.model:build_train_step",
+                                   with_precisions(["hf", "saferlhf_fast"], precisions), dict(common, layout=layout),
+                                   n_tokens, config, device, reps, warmup, memory, echo)
+                _echo_tables(group, "hf", echo)
                 rows += group
     if csv_path:
         write_rows(csv_path, rows, overwrite=overwrite)
