@@ -161,7 +161,7 @@ def run_job(job) -> dict:
             row.update(lora_rank=rank, precision=precision, **({"lr_scale": lr_scale} if rank else {}))
     ev = evaluate(path, base, seed, max_new, eval_prompts)
     row.update(eval=ev, seconds=round(time.perf_counter() - t0, 1))
-    print(f"{label(method, nu, rank, precision):>26} seed {seed}: harmful {ev['harmful_rate']:.1%}, benign helpfulness "
+    print(f"{label(method, nu, rank, precision):>18} seed {seed}: harmful {ev['harmful_rate']:.1%}, benign helpfulness "
           f"{ev['helpfulness_on_benign_prompts']:.2f}, benign refusals {ev['refusal_rate_on_benign_prompts']:.1%}, "
           f"reward {ev['reward']:.3f}, cost {ev['cost']:.3f} [{row['seconds']:.0f} s]", flush=True)
     return row
