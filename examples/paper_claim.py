@@ -29,8 +29,9 @@ both critics trained with LoRA rank R, the trainer's ``lora_rank``, their learni
 and ``--precisions fp32 bf16`` (bf16: the trainer's ``bf16`` autocast, fp32 master weights).  Each (method, nu,
 rank, precision) is one row group, named ``PPO-Lag lora-r16``, ``PPO-Lag bf16``, ``PPO-Lag lora-r16 bf16``; every
 policy is judged the same way (fp32 evaluation).  The table then compares each variant with the full-fine-tuning
-fp32 run of the same method: difference of the means over seeds with its standard error
-``sqrt(sd_a^2 / n_a + sd_b^2 / n_b)``, and whether every difference is within two standard errors.
+fp32 run of the same method (a LoRA bf16 variant also with the same rank in fp32): difference of the means over
+seeds with its standard error ``sqrt(sd_a^2 / n_a + sd_b^2 / n_b)``, and whether every difference is within two
+standard errors.
 """
 from __future__ import annotations
 
@@ -97,14 +98,14 @@ def variant_name(rank: int, precision: str, lr_scale: float = 1.0) -> str:
 
 
 def evaluate(policy: str, base: str, seed: int, max_new_tokens: int,
-             prompts: str = "synthetic-prompts/test") -> dict:
+             prompt_spec: str = "synthetic-prompts/test") -> dict:
     import torch
 
     from saferlhf_fast.data import load_records
     from saferlhf_fast.eval.arena import _load_policy, _load_scorer, generate_responses, ground_truth, score_texts
 
     device = torch.device("cpu")
-    records = load_records([prompts])
+    records = load_records([prompt_spec])
     model, tok = _load_policy("policy", policy, device, None, 128)
     prompts, responses = generate_responses(model, tok, records, max_length=128, max_new_tokens=max_new_tokens,
                                             batch_size=32, do_sample=True, seed=10_000 + seed)
@@ -224,8 +225,10 @@ def main() -> int:
     spec.update(PID_GAINS, **parse_pid_overrides(args.pid))
     lag_runs = [(m, None) for m, kind in LAG_METHODS.items() if kind in args.lambda_optimizers]
     runs = lag_runs + [("shaping", nu) for nu in args.nus] + ([] if args.no_ppo else [("ppo", None)])
-    if any(r < 0 for r in args.lora_ranks) or not args.lora_lr_scale > 0:
-        raise SystemExit("--lora_ranks must be >= 0 and --lora_lr_scale > 0")
+    if any(r < 0 for r in args.lora_ranks):
+        ap.error(f"--lora_ranks must be >= 0, got {args.lora_ranks}")
+    if not args.lora_lr_scale > 0:
+        ap.error(f"--lora_lr_scale must be > 0, got {args.lora_lr_scale}")
     variants = [(rank, prec, args.lora_lr_scale) for rank in dict.fromkeys(args.lora_ranks)
                 for prec in dict.fromkeys(args.precisions)]
     jobs = [(seed, "sft", None, (*BASE_VARIANT, 1.0)) for seed in args.seeds]

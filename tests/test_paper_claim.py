@@ -93,3 +93,11 @@ def test_lora_and_bf16_axes_run_end_to_end(paper_claim, tmp_path, make_score_mod
     assert args["lora_rank"] == 4 and args["bf16"] is True and args["actor_lr"] == pytest.approx(2e-3)
     runs = json.loads((out / "results.json").read_text())["runs"]
     assert "lora_rank" not in next(r for r in runs if r["method"] == "ppo-lag" and "precision" not in r)
+
+
+@pytest.mark.parametrize("flags", [["--lora_ranks", "-1"], ["--lora_lr_scale", "0"], ["--precisions", "fp16"]])
+def test_bad_axis_values_exit_2(paper_claim, flags, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["paper_claim.py", "--base", "/nonexistent", *flags])
+    with pytest.raises(SystemExit) as err:
+        paper_claim.main()
+    assert err.value.code == 2 and flags[0] in capsys.readouterr().err
