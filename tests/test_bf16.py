@@ -100,3 +100,29 @@ def test_bf16_products_run_on_the_kernels_not_f_linear(monkeypatch):
     with _autocast():
         model.token_logprobs(ids, mask).sum().backward()
     assert model.lm_head.weight.grad is not None
+
+
+def test_ppo_bf16_never_takes_the_engines_logprobs_as_old_logprobs(tmp_path):
+    """Under --bf16 a later micro-batch's old log-probs come from a no-grad actor forward (the engine's differ from
+    the training forward by bf16 rounding), and the frozen models are held in bf16 while the actor keeps fp32."""
+    from saferlhf_fast.benchmarks import ppo_step as P
+    from saferlhf_fast.trainers.ppo import PPOLagConfig, PPOTrainer
+
+    w = P.SIZES["tiny"]
+    _, paths, _ = P.build_checkpoints(w, str(tmp_path))
+    cfg = PPOLagConfig(actor_model_name_or_path=paths["actor"], reward_model_name_or_path=paths["rm"],
+                       cost_model_name_or_path=paths["cm"], train_datasets=["synthetic-prompts/train:0.05"],
+                       output_dir=str(tmp_path / "out"), max_new_tokens=4, per_device_prompt_batch_size=4,
+                       per_device_train_batch_size=2, progress=False, bf16=True)
+    cfg.validate()
+    trainer = PPOTrainer(cfg)
+    assert trainer.actor.lm_head.weight.dtype == torch.float32
+    assert trainer.reference.lm_head.weight.dtype == trainer.reward_model.model.embed_tokens.weight.dtype == \
+        torch.bfloat16
+    ids = torch.randint(4, 1000, (4, 5), generator=torch.Generator().manual_seed(0))
+    micro = trainer.rollout({"input_ids": ids, "attention_mask": torch.ones_like(ids, dtype=torch.bool)}, 0)
+    assert len(micro) == 2
+    mb = micro[1]
+    with _autocast(), torch.no_grad():
+        lp = trainer.actor.token_logprobs(mb.input_ids, mb.attention_mask, labels=mb.labels)
+    assert torch.equal(mb.old_logprobs, mb.response_slice(lp).float() * mb.response_mask.float())

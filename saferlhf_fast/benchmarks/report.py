@@ -125,7 +125,9 @@ then `gather`, the Python GAE loop once per stream, eager losses); `hf_dynamic` 
 scoring forwards with full `[B, L, V]` log-softmax, the Python GAE loop, eager losses); `saferlhf_fast:full` (full
 fine-tuning) for our PPO step's LoRA variants (`bench ppo-step --lora_ranks`: `lora-rR` with the reference as the
 actor's base with adapters off, `lora-rR-ref-copy` with a second copy of the base as the reference; mode `resident`:
-the bytes of weights and optimizer state held between steps, each storage counted once). Peak memory: CUDA
+the bytes of weights and optimizer state held between steps, each storage counted once). A size label ending in
+`:bf16` marks a bf16 row (`--precisions fp32 bf16`: ours under `--bf16`, transformers and the reference-style step
+with bf16 weights; [precision.md](precision.md)), compared with the baseline of the same precision. Peak memory: CUDA
 `max_memory_allocated` above the inputs; on CPU the `VmHWM - VmRSS` of one call in a fresh process (ops, model) or
 the peak of torch's CPU allocator over one step (PPO step). Each table names its machine, date, versions, git
 commit (`+dirty`: uncommitted changes), load average and the command that reproduces it. Timings on shared
@@ -161,14 +163,20 @@ HEADLINES = (
              "time", "V49152:B8xP64+T256:bf16", "saferlhf_fast", "saferlhf_fast", ":bf16"),
     Headline("same, both in bf16 (the reference-style step as the reference's `--bf16 True`)", "ppo-step-cpu.csv",
              "ppo_step", "step", "time", "V49152:B8xP64+T256:bf16", "saferlhf_fast", "reference-style"),
+    Headline("`--bf16` vs our fp32 step, peak memory", "ppo-step-cpu.csv", "ppo_step", "step", "memory",
+             "V49152:B8xP64+T256:bf16", "saferlhf_fast", "saferlhf_fast", ":bf16"),
     Headline("PPO-Lag step, default shape (V 8192, 16 x 16-token prompts, 64 new tokens)", "ppo-step-cpu.csv",
              "ppo_step", "step", "time", "V8192", "saferlhf_fast", "reference-style"),
     Headline("`generate`, 7M Llama, 8 x 16 prompt + 64 tokens", "model-cpu.csv", "generate", "decode", "throughput",
-             "llama-7M", "saferlhf_fast", "hf_dynamic"),
+             "llama-7M:", "saferlhf_fast", "hf_dynamic"),
+    Headline("same with V 49152, `--bf16` vs our fp32 `generate`", "model-cpu.csv", "generate", "decode",
+             "throughput", "llama-7M-V49152:B8xP16+T64:bf16", "saferlhf_fast", "saferlhf_fast", ":bf16"),
     Headline("training forward + backward, 7M Llama, full batch", "model-cpu.csv", "train_fwd_bwd", "full",
-             "throughput", "llama-7M", "saferlhf_fast", "hf"),
-    Headline("same, peak memory", "model-cpu.csv", "train_fwd_bwd", "full", "memory", "llama-7M", "saferlhf_fast",
+             "throughput", "llama-7M:", "saferlhf_fast", "hf"),
+    Headline("same, peak memory", "model-cpu.csv", "train_fwd_bwd", "full", "memory", "llama-7M:", "saferlhf_fast",
              "hf"),
+    Headline("training forward + backward, `--bf16` vs our fp32 step", "model-cpu.csv", "train_fwd_bwd", "full",
+             "throughput", "llama-7M:B8xP16+T64:full:bf16", "saferlhf_fast", "saferlhf_fast", ":bf16"),
     Headline("`linear_logprobs` fwd + bwd, N 4096, H 512, V 32000, peak memory", "ops-cpu.csv", "linear_logprobs",
              "full", "memory", "n=4096,h=512,v=32000,fp32", "cpu", "baseline"),
     Headline("`gather_logprobs` forward, N 8192, V 32000", "ops-cpu.csv", "gather_logprobs", "forward", "time",

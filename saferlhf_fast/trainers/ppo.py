@@ -37,10 +37,11 @@ micro-batch whose weights have not moved since the rollout (the first micro-batc
 those forwards: their detached outputs are the old log-probs and old values, bit for bit what a separate pass
 would return, so three of the reference's six scoring forwards are skipped.  Later micro-batches (the weights
 have moved by then) get their old values from no-grad critic forwards at rollout time, and their old log-probs
-from the engine's sampled-token log-probs when ``--temperature 1`` (the consistency contract: the engine returns
-``log_softmax(logits / T)[token]``, the training forward's numbers up to float rounding) or from a no-grad actor
-forward at temperature 1 otherwise (the reference always uses ``log_softmax(logits)`` at temperature 1, whatever
-the sampling temperature).  ``--separate_scoring`` forces the reference's separate forwards everywhere, and
+from the engine's sampled-token log-probs when ``--temperature 1`` in fp32 (the consistency contract: the engine
+returns ``log_softmax(logits / T)[token]``, the training forward's numbers up to fp32 rounding) or from a no-grad
+actor forward at temperature 1 otherwise, ``--bf16`` / ``--fp16`` included (half precision rounds the two paths
+differently; the reference always uses ``log_softmax(logits)`` at temperature 1, whatever the sampling
+temperature).  ``--separate_scoring`` forces the reference's separate forwards everywhere, and
 ``--lora_dropout`` > 0 does for the first micro-batch (a training forward then drops adapter inputs; scoring runs
 in eval mode).
 
@@ -411,7 +412,9 @@ class PPOTrainer(RunCore):
             fused = k == 0 and not cfg.separate_scoring and not self._adapter_dropout()
             if not fused:
                 # The weights move after the first micro-batch's update: take the old quantities now.
-                if cfg.temperature == 1.0 and not cfg.separate_scoring:
+                # the engine's log-probs are the training forward's up to fp32 rounding; in half precision their
+                # gap is bf16's own rounding (docs/precision.md), so the actor scores them instead
+                if cfg.temperature == 1.0 and not cfg.separate_scoring and not (cfg.bf16 or cfg.fp16):
                     mb.old_logprobs = gen.logprobs[sl][:, :t].float() * rmf
                 else:
                     with self.autocast():
