@@ -11,9 +11,8 @@ from saferlhf_fast.models import attention as attn
 pytestmark = pytest.mark.skipif(not attn.native_available(), reason="the compiled extension is not built")
 
 
-def reference(q, k, v, scale, window=0, cu=None):
-    """fp64 softmax(q k^T * scale + mask) v on [B, H, L, D] tensors (causal, window, documents)."""
-    length = q.shape[2]
+def _allowed(length, window=0, cu=None):
+    """[L, L] "may attend": causal, within ``window`` when > 0, inside one document of ``cu``."""
     i = torch.arange(length)
     allowed = i[None, :] <= i[:, None]
     if window > 0:
@@ -21,6 +20,12 @@ def reference(q, k, v, scale, window=0, cu=None):
     if cu is not None:
         doc = torch.repeat_interleave(torch.arange(len(cu) - 1), torch.tensor(cu).diff())
         allowed &= doc[:, None] == doc[None, :]
+    return allowed
+
+
+def reference(q, k, v, scale, window=0, cu=None):
+    """fp64 softmax(q k^T * scale + mask) v on [B, H, L, D] tensors (causal, window, documents)."""
+    allowed = _allowed(q.shape[2], window, cu)
     rep = q.shape[1] // k.shape[1]
     s = (q @ k.repeat_interleave(rep, 1).transpose(-1, -2)) * scale
     s = s.masked_fill(~allowed, float("-inf"))
@@ -152,14 +157,7 @@ def bf16_ulp(x):
 def eager_bf16(q, k, v, scale, window=0, cu=None):
     """Attention computed in bf16 as transformers' eager path does (matmuls in bf16, softmax in fp32 rounded to bf16):
     the bf16 reference the kernel must never be worse than."""
-    length = q.shape[2]
-    i = torch.arange(length)
-    allowed = i[None, :] <= i[:, None]
-    if window > 0:
-        allowed &= i[:, None] - i[None, :] < window
-    if cu is not None:
-        doc = torch.repeat_interleave(torch.arange(len(cu) - 1), torch.tensor(cu).diff())
-        allowed &= doc[:, None] == doc[None, :]
+    allowed = _allowed(q.shape[2], window, cu)
     rep = q.shape[1] // k.shape[1]
     s = (q @ k.repeat_interleave(rep, 1).transpose(-1, -2)) * scale
     p = s.masked_fill(~allowed, float("-inf")).softmax(-1, dtype=torch.float32).to(q.dtype)
