@@ -5,7 +5,8 @@ value heads shared by ``nh / nkv`` query heads each).  Layout everywhere: q ``[B
 ``[B, nkv, Lk, d]``, output ``[B, nh, Lq, d]``.
 
 Backends (``attn_backend=``; default on CUDA: ``flash`` when the flash-attn package imports, else ``xformers`` when
-xformers does, else ``sdpa``; on CPU ``native`` when the extension is built, else ``sdpa``):
+xformers does, else ``sdpa``; on CPU ``native`` when the extension is built, else ``sdpa``; names, needs and
+defaults are the registry entry ``_backend.FAMILIES["attention"]``, :func:`resolve_backend` asks it):
 
 * ``sdpa``      -- ``torch.nn.functional.scaled_dot_product_attention`` (torch's fused flash / memory-efficient
                    kernels on CPU and GPU); ``is_causal`` when the batch has no padding, a boolean mask otherwise.
