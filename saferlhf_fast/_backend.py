@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import importlib
 import warnings
+from dataclasses import dataclass
 
 import torch
 
@@ -205,3 +206,129 @@ def kernel_module(name: str):
     if name == "triton":
         return importlib.import_module(TRITON_LAUNCHERS)
     raise ValueError(f"backend {name!r} has no kernel module")
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Op families whose backends carry names of their own (attention: sdpa / native / flash ...; linear: onednn / torch).
+# Same rules as select(): an explicit name, then what the settings name, then the device's defaults in order; a
+# missing default moves on to the next one, and past the last to the family's reference with one warning (unless
+# the reference is itself a listed default); an explicit backend that is missing is an error.
+
+
+@dataclass(frozen=True)
+class Impl:
+    """What one backend of a :data:`FAMILIES` entry needs: ``op`` from the extension (checked with :func:`has_op`),
+    and ``probe`` -- ``"module:function"`` returning whether its package / torch feature is here, looked up at each
+    call so that the family's module owns (and tests can replace) it; ``needs`` says what is missing when the probe
+    fails."""
+
+    op: str | None = None
+    probe: str | None = None
+    needs: str = ""
+
+
+@dataclass(frozen=True)
+class Family:
+    """The backends of one op family, the device defaults (device type -> preference order), the reference that runs
+    where no default is available, and ``setting``: which :class:`~saferlhf_fast.settings.Settings` field names a
+    backend, with ``setting_value`` mapping that field's value to a backend name (or None: no preference)."""
+
+    impls: dict[str, Impl]
+    defaults: dict[str, tuple[str, ...]]
+    reference: str
+    setting: str | None = None
+    setting_value: dict | None = None
+
+
+_EXT_HINT = "the compiled extension (pip install --no-build-isolation -e .)"
+_ONEDNN = Impl(probe="saferlhf_fast.ops.dense:onednn_available", needs="a torch with oneDNN (torch.ops.mkldnn)")
+_ONEDNN_OFF = {False: "torch"}  # $SAFERLHF_ONEDNN_LINEAR=0
+FAMILIES: dict[str, Family] = {
+    # models/attention.py: attn_backend= / --attn_backend
+    "attention": Family(
+        impls={
+            "sdpa": Impl(),
+            "native": Impl(op="attention", probe="saferlhf_fast.models.attention:native_available", needs=_EXT_HINT),
+            "flash": Impl(probe="saferlhf_fast.models.attention:flash_available",
+                          needs="the flash-attn package (pip install flash-attn)"),
+            "flex": Impl(probe="saferlhf_fast.models.attention_ext:flex_available",
+                         needs=f"torch.nn.attention.flex_attention (torch {torch.__version__} lacks it)"),
+            "xformers": Impl(probe="saferlhf_fast.models.attention_ext:xformers_available",
+                             needs="the xformers package (pip install xformers)"),
+            "reference": Impl(),
+        },
+        defaults={"cpu": ("native", "sdpa"), "cuda": ("flash", "xformers", "sdpa")},
+        reference="sdpa",
+    ),
+    # ops/dense.py: ops.linear(backend=), its autograd node in the extension
+    "linear": Family(
+        impls={"onednn": Impl(op="onednn_linear", probe=_ONEDNN.probe, needs=_ONEDNN.needs), "torch": Impl()},
+        defaults={"cpu": ("onednn",)}, reference="torch", setting="onednn_linear", setting_value=_ONEDNN_OFF,
+    ),
+    # ops/dense.py: the products without autograd (matmul_nt / matmul_nn / matmul_tn: linear_logprobs' chunks)
+    "matmul": Family(
+        impls={"onednn": _ONEDNN, "torch": Impl()},
+        defaults={"cpu": ("onednn",)}, reference="torch", setting="onednn_linear", setting_value=_ONEDNN_OFF,
+    ),
+}
+
+
+@torch.compiler.assume_constant_result
+def _probe(spec: str) -> bool:
+    """The probe ``"module:function"``'s answer; a constant under torch.compile (evaluated once while tracing)."""
+    module, _, func = spec.partition(":")
+    return bool(getattr(importlib.import_module(module), func)())
+
+
+def impl_availability(op: str, name: str) -> tuple[bool, str | None]:
+    """Whether backend ``name`` of :data:`FAMILIES` entry ``op`` can run here, and what it needs if not."""
+    impl = FAMILIES[op].impls[name]
+    if impl.op is not None and not has_op(impl.op):
+        why = extension()[1] or f"it has no op saferlhf::{impl.op} (rebuild it)"
+        return False, f"the compiled extension: {why}"
+    if impl.probe is not None and not _probe(impl.probe):
+        return False, impl.needs
+    return True, None
+
+
+def choose(op: str, backend: str | None, device: torch.device) -> str:
+    """The backend of :data:`FAMILIES` entry ``op`` for tensors on ``device``: ``backend`` if given, else the one the
+    settings name, else the first available of the device's defaults, else the family's reference."""
+    family = FAMILIES[op]
+    if backend is None and family.setting is not None:
+        backend = family.setting_value.get(getattr(settings(), family.setting))
+    if backend is not None:
+        name = backend.lower()
+        if name not in family.impls:
+            raise ValueError(f"unknown {op} backend {backend!r}; choose one of {', '.join(family.impls)}")
+        ok, why = impl_availability(op, name)
+        if not ok:
+            raise RuntimeError(f"{op} backend {name!r} needs {why}")
+        return name
+    candidates = family.defaults.get(device.type, ())
+    reasons = []
+    for name in candidates:
+        ok, why = impl_availability(op, name)
+        if ok:
+            return name
+        reasons.append(f"{name}: needs {why}")
+    if candidates:
+        _warn_once(f"saferlhf_fast: {op} uses {family.reference} on {device.type}: " + "; ".join(reasons))
+    return family.reference
+
+
+# (op, device type) -> (what the choice was made under, the choice): the hot paths' default choice.
+_CHOSEN: dict[tuple[str, str], tuple] = {}
+
+
+def chosen(op: str, device_type: str) -> str:
+    """:func:`choose` with no explicit backend, cached (ops.linear asks this on every projection) while what it
+    depends on is the same object: the settings (``reload`` / ``override`` make new ones), the extension and the
+    ``has_op`` check (tests replace both)."""
+    current = settings()
+    hit = _CHOSEN.get((op, device_type))
+    if hit is not None and hit[0] is current and hit[1] is _EXTENSION and hit[2] is has_op:
+        return hit[3]
+    name = choose(op, None, torch.device(device_type))
+    _CHOSEN[(op, device_type)] = (settings(), _EXTENSION, has_op, name)
+    return name

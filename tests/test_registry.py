@@ -119,3 +119,118 @@ def test_has_op_is_the_only_extension_probe():
     offenders = [str(p.relative_to(ROOT)) for p in (ROOT / "saferlhf_fast").rglob("*.py")
                  if p.name != "_backend.py" and "hasattr(torch.ops.saferlhf" in p.read_text()]
     assert offenders == []
+
+
+# --------------------------------------------------------------------- families with backend names of their own
+CUDA = torch.device("cuda")
+
+
+@pytest.fixture
+def probes(monkeypatch, fresh):
+    """Replace the registry's package probes: ``probes(flash=True, ...)``; names not given keep their probe."""
+    real = _backend._probe
+    paths = {"flash": "saferlhf_fast.models.attention:flash_available",
+             "xformers": "saferlhf_fast.models.attention_ext:xformers_available",
+             "native": "saferlhf_fast.models.attention:native_available",
+             "onednn": "saferlhf_fast.ops.dense:onednn_available"}
+
+    def install(**present):
+        answers = {paths[k]: v for k, v in present.items()}
+        monkeypatch.setattr(_backend, "_probe", lambda spec: answers[spec] if spec in answers else real(spec))
+    return install
+
+
+def test_attention_default_per_device(probes):
+    probes(flash=True, xformers=True, native=True)
+    assert _backend.choose("attention", None, CUDA) == "flash"
+    probes(flash=False, xformers=True, native=True)
+    assert _backend.choose("attention", None, CUDA) == "xformers"
+    probes(flash=False, xformers=False, native=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # sdpa is a default of its own: no warning when the others are missing
+        assert _backend.choose("attention", None, CUDA) == "sdpa"
+        assert _backend.choose("attention", None, torch.device("meta")) == "sdpa"
+        probes(native=False)
+        assert _backend.choose("attention", None, CPU) == "sdpa"
+    probes(native=True, flash=True)
+    assert _backend.choose("attention", None, CPU) == ("native" if _backend.has_op("attention") else "sdpa")
+
+
+def test_attention_explicit_choice_and_errors(probes):
+    probes(flash=False, xformers=True)
+    assert _backend.choose("attention", "SDPA", CPU) == "sdpa"
+    assert _backend.choose("attention", "reference", CUDA) == "reference"
+    assert _backend.choose("attention", "xformers", CPU) == "xformers"
+    with pytest.raises(RuntimeError, match=r"attention backend 'flash' needs the flash-attn package"):
+        _backend.choose("attention", "flash", CUDA)
+    with pytest.raises(ValueError, match=r"unknown attention backend 'cpu'; choose one of sdpa, native, flash"):
+        _backend.choose("attention", "cpu", CPU)
+    with settings.override(backend="torch"):  # $SAFERLHF_BACKEND names kernel backends: attention ignores it
+        assert _backend.choose("attention", "sdpa", CPU) == "sdpa"
+
+
+def test_attention_native_needs_the_extensions_op(no_extension):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert _backend.choose("attention", None, CPU) == "sdpa"
+    with pytest.raises(RuntimeError, match=r"'native' needs the compiled extension: no _C here \(test\)"):
+        _backend.choose("attention", "native", CPU)
+
+
+@needs_ext
+def test_linear_default_explicit_and_setting(probes):
+    probes(onednn=True)
+    assert _backend.choose("linear", None, CPU) == "onednn"
+    assert _backend.choose("matmul", None, CPU) == "onednn"
+    assert _backend.choose("linear", None, CUDA) == "torch"  # no default on CUDA: quietly the reference
+    assert _backend.choose("linear", "torch", CPU) == "torch"
+    with settings.override(onednn_linear=False):  # $SAFERLHF_ONEDNN_LINEAR=0
+        assert _backend.choose("linear", None, CPU) == "torch"
+        assert _backend.choose("matmul", None, CPU) == "torch"
+    with settings.override(backend="torch"):  # not linear's switch
+        assert _backend.choose("linear", None, CPU) == "onednn"
+    with pytest.raises(ValueError, match=r"unknown linear backend 'mkl'; choose one of onednn, torch"):
+        _backend.choose("linear", "mkl", CPU)
+
+
+def test_linear_without_onednn_warns_once_and_by_name_is_an_error(probes):
+    probes(onednn=False)
+    with pytest.warns(RuntimeWarning, match=r"linear uses torch on cpu: onednn: needs a torch with oneDNN"):
+        assert _backend.choose("linear", None, CPU) == "torch"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert _backend.choose("linear", None, CPU) == "torch"  # once only
+    with pytest.raises(RuntimeError, match=r"linear backend 'onednn' needs a torch with oneDNN"):
+        _backend.choose("linear", "onednn", CPU)
+
+
+def test_linear_needs_the_extensions_op_the_products_do_not(no_extension, probes):
+    probes(onednn=True)
+    with pytest.warns(RuntimeWarning, match=r"linear uses torch on cpu: onednn: needs the compiled extension"):
+        assert _backend.choose("linear", None, CPU) == "torch"
+    assert _backend.choose("matmul", None, CPU) == "onednn"
+
+
+def test_the_cached_choice_follows_settings_and_extension(monkeypatch, fresh):
+    monkeypatch.setattr(_backend, "_CHOSEN", {})
+    first = _backend.chosen("linear", "cpu")
+    assert _backend.chosen("linear", "cpu") == first == _backend.choose("linear", None, CPU)
+    with settings.override(onednn_linear=False):
+        assert _backend.chosen("linear", "cpu") == "torch"
+    assert _backend.chosen("linear", "cpu") == first
+    monkeypatch.setattr(_backend, "_EXTENSION", (None, "no _C here (test)"))
+    monkeypatch.setattr(_backend, "has_op", lambda name: False)
+    with pytest.warns(RuntimeWarning, match="linear uses torch"):
+        assert _backend.chosen("linear", "cpu") == "torch"
+
+
+def test_the_modules_take_their_names_from_the_registry():
+    from saferlhf_fast.models import attention
+    from saferlhf_fast.ops import dense
+
+    assert attention.BACKENDS == ("sdpa", "native", "flash", "flex", "xformers", "reference")
+    assert dense.BACKENDS == ("onednn", "torch")
+    for family in _backend.FAMILIES.values():
+        assert family.reference in family.impls
+        for names in family.defaults.values():
+            assert set(names) <= set(family.impls)

@@ -5,7 +5,8 @@ value heads shared by ``nh / nkv`` query heads each).  Layout everywhere: q ``[B
 ``[B, nkv, Lk, d]``, output ``[B, nh, Lq, d]``.
 
 Backends (``attn_backend=``; default on CUDA: ``flash`` when the flash-attn package imports, else ``xformers`` when
-xformers does, else ``sdpa``; on CPU ``native`` when the extension is built, else ``sdpa``):
+xformers does, else ``sdpa``; on CPU ``native`` when the extension is built, else ``sdpa``; names, needs and
+defaults are the registry entry ``_backend.FAMILIES["attention"]``, :func:`resolve_backend` asks it):
 
 * ``sdpa``      -- ``torch.nn.functional.scaled_dot_product_attention`` (torch's fused flash / memory-efficient
                    kernels on CPU and GPU); ``is_causal`` when the batch has no padding, a boolean mask otherwise.
@@ -41,7 +42,8 @@ from torch import Tensor
 
 from .. import _backend
 
-BACKENDS = ("sdpa", "native", "flash", "flex", "xformers", "reference")
+# The names of attn_backend= / --attn_backend: the registry entry's (saferlhf_fast/_backend.py FAMILIES).
+BACKENDS = tuple(_backend.FAMILIES["attention"].impls)
 
 # Longest sequence (document) the native CPU kernel takes.  It keeps a unit's whole keys / values and [8, L] score
 # rows in cache, which beats SDPA's fwd + bwd at training lengths up to this bound (docs/performance.md); longer
@@ -61,32 +63,9 @@ def native_available() -> bool:
 
 
 def resolve_backend(name: str | None, device: torch.device) -> str:
-    """The attention backend to use: ``name`` if given, else on CUDA ``flash`` / ``xformers`` when installed, else
-    ``sdpa``."""
-    from . import attention_ext as ext
-
-    if name is None:
-        if device.type == "cuda" and flash_available():
-            return "flash"
-        if device.type == "cuda" and ext.xformers_available():
-            return "xformers"
-        if device.type == "cpu" and native_available():
-            return "native"
-        return "sdpa"
-    name = name.lower()
-    if name not in BACKENDS:
-        raise ValueError(f"unknown attention backend {name!r}; choose one of {', '.join(BACKENDS)}")
-    if name == "flash" and not flash_available():
-        raise RuntimeError("attention backend 'flash' needs the flash-attn package (pip install flash-attn)")
-    if name == "native" and not native_available():
-        raise RuntimeError("attention backend 'native' needs the compiled extension (pip install --no-build-isolation "
-                           "-e .)")
-    if name == "xformers" and not ext.xformers_available():
-        raise RuntimeError("attention backend 'xformers' needs the xformers package (pip install xformers)")
-    if name == "flex" and not ext.flex_available():
-        raise RuntimeError(f"attention backend 'flex' needs torch.nn.attention.flex_attention (torch "
-                           f"{torch.__version__} lacks it)")
-    return name
+    """The attention backend to use: ``name`` if given (an error if it cannot run here), else the device's default
+    (module docstring); the choice is ``_backend.FAMILIES["attention"]``'s."""
+    return _backend.choose("attention", name, device)
 
 
 @dataclass

@@ -44,9 +44,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import _backend
-from ..settings import settings
 
-BACKENDS = ("onednn", "torch")
+# ops.linear's backend= names and the setting that switches oneDNN off: _backend.FAMILIES["linear"] (oneDNN for
+# ops.linear also needs the extension's autograd node) and FAMILIES["matmul"] (the products below need oneDNN only).
+BACKENDS = tuple(_backend.FAMILIES["linear"].impls)
 ENV_VAR = "SAFERLHF_ONEDNN_LINEAR"  # settings().onednn_linear
 
 
@@ -102,7 +103,7 @@ def eligible(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> bool:
             and weight.device.type == "cpu" and weight.dim() == 2
             and (bias is None or bias.dtype == dtype)
             and _plain(x) and _plain(weight) and _plain(bias)
-            and settings().onednn_linear and onednn_available())
+            and _backend.chosen("matmul", "cpu") == "onednn")
 
 
 def linear_pointwise(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
@@ -193,21 +194,16 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, backend: st
     """``x @ weight.T + bias`` (``F.linear``'s contract; under CPU bf16 autocast the bf16 product of the module
     docstring).  ``backend``: ``"onednn"``, ``"torch"`` (``F.linear``) or None (oneDNN where :func:`eligible`, else
     torch)."""
-    if backend not in (None, *BACKENDS):
-        raise ValueError(f"unknown linear backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    name = _backend.chosen("linear", x.device.type) if backend is None else _backend.choose("linear", backend, x.device)
     trainable = weight.requires_grad  # a per-call bf16 cast of a trainable weight is never packed
     if backend != "torch":
         x, weight, bias = _autocast_operands(x, weight, bias)
-    if backend == "torch" or x.numel() == 0 or not eligible(x, weight, bias):
-        if backend == "onednn":
+    if name == "torch" or x.numel() == 0 or not eligible(x, weight, bias):
+        if backend is not None and name == "onednn":
             raise RuntimeError("linear backend 'onednn' needs fp32 or bf16 CPU tensors (no tensor subclass) and a "
                                f"torch with oneDNN (available: {onednn_available()}; bf16: {onednn_bf16_available()})")
         return F.linear(x, weight, bias)
     if x.shape[-1] != weight.shape[1]:
         raise ValueError(f"linear: x has {x.shape[-1]} features, weight is {tuple(weight.shape)}")
-    if not _backend.has_op("onednn_linear"):  # no extension: the reference, unless oneDNN was asked for by name
-        if backend == "onednn":
-            raise RuntimeError(f"linear backend 'onednn' needs the compiled extension: {_backend.extension()[1]}")
-        return F.linear(x, weight, bias)
     # the autograd node in C++ (csrc/linear_ops.cpp)
     return torch.ops.saferlhf.onednn_linear(x, weight, bias, weight if trainable else packed_weight(weight))
