@@ -1,7 +1,8 @@
 """The decode step of one ``generate`` call: one interface, three implementations, chosen once by ``choose_step``.
 
 Every implementation runs the same math (``LlamaForCausalLM.forward_cached``'s: RMSNorm, RoPE, softmax in fp32)
-on the same static KV cache:
+on the same static KV cache, the model's own (``generate`` sets it up with ``model.setup_cache`` for the call; its
+attention modules hold the per-layer views, the compiled step takes the whole ``[layers, ...]`` tensors):
 
 * ``EagerStep``: the model's own ``forward_cached``, one token per row (the reference path; any model, any device);
 * ``CudaGraphStep``: that step captured once in a CUDA graph and replayed (GPU, no sliding-window layers);
@@ -36,7 +37,8 @@ class DecodeStep(Protocol):
 
 
 class EagerStep:
-    """``forward_cached`` every step."""
+    """``forward_cached`` every step.  ``cache``: the cache decoded into, the model's own in ``generate`` (another
+    one is used for each call only, see ``forward_cached``)."""
 
     native = False
 
@@ -92,7 +94,8 @@ def has_windows(model) -> bool:
 
 def choose_step(model, cache: StaticKVCache, batch: int, prompt_mask: Tensor, *, use_cuda_graph: bool,
                 fast_decode: bool, packed: bool | None = None) -> DecodeStep:
-    """The decode step for one ``generate`` call.  ``fast_decode`` (the caller checked ``fd.supported``): the
+    """The decode step for one ``generate`` call on ``cache`` (``generate`` passes the model's own,
+    ``model.kv_cache``).  ``fast_decode`` (the caller checked ``fd.supported``): the
     compiled CPU step where the extension has it and the activation is SiLU, else the eager step (the same math on
     the model's own modules).  ``use_cuda_graph``: the captured eager step.  ``packed``: the compiled step's
     weights in oneDNN's blocked layout (default: where this torch build has MKL-DNN)."""

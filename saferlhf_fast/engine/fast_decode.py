@@ -114,7 +114,9 @@ class _Layer:
 
 
 class DecodePlan:
-    """Prepared weights + the compiled step for one ``generate`` call (``batch`` rows, ``cache``).  Built by
+    """Prepared weights + the compiled step for one ``generate`` call (``batch`` rows, ``cache``: the model's own
+    in ``generate``, whose whole ``[layers, B, kv_heads, S, d]`` tensors the step takes; the attention modules'
+    per-layer views of it are what the prefill fills).  Built by
     ``decode_steps.choose_step`` only where the extension has ``decode_step`` and the activation is SiLU."""
 
     native = True

@@ -1,14 +1,14 @@
 """Generation on the training model itself: same weights, same kernels, no weight sync.
 
-One ``generate`` call: switch to eval + ``no_grad`` (the weights are not copied), preallocate a static KV cache
-``[layers, B, kv_heads, P + T, head_dim]``, prefill the left-padded prompts in one batched forward, then decode one
-token per step (in-place cache writes; the step is captured once in a CUDA graph on GPU and replayed; on the CPU
-the lean fused step of ``fast_decode.py``, one compiled op per step, and the compiled sampler for greedy / top-k
-draws; ``decode_steps.choose_step`` picks the step once per call), with finished rows masked (they emit ``pad``
-and log-prob 0).  Returns the sequences, masks, and the log-prob of every sampled token under
-``softmax(logits / temperature)`` (see ``sampling.py``), which equals what
-``model.token_logprobs(gen.sequences, gen.attention_mask, temperature=T)`` computes up to fp32 rounding
-(bit for bit with ``exact_logprobs=True``).
+One ``generate`` call: switch to eval + ``no_grad`` (the weights are not copied), set up the model's static KV cache
+``[layers, B, kv_heads, P + T, head_dim]`` (``model.setup_cache``: each attention module holds its layer's views;
+released when the call returns, so no cache outlives it), prefill the left-padded prompts in one batched forward, then
+decode one token per step (in-place cache writes; the step is captured once in a CUDA graph on GPU and replayed; on the
+CPU the lean fused step of ``fast_decode.py``, one compiled op per step, and the compiled sampler for greedy / top-k
+draws; ``decode_steps.choose_step`` picks the step once per call), with finished rows masked (they emit ``pad`` and
+log-prob 0). Returns the sequences, masks, and the log-prob of every sampled token under ``softmax(logits /
+temperature)`` (see ``sampling.py``), which equals what ``model.token_logprobs(gen.sequences, gen.attention_mask,
+temperature=T)`` computes up to fp32 rounding (bit for bit with ``exact_logprobs=True``).
 """
 from __future__ import annotations
 
@@ -122,10 +122,12 @@ def generate(model, input_ids: Tensor, attention_mask: Tensor | None = None, *, 
 
     was_training = model.training
     model.eval()
+    model.setup_cache(input_ids.shape[0], input_ids.shape[1] + max_new_tokens)
     try:
         out = _decode(model, input_ids, attention_mask, max_new_tokens, params, eos, pad, generator, use_cuda_graph,
                       fast_decode, on_token)
     finally:
+        model.release_cache()
         model.train(was_training)
     if exact_logprobs:
         lp = model.token_logprobs(out.sequences, out.attention_mask, temperature=params.temperature)
@@ -137,7 +139,7 @@ def _decode(model, input_ids, prompt_mask, max_new_tokens, params, eos, pad, gen
             fast_decode=False, on_token=None):
     b, p = input_ids.shape
     device = input_ids.device
-    cache = model.allocate_cache(b, p + max_new_tokens)
+    cache = model.kv_cache  # set up by generate for this call
     cache.valid[:, :p] = prompt_mask
     decoder = choose_step(model, cache, b, prompt_mask, use_cuda_graph=use_cuda_graph, fast_decode=fast_decode)
     logits = decoder.prefill(input_ids, positions_from_mask(prompt_mask))

@@ -28,7 +28,13 @@ defaults are the registry entry ``_backend.FAMILIES["attention"]``, :func:`resol
 Masks.  ``Mask`` carries what a layer needs, built once per forward: a boolean ``[B or 1, 1, Lq, Lk]`` "may attend"
 tensor (or ``None`` with ``is_causal``), and for packed sequences ``cu_seqlens`` / ``max_seqlen``.  Rows that are
 padding attend to themselves only (the diagonal is always allowed), so a fully padded query row never produces
-NaN; its output is garbage that nobody reads.
+NaN; its output is garbage that nobody reads.  A cached forward's masks (``cached_mask``, ``static_cached_mask``)
+also say where its keys / values go in the cache (``cache_start``): the mask is the only thing the layers receive
+about the cache, which each attention module holds itself (``LayerKVCache``).
+
+KV cache.  ``StaticKVCache``: one preallocated ``[layers, B, nkv, max_len, d]`` pair for a ``generate`` call;
+``LlamaForCausalLM.setup_cache`` allocates it and gives each attention module its layer's ``LayerKVCache`` views,
+``release_cache`` takes them back.
 """
 from __future__ import annotations
 
@@ -78,6 +84,9 @@ class Mask:
     cu_seqlens: Tensor | None = None  # int32 [n_docs + 1], packed sequences (flash backend)
     max_seqlen: int = 0
     window: int | None = None  # sliding window of the causal/packed paths (flash)
+    # a cached forward (prefill / decode step): the first cache slot this forward's keys / values are written to;
+    # an int64 tensor for the static-shape step (CUDA graphs); None: no cache (training, scoring)
+    cache_start: int | Tensor | None = None
 
 
 # --------------------------------------------------------------------------------------------- mask builders
@@ -108,14 +117,23 @@ def cached_mask(key_valid: Tensor, start: int, q_len: int, window: int | None = 
             kv = kv.clone()
             kv[..., : total - window] = False
         additive = torch.zeros(kv.shape, dtype=torch.float32, device=device).masked_fill_(~kv, float("-inf"))
-        return Mask(allowed=kv, additive=additive)
+        return Mask(allowed=kv, additive=additive, cache_start=start)
     qi = torch.arange(start, total, device=device)[:, None]
     ki = torch.arange(total, device=device)[None, :]
     allowed = ki <= qi
     if window is not None:
         allowed = allowed & (qi - ki < window)
     allowed = (allowed[None, None] & kv) | (ki == qi)[None, None]
-    return Mask(allowed=allowed)
+    return Mask(allowed=allowed, cache_start=start)
+
+
+def static_cached_mask(key_valid: Tensor, slot: Tensor) -> Mask:
+    """Mask of the static-shape decode step (CUDA graphs): one token per row written at cache slot ``slot`` (an
+    int64 tensor ``[1]``, so one captured graph serves every step) attending to every cache slot under
+    ``key_valid`` [B, S] (no sliding window)."""
+    kv = key_valid[:, None, None, :]
+    additive = torch.zeros(kv.shape, dtype=torch.float32, device=kv.device).masked_fill_(~kv, float("-inf"))
+    return Mask(allowed=kv, additive=additive, cache_start=slot)
 
 
 def packed_mask(cu_seqlens: Tensor, total: int, window: int | None = None, dense: bool = True) -> Mask:
@@ -279,9 +297,34 @@ def attend_softcapped(backend: str, q: Tensor, k: Tensor, v: Tensor, mask: Mask,
 
 
 # --------------------------------------------------------------------------------------------- KV cache
+class LayerKVCache:
+    """One layer's keys and values ``[B, nkv, max_len, d]``: views ``k[i]``, ``v[i]`` of a :class:`StaticKVCache`,
+    held by that layer's attention module while the model has a cache set up."""
+
+    __slots__ = ("k", "v")
+
+    def __init__(self, k: Tensor, v: Tensor):
+        self.k, self.v = k, v
+
+    def update(self, k: Tensor, v: Tensor, start: int | Tensor) -> tuple[Tensor, Tensor]:
+        """Write this forward's keys / values ``[B, nkv, n, d]`` at slots ``[start, start + n)`` in place and return
+        what the queries attend to: the filled prefix ``[0, start + n)``; with a tensor ``start`` (the static-shape
+        step of CUDA graphs: slots written by index) the whole cache, masked by ``valid``."""
+        if isinstance(start, Tensor):
+            self.k.index_copy_(2, start, k)
+            self.v.index_copy_(2, start, v)
+            return self.k, self.v
+        n = k.shape[2]
+        self.k[:, :, start:start + n] = k
+        self.v[:, :, start:start + n] = v
+        return self.k[:, :, :start + n], self.v[:, :, :start + n]
+
+
 class StaticKVCache:
     """Preallocated keys and values ``[layers, B, nkv, max_len, d]`` plus ``valid`` ``[B, max_len]`` (slot holds a
-    real token).  Slots are written in place; nothing is reallocated while decoding."""
+    real token).  Slots are written in place; nothing is reallocated while decoding.  One allocation for all layers,
+    so the compiled CPU decode step takes ``k`` / ``v`` whole; ``layers[i]`` is layer ``i``'s view of it, which
+    ``LlamaForCausalLM.setup_cache`` hands to that layer's attention module."""
 
     def __init__(self, n_layers: int, batch: int, n_kv_heads: int, max_len: int, head_dim: int, dtype, device):
         shape = (n_layers, batch, n_kv_heads, max_len, head_dim)
@@ -289,7 +332,7 @@ class StaticKVCache:
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.valid = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
         self.max_len = max_len
-        self.k_layers, self.v_layers = self.k.unbind(0), self.v.unbind(0)  # per-layer views, made once
+        self.layers = [LayerKVCache(k, v) for k, v in zip(self.k.unbind(0), self.v.unbind(0))]
 
     def nbytes(self) -> int:
         return 2 * self.k.numel() * self.k.element_size()

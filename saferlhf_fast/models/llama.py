@@ -19,7 +19,7 @@ Two heads on one backbone (``LlamaModel``):
 
 * ``LlamaForCausalLM``: ``model(ids, mask).logits`` ``[B, L, V]``; ``token_logprobs`` feeds the last hidden states
   and the lm_head weight to ``ops.linear_logprobs``, so training never materialises ``[tokens, V]`` logits;
-  ``forward_cached`` is the engine's prefill / decode step on a ``StaticKVCache``.
+  ``forward_cached`` is the engine's prefill / decode step on the model's KV cache.
 * ``LlamaForScore``: ``score_head = Linear(H, 1)`` (with or without bias, as the checkpoint's config says) on every
   position: ``scores`` ``[B, L]`` and ``end_scores`` ``[B]`` (score at the last real token), as the reference's score
   models.
@@ -30,11 +30,19 @@ rounding of its 2-D weight (projections, lm_head, embedding rows) with fp32 accu
 weights are held in bf16 (:func:`hold_in_bf16`: the frozen reference / reward / cost models) therefore computes
 exactly what its fp32 original computes under autocast.
 
+KV cache (generation only).  The cache is owned by the attention modules, as in gpt-fast:
+``LlamaForCausalLM.setup_cache(batch, max_len)`` allocates one ``StaticKVCache`` (``[layers, B, kv_heads, max_len,
+head_dim]``, so the compiled CPU decode step gets whole contiguous tensors) and hands each layer's ``Attention`` its
+views (``kv_cache``); ``release_cache()`` drops them.  ``forward_cached`` builds masks that carry the cache slot of
+its tokens (``Mask.cache_start``), and only such a forward reads or writes the cache: ``LlamaModel.forward`` and
+``DecoderLayer.forward`` take no cache argument, and the training and scoring forwards never touch one.
+
 Positions follow the attention mask exactly as transformers does for left-padded batches:
 ``position_ids = cumsum(mask) - 1`` (pads get 1), so results equal ``transformers`` on padded batches too.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from dataclasses import dataclass, field, fields
@@ -48,7 +56,7 @@ from .. import ops
 from ..ops.dense import autocast_bf16
 from ..ops.reference import IGNORE_INDEX
 from . import attention as attn
-from .attention import Mask, StaticKVCache
+from .attention import LayerKVCache, Mask, StaticKVCache
 
 
 # ============================================================================================== config
@@ -314,11 +322,15 @@ class Attention(nn.Module):
             self.k_norm = norm_class(config)(self.head_dim, config.rms_norm_eps)
         else:
             self.q_norm = self.k_norm = None
+        # this layer's keys / values while the model has a cache set up (LlamaForCausalLM.setup_cache); a plain
+        # attribute, not a buffer: never in the state dict, never moved or cast with the weights
+        self.kv_cache: LayerKVCache | None = None
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Mask, backend: str,
-                cache: StaticKVCache | None = None, start: int | Tensor = 0, rows: Tensor | None = None) -> Tensor:
+                rows: Tensor | None = None) -> Tensor:
         """``[B, n, H]`` -> ``[B, n, H]``; with ``rows`` (indices into the ``B * n`` flattened positions) only those
-        rows go through ``o_proj``: ``[len(rows), H]``."""
+        rows go through ``o_proj``: ``[len(rows), H]``.  A cached forward (``mask.cache_start`` set) writes its keys
+        / values into ``kv_cache`` and attends to the cache (:meth:`LayerKVCache.update`)."""
         b, n, _ = x.shape
         q = self.q_proj(x).view(b, n, self.n_heads, self.head_dim)
         k = self.k_proj(x).view(b, n, self.n_kv, self.head_dim)
@@ -327,16 +339,8 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, k, cos, sin)  # [B, L, H, d] -> attention takes [B, H, L, d] views
         q, k = q.transpose(1, 2), k.transpose(1, 2)
-        if cache is not None:
-            ck, cv = cache.k_layers[self.layer_idx], cache.v_layers[self.layer_idx]
-            if isinstance(start, Tensor):  # static shapes (CUDA graphs): write slots by index, attend to all
-                ck.index_copy_(2, start, k)
-                cv.index_copy_(2, start, v)
-                k, v = ck, cv
-            else:  # eager: write in place, attend to the filled prefix
-                ck[:, :, start:start + n] = k
-                cv[:, :, start:start + n] = v
-                k, v = ck[:, :, :start + n], cv[:, :, :start + n]
+        if mask.cache_start is not None:
+            k, v = self.kv_cache.update(k, v, mask.cache_start)
         if self.softcap is None:
             out = attn.attend(backend, q, k, v, mask, self.scale)
         else:  # flex soft-caps in its score_mod; the other backends leave it to the eager formula
@@ -370,7 +374,7 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = norm_class(config)(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = norm_class(config)(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, x, residual, cos, sin, mask, backend, cache=None, start=0, rows=None):
+    def forward(self, x, residual, cos, sin, mask, backend, rows=None):
         """Pre-norm block ``h = stream + attn(norm1(stream)); stream' = h + mlp(norm2(h))`` with each residual add
         fused into the norm that follows it.  In: ``x`` the previous block's MLP output and ``residual`` the stream
         before it (None for the first block, whose ``x`` is the embedding).  Out: ``(mlp output, h)``; the stream
@@ -380,7 +384,7 @@ class DecoderLayer(nn.Module):
             residual, h = x, self.input_layernorm(x)
         else:
             residual, h = self.input_layernorm.add_forward(x, residual)
-        a = self.self_attn(h, cos, sin, mask, backend, cache, start, rows)
+        a = self.self_attn(h, cos, sin, mask, backend, rows)
         if rows is not None:
             residual = residual.reshape(-1, residual.shape[-1]).index_select(0, rows)
         residual, h = self.post_attention_layernorm.add_forward(a, residual)
@@ -398,12 +402,12 @@ class GemmaDecoderLayer(DecoderLayer):
         self.pre_feedforward_layernorm = GemmaRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_feedforward_layernorm = GemmaRMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, x, residual, cos, sin, mask, backend, cache=None, start=0, rows=None):
+    def forward(self, x, residual, cos, sin, mask, backend, rows=None):
         if residual is None:
             residual, h = x, self.input_layernorm(x)
         else:
             residual, h = self.input_layernorm.add_forward(x, residual)
-        a = self.post_attention_layernorm(self.self_attn(h, cos, sin, mask, backend, cache, start, rows))
+        a = self.post_attention_layernorm(self.self_attn(h, cos, sin, mask, backend, rows))
         if rows is not None:
             residual = residual.reshape(-1, residual.shape[-1]).index_select(0, rows)
         residual, h = self.pre_feedforward_layernorm.add_forward(a, residual)
@@ -446,8 +450,7 @@ class LlamaModel(nn.Module):
         return x
 
     def forward(self, input_ids: Tensor, position_ids: Tensor, masks: dict, backend: str,
-                cache: StaticKVCache | None = None, start: int | Tensor = 0, pos_bound: int | None = None,
-                last_rows: Tensor | None = None) -> Tensor:
+                pos_bound: int | None = None, last_rows: Tensor | None = None) -> Tensor:
         """``[B, L]`` ids -> ``[B, L, H]``.  ``last_rows`` (indices into the ``B * L`` flattened positions): the last
         layer computes only those rows after its attention -> ``[len(last_rows), H]`` (end scores need one row per
         sequence: the last layer's o_proj and MLP shrink from B * L rows to B)."""
@@ -462,10 +465,9 @@ class LlamaModel(nn.Module):
             cos, sin = tables[layer.self_attn.rope_local]
             rows = last_rows if i == last else None
             if ckpt:
-                x, residual = checkpoint(layer, x, residual, cos, sin, mask, backend, None, 0, rows,
-                                         use_reentrant=False)
+                x, residual = checkpoint(layer, x, residual, cos, sin, mask, backend, rows, use_reentrant=False)
             else:
-                x, residual = layer(x, residual, cos, sin, mask, backend, cache, start, rows)
+                x, residual = layer(x, residual, cos, sin, mask, backend, rows)
         if residual is None:  # no layers
             return self.norm(x if last_rows is None else x.reshape(-1, x.shape[-1]).index_select(0, last_rows))
         return self.norm.add_forward(x, residual)[1]
@@ -606,6 +608,7 @@ class LlamaForCausalLM(DecoderModel):
     def __init__(self, config: ModelConfig, attn_backend: str | None = None):
         super().__init__(config, attn_backend)
         self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.kv_cache: StaticKVCache | None = None  # set up for one generate call (setup_cache / release_cache)
         self._init_weights()
         self.tie_weights()
 
@@ -659,30 +662,64 @@ class LlamaForCausalLM(DecoderModel):
 
     # -- generation (the engine drives these)
     def allocate_cache(self, batch: int, max_len: int) -> StaticKVCache:
+        """A fresh ``StaticKVCache`` for ``batch`` rows of ``max_len`` slots (and RoPE tables that long), not set up
+        on the model: :meth:`setup_cache` does both."""
         c = self.config
         self.model.ensure_rope(max_len, self.device)
         return StaticKVCache(c.num_hidden_layers, batch, c.num_key_value_heads, max_len, c.head_dim, self.dtype,
                              self.device)
 
-    def forward_cached(self, input_ids: Tensor, position_ids: Tensor, cache: StaticKVCache,
-                       start: int | Tensor) -> Tensor:
-        """Run ``input_ids`` ``[B, n]`` written at cache slots ``[start, start + n)`` (``cache.valid`` already
-        marks them; positions must be < ``cache.max_len``) and return the logits of the last position ``[B, V]``
-        (model dtype).  ``start`` a tensor: the static-shape decode step for CUDA graphs (n = 1, attends to the whole
-        cache under ``cache.valid``)."""
+    def setup_cache(self, batch: int, max_len: int) -> StaticKVCache:
+        """Allocate the model's KV cache (``self.kv_cache``) and give each attention module its layer's views; the
+        cache lives until :meth:`release_cache` (``generate`` calls both, so no cache outlives a call)."""
+        self._attach_cache(self.allocate_cache(batch, max_len))
+        return self.kv_cache
+
+    def release_cache(self) -> None:
+        """Drop the model's KV cache (the attention modules' views with it), freeing its memory."""
+        self._attach_cache(None)
+
+    def _attach_cache(self, cache: StaticKVCache | None) -> None:
+        self.kv_cache = cache
+        for i, layer in enumerate(self.model.layers):
+            layer.self_attn.kv_cache = None if cache is None else cache.layers[i]
+
+    @contextlib.contextmanager
+    def _cache_in_use(self, cache: StaticKVCache | None):
+        """The cache of one ``forward_cached`` call: the model's own (``cache`` None or it), or for the call only
+        another ``StaticKVCache`` (two caches side by side, as the decode tests compare)."""
+        own = self.kv_cache
+        if cache is None or cache is own:
+            if own is None:
+                raise RuntimeError("forward_cached needs a KV cache: call setup_cache(batch, max_len) first")
+            yield own
+            return
+        self._attach_cache(cache)
+        try:
+            yield cache
+        finally:
+            self._attach_cache(own)
+
+    def forward_cached(self, input_ids: Tensor, position_ids: Tensor, cache: StaticKVCache | None = None,
+                       start: int | Tensor = 0) -> Tensor:
+        """Run ``input_ids`` ``[B, n]`` written at cache slots ``[start, start + n)`` of the model's cache
+        (``cache.valid`` already marks them; positions must be < ``cache.max_len``) and return the logits of the
+        last position ``[B, V]`` (model dtype).  ``start`` a tensor: the static-shape decode step for CUDA graphs
+        (n = 1, attends to the whole cache under ``cache.valid``).  ``cache``: None or the model's own
+        (:meth:`setup_cache`), or another cache used for this call only."""
         n = input_ids.shape[1]
-        if isinstance(start, Tensor):
-            if n != 1 or any(w is not None for w in self._windows()):
-                raise NotImplementedError("the static-shape step decodes one token and has no sliding window")
-            kv = cache.valid[:, None, None, :]
-            additive = torch.zeros(kv.shape, dtype=torch.float32, device=kv.device).masked_fill_(~kv, float("-inf"))
-            masks = {None: Mask(allowed=kv, additive=additive)}
-        else:
-            masks = {w: attn.cached_mask(cache.valid, start, n, w) for w in self._windows()}
-        backend = self.backend()
-        if backend == "flash":
-            backend = "sdpa"
-        h = self.model(input_ids, position_ids, masks, backend, cache, start, pos_bound=cache.max_len)
+        static = isinstance(start, Tensor)
+        if static and (n != 1 or any(w is not None for w in self._windows())):
+            raise NotImplementedError("the static-shape step decodes one token and has no sliding window")
+        with self._cache_in_use(cache) as cache:
+            if static:
+                masks = {None: attn.static_cached_mask(cache.valid, start)}
+            else:
+                masks = {w: attn.cached_mask(cache.valid, start, n, w) for w in self._windows()}
+            backend = self.backend()
+            if backend == "flash":
+                backend = "sdpa"
+            h = self.model(input_ids, position_ids, masks, backend, pos_bound=cache.max_len)
         return self.logits(h[:, -1])
 
 
