@@ -121,7 +121,8 @@ def test_bad_inputs_raise():
         torch.ops.saferlhf.attention_forward(q.bfloat16(), q, q, None, 1.0, 0)
 
 
-def test_model_default_on_cpu_is_native_and_matches_sdpa():
+def _native_and_sdpa_models():
+    """(config, a tiny GQA Llama on the default CPU attention, the same weights on SDPA)."""
     from saferlhf_fast.models.llama import LlamaForCausalLM, ModelConfig
 
     cfg = ModelConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
@@ -130,6 +131,11 @@ def test_model_default_on_cpu_is_native_and_matches_sdpa():
     native = LlamaForCausalLM(cfg)
     sdpa = LlamaForCausalLM(cfg, attn_backend="sdpa")
     sdpa.load_state_dict(native.state_dict())
+    return cfg, native, sdpa
+
+
+def test_model_default_on_cpu_is_native_and_matches_sdpa():
+    cfg, native, sdpa = _native_and_sdpa_models()
     assert native.backend() == "native" and sdpa.backend() == "sdpa"
     ids = torch.randint(1, cfg.vocab_size, (3, 12), generator=torch.Generator().manual_seed(2))
     for ragged in (False, True):  # full batch: causal rows; one ragged row: the native path packs the batch
@@ -238,14 +244,7 @@ def test_bf16_model_under_autocast_runs_native_as_close_to_fp32_as_sdpa(monkeypa
     model as the SDPA backend under autocast.  Measured (both batches): log-prob errors 1.7e-3 (native) and 1.5e-3
     (SDPA), q_proj gradient errors 2.4-2.5e-4 and 2.4-2.5e-4 (gradients up to 0.035): the bf16 projections dominate
     both."""
-    from saferlhf_fast.models.llama import LlamaForCausalLM, ModelConfig
-
-    cfg = ModelConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
-    torch.manual_seed(0)
-    native = LlamaForCausalLM(cfg)
-    sdpa = LlamaForCausalLM(cfg, attn_backend="sdpa")
-    sdpa.load_state_dict(native.state_dict())
+    cfg, native, sdpa = _native_and_sdpa_models()
     ids = torch.randint(1, cfg.vocab_size, (3, 12), generator=torch.Generator().manual_seed(2))
     sdpa_attention = attn.sdpa_attention
     for ragged in (False, True):  # full batch: causal rows; one ragged row: the native path packs the batch
