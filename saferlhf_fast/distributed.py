@@ -27,6 +27,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import datetime
+import gc
 import math
 import os
 import warnings
@@ -93,11 +94,15 @@ def shutdown(synchronize: bool = False) -> None:
     """Destroy the process group (end of a command under torchrun); a no-op otherwise.  ``synchronize``: first wait
     for every rank (a command that finished normally), so no rank tears its gloo / NCCL communicator down while
     another still uses it -- that race could abort a rank at exit ("terminate called without an active
-    exception").  The ``atexit`` fallback (error paths) does not wait: the other ranks may never arrive."""
+    exception").  The ``atexit`` fallback (error paths) does not wait: the other ranks may never arrive.  Sharded
+    models and DTensors keep the process group alive through reference cycles: they are collected first, so that its
+    communicator goes while the interpreter is whole rather than during its teardown."""
     if is_distributed():
+        gc.collect()
         if synchronize:
             dist.barrier()
         dist.destroy_process_group()
+        gc.collect()
 
 
 def device_for(name: str) -> torch.device | None:

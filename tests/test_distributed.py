@@ -41,9 +41,22 @@ def _env(rank: int, port: int) -> None:
 
 
 def _spawn(fn, *args):
+    """``fn(rank, port, *args)`` on WORLD spawned ranks (gloo); each rank ends in :func:`_rank_main`."""
     import torch.multiprocessing as mp
 
-    mp.spawn(fn, args=(_free_port(), *args), nprocs=WORLD, join=True)
+    mp.spawn(_rank_main, args=(fn, _free_port(), *args), nprocs=WORLD, join=True)
+
+
+def _rank_main(rank, fn, port, *args):
+    """Run one rank's worker, then leave as a finished torchrun command does (``distributed.shutdown``: the
+    process group torn down on every rank together, after the worker's models are gone), and end the process
+    without the interpreter's teardown: the worker's results are in its files, and tearing down torch's C++
+    state after gloo has run can abort a rank at exit, which would fail a test whose work is done."""
+    fn(rank, port, *args)
+    distributed.shutdown(synchronize=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 @pytest.fixture(scope="module")
@@ -205,7 +218,6 @@ def _ppo_step_worker(rank, port, models, out, gen_path, result_path):
     if rank == 0:
         torch.save({"metrics": metrics, "lambda": trainer.lagrange.value, "states": states, "grads": trainer.grads,
                     "gathers": gathers}, result_path)
-    distributed.shutdown(synchronize=True)  # barrier first: no rank tears gloo down while another still uses it
 
 
 def test_ppo_lag_step_on_two_ranks_equals_one_rank(models, tmp_path):
@@ -316,7 +328,6 @@ def _save_worker(rank, port, models, out, result_path):
     if rank == 0:
         torch.save({"optim": optim, "windows": windows, "lambda": trainer.lagrange.value,
                     "global_step": trainer.global_step}, result_path)
-    distributed.shutdown(synchronize=True)  # barrier first: no rank tears gloo down while another still uses it
 
 
 @pytest.fixture(scope="module")
@@ -431,7 +442,6 @@ def _resume_worker(rank, port, models, out, result_path, finish=True):
     summary = PPOTrainer(cfg).train() if finish else None
     if rank == 0:
         torch.save({**state, "states": states, "summary": summary}, result_path)
-    distributed.shutdown(synchronize=True)  # barrier first: no rank tears gloo down while another still uses it
 
 
 def test_single_process_checkpoint_resumes_on_two_ranks(models, tmp_path):
