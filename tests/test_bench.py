@@ -16,7 +16,7 @@ def test_bench_ops_tiny_writes_csv_plot_and_report(tmp_path, capsys):
         assert reader.fieldnames == harness.COLUMNS
         rows = list(reader)
     kernels = {r["kernel"] for r in rows}
-    assert kernels == {"gather_logprobs", "linear_logprobs", "gae", "ppo_losses", "attention"}
+    assert kernels == {"gather_logprobs", "linear_logprobs", "gae", "ppo_losses", "attention", "lora_linear"}
     providers = {r["provider"] for r in rows}
     assert "baseline" in providers
     if _backend.availability("cpu", "cpu")[0]:

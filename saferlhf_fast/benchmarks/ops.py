@@ -9,7 +9,10 @@ Baselines (provider ``baseline``), as PKU-Alignment/safe-rlhf computes them:
   extension's CPU kernel (provider ``cpu``, ``models/attention.py`` backend ``native``), on CPU only;
 * rope / swiglu / rms_norm: the model's eager torch expressions (``x * cos + roll(x, d/2) * sin_signed`` on the
   transposed ``[B, H, L, d]`` views, ``F.silu(gate) * up``, ``F.rms_norm``), forward + backward through autograd,
-  against ``ops.rope`` / ``ops.swiglu`` / ``ops.rms_norm`` (provider ``cpu``, csrc/layer_ops.cpp), on CPU only.
+  against ``ops.rope`` / ``ops.swiglu`` / ``ops.rms_norm`` (provider ``cpu``, csrc/layer_ops.cpp), on CPU only;
+* lora_linear: a LoRA projection (frozen base, trainable rank-r adapter), forward + backward, as PEFT composes it on
+  ``F.linear`` (baseline), as the same composition on our ``ops.linear`` (provider ``composed``), and as
+  ``ops.lora_linear``'s one autograd node (provider ``cpu``), on CPU only.
 Our providers are the op backends available on the device (``cpu``; ``triton`` / ``cuda`` on GPU); on GPU the
 linear log-prob forward also gets a ``matmul`` row (the lm_head matmul alone: the floor it is compared to).
 """
@@ -32,6 +35,7 @@ SIZES = {
         ("ppo_losses", "full", {"b": 4, "t": 64}, "fp32"),
         ("attention", "full", {"b": 2, "hq": 4, "hk": 2, "l": 24, "d": 16}, "fp32"),
         ("attention", "full", {"b": 2, "hq": 4, "hk": 2, "l": 24, "d": 16}, "bf16"),
+        ("lora_linear", "full", {"m": 40, "k": 32, "n": 48, "r": 4}, "fp32"),
     ],
     "default": [
         ("gather_logprobs", "forward", {"n": 8192, "v": 32000}, "fp32"),
@@ -51,6 +55,11 @@ SIZES = {
         ("rope", "full", {"b": 16, "l": 80, "hq": 8, "hk": 4, "d": 32}, "fp32"),
         ("swiglu", "full", {"b": 16, "l": 80, "i": 688}, "fp32"),
         ("rms_norm", "full", {"b": 16, "l": 80, "h": 256}, "fp32"),
+        # LoRA r16 projections at the realistic PPO training batch (8 x 320 tokens): the default model's gate_proj
+        # and down_proj, SmolLM2-135M's gate_proj
+        ("lora_linear", "full", {"m": 2560, "k": 256, "n": 688, "r": 16}, "fp32"),
+        ("lora_linear", "full", {"m": 2560, "k": 688, "n": 256, "r": 16}, "fp32"),
+        ("lora_linear", "full", {"m": 2560, "k": 576, "n": 1536, "r": 16}, "fp32"),
     ],
     "gpu": [
         ("gather_logprobs", "forward", {"n": 32768, "v": 131072}, "bf16"),
@@ -248,6 +257,27 @@ def build_rms_norm(provider: str, b: int, l: int, h: int, dtype: str, device: st
     return run
 
 
+def build_lora_linear(provider: str, m: int, k: int, n: int, r: int, dtype: str, device: str, mode: str):
+    g = _gen(device)
+    x = torch.randn(m, k, generator=g, device=device).to(_DTYPES[dtype]).requires_grad_()
+    weight = (torch.randn(n, k, generator=g, device=device) / k**0.5).to(_DTYPES[dtype])
+    a = (torch.randn(r, k, generator=g, device=device) / k**0.5).to(_DTYPES[dtype]).requires_grad_()
+    b = (0.1 * torch.randn(n, r, generator=g, device=device)).to(_DTYPES[dtype]).requires_grad_()
+    grad = torch.randn(m, n, generator=g, device=device).to(_DTYPES[dtype])
+    base = {"baseline": torch.nn.functional.linear, "composed": ops.linear}.get(provider)
+
+    def run():
+        x.grad = a.grad = b.grad = None
+        if base is None:
+            out = ops.lora_linear(x, weight, None, a, b, 16.0 / r)
+        else:
+            out = reference.lora_linear(x, weight, None, a, b, 16.0 / r, base=base)
+        out.backward(grad)
+        return out
+
+    return run
+
+
 _BUILDERS = {
     "gather_logprobs": "saferlhf_fast.benchmarks.ops:build_gather",
     "linear_logprobs": "saferlhf_fast.benchmarks.ops:build_linear",
@@ -257,6 +287,7 @@ _BUILDERS = {
     "rope": "saferlhf_fast.benchmarks.ops:build_rope",
     "swiglu": "saferlhf_fast.benchmarks.ops:build_swiglu",
     "rms_norm": "saferlhf_fast.benchmarks.ops:build_rms_norm",
+    "lora_linear": "saferlhf_fast.benchmarks.ops:build_lora_linear",
 }
 
 # The fused layer ops (ops/layers.py): C++ CPU kernels only; the op each one needs from the extension.
@@ -271,6 +302,10 @@ def providers(kernel: str, mode: str, device: str) -> list[str]:
         from ..models.attention import native_available
 
         return ["baseline"] + (["cpu"] if device == "cpu" and native_available() else [])
+    if kernel == "lora_linear":
+        from ..ops.dense import onednn_available
+
+        return ["baseline"] + (["composed", "cpu"] if device == "cpu" and onednn_available() else [])
     if kernel in _LAYER_OPS:
         return ["baseline"] + (["cpu"] if device == "cpu" and _backend.has_op(_LAYER_OPS[kernel]) else [])
     ours = [b for b in _backend.available_backends(device) if b != "torch"]

@@ -7,7 +7,8 @@ A targeted projection ``y = W x + b`` becomes::
 
 so a fresh adapter leaves the model's outputs unchanged.  ``W`` and ``b`` (and every other base weight) are frozen;
 ``A`` and ``B`` train, and so does a score model's ``score_head`` (PEFT's ``modules_to_save``).  The adapter path is
-a separate pair of matmuls after the base projection: it is not fused into the projection's kernel.
+one autograd node with the base projection (:func:`ops.lora_linear`: the up-projection accumulates into the base
+output inside its GEMM, the adapter's input gradient into the base's).
 
 Parameter names: the base weight keeps its name (``model.layers.0.self_attn.q_proj.weight``) and the adapter adds
 ``...q_proj.lora_A.weight`` / ``...q_proj.lora_B.weight``; PEFT's file names them
@@ -77,7 +78,8 @@ def resolve_targets(names) -> tuple[str, ...]:
 
 class LoraLinear(Linear):
     """A :class:`~.llama.Linear` (the same ``weight`` / ``bias`` parameters, the same names) plus ``lora_A``,
-    ``lora_B``: ``ops.linear(x, W, b) + scaling * B(A(dropout(x)))``; with ``disabled`` the base projection alone."""
+    ``lora_B``: ``ops.linear(x, W, b) + scaling * B(A(dropout(x)))`` in one autograd node (:func:`ops.lora_linear`);
+    with ``disabled`` the base projection alone."""
 
     def __init__(self, base: Linear, spec: LoraSpec):
         nn.Module.__init__(self)
@@ -87,6 +89,7 @@ class LoraLinear(Linear):
         self.lora_A = nn.Linear(self.in_features, spec.rank, bias=False, **factory)
         self.lora_B = nn.Linear(spec.rank, self.out_features, bias=False, **factory)
         self.lora_dropout = nn.Dropout(spec.dropout) if spec.dropout > 0 else nn.Identity()
+        self.dropout_p = spec.dropout
         self.scaling = spec.scaling
         self.disabled = False
         self.reset_adapter()
@@ -97,10 +100,10 @@ class LoraLinear(Linear):
         nn.init.zeros_(self.lora_B.weight)
 
     def forward(self, x: Tensor) -> Tensor:
-        y = ops.linear(x, self.weight, self.bias)
         if self.disabled:
-            return y
-        return y + self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling
+            return ops.linear(x, self.weight, self.bias)
+        return ops.lora_linear(x, self.weight, self.bias, self.lora_A.weight, self.lora_B.weight, self.scaling,
+                               self.lora_dropout, self.dropout_p)
 
     def delta_weight(self) -> Tensor:
         """``scaling * B A`` ``[out, in]`` (PEFT's ``get_delta_weight``: the product, then the scale)."""

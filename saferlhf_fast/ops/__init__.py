@@ -5,6 +5,7 @@ from .dense import linear
 from .gae import gae
 from .layers import add_rms_norm, rms_norm, rope, swiglu
 from .logprobs import IGNORE_INDEX, gather_logprobs, linear_logprobs
+from .lora import lora_linear
 from .losses import critic_loss, kl_penalized_rewards, masked_mean, ppo_actor_loss, ppo_lag_actor_loss
 
 __all__ = [
@@ -16,6 +17,7 @@ __all__ = [
     "kl_penalized_rewards",
     "linear",
     "linear_logprobs",
+    "lora_linear",
     "masked_mean",
     "ppo_actor_loss",
     "ppo_lag_actor_loss",

@@ -111,6 +111,19 @@ def linear_logprobs(
     )
 
 
+# ----------------------------------------------------------------------------------------------- LoRA
+def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Tensor, lora_b: Tensor, scaling: float,
+                *, x_adapter: Tensor | None = None, base=None) -> Tensor:
+    """A LoRA-adapted projection as PEFT computes it: ``base(x, W, b) + (x_adapter @ A.T @ B.T) * scaling``.
+
+    ``x_adapter``: the adapter's input (``x`` after the adapter's dropout; default ``x``); ``base``: the base
+    projection (default ``F.linear``).  The up-projection's output is scaled, then added (PEFT's order).
+    """
+    base = torch.nn.functional.linear if base is None else base
+    x_adapter = x if x_adapter is None else x_adapter
+    return base(x, weight, bias) + (x_adapter @ lora_a.t() @ lora_b.t()) * scaling
+
+
 # ----------------------------------------------------------------------------------------------- GAE
 def gae(rewards: Tensor, values: Tensor, mask: Tensor, *, gamma: float = 1.0, lam: float = 0.95):
     """Generalised advantage estimation, the reference implementation's loop, over the last dim.
