@@ -44,7 +44,7 @@
 
 #include "simd_cpu.h"
 
-namespace saferlhf_attention {
+namespace saferlhf::attention {
 
 using at::Tensor;
 using saferlhf::cpu::Vec;
@@ -562,7 +562,7 @@ std::tuple<Tensor, Tensor, Tensor> attention_backward(const Tensor& dout, const 
   return {dq, dk, dv};
 }
 
-}  // namespace saferlhf_attention
+}  // namespace saferlhf::attention
 
 TORCH_LIBRARY_FRAGMENT(saferlhf, m) {
   m.def("attention_forward(Tensor q, Tensor k, Tensor v, Tensor? cu_seqlens, float scale, int window) "
@@ -572,6 +572,6 @@ TORCH_LIBRARY_FRAGMENT(saferlhf, m) {
 }
 
 TORCH_LIBRARY_IMPL(saferlhf, CPU, m) {
-  m.impl("attention_forward", &saferlhf_attention::attention_forward);
-  m.impl("attention_backward", &saferlhf_attention::attention_backward);
+  m.impl("attention_forward", &saferlhf::attention::attention_forward);
+  m.impl("attention_backward", &saferlhf::attention::attention_backward);
 }

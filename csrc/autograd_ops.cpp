@@ -26,7 +26,7 @@
 #include <optional>
 #include <tuple>
 
-namespace saferlhf_autograd {
+namespace saferlhf::autograd {
 
 using at::Tensor;
 using torch::autograd::AutogradContext;
@@ -233,7 +233,7 @@ Tensor attention_cpu(const Tensor& q, const Tensor& k, const Tensor& v, const st
   return std::get<0>(attention_forward().call(q, k, v, cu_seqlens, scale, window));
 }
 
-}  // namespace saferlhf_autograd
+}  // namespace saferlhf::autograd
 
 TORCH_LIBRARY_FRAGMENT(saferlhf, m) {
   m.def("rope(Tensor q, Tensor k, Tensor cos, Tensor sin_signed) -> (Tensor, Tensor)");
@@ -244,17 +244,17 @@ TORCH_LIBRARY_FRAGMENT(saferlhf, m) {
 }
 
 TORCH_LIBRARY_IMPL(saferlhf, CPU, m) {
-  m.impl("rope", &saferlhf_autograd::rope_cpu);
-  m.impl("swiglu", &saferlhf_autograd::swiglu_cpu);
-  m.impl("rms_norm", &saferlhf_autograd::rms_norm_cpu);
-  m.impl("add_rms_norm", &saferlhf_autograd::add_rms_norm_cpu);
-  m.impl("attention", &saferlhf_autograd::attention_cpu);
+  m.impl("rope", &saferlhf::autograd::rope_cpu);
+  m.impl("swiglu", &saferlhf::autograd::swiglu_cpu);
+  m.impl("rms_norm", &saferlhf::autograd::rms_norm_cpu);
+  m.impl("add_rms_norm", &saferlhf::autograd::add_rms_norm_cpu);
+  m.impl("attention", &saferlhf::autograd::attention_cpu);
 }
 
 TORCH_LIBRARY_IMPL(saferlhf, Autograd, m) {
-  m.impl("rope", &saferlhf_autograd::rope_autograd);
-  m.impl("swiglu", &saferlhf_autograd::swiglu_autograd);
-  m.impl("rms_norm", &saferlhf_autograd::rms_norm_autograd);
-  m.impl("add_rms_norm", &saferlhf_autograd::add_rms_norm_autograd);
-  m.impl("attention", &saferlhf_autograd::attention_autograd);
+  m.impl("rope", &saferlhf::autograd::rope_autograd);
+  m.impl("swiglu", &saferlhf::autograd::swiglu_autograd);
+  m.impl("rms_norm", &saferlhf::autograd::rms_norm_autograd);
+  m.impl("add_rms_norm", &saferlhf::autograd::add_rms_norm_autograd);
+  m.impl("attention", &saferlhf::autograd::attention_autograd);
 }

@@ -1,6 +1,7 @@
-// The one binding file: declares the saferlhf:: torch op schemas and the Python module.
-// Kernels register their implementations beside their sources with TORCH_LIBRARY_IMPL
-// (CPU in *_cpu.cpp, CUDA in *_cuda.cu), so torch's dispatcher picks the kernel by tensor device.
+// The op library saferlhf (TORCH_LIBRARY), the kernel-contract ops' schemas, their CPU and CUDA tensor glue
+// (namespaces saferlhf::binding::cpu_ops / cuda_ops, calling the torch-free cores of <family>_cpu.cpp and
+// <family>_cuda.cu) and the Python module with its API version.  The other families declare their schemas beside
+// their kernels (<family>_ops.cpp, TORCH_LIBRARY_FRAGMENT); torch's dispatcher picks the kernel by tensor device.
 //
 // Contract shared by every backend (C++ CPU, CUDA, Triton in kernels/): see docs/kernels.md.
 #include <torch/extension.h>
@@ -34,7 +35,7 @@ TORCH_LIBRARY(saferlhf, m) {
       " float kl_coeff, float clip_range_score) -> (Tensor, Tensor)");
 }
 
-namespace saferlhf_shared {
+namespace saferlhf::binding {
 
 // GAE mask: [mask_rows, t], float32 or bool, contiguous, with rows % mask_rows == 0 (row i uses mask row
 // i % mask_rows: one [B, T] mask serves the stacked [S * B, T] streams).
@@ -50,7 +51,7 @@ void check_gae_mask(const at::Tensor& mask, const at::Device& device, int64_t ro
               mask_rows, " rows, which does not divide the ", rows, " rows of rewards");
 }
 
-}  // namespace saferlhf_shared
+}  // namespace saferlhf::binding
 
 // ---- CPU implementations (tensor checks + at::parallel_for over rows, calling kernels_cpu.h) ----
 // BEGIN CPU IMPL
@@ -59,14 +60,12 @@ void check_gae_mask(const at::Tensor& mask, const at::Device& device, int64_t ro
 
 #include "kernels_cpu.h"
 
-namespace saferlhf_cpu_impl {
+namespace saferlhf::binding::cpu_ops {
 
 using saferlhf::ScalarKind;
 
-// Rows per at::parallel_for task: about kGrainElems elements, so small inputs stay on one thread.
+// Elements per at::parallel_for task (saferlhf::grain_rows): small inputs stay on one thread.
 constexpr int64_t kGrainElems = 1 << 15;
-
-int64_t grain_rows(int64_t row_elems) { return std::max<int64_t>(1, kGrainElems / std::max<int64_t>(row_elems, 1)); }
 
 ScalarKind logits_kind(const at::Tensor& logits) {
   const auto dtype = logits.scalar_type();
@@ -130,7 +129,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> logprobs_forward(const at::Tensor
   float* out_logp = logp.data_ptr<float>();
   float* out_lse = lse.data_ptr<float>();
   float* out_entropy = with_entropy ? entropy.data_ptr<float>() : nullptr;
-  at::parallel_for(0, n, grain_rows(v), [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, n, grain_rows(v, kGrainElems), [&](int64_t begin, int64_t end) {
     saferlhf::cpu::logprobs_forward(x, kind, v, ld, y, static_cast<float>(temperature), ignore_index, with_entropy,
                                     out_logp, out_lse, out_entropy, begin, end);
   });
@@ -168,7 +167,7 @@ void logprobs_backward(const at::Tensor& grad_logp, const std::optional<at::Tens
   const int64_t* y = labels.data_ptr<int64_t>();
   const float* row_lse = lse.data_ptr<float>();
   const float* row_entropy = entropy.data_ptr<float>();
-  at::parallel_for(0, n, grain_rows(v), [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, n, grain_rows(v, kGrainElems), [&](int64_t begin, int64_t end) {
     saferlhf::cpu::logprobs_backward(g_logp, g_entropy, x, kind, v, ld, y, row_lse, row_entropy,
                                      static_cast<float>(temperature), ignore_index, out, ld_out, begin, end);
   });
@@ -179,7 +178,7 @@ std::tuple<at::Tensor, at::Tensor> gae_forward(const at::Tensor& rewards, const 
   check_mat(rewards, "rewards");
   check_mat(values, "values", &rewards);
   const int64_t rows = rewards.size(0), t = rewards.size(1);
-  saferlhf_shared::check_gae_mask(mask, rewards.device(), rows, t);
+  saferlhf::binding::check_gae_mask(mask, rewards.device(), rows, t);
   at::Tensor advantages = at::empty_like(rewards), returns = at::empty_like(rewards);
   const float* r = rewards.data_ptr<float>();
   const float* val = values.data_ptr<float>();
@@ -191,7 +190,7 @@ std::tuple<at::Tensor, at::Tensor> gae_forward(const at::Tensor& rewards, const 
   const void* m = mask.data_ptr();
   // The whole problem is small (O(rows * t) flops): only split it over threads when each gets a sizeable share,
   // so a lone call after single-threaded work does not pay the thread-pool wake-up.
-  at::parallel_for(0, rows, grain_rows(t) * 4, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, rows, grain_rows(t, kGrainElems) * 4, [&](int64_t begin, int64_t end) {
     if (is_bool) {
       saferlhf::cpu::gae_forward(r, val, static_cast<const uint8_t*>(m), mask_rows, t, g, l, adv, ret, begin, end);
     } else {
@@ -222,7 +221,7 @@ std::tuple<at::Tensor, at::Tensor> ppo_clip_objective(const at::Tensor& logprobs
   const float* m = mask.data_ptr<float>();
   float* loss = row_loss.data_ptr<float>();
   float* g = grad.data_ptr<float>();
-  at::parallel_for(0, rows, grain_rows(t), [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, rows, grain_rows(t, kGrainElems), [&](int64_t begin, int64_t end) {
     saferlhf::cpu::ppo_clip_objective(lp, old, adv, cost, m, t, static_cast<float>(multiplier),
                                       static_cast<float>(clip_range), loss, g, begin, end);
   });
@@ -244,7 +243,7 @@ std::tuple<at::Tensor, at::Tensor> clipped_value_objective(const at::Tensor& val
   const float* m = mask.data_ptr<float>();
   float* loss = row_loss.data_ptr<float>();
   float* g = grad.data_ptr<float>();
-  at::parallel_for(0, rows, grain_rows(t), [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, rows, grain_rows(t, kGrainElems), [&](int64_t begin, int64_t end) {
     saferlhf::cpu::clipped_value_objective(v, old, ret, m, t, static_cast<float>(clip_range), loss, g, begin, end);
   });
   return {row_loss, grad};
@@ -268,22 +267,22 @@ std::tuple<at::Tensor, at::Tensor> kl_penalized_rewards(const at::Tensor& reward
   const float* m = mask.data_ptr<float>();
   float* out_r = rewards.data_ptr<float>();
   float* out_c = costs.data_ptr<float>();
-  at::parallel_for(0, rows, grain_rows(t), [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, rows, grain_rows(t, kGrainElems), [&](int64_t begin, int64_t end) {
     saferlhf::cpu::kl_penalized_rewards(r, c, lp, ref, m, t, static_cast<float>(kl_coeff),
                                         static_cast<float>(clip_range_score), out_r, out_c, begin, end);
   });
   return {rewards, costs};
 }
 
-}  // namespace saferlhf_cpu_impl
+}  // namespace saferlhf::binding::cpu_ops
 
 TORCH_LIBRARY_IMPL(saferlhf, CPU, m) {
-  m.impl("logprobs_forward", &saferlhf_cpu_impl::logprobs_forward);
-  m.impl("logprobs_backward", &saferlhf_cpu_impl::logprobs_backward);
-  m.impl("gae_forward", &saferlhf_cpu_impl::gae_forward);
-  m.impl("ppo_clip_objective", &saferlhf_cpu_impl::ppo_clip_objective);
-  m.impl("clipped_value_objective", &saferlhf_cpu_impl::clipped_value_objective);
-  m.impl("kl_penalized_rewards", &saferlhf_cpu_impl::kl_penalized_rewards);
+  m.impl("logprobs_forward", &saferlhf::binding::cpu_ops::logprobs_forward);
+  m.impl("logprobs_backward", &saferlhf::binding::cpu_ops::logprobs_backward);
+  m.impl("gae_forward", &saferlhf::binding::cpu_ops::gae_forward);
+  m.impl("ppo_clip_objective", &saferlhf::binding::cpu_ops::ppo_clip_objective);
+  m.impl("clipped_value_objective", &saferlhf::binding::cpu_ops::clipped_value_objective);
+  m.impl("kl_penalized_rewards", &saferlhf::binding::cpu_ops::kl_penalized_rewards);
 }
 // END CPU IMPL
 
@@ -301,7 +300,7 @@ TORCH_LIBRARY_IMPL(saferlhf, CPU, m) {
 
 #include "kernels_cuda.h"
 
-namespace saferlhf_cuda_binding {
+namespace saferlhf::binding::cuda_ops {
 
 using at::Tensor;
 
@@ -397,7 +396,7 @@ std::tuple<Tensor, Tensor> gae_forward(const Tensor& rewards, const Tensor& valu
                                        double lam) {
   check_rows(rewards, "rewards");
   check_f32(values, "values", rewards.sizes(), rewards);
-  saferlhf_shared::check_gae_mask(mask, rewards.device(), rewards.size(0), rewards.size(1));
+  saferlhf::binding::check_gae_mask(mask, rewards.device(), rewards.size(0), rewards.size(1));
   const c10::cuda::CUDAGuard guard(rewards.device());
   Tensor adv = at::empty_like(rewards), ret = at::empty_like(rewards);
   saferlhf::cuda::gae_forward(rewards.data_ptr<float>(), values.data_ptr<float>(), mask.data_ptr(),
@@ -464,15 +463,15 @@ std::tuple<Tensor, Tensor> kl_penalized_rewards(const Tensor& reward, const Tens
   return {rewards, costs};
 }
 
-}  // namespace saferlhf_cuda_binding
+}  // namespace saferlhf::binding::cuda_ops
 
 TORCH_LIBRARY_IMPL(saferlhf, CUDA, m) {
-  m.impl("logprobs_forward", &saferlhf_cuda_binding::logprobs_forward);
-  m.impl("logprobs_backward", &saferlhf_cuda_binding::logprobs_backward);
-  m.impl("gae_forward", &saferlhf_cuda_binding::gae_forward);
-  m.impl("ppo_clip_objective", &saferlhf_cuda_binding::ppo_clip_objective);
-  m.impl("clipped_value_objective", &saferlhf_cuda_binding::clipped_value_objective);
-  m.impl("kl_penalized_rewards", &saferlhf_cuda_binding::kl_penalized_rewards);
+  m.impl("logprobs_forward", &saferlhf::binding::cuda_ops::logprobs_forward);
+  m.impl("logprobs_backward", &saferlhf::binding::cuda_ops::logprobs_backward);
+  m.impl("gae_forward", &saferlhf::binding::cuda_ops::gae_forward);
+  m.impl("ppo_clip_objective", &saferlhf::binding::cuda_ops::ppo_clip_objective);
+  m.impl("clipped_value_objective", &saferlhf::binding::cuda_ops::clipped_value_objective);
+  m.impl("kl_penalized_rewards", &saferlhf::binding::cuda_ops::kl_penalized_rewards);
 }
 // END CUDA IMPL
 #endif

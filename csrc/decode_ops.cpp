@@ -36,7 +36,7 @@
 
 #include "kernels_cpu.h"
 
-namespace saferlhf_decode {
+namespace saferlhf::decode {
 
 using at::Tensor;
 
@@ -338,7 +338,7 @@ std::tuple<Tensor, Tensor> sample_tokens(const Tensor& logits, const Tensor& u, 
   return {tokens, logp};
 }
 
-}  // namespace saferlhf_decode
+}  // namespace saferlhf::decode
 
 // Schemas here, kernels at the CPU key (not CompositeImplicitAutograd), so a fake implementation can stand beside
 // them for torch.compile (saferlhf_fast/ops/fakes.py).
@@ -351,11 +351,11 @@ TORCH_LIBRARY_FRAGMENT(saferlhf, m) {
 }
 
 TORCH_LIBRARY_IMPL(saferlhf, CPU, m) {
-  m.impl("decode_step", &saferlhf_decode::decode_step);
-  m.impl("sample_tokens", &saferlhf_decode::sample_tokens);
+  m.impl("decode_step", &saferlhf::decode::decode_step);
+  m.impl("sample_tokens", &saferlhf::decode::sample_tokens);
 }
 
 // The decode step takes oneDNN-prepacked projection weights, whose tensors dispatch on MkldnnCPU.
 TORCH_LIBRARY_IMPL(saferlhf, MkldnnCPU, m) {
-  m.impl("decode_step", &saferlhf_decode::decode_step);
+  m.impl("decode_step", &saferlhf::decode::decode_step);
 }

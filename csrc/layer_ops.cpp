@@ -62,9 +62,10 @@
 #include <type_traits>
 #include <vector>
 
+#include "common.h"
 #include "simd_cpu.h"
 
-namespace saferlhf_layers {
+namespace saferlhf::layers {
 
 using at::Tensor;
 using saferlhf::cpu::bf16;
@@ -76,8 +77,6 @@ constexpr int W = Vec::kWidth;
 // Elements per parallel chunk: these ops are memory-bound and each element costs a few ns at most, so a chunk
 // smaller than this would not pay for waking a thread.
 constexpr int64_t kGrainElems = 16384;
-
-inline int64_t grain_rows(int64_t row_elems) { return std::max<int64_t>(1, kGrainElems / std::max<int64_t>(1, row_elems)); }
 
 // ------------------------------------------------------------------------------------------------ element types
 // E = float or bf16 (simd_cpu.h's bit-level bf16; Vec loads it exactly and stores it rounded to nearest-even).
@@ -230,7 +229,8 @@ void rope_rows(const Tensor& q, const Tensor& k, const Tensor& cos, const Tensor
   const Table<T> ct = table_of<T>(cos), st = table_of<T>(sin);
   const int64_t L = q.size(1), half = q.size(3) / 2;
   const int64_t sa_off = backward ? half : 0, sb_off = backward ? 0 : half;
-  at::parallel_for(0, q.size(0) * L, grain_rows((qi.H + ki.H) * 2 * half), [&](int64_t r0, int64_t r1) {
+  const int64_t grain = grain_rows((qi.H + ki.H) * 2 * half, kGrainElems);
+  at::parallel_for(0, q.size(0) * L, grain, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t b = r / L, t = r % L;
       const T* c = ct.at(b, t);
@@ -296,7 +296,7 @@ void swiglu_rows(const Tensor& g2, const Tensor& u2, Tensor& out) {
   const E *gp = ptr<E>(g2), *upp = ptr<E>(u2);
   const int64_t gs = g2.stride(0), us = u2.stride(0);
   E* op_ = ptr<E>(out);
-  at::parallel_for(0, g2.size(0), grain_rows(I), [&](int64_t r0, int64_t r1) {
+  at::parallel_for(0, g2.size(0), grain_rows(I, kGrainElems), [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const E *g = gp + r * gs, *u = upp + r * us;
       E* o = op_ + r * I;
@@ -342,7 +342,7 @@ void swiglu_backward_rows(const Tensor& d2, const Tensor& g2, const Tensor& u2, 
   const E *dp = ptr<E>(d2), *gp = ptr<E>(g2), *upp = ptr<E>(u2);
   const int64_t ds = d2.stride(0), gs = g2.stride(0), us = u2.stride(0);
   E *dgp = ptr<E>(dgate), *dup_ = ptr<E>(dup);
-  at::parallel_for(0, g2.size(0), grain_rows(I), [&](int64_t r0, int64_t r1) {
+  at::parallel_for(0, g2.size(0), grain_rows(I, kGrainElems), [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const E *dy = dp + r * ds, *g = gp + r * gs, *u = upp + r * us;
       E *dg = dgp + r * I, *du = dup_ + r * I;
@@ -436,7 +436,7 @@ void rms_norm_forward_rows(const Tensor& x2, const Tensor* r2, Tensor* sum, cons
   const int64_t xs = x2.stride(0), rs_stride = r2 != nullptr ? r2->stride(0) : 0;
   Y* yp = ptr<Y>(y);
   float* rp = rstd.data_ptr<float>();
-  at::parallel_for(0, N, grain_rows(H), [&](int64_t r0, int64_t r1) {
+  at::parallel_for(0, N, grain_rows(H, kGrainElems), [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       // the row to normalise: x itself, or the sum just written (in its own dtype S, as the reference reads it)
       const S* xr;
@@ -532,7 +532,7 @@ void rms_norm_backward_rows_typed(const Tensor& d2, const Tensor* s2, const Tens
   const int64_t block_rows = std::max<int64_t>(kMinBlockRows, (N + kMaxBlocks - 1) / kMaxBlocks);
   const int64_t n_blocks = (N + block_rows - 1) / block_rows;
   std::vector<float> partial(static_cast<size_t>(n_blocks * H), 0.0f);
-  at::parallel_for(0, n_blocks, grain_rows(block_rows * H), [&](int64_t b0, int64_t b1) {
+  at::parallel_for(0, n_blocks, grain_rows(block_rows * H, kGrainElems), [&](int64_t b0, int64_t b1) {
     std::vector<float> g(static_cast<size_t>(H) + W), xh(static_cast<size_t>(H) + W);
     for (int64_t blk = b0; blk < b1; ++blk) {
       float* pw = partial.data() + blk * H;
@@ -579,7 +579,7 @@ void rms_norm_backward_rows_typed(const Tensor& d2, const Tensor* s2, const Tens
   });
   // dweight = sum of the block partials in block order (columns split across threads).
   Wt* dwp = ptr<Wt>(dweight);
-  at::parallel_for(0, (H + W - 1) / W, grain_rows(n_blocks * W), [&](int64_t c0, int64_t c1) {
+  at::parallel_for(0, (H + W - 1) / W, grain_rows(n_blocks * W, kGrainElems), [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
       const int64_t j = c * W, n = std::min<int64_t>(W, H - j);
       Vec acc(0.0f);
@@ -637,7 +637,7 @@ std::tuple<Tensor, Tensor> add_rms_norm_backward(const Tensor& dy, const std::op
                                 rstd);
 }
 
-}  // namespace saferlhf_layers
+}  // namespace saferlhf::layers
 
 TORCH_LIBRARY_FRAGMENT(saferlhf, m) {
   m.def("rope_forward(Tensor q, Tensor k, Tensor cos, Tensor sin_signed) -> (Tensor, Tensor)");
@@ -651,12 +651,12 @@ TORCH_LIBRARY_FRAGMENT(saferlhf, m) {
 }
 
 TORCH_LIBRARY_IMPL(saferlhf, CPU, m) {
-  m.impl("rope_forward", &saferlhf_layers::rope_forward);
-  m.impl("rope_backward", &saferlhf_layers::rope_backward);
-  m.impl("swiglu_forward", &saferlhf_layers::swiglu_forward);
-  m.impl("swiglu_backward", &saferlhf_layers::swiglu_backward);
-  m.impl("rms_norm_forward", &saferlhf_layers::rms_norm_forward);
-  m.impl("rms_norm_backward", &saferlhf_layers::rms_norm_backward);
-  m.impl("add_rms_norm_forward", &saferlhf_layers::add_rms_norm_forward);
-  m.impl("add_rms_norm_backward", &saferlhf_layers::add_rms_norm_backward);
+  m.impl("rope_forward", &saferlhf::layers::rope_forward);
+  m.impl("rope_backward", &saferlhf::layers::rope_backward);
+  m.impl("swiglu_forward", &saferlhf::layers::swiglu_forward);
+  m.impl("swiglu_backward", &saferlhf::layers::swiglu_backward);
+  m.impl("rms_norm_forward", &saferlhf::layers::rms_norm_forward);
+  m.impl("rms_norm_backward", &saferlhf::layers::rms_norm_backward);
+  m.impl("add_rms_norm_forward", &saferlhf::layers::add_rms_norm_forward);
+  m.impl("add_rms_norm_backward", &saferlhf::layers::add_rms_norm_backward);
 }

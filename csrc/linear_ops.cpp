@@ -33,7 +33,7 @@
 #include <immintrin.h>
 #endif
 
-namespace saferlhf_linear {
+namespace saferlhf::linear {
 
 using at::Tensor;
 using torch::autograd::AutogradContext;
@@ -196,7 +196,7 @@ Tensor onednn_linear_cpu(const Tensor& x, const Tensor& weight, const std::optio
   return to_output_shape(linear_pointwise(rows_of(x), forward_weight, bias), x, weight.size(0));
 }
 
-}  // namespace saferlhf_linear
+}  // namespace saferlhf::linear
 
 TORCH_LIBRARY_FRAGMENT(saferlhf, m) {
   m.def("onednn_linear(Tensor x, Tensor weight, Tensor? bias, Tensor forward_weight) -> Tensor");
@@ -204,8 +204,8 @@ TORCH_LIBRARY_FRAGMENT(saferlhf, m) {
 }
 
 TORCH_LIBRARY_IMPL(saferlhf, CPU, m) {
-  m.impl("onednn_linear", &saferlhf_linear::onednn_linear_cpu);
-  m.impl("transpose_2d", &saferlhf_linear::transpose_2d);
+  m.impl("onednn_linear", &saferlhf::linear::onednn_linear_cpu);
+  m.impl("transpose_2d", &saferlhf::linear::transpose_2d);
 }
 
-TORCH_LIBRARY_IMPL(saferlhf, Autograd, m) { m.impl("onednn_linear", &saferlhf_linear::onednn_linear_autograd); }
+TORCH_LIBRARY_IMPL(saferlhf, Autograd, m) { m.impl("onednn_linear", &saferlhf::linear::onednn_linear_autograd); }

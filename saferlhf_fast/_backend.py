@@ -1,29 +1,30 @@
-"""Backend discovery and choice for the ops: one registry, one selection function, one "has op" check.
+"""Backend discovery and choice for the ops: one registry table, one selection function, one "has op" check.
 
-Backends: ``torch`` (reference), ``cpu`` (C++ kernels of the compiled extension), ``cuda`` (CUDA kernels of the
-compiled extension), ``triton`` (kernels in ``saferlhf_fast.kernels``, launched through
-``saferlhf_fast.kernels.launchers``; on CPU tensors only under ``TRITON_INTERPRET=1``).
+:data:`FAMILIES` has one entry (:class:`Family`) per op family: the kernel ops of the backend contract
+(``gather_logprobs`` ... ``kl_penalized_rewards``: backends ``torch``, ``cpu``, ``cuda``, ``triton``), the CPU layer
+ops (``rope`` ... ``add_rms_norm``: ``torch``, ``cpu``), ``attention`` (``sdpa``, ``native``, ``flash`` ...),
+``linear`` and ``matmul`` (``onednn``, ``torch``) and the engine's ``decode`` / ``sampling`` steps.  An entry lists
+its backends (:class:`Impl`: the devices, extension op and package each needs), the device defaults, its
+reference, the setting that names a backend, and where its pieces live (:class:`Parts`).
 
-:data:`REGISTRY` lists, per op family, the backends that implement it and the ``saferlhf::`` op each needs from the
-extension.  :func:`select` chooses one: the ``backend=`` argument, then ``$SAFERLHF_BACKEND`` (``settings().backend``;
-ignored by an op that has no such backend), then the default for the tensors' device (cpu -> ``cpu``; cuda ->
-``triton``, then ``cuda``; among the op's backends).  A default that is not available falls back to ``torch`` with a
-one-line warning naming what is missing; a backend asked for by name that is not available is an error.
-Adding a backend to an op: its kernel in the family's module, one entry here.
+:func:`choose` picks one backend: the ``backend=`` argument, else what the entry's setting names (e.g.
+``$SAFERLHF_BACKEND`` for the kernel ops that have that backend), else the first available of the device's
+defaults, else the reference with one warning naming what is missing.  An explicitly named backend that is not
+available is an error.  Adding a backend to an op family: its kernel in the family's files, one :class:`Impl` here.
 """
 from __future__ import annotations
 
 import functools
 import importlib
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from .settings import settings
 
+# The kernel-contract backends: the names of `backend=` and $SAFERLHF_BACKEND (settings().backend).
 BACKENDS = ("torch", "cpu", "cuda", "triton")
-ENV_VAR = "SAFERLHF_BACKEND"  # settings().backend
 TRITON_LAUNCHERS = "saferlhf_fast.kernels.launchers"
 # The op set's version the Python side calls; csrc/binding.cpp's SAFERLHF_API_VERSION must equal it.
 API_VERSION = 2
@@ -91,40 +92,25 @@ def triton_status():
     return True, None
 
 
-def triton_interpreted() -> bool:
-    return settings().triton_interpret
+def triton_available() -> bool:
+    """Whether triton and the launchers import (the ``triton`` backend's probe)."""
+    return triton_status()[0]
 
 
-def availability(name: str, device_type: str) -> tuple[bool, str | None]:
-    """Whether backend ``name`` can run on tensors of ``device_type``, and why not."""
-    if name == "torch":
-        return True, None
-    if name == "cpu":
-        if device_type != "cpu":
-            return False, f"backend 'cpu' needs CPU tensors, got {device_type}"
-        mod, why = extension()
-        return (mod is not None), why
-    if name == "cuda":
-        if device_type != "cuda":
-            return False, f"backend 'cuda' needs CUDA tensors, got {device_type}"
-        mod, why = extension()
-        if mod is None:
-            return False, why
-        if not getattr(mod, "cuda_built", False):
-            return False, "saferlhf_fast._C was built without CUDA kernels"
-        return True, None
+def cuda_built() -> bool:
+    """Whether the compiled extension carries its CUDA kernels (the ``cuda`` backend's probe)."""
+    mod, _ = extension()
+    return bool(getattr(mod, "cuda_built", False))
+
+
+def kernel_module(name: str):
+    """The object holding the low-level kernels of contract backend ``name`` (see docs/kernels.md)."""
+    if name in ("cpu", "cuda"):
+        extension()
+        return torch.ops.saferlhf
     if name == "triton":
-        ok, why = triton_status()
-        if not ok:
-            return False, why
-        if device_type == "cpu" and not triton_interpreted():
-            return False, "triton kernels on CPU tensors need TRITON_INTERPRET=1"
-        return True, None
-    raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
-
-
-def available_backends(device_type: str = "cpu") -> list[str]:
-    return [b for b in BACKENDS if availability(b, device_type)[0]]
+        return importlib.import_module(TRITON_LAUNCHERS)
+    raise ValueError(f"backend {name!r} has no kernel module")
 
 
 _warned: set[str] = set()
@@ -136,115 +122,137 @@ def _warn_once(msg: str) -> None:
         warnings.warn(msg, RuntimeWarning, stacklevel=3)
 
 
-# op family -> backend -> the saferlhf:: op its kernel needs from the extension (None: the backend alone decides).
-_CONTRACT = {"torch": None, "cpu": None, "cuda": None, "triton": None}  # the four backends of docs/kernels.md
-REGISTRY: dict[str, dict[str, str | None]] = {
-    "gather_logprobs": dict(_CONTRACT),
-    "linear_logprobs": dict(_CONTRACT),
-    "gae": dict(_CONTRACT),
-    "ppo_clip": dict(_CONTRACT),
-    "critic_loss": dict(_CONTRACT),
-    "kl_penalized_rewards": dict(_CONTRACT),
-    "rope": {"torch": None, "cpu": "rope"},
-    "swiglu": {"torch": None, "cpu": "swiglu"},
-    "rms_norm": {"torch": None, "cpu": "rms_norm"},
-    "add_rms_norm": {"torch": None, "cpu": "add_rms_norm"},
-}
-# Default backends per device type, in order of preference.
-DEVICE_DEFAULTS = {"cpu": ("cpu",), "cuda": ("triton", "cuda")}
-
-
-def op_availability(op: str, name: str, device_type: str) -> tuple[bool, str | None]:
-    """Whether backend ``name`` of op family ``op`` can run on tensors of ``device_type``, and why not."""
-    ok, why = availability(name, device_type)
-    needs = REGISTRY[op][name]
-    if ok and needs is not None and not has_op(needs):
-        return False, f"the compiled extension has no op saferlhf::{needs} (rebuild it)"
-    return ok, why
-
-
-def select(op: str, backend: str | None, device: torch.device) -> str:
-    """The backend of op family ``op`` for tensors on ``device``: ``backend`` if given, else
-    ``settings().backend`` if the op has it, else the device's default (module docstring)."""
-    impls = REGISTRY[op]
-    if backend is not None:
-        return _explicit(op, backend.lower(), device, impls)
-    setting = settings().backend
-    if setting and (setting in impls or setting not in BACKENDS):  # unknown names are an error, not skipped
-        return _explicit(op, setting, device, impls)
-    candidates = [b for b in DEVICE_DEFAULTS.get(device.type, ()) if b in impls]
-    reasons = []
-    for name in candidates:
-        ok, why = op_availability(op, name, device.type)
-        if ok:
-            return name
-        reasons.append(why)
-    if candidates:
-        _warn_once(f"saferlhf_fast: using the torch reference ops on {device.type}: " + "; ".join(reasons))
-    return "torch"
-
-
-def _explicit(op: str, name: str, device: torch.device, impls: dict) -> str:
-    if name not in impls:
-        raise ValueError(f"{op}: unknown backend {name!r}; choose one of {', '.join(impls)}")
-    ok, why = op_availability(op, name, device.type)
-    if not ok:
-        raise RuntimeError(f"saferlhf_fast: backend {name!r} is not available for {op}: {why}")
-    return name
-
-
-def resolve(backend: str | None, device: torch.device) -> str:
-    """The backend of the ops of the backend contract (all four backends) for tensors on ``device``."""
-    return select("gae", backend, device)
-
-
-def kernel_module(name: str):
-    """The object holding the low-level kernels of backend ``name`` (see docs/kernels.md)."""
-    if name in ("cpu", "cuda"):
-        extension()
-        return torch.ops.saferlhf
-    if name == "triton":
-        return importlib.import_module(TRITON_LAUNCHERS)
-    raise ValueError(f"backend {name!r} has no kernel module")
-
-
-# ------------------------------------------------------------------------------------------------------------------
-# Op families whose backends carry names of their own (attention: sdpa / native / flash ...; linear: onednn / torch).
-# Same rules as select(): an explicit name, then what the settings name, then the device's defaults in order; a
-# missing default moves on to the next one, and past the last to the family's reference with one warning (unless
-# the reference is itself a listed default); an explicit backend that is missing is an error.
-
-
+# ------------------------------------------------------------------------------------------------------ the table
 @dataclass(frozen=True)
 class Impl:
-    """What one backend of a :data:`FAMILIES` entry needs: ``op`` from the extension (checked with :func:`has_op`),
-    and ``probe`` -- ``"module:function"`` returning whether its package / torch feature is here, looked up at each
-    call so that the family's module owns (and tests can replace) it; ``needs`` says what is missing when the probe
-    fails."""
+    """What one backend of a :class:`Family` needs to run.
 
+    ``devices``: the tensor device types it takes (None: any), each mapped to None or to a
+    :class:`~saferlhf_fast.settings.Settings` flag that must be on for that device (triton on CPU tensors:
+    ``triton_interpret``).  ``extension``: it needs the compiled extension; ``op``: the ``saferlhf::`` op it calls
+    (checked with :func:`has_op`; implies ``extension``).  ``probe``: ``"module:function"`` returning whether its
+    package / torch feature is here, looked up at each call so that the owning module has (and tests can replace)
+    it; ``needs`` says what is missing when the probe fails."""
+
+    devices: dict[str, str | None] | None = None
+    extension: bool = False
     op: str | None = None
     probe: str | None = None
     needs: str = ""
 
 
 @dataclass(frozen=True)
+class Parts:
+    """Where one op family's pieces live (paths relative to the repository root; ``"path:function"`` names a
+    function in it): the readable reference, the public op (dispatch / autograd), the Triton kernel module, the
+    C++ / CUDA sources, the tests and the ``saferlhf-fast bench ops`` kernel that measures it.
+    tests/test_registry.py checks that every named file exists and that every kernel source belongs to a family."""
+
+    reference: str | None
+    public: str
+    triton: str | None = None
+    csrc: tuple[str, ...] = ()
+    tests: tuple[str, ...] = ()
+    bench: str | None = None
+
+    def files(self) -> list[str]:
+        named = [self.reference, self.public, self.triton, *self.csrc, *self.tests]
+        return [n.partition(":")[0] for n in named if n is not None]
+
+
+@dataclass(frozen=True)
 class Family:
-    """The backends of one op family, the device defaults (device type -> preference order), the reference that runs
-    where no default is available, and ``setting``: which :class:`~saferlhf_fast.settings.Settings` field names a
-    backend, with ``setting_value`` mapping that field's value to a backend name (or None: no preference)."""
+    """One op family: its backends, the device defaults (device type -> preference order), the ``reference`` that
+    runs where no default is available, and ``setting``: the :class:`~saferlhf_fast.settings.Settings` field that
+    names a backend, with ``setting_map`` mapping its values to a backend name or None (no preference); a value the
+    map lacks is taken as a backend name (so an unknown name is an error)."""
 
     impls: dict[str, Impl]
     defaults: dict[str, tuple[str, ...]]
     reference: str
+    parts: Parts
     setting: str | None = None
-    setting_value: dict | None = None
+    setting_map: dict | None = None
 
 
 _EXT_HINT = "the compiled extension (pip install --no-build-isolation -e .)"
+_CPU_ONLY = {"cpu": None}
+# The kernel contract's backends (docs/kernels.md); each family's entry adds the saferlhf:: op it calls.
+CONTRACT: dict[str, Impl] = {
+    "torch": Impl(),
+    "cpu": Impl(devices=_CPU_ONLY, extension=True),
+    "cuda": Impl(devices={"cuda": None}, extension=True, probe="saferlhf_fast._backend:cuda_built",
+                 needs="saferlhf_fast._C built with its CUDA kernels (a CUDA torch and nvcc at build time)"),
+    "triton": Impl(devices={"cuda": None, "cpu": "triton_interpret"}, probe="saferlhf_fast._backend:triton_available",
+                   needs="a working triton (import triton, saferlhf_fast.kernels.launchers)"),
+}
+_CONTRACT_DEFAULTS = {"cpu": ("cpu",), "cuda": ("triton", "cuda")}
+# $SAFERLHF_BACKEND is a preference across the kernel ops: a family without that backend keeps its default.
+_NAMES_A_BACKEND = "backend"
+
+
+def _contract(op: str, parts: Parts) -> Family:
+    """A kernel-contract family: all four backends, the C++ / CUDA ones calling ``saferlhf::<op>``."""
+    impls = {name: (replace(impl, op=op) if impl.extension else impl) for name, impl in CONTRACT.items()}
+    return Family(impls, _CONTRACT_DEFAULTS, "torch", parts, _NAMES_A_BACKEND, _setting_map(impls))
+
+
+def _layer(op: str, parts: Parts) -> Family:
+    """A CPU layer op: the reference and the C++ kernel behind its autograd node ``saferlhf::<op>``."""
+    impls = {"torch": Impl(), "cpu": Impl(devices=_CPU_ONLY, op=op)}
+    return Family(impls, {"cpu": ("cpu",)}, "torch", parts, _NAMES_A_BACKEND, _setting_map(impls))
+
+
+def _setting_map(impls: dict[str, Impl]) -> dict:
+    """$SAFERLHF_BACKEND's values -> this family's backend: unset or a contract backend it lacks -> no preference."""
+    return {None: None, "": None, **{b: (b if b in impls else None) for b in BACKENDS}}
+
+
+_LOGPROBS_C = ("csrc/logprobs_cpu.cpp", "csrc/logprobs_cuda.cu", "csrc/binding.cpp", "csrc/kernels_cpu.h",
+               "csrc/kernels_cuda.h")
+_LOSSES_C = ("csrc/losses_cpu.cpp", "csrc/losses_cuda.cu", "csrc/binding.cpp", "csrc/kernels_cpu.h",
+             "csrc/kernels_cuda.h")
+_CONTRACT_TESTS = ("tests/test_ops.py", "tests/test_cpu_extension.py", "tests/test_cuda_ops.py",
+                   "tests/test_triton_kernels.py", "tests/test_fake_ops.py")
+_LAYER_C = ("csrc/layer_ops.cpp", "csrc/autograd_ops.cpp")
+_LAYER_TESTS = ("tests/test_layer_ops.py", "tests/test_fake_ops.py")
+_REF = "saferlhf_fast/ops/reference.py"
 _ONEDNN = Impl(probe="saferlhf_fast.ops.dense:onednn_available", needs="a torch with oneDNN (torch.ops.mkldnn)")
-_ONEDNN_OFF = {False: "torch"}  # $SAFERLHF_ONEDNN_LINEAR=0
+_ONEDNN_OFF = {False: "torch", True: None}  # $SAFERLHF_ONEDNN_LINEAR=0
+
 FAMILIES: dict[str, Family] = {
-    # models/attention.py: attn_backend= / --attn_backend
+    "gather_logprobs": _contract("logprobs_forward", Parts(
+        f"{_REF}:gather_logprobs", "saferlhf_fast/ops/logprobs.py:gather_logprobs", "kernels/logprobs.py",
+        _LOGPROBS_C, _CONTRACT_TESTS + ("tests/cpp/test_logprobs.cpp",), "gather_logprobs")),
+    "linear_logprobs": _contract("logprobs_forward", Parts(
+        f"{_REF}:linear_logprobs", "saferlhf_fast/ops/logprobs.py:linear_logprobs", "kernels/logprobs.py",
+        _LOGPROBS_C, _CONTRACT_TESTS + ("tests/test_dense.py",), "linear_logprobs")),
+    "gae": _contract("gae_forward", Parts(
+        f"{_REF}:gae", "saferlhf_fast/ops/gae.py:gae", "kernels/gae.py",
+        ("csrc/gae_cpu.cpp", "csrc/gae_cuda.cu", "csrc/binding.cpp", "csrc/kernels_cpu.h", "csrc/kernels_cuda.h"),
+        _CONTRACT_TESTS + ("tests/cpp/test_gae.cpp",), "gae")),
+    "ppo_clip": _contract("ppo_clip_objective", Parts(
+        f"{_REF}:ppo_lag_actor_loss", "saferlhf_fast/ops/losses.py:ppo_lag_actor_loss", "kernels/losses.py",
+        _LOSSES_C, _CONTRACT_TESTS + ("tests/cpp/test_losses.cpp",), "ppo_losses")),
+    "critic_loss": _contract("clipped_value_objective", Parts(
+        f"{_REF}:critic_loss", "saferlhf_fast/ops/losses.py:critic_loss", "kernels/losses.py",
+        _LOSSES_C, _CONTRACT_TESTS + ("tests/cpp/test_losses.cpp",), "ppo_losses")),
+    "kl_penalized_rewards": _contract("kl_penalized_rewards", Parts(
+        f"{_REF}:kl_penalized_rewards", "saferlhf_fast/ops/losses.py:kl_penalized_rewards", "kernels/losses.py",
+        _LOSSES_C, _CONTRACT_TESTS + ("tests/cpp/test_losses.cpp",))),
+    "rope": _layer("rope", Parts(
+        "saferlhf_fast/ops/layers.py:rope_reference", "saferlhf_fast/ops/layers.py:rope", None, _LAYER_C,
+        _LAYER_TESTS, "rope")),
+    "swiglu": _layer("swiglu", Parts(
+        "saferlhf_fast/ops/layers.py:swiglu_reference", "saferlhf_fast/ops/layers.py:swiglu", None, _LAYER_C,
+        _LAYER_TESTS, "swiglu")),
+    "rms_norm": _layer("rms_norm", Parts(
+        "saferlhf_fast/ops/layers.py:rms_norm_reference", "saferlhf_fast/ops/layers.py:rms_norm", None, _LAYER_C,
+        _LAYER_TESTS, "rms_norm")),
+    "add_rms_norm": _layer("add_rms_norm", Parts(
+        "saferlhf_fast/ops/layers.py:add_rms_norm_reference", "saferlhf_fast/ops/layers.py:add_rms_norm", None,
+        _LAYER_C, _LAYER_TESTS, "rms_norm")),
+    # models/attention.py: attn_backend= / --attn_backend; sdpa is a default of its own, so a default never warns
     "attention": Family(
         impls={
             "sdpa": Impl(),
@@ -259,18 +267,65 @@ FAMILIES: dict[str, Family] = {
         },
         defaults={"cpu": ("native", "sdpa"), "cuda": ("flash", "xformers", "sdpa")},
         reference="sdpa",
+        parts=Parts("saferlhf_fast/models/attention.py:reference_attention", "saferlhf_fast/models/attention.py:attend",
+                    None, ("csrc/attention_ops.cpp", "csrc/autograd_ops.cpp"),
+                    ("tests/test_native_attention.py", "tests/test_attention_ext.py", "tests/test_fake_ops.py"),
+                    "attention"),
     ),
     # ops/dense.py: ops.linear(backend=), its autograd node in the extension
     "linear": Family(
         impls={"onednn": Impl(op="onednn_linear", probe=_ONEDNN.probe, needs=_ONEDNN.needs), "torch": Impl()},
-        defaults={"cpu": ("onednn",)}, reference="torch", setting="onednn_linear", setting_value=_ONEDNN_OFF,
+        defaults={"cpu": ("onednn",)}, reference="torch",
+        parts=Parts(None, "saferlhf_fast/ops/dense.py:linear", None, ("csrc/linear_ops.cpp",),
+                    ("tests/test_dense.py", "tests/test_bf16.py", "tests/test_fake_ops.py")),
+        setting="onednn_linear", setting_map=_ONEDNN_OFF,
     ),
     # ops/dense.py: the products without autograd (matmul_nt / matmul_nn / matmul_tn: linear_logprobs' chunks)
     "matmul": Family(
         impls={"onednn": _ONEDNN, "torch": Impl()},
-        defaults={"cpu": ("onednn",)}, reference="torch", setting="onednn_linear", setting_value=_ONEDNN_OFF,
+        defaults={"cpu": ("onednn",)}, reference="torch",
+        parts=Parts(None, "saferlhf_fast/ops/dense.py:matmul_nt", None, ("csrc/linear_ops.cpp",),
+                    ("tests/test_dense.py",)),
+        setting="onednn_linear", setting_map=_ONEDNN_OFF,
+    ),
+    # engine/fast_decode.py: the one-op decode step (native) or the model's own forward_cached (eager, a default of
+    # its own: no warning); $SAFERLHF_NATIVE_DECODE=0 -> eager
+    "decode": Family(
+        impls={"native": Impl(devices=_CPU_ONLY, op="decode_step"), "eager": Impl()},
+        defaults={"cpu": ("native", "eager")}, reference="eager",
+        parts=Parts("saferlhf_fast/models/llama.py", "saferlhf_fast/engine/fast_decode.py", None,
+                    ("csrc/decode_ops.cpp",), ("tests/test_fast_decode.py", "tests/test_fake_ops.py")),
+        setting="native_decode", setting_map={False: "eager", True: None},
+    ),
+    # engine/sampling.py: one op for a greedy / top-k step (native) or the torch ops (a default of its own)
+    "sampling": Family(
+        impls={"native": Impl(devices=_CPU_ONLY, op="sample_tokens"), "torch": Impl()},
+        defaults={"cpu": ("native", "torch")}, reference="torch",
+        parts=Parts("saferlhf_fast/engine/sampling.py:next_token", "saferlhf_fast/engine/sampling.py:next_token",
+                    None, ("csrc/decode_ops.cpp",), ("tests/test_fast_decode.py", "tests/test_fake_ops.py")),
     ),
 }
+
+# Files of csrc/, kernels/ and saferlhf_fast/ops/ that serve every family rather than one (tests/test_registry.py:
+# every file of those folders is here or in some family's Parts).
+SHARED_FILES = (
+    "csrc/binding.cpp",  # the op library, its API version, the contract ops' schemas
+    "csrc/common.h",  # torch-free definitions shared by the C++ core
+    "csrc/fp_contract_off.h",  # the bit-exactness switch of the CPU kernels
+    "csrc/simd_cpu.h",  # the CPU kernels' vector helpers (logprobs, layer ops, attention)
+    "csrc/cuda_check.cuh",  # the CUDA kernels' launch check
+    "kernels/launchers.py",  # the triton backend's kernel module
+    "saferlhf_fast/ops/__init__.py",
+    "saferlhf_fast/ops/fakes.py",  # every op's fake implementation (torch.compile)
+)
+
+
+# ---------------------------------------------------------------------------------------------------- the choice
+def _variable(field: str) -> str:
+    """The environment variable of a Settings field (for messages)."""
+    from .settings import VARIABLES
+
+    return next(v.name for v in VARIABLES if v.field == field)
 
 
 @torch.compiler.assume_constant_result
@@ -280,41 +335,77 @@ def _probe(spec: str) -> bool:
     return bool(getattr(importlib.import_module(module), func)())
 
 
-def impl_availability(op: str, name: str) -> tuple[bool, str | None]:
-    """Whether backend ``name`` of :data:`FAMILIES` entry ``op`` can run here, and what it needs if not."""
-    impl = FAMILIES[op].impls[name]
+def _device_needs(impl: Impl, device_type: str) -> str | None:
+    """What backend ``impl`` needs to take tensors of ``device_type`` (None: nothing)."""
+    if impl.devices is None:
+        return None
+    if device_type not in impl.devices:
+        return f"{' or '.join(d.upper() for d in impl.devices)} tensors, got {device_type}"
+    flag = impl.devices[device_type]
+    if flag is not None and not getattr(settings(), flag):
+        return f"{_variable(flag)}=1 for {device_type} tensors"
+    return None
+
+
+def impl_availability(impl: Impl, device_type: str) -> tuple[bool, str | None]:
+    """Whether ``impl`` can run on tensors of ``device_type``, and what it needs if not."""
+    why = _device_needs(impl, device_type)
+    if why is not None:
+        return False, why
     if impl.op is not None and not has_op(impl.op):
-        why = extension()[1] or f"it has no op saferlhf::{impl.op} (rebuild it)"
-        return False, f"the compiled extension: {why}"
+        return False, f"the compiled extension: {extension()[1] or f'it has no op saferlhf::{impl.op} (rebuild it)'}"
+    if impl.extension and extension()[0] is None:
+        return False, f"the compiled extension: {extension()[1]}"
     if impl.probe is not None and not _probe(impl.probe):
         return False, impl.needs
     return True, None
 
 
+def availability(name: str, device_type: str) -> tuple[bool, str | None]:
+    """Whether contract backend ``name`` (:data:`BACKENDS`) can run on tensors of ``device_type``, and why not."""
+    if name not in CONTRACT:
+        raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
+    return impl_availability(CONTRACT[name], device_type)
+
+
+def available_backends(device_type: str = "cpu") -> list[str]:
+    return [b for b in BACKENDS if availability(b, device_type)[0]]
+
+
 def choose(op: str, backend: str | None, device: torch.device) -> str:
-    """The backend of :data:`FAMILIES` entry ``op`` for tensors on ``device``: ``backend`` if given, else the one the
-    settings name, else the first available of the device's defaults, else the family's reference."""
+    """The backend of op family ``op`` for tensors on ``device``: ``backend`` if given, else the one the entry's
+    setting names, else the first available of the device's defaults, else the family's reference (module
+    docstring)."""
     family = FAMILIES[op]
-    if backend is None and family.setting is not None:
-        backend = family.setting_value.get(getattr(settings(), family.setting))
     if backend is not None:
-        name = backend.lower()
-        if name not in family.impls:
-            raise ValueError(f"unknown {op} backend {backend!r}; choose one of {', '.join(family.impls)}")
-        ok, why = impl_availability(op, name)
-        if not ok:
-            raise RuntimeError(f"{op} backend {name!r} needs {why}")
-        return name
+        return _explicit(op, family, backend.lower(), device.type, None)
+    if family.setting is not None:
+        value = getattr(settings(), family.setting)
+        name = family.setting_map.get(value, value)
+        if name is not None:
+            return _explicit(op, family, name, device.type, family.setting)
     candidates = family.defaults.get(device.type, ())
     reasons = []
     for name in candidates:
-        ok, why = impl_availability(op, name)
+        ok, why = impl_availability(family.impls[name], device.type)
         if ok:
             return name
-        reasons.append(f"{name}: needs {why}")
+        reasons.append(f"{name!r} needs {why}")
     if candidates:
-        _warn_once(f"saferlhf_fast: {op} uses {family.reference} on {device.type}: " + "; ".join(reasons))
+        _warn_once(f"saferlhf_fast: using the {family.reference} reference on {device.type}: " + "; ".join(reasons))
     return family.reference
+
+
+def _explicit(op: str, family: Family, name: str, device_type: str, setting: str | None) -> str:
+    """``name`` if family ``op`` has it and it can run, else the error (naming the setting it came from, if any)."""
+    if name in family.impls:
+        ok, why = impl_availability(family.impls[name], device_type)
+        if ok:
+            return name
+    source = "" if setting is None else f" (${_variable(setting)})"
+    if name not in family.impls:
+        raise ValueError(f"unknown {op} backend {name!r}{source}; choose one of {', '.join(family.impls)}")
+    raise RuntimeError(f"{op} backend {name!r}{source} needs {why}")
 
 
 # (op, device type) -> (what the choice was made under, the choice): the hot paths' default choice.
@@ -332,3 +423,54 @@ def chosen(op: str, device_type: str) -> str:
     name = choose(op, None, torch.device(device_type))
     _CHOSEN[(op, device_type)] = (settings(), _EXTENSION, has_op, name)
     return name
+
+
+# ---------------------------------------------------------------------------------------------- docs/kernels.md
+def _needs(impl: Impl) -> str:
+    """One cell: what ``impl`` needs (devices, extension op, package)."""
+    out = []
+    if impl.devices is not None:
+        out.append(" or ".join(d.upper() + ("" if flag is None else f" ({_variable(flag)}=1)")
+                               for d, flag in impl.devices.items()) + " tensors")
+    if impl.op is not None:
+        out.append(f"`saferlhf::{impl.op}`")
+    elif impl.extension:
+        out.append("the extension")
+    if impl.probe is not None and impl.needs != _EXT_HINT:
+        out.append(impl.needs.split(" (")[0])
+    return ", ".join(out)
+
+
+def _choice_row(op: str, family: Family) -> str:
+    needs = "; ".join(f"{name}: {_needs(impl)}" for name, impl in family.impls.items() if _needs(impl))
+    setting = "none"
+    if family.setting == _NAMES_A_BACKEND:
+        setting = f"`${_variable(family.setting)}` (a backend it has)"
+    elif family.setting is not None:
+        off = [k for k, v in family.setting_map.items() if v is not None]
+        setting = f"`${_variable(family.setting)}={int(off[0])}` -> `{family.setting_map[off[0]]}`"
+    defaults = [", ".join(f"`{n}`" for n in family.defaults.get(d, ())) or "none" for d in ("cpu", "cuda")]
+    cells = [f"`{op}`", ", ".join(f"`{n}`" for n in family.impls), needs, *defaults, f"`{family.reference}`",
+             setting]
+    return "| " + " | ".join(cells) + " |"
+
+
+def _code(paths) -> str:
+    return ", ".join(f"`{p}`" for p in paths) or "none"
+
+
+def _parts_row(op: str, family: Family) -> str:
+    p = family.parts
+    cells = [f"`{op}`", _code([p.reference] if p.reference else []), _code([p.public]),
+             _code([p.triton] if p.triton else []), _code(p.csrc), _code(p.tests), _code([p.bench] if p.bench else [])]
+    return "| " + " | ".join(cells) + " |"
+
+
+def markdown_tables() -> tuple[str, str]:
+    """docs/kernels.md's two tables of :data:`FAMILIES` (tests/test_docs.py checks that the doc holds them): the
+    backend choice (backends, what each needs, defaults, reference, setting) and the op families' files."""
+    choice = ["| family | backends | needs | default: cpu | default: cuda | reference | setting |",
+              "|---|---|---|---|---|---|---|"] + [_choice_row(op, f) for op, f in FAMILIES.items()]
+    parts = ["| family | reference | public op | Triton | C++ / CUDA | tests | `bench ops` |",
+             "|---|---|---|---|---|---|---|"] + [_parts_row(op, f) for op, f in FAMILIES.items()]
+    return "\n".join(choice) + "\n", "\n".join(parts) + "\n"

@@ -1,6 +1,6 @@
 """Docs that cannot drift: docs/cli.md is the parser's own rendering, docs/performance.md and the README's
-headline table are the committed CSVs' rendering, the README's layout names what exists, and every command and
-flag the docs show exists in the parser."""
+headline table are the committed CSVs' rendering, the README's layout names what exists, docs/kernels.md's backend
+and op-family tables are the registry's rendering, and every command and flag the docs show exists in the parser."""
 import argparse
 import os
 import re
@@ -169,3 +169,15 @@ def test_no_reference_a_reader_cannot_follow():
                                  enumerate(fh, 1) if bad.search(line)]
     hits += [f"README.md:{i}" for i, line in enumerate(_read("README.md").splitlines(), 1) if bad.search(line)]
     assert not hits, hits
+
+
+def test_kernels_doc_tables_are_the_registrys_rendering():
+    from saferlhf_fast import _backend
+
+    with open(os.path.join(ROOT, "docs", "kernels.md")) as f:
+        text = f.read()
+    choice, parts = _backend.markdown_tables()
+    for table in (choice, parts):
+        assert table in text, "docs/kernels.md: regenerate the table from _backend.markdown_tables()"
+    for table in (choice, parts):  # one row per family, in the registry's order
+        assert [row.split(" | ")[0] for row in table.splitlines()[2:]] == [f"| `{op}`" for op in _backend.FAMILIES]

@@ -392,12 +392,12 @@ def test_backend_resolution_and_env(monkeypatch):
     y = torch.zeros(2, 3, dtype=torch.long)
     monkeypatch.setenv("SAFERLHF_BACKEND", "torch")
     settings.reload()
-    assert _backend.resolve(None, x.device) == "torch"
+    assert _backend.choose("gae", None, x.device) == "torch"
     monkeypatch.setenv("SAFERLHF_BACKEND", "nonsense")
     settings.reload()
-    with pytest.raises(ValueError, match="unknown backend"):
+    with pytest.raises(ValueError, match=r"unknown gather_logprobs backend 'nonsense' \(\$SAFERLHF_BACKEND\)"):
         ops.gather_logprobs(x, y)
     monkeypatch.delenv("SAFERLHF_BACKEND")
     settings.reload()
-    with pytest.raises(RuntimeError, match="not available"):
+    with pytest.raises(RuntimeError, match="gather_logprobs backend 'cuda' needs CUDA tensors"):
         ops.gather_logprobs(x, y, backend="cuda")

@@ -1,6 +1,6 @@
-"""The backend registry (saferlhf_fast/_backend.py): selection order (argument > setting > device default), the
-one-time fallback warning, the error for an explicit backend that is missing, the stale-extension error, and the
-one ``has_op`` check."""
+"""The backend registry (saferlhf_fast/_backend.py FAMILIES, one table): selection order (argument > setting > device
+default), the one-time fallback warning, the error for an explicit backend that is missing, the stale-extension
+error, the one ``has_op`` check, and the map of each family's files."""
 from __future__ import annotations
 
 import types
@@ -33,68 +33,71 @@ def no_extension(monkeypatch, fresh):
 
 @needs_ext
 def test_argument_beats_setting_beats_device_default():
-    assert _backend.select("gae", None, CPU) == "cpu"
-    assert _backend.select("rope", None, CPU) == "cpu"
+    assert _backend.choose("gae", None, CPU) == "cpu"
+    assert _backend.choose("rope", None, CPU) == "cpu"
     with settings.override(backend="torch"):
-        assert _backend.select("gae", None, CPU) == "torch"
-        assert _backend.select("rope", None, CPU) == "torch"
-        assert _backend.select("gae", "cpu", CPU) == "cpu"
-        assert _backend.select("gae", "CPU", CPU) == "cpu"
+        assert _backend.choose("gae", None, CPU) == "torch"
+        assert _backend.choose("rope", None, CPU) == "torch"
+        assert _backend.choose("gae", "cpu", CPU) == "cpu"
+        assert _backend.choose("gae", "CPU", CPU) == "cpu"
 
 
 @needs_ext
 def test_a_setting_an_op_lacks_leaves_it_its_default():
     """$SAFERLHF_BACKEND=triton is a preference across ops: the CPU-only layer ops keep their device default."""
     with settings.override(backend="triton"):
-        assert _backend.select("rope", None, CPU) == "cpu"
-        assert _backend.select("swiglu", None, CPU) == "cpu"
+        assert _backend.choose("rope", None, CPU) == "cpu"
+        assert _backend.choose("swiglu", None, CPU) == "cpu"
 
 
 def test_unknown_names_are_errors():
-    with pytest.raises(ValueError, match=r"rope: unknown backend 'triton'; choose one of torch, cpu"):
-        _backend.select("rope", "triton", CPU)
-    with settings.override(backend="nonsense"), pytest.raises(ValueError, match="unknown backend 'nonsense'"):
-        _backend.select("gae", None, CPU)
+    with pytest.raises(ValueError, match=r"unknown rope backend 'triton'; choose one of torch, cpu"):
+        _backend.choose("rope", "triton", CPU)
+    with settings.override(backend="nonsense"), \
+            pytest.raises(ValueError, match=r"unknown gae backend 'nonsense' \(\$SAFERLHF_BACKEND\)"):
+        _backend.choose("gae", None, CPU)
     with pytest.raises(KeyError):
-        _backend.select("no_such_op", None, CPU)
+        _backend.choose("no_such_op", None, CPU)
 
 
 def test_missing_default_falls_back_to_torch_with_one_warning(no_extension):
-    with pytest.warns(RuntimeWarning, match=r"using the torch reference ops on cpu: no _C here \(test\)"):
-        assert _backend.select("gae", None, CPU) == "torch"
+    missing = r"using the torch reference on cpu: 'cpu' needs the compiled extension: no _C here \(test\)"
+    with pytest.warns(RuntimeWarning, match=missing):
+        assert _backend.choose("gae", None, CPU) == "torch"
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert _backend.select("gae", None, CPU) == "torch"  # once only
-        assert _backend.select("ppo_clip", None, CPU) == "torch"  # the same message: still once
+        assert _backend.choose("gae", None, CPU) == "torch"  # once only
+        assert _backend.choose("ppo_clip", None, CPU) == "torch"  # the same message: still once
         x = torch.randn(3, 4)
         assert torch.equal(ops.swiglu(x, x), torch.nn.functional.silu(x) * x)
 
 
 def test_explicit_missing_backend_is_an_error(no_extension):
-    with pytest.raises(RuntimeError, match=r"backend 'cpu' is not available for gae: no _C here \(test\)"):
-        _backend.select("gae", "cpu", CPU)
-    with settings.override(backend="cpu"), pytest.raises(RuntimeError, match="not available for rope"):
-        _backend.select("rope", None, CPU)
+    with pytest.raises(RuntimeError, match=r"gae backend 'cpu' needs the compiled extension: no _C here \(test\)"):
+        _backend.choose("gae", "cpu", CPU)
+    with settings.override(backend="cpu"), \
+            pytest.raises(RuntimeError, match=r"rope backend 'cpu' \(\$SAFERLHF_BACKEND\) needs"):
+        _backend.choose("rope", None, CPU)
     with pytest.raises(RuntimeError, match="backend 'cuda' needs CUDA tensors"):
-        _backend.select("gae", "cuda", CPU)
+        _backend.choose("gae", "cuda", CPU)
 
 
 @needs_ext
 def test_an_op_missing_from_the_extension_is_missing_for_that_op_only(monkeypatch, fresh):
     monkeypatch.setattr(_backend, "has_op", lambda name: name != "rope")
     with pytest.warns(RuntimeWarning, match=r"no op saferlhf::rope"):
-        assert _backend.select("rope", None, CPU) == "torch"
-    assert _backend.select("swiglu", None, CPU) == "cpu"
-    assert _backend.select("gae", None, CPU) == "cpu"
-    with pytest.raises(RuntimeError, match=r"not available for rope: .*saferlhf::rope"):
-        _backend.select("rope", "cpu", CPU)
+        assert _backend.choose("rope", None, CPU) == "torch"
+    assert _backend.choose("swiglu", None, CPU) == "cpu"
+    assert _backend.choose("gae", None, CPU) == "cpu"
+    with pytest.raises(RuntimeError, match=r"rope backend 'cpu' needs .*saferlhf::rope"):
+        _backend.choose("rope", "cpu", CPU)
 
 
 def test_a_device_without_any_of_an_ops_backends_takes_torch_quietly(fresh):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert _backend.select("rope", None, torch.device("cuda")) == "torch"
-        assert _backend.select("gae", None, torch.device("meta")) == "torch"
+        assert _backend.choose("rope", None, torch.device("cuda")) == "torch"
+        assert _backend.choose("gae", None, torch.device("meta")) == "torch"
 
 
 def test_stale_extension_is_one_clear_error(monkeypatch):
@@ -109,10 +112,42 @@ def test_stale_extension_is_one_clear_error(monkeypatch):
     assert "pip install --no-build-isolation -e ." in msg
 
 
-def test_registry_entries_name_known_backends():
-    for op, impls in _backend.REGISTRY.items():
-        assert "torch" in impls, op  # every op has its reference
-        assert set(impls) <= set(_backend.BACKENDS), op
+def test_kernel_families_name_known_backends():
+    kernel_families = {op: f for op, f in _backend.FAMILIES.items() if f.setting == "backend"}
+    assert set(kernel_families) == {"gather_logprobs", "linear_logprobs", "gae", "ppo_clip", "critic_loss",
+                                    "kl_penalized_rewards", "rope", "swiglu", "rms_norm", "add_rms_norm"}
+    for op, family in kernel_families.items():
+        assert family.reference == "torch", op  # every kernel op has its reference
+        assert set(family.impls) <= set(_backend.BACKENDS), op
+
+
+def test_device_needs_are_the_entrys():
+    """cpu takes CPU tensors only, triton takes CPU tensors only under TRITON_INTERPRET=1, cuda needs a CUDA build."""
+    with settings.override(triton_interpret=False):
+        assert _backend.availability("triton", "cpu") == (False, "TRITON_INTERPRET=1 for cpu tensors")
+        with pytest.raises(RuntimeError, match=r"gae backend 'triton' needs TRITON_INTERPRET=1 for cpu tensors"):
+            _backend.choose("gae", "triton", CPU)
+    assert _backend.availability("cpu", "cuda") == (False, "CPU tensors, got cuda")
+    assert _backend.FAMILIES["rope"].impls["cpu"].devices == {"cpu": None}
+    mod = _backend.extension()[0]
+    if mod is not None and not getattr(mod, "cuda_built", False):
+        ok, why = _backend.availability("cuda", "cuda")
+        assert not ok and why.startswith("saferlhf_fast._C built with its CUDA kernels")
+
+
+def test_decode_and_sampling_entries(monkeypatch, fresh):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # eager / torch are defaults of their own: never a warning
+        with settings.override(native_decode=False):
+            assert _backend.choose("decode", None, CPU) == "eager"
+        monkeypatch.setattr(_backend, "has_op", lambda name: False)
+        assert _backend.choose("decode", None, CPU) == "eager"
+        assert _backend.choose("sampling", None, CPU) == "torch"
+    monkeypatch.setattr(_backend, "has_op", lambda name: True)
+    assert _backend.choose("decode", None, CPU) == "native"
+    assert _backend.choose("sampling", None, CPU) == "native"
+    with pytest.raises(RuntimeError, match=r"decode backend 'native' needs CPU tensors, got cuda"):
+        _backend.choose("decode", "native", torch.device("cuda"))
 
 
 def test_has_op_is_the_only_extension_probe():
@@ -195,7 +230,7 @@ def test_linear_default_explicit_and_setting(probes):
 
 def test_linear_without_onednn_warns_once_and_by_name_is_an_error(probes):
     probes(onednn=False)
-    with pytest.warns(RuntimeWarning, match=r"linear uses torch on cpu: onednn: needs a torch with oneDNN"):
+    with pytest.warns(RuntimeWarning, match=r"using the torch reference on cpu: 'onednn' needs a torch with oneDNN"):
         assert _backend.choose("linear", None, CPU) == "torch"
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -206,7 +241,7 @@ def test_linear_without_onednn_warns_once_and_by_name_is_an_error(probes):
 
 def test_linear_needs_the_extensions_op_the_products_do_not(no_extension, probes):
     probes(onednn=True)
-    with pytest.warns(RuntimeWarning, match=r"linear uses torch on cpu: onednn: needs the compiled extension"):
+    with pytest.warns(RuntimeWarning, match=r"using the torch reference on cpu: 'onednn' needs the compiled extension"):
         assert _backend.choose("linear", None, CPU) == "torch"
     assert _backend.choose("matmul", None, CPU) == "onednn"
 
@@ -220,7 +255,7 @@ def test_the_cached_choice_follows_settings_and_extension(monkeypatch, fresh):
     assert _backend.chosen("linear", "cpu") == first
     monkeypatch.setattr(_backend, "_EXTENSION", (None, "no _C here (test)"))
     monkeypatch.setattr(_backend, "has_op", lambda name: False)
-    with pytest.warns(RuntimeWarning, match="linear uses torch"):
+    with pytest.warns(RuntimeWarning, match="'onednn' needs the compiled extension"):
         assert _backend.chosen("linear", "cpu") == "torch"
 
 
@@ -234,3 +269,33 @@ def test_the_modules_take_their_names_from_the_registry():
         assert family.reference in family.impls
         for names in family.defaults.values():
             assert set(names) <= set(family.impls)
+
+
+# ------------------------------------------------------------------------------------ op families as units (Parts)
+def test_every_named_file_exists_and_every_kernel_file_has_a_family():
+    named = set(_backend.SHARED_FILES)
+    for op, family in _backend.FAMILIES.items():
+        for path in family.parts.files():
+            assert (ROOT / path).is_file(), f"{op}: {path}"
+        named |= set(family.parts.files())
+    for path in _backend.SHARED_FILES:
+        assert (ROOT / path).is_file(), path
+    sources = [p for pattern in ("csrc/*.cpp", "csrc/*.cu", "csrc/*.cuh", "csrc/*.h", "kernels/*.py",
+                                 "saferlhf_fast/ops/*.py") for p in ROOT.glob(pattern)]
+    assert len(sources) > 20
+    orphans = sorted(str(p.relative_to(ROOT)) for p in sources if str(p.relative_to(ROOT)) not in named)
+    assert orphans == [], "files of no op family and not in _backend.SHARED_FILES"
+
+
+def test_named_functions_exist_and_bench_names_are_bench_ops_kernels():
+    import importlib
+
+    from saferlhf_fast.benchmarks import ops as bench_ops
+
+    for op, family in _backend.FAMILIES.items():
+        for spec in (family.parts.reference, family.parts.public):
+            if spec is not None and ":" in spec:
+                path, _, func = spec.partition(":")
+                module = importlib.import_module(path.removesuffix(".py").replace("/", "."))
+                assert callable(getattr(module, func)), f"{op}: {spec}"
+        assert family.parts.bench is None or family.parts.bench in bench_ops._BUILDERS, op

@@ -611,7 +611,7 @@ def run_variants(w, variants, device: str = "cpu", reps: int = 5, warmup: int = 
 def _ops_backend(device: str) -> str:
     from .. import _backend
 
-    return _backend.resolve(None, torch.device(device))
+    return _backend.choose("gae", None, torch.device(device))
 
 
 def variant_rows(result: dict, device: str) -> list[dict]:

@@ -45,7 +45,7 @@ def build_roofline(what: str, provider: str, n: int, h: int, v: int, dtype: str,
 def run(size: str = "default", device: str = "cpu", reps: int = 5, warmup: int = 1, backend: str | None = None,
         echo=print, dtypes=None) -> list[dict]:
     p = PRESETS[size]
-    backend = backend or _backend.resolve(None, torch.device(device))
+    backend = backend or _backend.choose("gae", None, torch.device(device))
     rows, lines = [], []
     for dtype in dtypes or [p["dtype"]]:
         _measure(p["n"], p["h"], p["v"], dtype, device, reps, warmup, backend, rows, lines)

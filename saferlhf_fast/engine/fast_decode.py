@@ -41,16 +41,14 @@ from torch import Tensor
 from ..models.attention import StaticKVCache
 from ..models.llama import _ACTIVATIONS
 from ..ops.dense import onednn_available
-from ..settings import settings
 
 
 def native_step_available() -> bool:
-    """Whether the compiled extension has the one-op decode step (``csrc/decode_ops.cpp``)."""
-    if not settings().native_decode:
-        return False
+    """Whether the one-op decode step (``csrc/decode_ops.cpp``) runs: the registry entry ``decode`` chooses
+    ``native`` (the extension has the op and ``$SAFERLHF_NATIVE_DECODE`` is not 0)."""
     from .. import _backend
 
-    return _backend.has_op("decode_step")
+    return _backend.chosen("decode", "cpu") == "native"
 
 
 def silu_activation(model) -> bool:

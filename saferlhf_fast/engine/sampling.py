@@ -89,7 +89,7 @@ def native_sampling_ok(logits: Tensor, params: SamplingParams) -> bool:
     stays on the vectorised torch ops, which are faster there)."""
     return (logits.device.type == "cpu" and logits.dtype == torch.float32 and params.top_p == 1.0
             and params.repetition_penalty == 1.0 and (not params.do_sample or params.top_k > 0)
-            and _backend.has_op("sample_tokens"))
+            and _backend.chosen("sampling", "cpu") == "native")
 
 
 def next_token(logits: Tensor, params: SamplingParams, seen: Tensor | None, generator: torch.Generator | None,

@@ -53,7 +53,7 @@ def gae(
     # (not torch.broadcast_shapes: a Python reference implementation, slow next to this whole op)
     if mask.dim() > len(shape) or any(m not in (1, n) for m, n in zip(reversed(mask.shape), reversed(shape))):
         raise ValueError(f"mask {tuple(mask.shape)} does not broadcast to {tuple(rewards.shape)}")
-    name = _backend.select("gae", backend, rewards.device)
+    name = _backend.choose("gae", backend, rewards.device)
     if name == "torch" or rewards.numel() == 0:
         with torch.no_grad():
             return reference.gae(rewards, values, mask, gamma=gamma, lam=lam)

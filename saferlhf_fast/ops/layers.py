@@ -11,7 +11,7 @@
 Backends: ``cpu`` (the extension's C++ kernels, ``csrc/layer_ops.cpp``, behind C++ autograd nodes,
 ``csrc/autograd_ops.cpp``: one op call per direction, one pass over the data, threads over rows) and ``torch`` (the
 readable references below, ``*_reference``, which are also what the model computes today).  The choice is
-``_backend.select`` (registry entries ``rope``, ``swiglu``, ``rms_norm``, ``add_rms_norm``): ``backend=``, else
+``_backend.choose`` (registry entries ``rope``, ``swiglu``, ``rms_norm``, ``add_rms_norm``): ``backend=``, else
 ``$SAFERLHF_BACKEND`` when it is ``torch`` or ``cpu``, else ``cpu`` when the extension registers the op, else
 ``torch`` (with one warning).  The C++ kernels take fp32 and bf16 CPU tensors in the combinations below; any other
 dtype, combination or device -- or cos / sin that require grad (the kernels give them no gradient) -- goes to the
@@ -85,10 +85,10 @@ _KERNEL_DTYPES = (torch.float32, torch.bfloat16)
 
 def _use_kernel(op: str, backend: str | None, tensors: tuple[Tensor, ...], same_dtype: tuple[Tensor, ...] = ()
                 ) -> bool:
-    """Whether the C++ kernel runs: the registry picks ``cpu`` for ``op`` (``_backend.select``; the kernels are CPU
+    """Whether the C++ kernel runs: the registry picks ``cpu`` for ``op`` (``_backend.choose``; the kernels are CPU
     kernels, so the choice is made for the CPU), every tensor is a plain fp32 or bf16 CPU tensor, and the tensors
     in ``same_dtype`` share one dtype (the kernel instantiates one element type for them)."""
-    if _backend.select(op, backend, _CPU) == "torch":
+    if _backend.choose(op, backend, _CPU) == "torch":
         return False
     return (all(t.device.type == "cpu" and t.dtype in _KERNEL_DTYPES and type(t) in (Tensor, torch.nn.Parameter)
                 for t in tensors)

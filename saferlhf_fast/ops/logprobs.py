@@ -94,7 +94,7 @@ def gather_logprobs(
     outside ``[0, V)`` raise ``ValueError``.  Differentiable w.r.t. logits.
     """
     temperature = _check_temperature(temperature)
-    name = _backend.select("gather_logprobs", backend, logits.device)
+    name = _backend.choose("gather_logprobs", backend, logits.device)
     if name == "torch":
         return reference.gather_logprobs(
             logits, labels, temperature=temperature, ignore_index=ignore_index, return_entropy=return_entropy
@@ -246,7 +246,7 @@ def linear_logprobs(
         raise ValueError(f"weight must be [V, H] with H = {hidden.shape[-1]}, got {tuple(weight.shape)}")
     if weight.dtype != hidden.dtype:
         raise TypeError(f"hidden ({hidden.dtype}) and weight ({weight.dtype}) must share a dtype")
-    name = _backend.select("linear_logprobs", backend, hidden.device)
+    name = _backend.choose("linear_logprobs", backend, hidden.device)
     if name == "torch":
         return reference.linear_logprobs(
             hidden, weight, labels, temperature=temperature, ignore_index=ignore_index,

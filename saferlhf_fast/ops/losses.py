@@ -64,7 +64,7 @@ def ppo_actor_loss(
     backend: str | None = None,
 ) -> Tensor:
     """``-masked_mean(min(A*rho, A*clip(rho, 1-eps, 1+eps)))``, rho = exp(logp - logp_old); [..., T] -> scalar."""
-    name = _backend.select("ppo_clip", backend, logprobs.device)
+    name = _backend.choose("ppo_clip", backend, logprobs.device)
     if name == "torch":
         return reference.ppo_actor_loss(logprobs, old_logprobs, advantages, mask, clip_range=clip_range)
     rows, lead = _prepare(
@@ -98,7 +98,7 @@ def ppo_lag_actor_loss(
 ) -> Tensor:
     """Clipped surrogate on ``A = (A^r - lam A^c) / (1 + lam)``, lam = ``multiplier`` (float or tensor, constant)."""
     lam = _multiplier(multiplier)
-    name = _backend.select("ppo_clip", backend, logprobs.device)
+    name = _backend.choose("ppo_clip", backend, logprobs.device)
     if name == "torch":
         return reference.ppo_lag_actor_loss(
             logprobs, old_logprobs, reward_advantages, cost_advantages, mask, multiplier=lam, clip_range=clip_range
@@ -131,7 +131,7 @@ def critic_loss(
     backend: str | None = None,
 ) -> Tensor:
     """``0.5 * masked_mean(max((V - G)^2, (clamp(V, V_old - cv, V_old + cv) - G)^2))``; [..., T] -> scalar."""
-    name = _backend.select("critic_loss", backend, values.device)
+    name = _backend.choose("critic_loss", backend, values.device)
     if name == "torch":
         return reference.critic_loss(values, old_values, returns, mask, clip_range=clip_range)
     rows, lead = _prepare(
@@ -162,7 +162,7 @@ def kl_penalized_rewards(
             f"expected reward, cost [B] and logprobs [B, T]; got {tuple(reward.shape)}, {tuple(cost.shape)}, "
             f"{tuple(logprobs.shape)}"
         )
-    name = _backend.select("kl_penalized_rewards", backend, logprobs.device)
+    name = _backend.choose("kl_penalized_rewards", backend, logprobs.device)
     kernel = None if name == "torch" else getattr(_backend.kernel_module(name), "kl_penalized_rewards", None)
     if kernel is None:
         return reference.kl_penalized_rewards(
