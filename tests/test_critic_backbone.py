@@ -190,6 +190,12 @@ def test_bad_combinations_exit_2_with_one_line(tiny, scorers, tmp_path, capsys):
     with pytest.raises(ConfigError, match="--cost_critic_model_name_or_path"):
         _config(tiny, scorers, tmp_path / "w", critic_backbone="shared", cost_critic_model_name_or_path=scorers[0])
     _config(tiny, scorers, tmp_path / "v", critic_backbone="shared", reward_critic_model_name_or_path=scorers[0])
+    # the same from a YAML config
+    yaml = tmp_path / "ppo.yaml"
+    yaml.write_text(f"critic_backbone: shared\ncost_critic_model_name_or_path: {tiny}\n")
+    assert main([*_cli(tiny, scorers, tmp_path / "u")[:-2], "--config", str(yaml)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--cost_critic_model_name_or_path" in err
 
 
 def test_resume_refuses_a_change_of_critic_backbone(tiny, scorers, tmp_path):

@@ -256,8 +256,9 @@ class PPOConfig(RunConfig):
     actor_lora_rank: int | None = option(None, "LoRA rank of the actor (default: --lora_rank; 0: full); with "
                                                "adapters the reference is the actor with them disabled (no second "
                                                "copy of the weights)", group=TRAINING)
-    critic_lora_rank: int | None = option(None, "LoRA rank of the critics (default: --lora_rank; 0: full); their "
-                                                "score heads always train in full", group=TRAINING)
+    critic_lora_rank: int | None = option(None, "LoRA rank of the critics (default: --lora_rank; 0: full, or the "
+                                                "value head alone with --critic_backbone shared); their score heads "
+                                                "always train in full", group=TRAINING)
     critic_backbone: str = option("separate", "separate: each critic holds its own copy of the model it starts "
                                               "from; shared: a critic starting from the reward / cost model uses "
                                               "that scorer's frozen backbone (its own LoRA adapters and value head "

@@ -15,7 +15,10 @@ Six roles (PPO-Lag): actor (trained), reference (frozen copy of the initial acto
 models unless ``--reward_critic_model_name_or_path`` / ``--cost_critic_model_name_or_path`` name other, e.g.
 smaller, models).  With LoRA (``--actor_lora_rank`` / ``--critic_lora_rank``, default ``--lora_rank``) a trained model
 is its frozen base plus adapters, and the reference is the LoRA actor with its adapters disabled (no second copy of
-the actor's weights; ``docs/rl.md`` LoRA).
+the actor's weights; ``docs/rl.md`` LoRA).  ``--critic_backbone shared`` does the same for each critic and the scorer
+it starts from: the reward model is the reward critic's backbone with the critic's adapters disabled and the reward
+model's own (frozen) score head (:class:`~.modeling.SharedScorer`); with ``--critic_lora_rank 0`` the critic is a
+value head on that frozen backbone, and the scoring pass also yields the hidden states the value head reads.
 
 Alignment (the reference implementation's, exactly).  A rollout row is ``prompt (left-padded, P tokens) + response
 (T tokens, right-padded after eos)``.  Response token ``t`` sits at sequence index ``P + t``; its log-prob comes
