@@ -357,12 +357,15 @@ def build_parser() -> argparse.ArgumentParser:
                           "products, fp32 masters, frozen models held in bf16) and the reference's --bf16 True "
                           "(frozen models in bf16, trained ones under bf16 autocast); bf16 rows carry ':bf16' in "
                           "their size label")
-    ppo.add_argument("--lora_ranks", nargs="+", default=None, metavar="R[:ref-copy]",
+    ppo.add_argument("--lora_ranks", nargs="+", default=None, metavar="R[:ref-copy|:shared]",
                      help="measure our step once per variant instead, repetitions interleaved, peak and resident "
                           "memory per variant: 0 full fine-tuning, R LoRA rank R (the reference is the actor's base "
-                          "with adapters off), R:ref-copy the same with a second copy of the base as the reference")
-    mem_text = ("PPO-Lag GPU memory of 7B / 8B shapes, full fine-tuning vs LoRA vs LoRA + shared reference, from our "
-                "accounting (saferlhf_fast/benchmarks/memory.py: parameters, gradients, optimizer state, activations)")
+                          "with adapters off), R:ref-copy the same with a second copy of the base as the reference, "
+                          "R:shared LoRA rank R with --critic_backbone shared (the critics' adapters on the reward / "
+                          "cost models' bases)")
+    mem_text = ("PPO-Lag GPU memory of 7B / 8B shapes, full fine-tuning vs LoRA vs LoRA + shared reference (and "
+                "critic backbones), from our accounting (saferlhf_fast/benchmarks/memory.py: parameters, gradients, "
+                "optimizer state, activations)")
     mem = bench_sub.add_parser("memory", help=mem_text, description=mem_text)
     mem.add_argument("--models", nargs="+", choices=["llama2-7b", "llama3-8b"], default=["llama2-7b", "llama3-8b"])
     mem.add_argument("--lora_rank", type=int, default=16)

@@ -257,7 +257,7 @@ def shard_model(model, *, mixed_precision: str | None = None, offload: bool = Fa
     for layer in decoder_layers(model):
         fully_shard(layer, **kw)
     fully_shard(model, **kw)
-    for name in ("token_logprobs", "forward_cached", "score_ends", "score_columns"):
+    for name in ("token_logprobs", "forward_cached", "score_ends", "score_columns", "end_scores_and_columns"):
         if hasattr(model, name):
             register_fsdp_forward_method(model, name)
     return model

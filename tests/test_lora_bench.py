@@ -19,10 +19,11 @@ def _param_bytes(model):
 def test_ppo_step_lora_variants_tiny(tmp_path, capsys):
     path, js = tmp_path / "ppo.csv", tmp_path / "ppo.json"
     assert main(["bench", "ppo-step", "--sizes", "tiny", "--reps", "2", "--warmup", "0", "--csv", str(path),
-                 "--json", str(js), "--lora_ranks", "0", "4", "4:ref-copy"]) == 0
+                 "--json", str(js), "--lora_ranks", "0", "4", "4:ref-copy", "4:shared"]) == 0
     rows = read_rows(path)
     check_rows(rows, "saferlhf-fast bench ppo-step --sizes tiny")
-    providers = ["saferlhf_fast:full", "saferlhf_fast:lora-r4", "saferlhf_fast:lora-r4-ref-copy"]
+    providers = ["saferlhf_fast:full", "saferlhf_fast:lora-r4", "saferlhf_fast:lora-r4-ref-copy",
+                 "saferlhf_fast:lora-r4-shared"]
     assert sorted({r["provider"] for r in rows}) == providers  # no reference-style step in this mode
     assert all(r["x"].endswith(":lora") for r in rows)
     key = {(r["provider"], r["mode"], r["metric"]): float(r["p50"]) for r in rows}
@@ -31,7 +32,7 @@ def test_ppo_step_lora_variants_tiny(tmp_path, capsys):
             assert (prov, mode, "time") in key
         assert key[(prov, "step", "memory")] > 0
     s = json.loads(js.read_text())["summary"]
-    assert s["variants"] == ["full", "lora-r4", "lora-r4-ref-copy"]
+    assert s["variants"] == ["full", "lora-r4", "lora-r4-ref-copy", "lora-r4-shared"]
 
     # the trainable parameters: full = actor + two critics; LoRA = their adapters + the critics' score heads
     mc = ModelConfig(model_type="llama", **ppo_step.model_config(ppo_step.SIZES["tiny"], _tok()))
@@ -42,12 +43,17 @@ def test_ppo_step_lora_variants_tiny(tmp_path, capsys):
     lora_lm, lora_score = apply_lora(LlamaForCausalLM(mc), LoraSpec(4)), apply_lora(LlamaForScore(mc), LoraSpec(4))
     n_trained = sum(p.numel() for m in (lora_lm, lora_score, lora_score) for p in m.parameters() if p.requires_grad)
     assert s["lora-r4"]["trainable_parameters"] == n_trained < s["full"]["trainable_parameters"]
+    assert s["lora-r4-shared"]["trainable_parameters"] == n_trained  # the same adapters, on the scorers' bases
 
     # resident memory: the shared base holds no reference copy; the copy costs exactly the actor's weights
     res = {name: s[name]["resident_bytes"] for name in s["variants"]}
     assert res["lora-r4"] < res["full"]
     extra = res["lora-r4-ref-copy"] - res["lora-r4"]
     assert _param_bytes(lm) <= extra <= _param_bytes(lm) + sum(b.numel() * b.element_size() for b in lm.buffers())
+    # the shared critic backbone drops the reward and cost models' weights (their frozen score heads stay)
+    saved = res["lora-r4"] - res["lora-r4-shared"]
+    backbone = _param_bytes(score) - _param_bytes(score.score_head)
+    assert 2 * backbone <= saved <= 2 * (backbone + sum(b.numel() * b.element_size() for b in score.buffers()))
 
     out = capsys.readouterr().out
     assert "| lora-r4 |" in out and "resident MiB" in out
@@ -63,7 +69,7 @@ def _tok():
     return load_tokenizer()
 
 
-@pytest.mark.parametrize("bad", [["4", "4"], ["0:ref-copy"], ["-1"], ["x"]])
+@pytest.mark.parametrize("bad", [["4", "4"], ["0:ref-copy"], ["0:shared"], ["4:both"], ["-1"], ["x"]])
 def test_ppo_step_lora_variants_bad(bad, capsys):
     assert main(["bench", "ppo-step", "--sizes", "tiny", "--lora_ranks", *bad]) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -94,7 +100,7 @@ def test_memory_accounting_counts_real_parameters():
 
 def test_memory_accounting_scenarios():
     lm, score = memory.lm_params(SHAPE), memory.score_params(SHAPE)
-    full, lora, shared = (memory.account(SHAPE, k, rank=4, batch=2, seq=16) for k in memory.SCENARIOS)
+    full, lora, shared, critics = (memory.account(SHAPE, k, rank=4, batch=2, seq=16) for k in memory.SCENARIOS)
     assert full["trained_parameters"] == lm + 2 * score
     assert full["weights"] == 2 * (2 * lm + 4 * score)
     assert full["gradients_optimizer_master"] == 14 * full["trained_parameters"]
@@ -102,6 +108,9 @@ def test_memory_accounting_scenarios():
     assert lora["weights"] - shared["weights"] == 2 * lm  # the reference's copy
     assert full["activations_checkpointed"] < full["activations"]
     assert lora["total"] < full["total"] and shared["total"] < lora["total"]
+    # the shared critic backbone: two scorer bases less, their heads kept; the same trained parameters
+    assert shared["weights"] - critics["weights"] == 2 * 2 * (score - (SHAPE.hidden + 1))
+    assert critics["trained_parameters"] == lora["trained_parameters"] and critics["total"] < shared["total"]
     # 7B: the parameter count of Llama-2-7B (6.74 B) and Llama-3-8B (8.03 B)
     assert round(memory.lm_params(memory.SHAPES["llama2-7b"]) / 1e9, 2) == 6.74
     assert round(memory.lm_params(memory.SHAPES["llama3-8b"]) / 1e9, 2) == 8.03

@@ -15,8 +15,10 @@ Bytes (bf16 mixed precision, the reference's DeepSpeed setting without ZeRO shar
 trained parameter adds a bf16 gradient (2 B), an fp32 master copy (4 B) and AdamW's two fp32 moments (8 B), 14 B.
 Full fine-tuning trains the actor and both critics; LoRA trains their adapters and the critics' score heads (the
 bases are frozen weights); "LoRA + shared reference" drops the reference's weights: the reference is the actor's
-base with the adapters disabled (what the trainer does with a LoRA actor).  Gradients of all trained models are
-counted at once (an upper bound: the trainer updates actor and critics in turn).
+base with the adapters disabled (what the trainer does with a LoRA actor); "... and critic backbones" also drops the
+critics' bases: each critic's adapters and value head sit on the frozen reward / cost model it starts from
+(``--critic_backbone shared``), which keeps a frozen copy of its own score head (``h + 1`` parameters).  Gradients
+of all trained models are counted at once (an upper bound: the trainer updates actor and critics in turn).
 
 Activations: the tensors a Llama layer saves for backward, per token, in bf16 (2 B per element): the two RMSNorm
 inputs and outputs (4 h), q, k, v (h + 2 d_kv), the attention output (h), gate, up and their product (3 i), plus the
@@ -56,7 +58,7 @@ SHAPES = {
     "llama2-7b": Shape("Llama-2-7B", 4096, 11008, 32, 32, 32, 32000),
     "llama3-8b": Shape("Llama-3-8B", 4096, 14336, 32, 32, 8, 128256),
 }
-SCENARIOS = ("full", "lora", "lora+shared-ref")
+SCENARIOS = ("full", "lora", "lora+shared-ref", "lora+shared")
 
 
 def backbone_params(s: Shape) -> int:
@@ -93,7 +95,11 @@ def account(s: Shape, scenario: str, rank: int = 16, batch: int = 8, seq: int = 
     """Bytes per component for ``scenario`` in :data:`SCENARIOS`; ``rank``: the LoRA rank (unused for full)."""
     lora = scenario != "full"
     lm, score = lm_params(s), score_params(s)
-    models = 2 * lm + 4 * score - (lm if scenario == "lora+shared-ref" else 0)
+    models = 2 * lm + 4 * score
+    if scenario.startswith("lora+shared"):
+        models -= lm  # the reference is the actor's base
+    if scenario == "lora+shared":
+        models -= 2 * (score - (s.hidden + 1))  # each critic on its scorer's base; the scorer's head stays
     adapters = 3 * lora_params(s, rank) if lora else 0  # actor and both critics
     trained = adapters + 2 * (s.hidden + 1) if lora else lm + 2 * score
     r = rank if lora else 0
@@ -116,7 +122,8 @@ ROWS = (("weights", "weights, six models (bf16)"), ("gradients_optimizer_master"
 
 def table(names=("llama2-7b", "llama3-8b"), rank: int = 16, batch: int = 8, seq: int = 512) -> str:
     """Markdown: one block of rows per shape, one column per scenario, GiB."""
-    heads = {"full": "full fine-tuning", "lora": f"LoRA r{rank}", "lora+shared-ref": f"LoRA r{rank} + shared reference"}
+    heads = {"full": "full fine-tuning", "lora": f"LoRA r{rank}", "lora+shared-ref": f"LoRA r{rank} + shared reference",
+             "lora+shared": f"LoRA r{rank} + shared reference and critic backbones"}
     lines = [f"PPO-Lag memory, one GPU, no ZeRO sharding, bf16 weights, batch {batch} x sequence {seq} "
              f"(GiB; `saferlhf_fast/benchmarks/memory.py`)", "",
              "| model | component | " + " | ".join(heads[k] for k in SCENARIOS) + " |",

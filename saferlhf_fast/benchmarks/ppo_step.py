@@ -337,9 +337,11 @@ def reference_models(w, tok, ours: dict, device: str = "cpu", precision: str = "
     return hf
 
 
-def make_trainer(w, paths, out, device: str = "cpu", lora_rank: int = 0, precision: str = "fp32"):
+def make_trainer(w, paths, out, device: str = "cpu", lora_rank: int = 0, precision: str = "fp32",
+                 critic_backbone: str = "separate"):
     """Our PPO trainer on the saved checkpoints, configured for exactly ``new_tokens`` new tokens per response;
-    ``lora_rank`` > 0: LoRA actor and critics of that rank (the reference is then the actor with adapters off)."""
+    ``lora_rank`` > 0: LoRA actor and critics of that rank (the reference is then the actor with adapters off);
+    ``critic_backbone``: the trainer's ``--critic_backbone``."""
     from ..trainers.algorithms import ALGORITHMS
     from ..trainers.ppo import PPOTrainer
 
@@ -349,7 +351,8 @@ def make_trainer(w, paths, out, device: str = "cpu", lora_rank: int = 0, precisi
               train_datasets=["synthetic-prompts/train:0.05"], output_dir=out, max_length=512,
               max_new_tokens=w.new_tokens, per_device_prompt_batch_size=w.batch,
               per_device_train_batch_size=w.batch, kl_coeff=0.01, progress=False, actor_lr_warmup_ratio=0.0,
-              top_k=getattr(w, "top_k", 50), device=device, lora_rank=lora_rank, bf16=precision == "bf16")
+              top_k=getattr(w, "top_k", 50), device=device, lora_rank=lora_rank, bf16=precision == "bf16",
+              critic_backbone=critic_backbone)
     if algorithm.uses_cost:
         kw["cost_model_name_or_path"] = paths["cm"]
     cfg = cls(**kw)
@@ -525,21 +528,23 @@ def format_summary(s) -> str:
 # ================================================================================================ LoRA variants
 # A variant: ``"0"`` full fine-tuning; ``"R"`` LoRA rank R with the reference being the actor's base with adapters off
 # (the trainer's way: one copy of the base); ``"R:ref-copy"`` the same with a second frozen copy of the base loaded as
-# the reference (what a trainer without the shared base holds; the log-probs are the same).
-REF_COPY = "ref-copy"
+# the reference (what a trainer without the shared base holds; the log-probs are the same); ``"R:shared"`` LoRA rank R
+# with ``--critic_backbone shared`` too (each critic's adapters on its scorer's frozen base: one copy of each scorer).
+REF_COPY, SHARED = "ref-copy", "shared"
+MODES = {"": "", REF_COPY: "-ref-copy", SHARED: "-shared"}
 
 
-def parse_variant(text: str) -> tuple[int, bool]:
-    """``"R"`` or ``"R:ref-copy"`` -> (rank, separate reference copy); ValueError naming the text."""
+def parse_variant(text: str) -> tuple[int, str]:
+    """``"R"``, ``"R:ref-copy"`` or ``"R:shared"`` -> (rank, mode); ValueError naming the text."""
     rank, _, mode = str(text).partition(":")
-    if not rank.isdigit() or mode not in ("", REF_COPY) or (mode and int(rank) == 0):
-        raise ValueError(f"{text!r} is not a rank >= 0 or R:{REF_COPY} with R > 0")
-    return int(rank), bool(mode)
+    if not rank.isdigit() or mode not in MODES or (mode and int(rank) == 0):
+        raise ValueError(f"{text!r} is not a rank >= 0, R:{REF_COPY} or R:{SHARED} with R > 0")
+    return int(rank), mode
 
 
 def variant_name(variant: str) -> str:
-    rank, copy = parse_variant(variant)
-    return "full" if rank == 0 else f"lora-r{rank}" + ("-ref-copy" if copy else "")
+    rank, mode = parse_variant(variant)
+    return "full" if rank == 0 else f"lora-r{rank}" + MODES[mode]
 
 
 def variant_provider(variant: str) -> str:
@@ -574,9 +579,10 @@ def run_variants(w, variants, device: str = "cpu", reps: int = 5, warmup: int = 
         _, paths, _ = build_checkpoints(w, root)
         trainers = {}
         for n, v in enumerate(variants):
-            rank, copy = parse_variant(v)
-            trainers[v] = make_trainer(w, paths, os.path.join(root, f"out{n}"), device, lora_rank=rank)
-            if copy:
+            rank, mode = parse_variant(v)
+            trainers[v] = make_trainer(w, paths, os.path.join(root, f"out{n}"), device, lora_rank=rank,
+                                       critic_backbone="shared" if mode == SHARED else "separate")
+            if mode == REF_COPY:
                 trainers[v].reference = trainers[v]._load("actor_model_name_or_path", paths["actor"], "lm", False)
         ids_list, mask = prompts(w, warmup + reps + (1 if memory else 0), device)
         results = {v: [] for v in variants}

@@ -768,22 +768,43 @@ class LlamaForScore(DecoderModel):
             return torch.full((input_ids.shape[0],), input_ids.shape[1] - 1, device=input_ids.device)
         return ops.reference.end_index(attention_mask).clamp_min(0)
 
-    def score_columns(self, input_ids: Tensor, attention_mask: Tensor | None, start: int, length: int) -> Tensor:
+    def score_columns(self, input_ids: Tensor, attention_mask: Tensor | None, start: int, length: int,
+                      head: nn.Module | None = None) -> Tensor:
         """``forward(...).scores[:, start:start + length]`` ``[B, length]`` fp32, with the last layer's o_proj, MLP,
-        the final norm and the head on those columns only (PPO critics: the response positions' values)."""
+        the final norm and the head on those columns only (PPO critics: the response positions' values).  ``head``:
+        another score head on this backbone (default ``score_head``)."""
+        h = self.hidden_states(input_ids, attention_mask, rows=self._column_rows(input_ids, start, length))
+        return (head or self.score_head)(h).squeeze(-1).float().view(input_ids.shape[0], length)
+
+    @staticmethod
+    def _column_rows(input_ids: Tensor, start: int, length: int) -> Tensor:
         b, total = input_ids.shape
         cols = torch.arange(start, start + length, device=input_ids.device)
-        rows = (torch.arange(b, device=input_ids.device)[:, None] * total + cols).reshape(-1)
-        h = self.hidden_states(input_ids, attention_mask, rows=rows)
-        return self.score_head(h).squeeze(-1).float().view(b, length)
+        return (torch.arange(b, device=input_ids.device)[:, None] * total + cols).reshape(-1)
 
-    def score_ends(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
-        """``forward(...).end_scores`` ``[B]`` fp32 without the other positions' scores: the last layer's o_proj,
-        MLP, the final norm and the head run on the B end rows only (frozen reward / cost models in PPO)."""
+    def _end_rows(self, input_ids: Tensor, attention_mask: Tensor | None) -> Tensor:
         b, length = input_ids.shape
         end = self._end_index(input_ids, attention_mask)
-        h = self.hidden_states(input_ids, attention_mask, rows=torch.arange(b, device=end.device) * length + end)
-        return self.score_head(h).squeeze(-1).float()
+        return torch.arange(b, device=end.device) * length + end
+
+    def score_ends(self, input_ids: Tensor, attention_mask: Tensor | None = None,
+                   head: nn.Module | None = None) -> Tensor:
+        """``forward(...).end_scores`` ``[B]`` fp32 without the other positions' scores: the last layer's o_proj,
+        MLP, the final norm and the head run on the B end rows only (frozen reward / cost models in PPO).  ``head``:
+        another score head on this backbone (default ``score_head``)."""
+        h = self.hidden_states(input_ids, attention_mask, rows=self._end_rows(input_ids, attention_mask))
+        return (head or self.score_head)(h).squeeze(-1).float()
+
+    def end_scores_and_columns(self, input_ids: Tensor, attention_mask: Tensor | None, start: int, length: int,
+                               head: nn.Module) -> tuple[Tensor, Tensor]:
+        """One backbone pass for two heads: ``head``'s end scores ``[B]`` fp32 (as :meth:`score_ends` with
+        ``head``) and the hidden states of columns ``start .. start + length - 1`` ``[B, length, H]``, on which
+        ``score_head`` gives :meth:`score_columns`.  The last layer runs on the ``B`` end rows and the ``B * length``
+        column rows together (a PPO scorer and the value head of a critic on the same frozen backbone)."""
+        b = input_ids.shape[0]
+        rows = torch.cat([self._end_rows(input_ids, attention_mask), self._column_rows(input_ids, start, length)])
+        h = self.hidden_states(input_ids, attention_mask, rows=rows)
+        return head(h[:b]).squeeze(-1).float(), h[b:].view(b, length, -1)
 
 
 HEADS = {"lm": LlamaForCausalLM, "score": LlamaForScore}

@@ -4,6 +4,7 @@ dataclass fields, so the flag names are the field names: the reference implement
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
 
 from ..distributed import launched
@@ -255,8 +256,14 @@ class PPOConfig(RunConfig):
     actor_lora_rank: int | None = option(None, "LoRA rank of the actor (default: --lora_rank; 0: full); with "
                                                "adapters the reference is the actor with them disabled (no second "
                                                "copy of the weights)", group=TRAINING)
-    critic_lora_rank: int | None = option(None, "LoRA rank of the critics (default: --lora_rank; 0: full); their "
-                                                "score heads always train in full", group=TRAINING)
+    critic_lora_rank: int | None = option(None, "LoRA rank of the critics (default: --lora_rank; 0: full, or the "
+                                                "value head alone with --critic_backbone shared); their score heads "
+                                                "always train in full", group=TRAINING)
+    critic_backbone: str = option("separate", "separate: each critic holds its own copy of the model it starts "
+                                              "from; shared: a critic starting from the reward / cost model uses "
+                                              "that scorer's frozen backbone (its own LoRA adapters and value head "
+                                              "on it; --critic_lora_rank 0: the value head alone trains)",
+                                  choices=["separate", "shared"], group=TRAINING)
 
     algorithm = "ppo"
 
@@ -291,6 +298,20 @@ class PPOConfig(RunConfig):
         for name in ("actor_lr_warmup_ratio", "critic_lr_warmup_ratio"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ConfigError(f"--{name} must be in [0, 1], got {getattr(self, name)}")
+        self.check_critic_backbone()
+
+    def check_critic_backbone(self) -> None:
+        """``--critic_backbone shared`` needs each critic to start from its scorer (the critic flag unset or the
+        same folder as the reward / cost model)."""
+        if self.critic_backbone != "shared":
+            return
+        for scorer in ("reward", "cost"):
+            flag, own = f"{scorer}_critic_model_name_or_path", f"{scorer}_model_name_or_path"
+            path, base = getattr(self, flag, None), getattr(self, own, None)
+            if path and (base is None or os.path.realpath(path) != os.path.realpath(base)):
+                raise ConfigError(f"--critic_backbone shared: --{flag} {path} is not --{own} {base} (a shared "
+                                  f"critic uses its scorer's backbone: drop --{flag} or pass --critic_backbone "
+                                  "separate)")
 
 
 def check_common(cfg) -> None:

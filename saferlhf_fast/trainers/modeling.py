@@ -75,3 +75,83 @@ def make_tiny_model(output_dir: str, tokenizer_path: str | None = None, *, hidde
     model.save_pretrained(output_dir)
     save_tokenizer(tokenizer, output_dir)
     return output_dir
+
+
+# ============================================================================ --critic_backbone shared
+VALUE_HEAD_WEIGHTS, VALUE_HEAD_CONFIG = "value_head.safetensors", "value_head.json"
+
+
+class SharedScorer(torch.nn.Module):
+    """A frozen reward / cost model that is also a critic's backbone (``--critic_backbone shared``)::
+
+        score(x) = w_s . h_base(x)[end]          value_t(x) = w_v . h_critic(x)[t]
+
+    ``h_base`` is the critic's backbone with its LoRA adapters disabled (with no adapters, the critic's backbone
+    itself), ``w_s`` the scorer's own score head (frozen, the only tensor this module owns) and ``w_v`` the critic's
+    ``score_head`` (its value head, initialised from ``w_s``).  The critic is referenced, not a submodule, so its
+    weights count once."""
+
+    def __init__(self, critic, head: torch.nn.Module):
+        super().__init__()
+        self.head = head.requires_grad_(False)
+        object.__setattr__(self, "critic", critic)
+
+    @property
+    def fuses(self) -> bool:
+        """Whether the score and the values come from one backbone pass: the critic has no adapters (its backbone
+        is the scorer's, frozen) and is not sharded (its value head is then applied outside its forward)."""
+        from ..distributed import is_sharded
+        from ..models.lora import lora_spec_of
+
+        return lora_spec_of(self.critic) is None and not is_sharded(self.critic)
+
+    def score_ends(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        from ..models.lora import adapters_disabled
+
+        with adapters_disabled(self.critic):
+            return self.critic.score_ends(input_ids, attention_mask, head=self.head)
+
+    def end_scores_and_columns(self, input_ids: Tensor, attention_mask: Tensor, start: int, length: int):
+        """The end scores ``[B]`` and the critic's hidden states of the columns ``[B, length, H]`` (one pass;
+        only when :attr:`fuses`)."""
+        return self.critic.end_scores_and_columns(input_ids, attention_mask, start, length, head=self.head)
+
+
+def save_value_head(model, folder: str, base: str, dtype=None) -> None:
+    """A critic trained as a value head on a frozen backbone: ``value_head.safetensors`` (``score_head.*``) and
+    ``value_head.json`` naming the backbone's folder.  Sharded: every rank calls it, rank 0 writes."""
+    import json
+    import os
+
+    from safetensors.torch import save_file
+
+    from ..distributed import full_state_dict
+
+    full = full_state_dict(model)
+    if full is None:
+        return
+    os.makedirs(folder, exist_ok=True)
+    tensors = {k: (v.to(dtype) if dtype is not None else v).detach().to("cpu").contiguous()
+               for k, v in full.items() if k.startswith("score_head.")}
+    save_file(tensors, os.path.join(folder, VALUE_HEAD_WEIGHTS), metadata={"format": "pt"})
+    with open(os.path.join(folder, VALUE_HEAD_CONFIG), "w", encoding="utf-8") as f:
+        json.dump({"base_model_name_or_path": os.path.abspath(base), "head": "score_head",
+                   "score_type": "critic"}, f, indent=2)
+
+
+def load_value_head(model, folder: str):
+    """Copy ``value_head.safetensors`` into ``model.score_head`` (``CheckpointError`` when it does not match)."""
+    import os
+
+    from ..models.checkpoint import CheckpointError, load_weights_file
+
+    path = os.path.join(folder, VALUE_HEAD_WEIGHTS)
+    state = load_weights_file(path)
+    params = {f"score_head.{n}": p for n, p in model.score_head.named_parameters()}
+    if set(state) != set(params) or any(state[k].shape != p.shape for k, p in params.items()):
+        raise CheckpointError(f"{path}: tensors {sorted(state)} do not match the critic's value head "
+                              f"{sorted(params)}")
+    with torch.no_grad():
+        for k, p in params.items():
+            p.copy_(state[k])
+    return model

@@ -15,7 +15,10 @@ Six roles (PPO-Lag): actor (trained), reference (frozen copy of the initial acto
 models unless ``--reward_critic_model_name_or_path`` / ``--cost_critic_model_name_or_path`` name other, e.g.
 smaller, models).  With LoRA (``--actor_lora_rank`` / ``--critic_lora_rank``, default ``--lora_rank``) a trained model
 is its frozen base plus adapters, and the reference is the LoRA actor with its adapters disabled (no second copy of
-the actor's weights; ``docs/rl.md`` LoRA).
+the actor's weights; ``docs/rl.md`` LoRA).  ``--critic_backbone shared`` does the same for each critic and the scorer
+it starts from: the reward model is the reward critic's backbone with the critic's adapters disabled and the reward
+model's own (frozen) score head (:class:`~.modeling.SharedScorer`); with ``--critic_lora_rank 0`` the critic is a
+value head on that frozen backbone, and the scoring pass also yields the hidden states the value head reads.
 
 Alignment (the reference implementation's, exactly).  A rollout row is ``prompt (left-padded, P tokens) + response
 (T tokens, right-padded after eos)``.  Response token ``t`` sits at sequence index ``P + t``; its log-prob comes
@@ -51,6 +54,7 @@ are scored at positions shifted by the padding.  Logged steps are 1-based (the r
 """
 from __future__ import annotations
 
+import copy
 import math
 import os
 
@@ -62,7 +66,8 @@ from ..data import DataError, PromptOnlyDataset, SupervisedDataset, load_tokeniz
 from ..data.tokenizer import save_tokenizer
 from ..engine import generate
 from ..loading import check_vocab, is_model_folder, require_score_head
-from ..models import freeze, from_pretrained, hold_in_bf16
+from ..models import LlamaForScore, freeze, from_pretrained, hold_in_bf16
+from ..models.checkpoint import resolve_backend
 from ..models.lora import adapters_disabled, eval_mode, lora_spec_of
 from ..profiling import Phases
 from ..scores import load_normalizer
@@ -88,7 +93,7 @@ from .base import (
 )
 from .config import ConfigError, PPOConfig
 from .core import RunCore, Trained
-from .modeling import attach_lora, save_trained
+from .modeling import SharedScorer, attach_lora, load_value_head, save_trained, save_value_head
 from .rollout import Rollout, response_labels, retokenize, same_tokenizer, trim
 from .safety import NonFiniteError, check_finite, clip_gradients, data_fingerprint  # noqa: F401 - re-exported
 from .sft import sft_loss
@@ -198,20 +203,66 @@ class PPOTrainer(RunCore):
         # A LoRA actor is its own reference with the adapters disabled: no second copy of the weights.
         self.reference = None if lora_spec_of(self.actor) is not None else self._load(
             "actor_model_name_or_path", cfg.actor_model_name_or_path, "lm", False)
-        self.reward_model = self._load("reward_model_name_or_path", cfg.reward_model_name_or_path, "score", False)
-        self.reward_normalizer = self._normalizer(cfg.reward_model_name_or_path) if cfg.normalize_reward else None
-        self.cost_model = self.cost_normalizer = None
-        if self.algorithm.uses_cost:
-            self.cost_model = self._load("cost_model_name_or_path", cfg.cost_model_name_or_path, "score", False)
-            self.cost_normalizer = self._normalizer(cfg.cost_model_name_or_path) if cfg.normalize_cost else None
-        self.critics = []
+        # --critic_backbone shared: a critic's scorer is that critic's backbone with the scorer's own head, so the
+        # critics load first; separate: the scorers first (the order, and so the adapters' random draws, as always).
+        shared_backbone = cfg.critic_backbone == "shared"
+        if not shared_backbone:
+            self._load_scorers({})
+        scorers, self.critics = {}, []
         for name in self.critic_names:
-            flag = f"{name}_model_name_or_path"
-            critic = self._load_trained(flag, self._critic_init(name)[1], "score", "critic", name)
+            if shared_backbone:
+                critic, scorers[name.replace("_critic", "")] = self._load_shared_critic(name)
+            else:
+                critic = self._load_trained(f"{name}_model_name_or_path", self._critic_init(name)[1], "score",
+                                            "critic", name)
             critic.config.extra.update(score_type="critic", do_normalize=False)  # saved as the reference saves critics
             if cfg.critic_gradient_checkpointing:
                 critic.set_gradient_checkpointing(True)
             self.critics.append(critic)
+        if shared_backbone:
+            self._load_scorers(scorers)
+
+    def _load_scorers(self, shared: dict) -> None:
+        """The frozen reward (and cost) model: ``shared[reward / cost]`` when a critic holds it, else loaded."""
+        cfg = self.config
+        self.reward_model = shared.get("reward")
+        if self.reward_model is None:
+            self.reward_model = self._load("reward_model_name_or_path", cfg.reward_model_name_or_path, "score", False)
+        self.reward_normalizer = self._normalizer(cfg.reward_model_name_or_path) if cfg.normalize_reward else None
+        self.cost_model = self.cost_normalizer = None
+        if self.algorithm.uses_cost:
+            self.cost_model = shared.get("cost")
+            if self.cost_model is None:
+                self.cost_model = self._load("cost_model_name_or_path", cfg.cost_model_name_or_path, "score", False)
+            self.cost_normalizer = self._normalizer(cfg.cost_model_name_or_path) if cfg.normalize_cost else None
+
+    def _load_shared_critic(self, name: str):
+        """(critic, its scorer) for ``--critic_backbone shared``: the scorer's model, trained as the critic (its
+        LoRA adapters and score head, or with ``--critic_lora_rank 0`` the score head alone: the value head), and a
+        :class:`SharedScorer` holding a frozen copy of the scorer's head.  On resume the adapters / value head come
+        from the checkpoint's ``name`` folder."""
+        cfg = self.config
+        flag, path = self._critic_init(name)
+        self._check_folder(flag, path)
+        model = from_pretrained(path, head="score", dtype=torch.float32, attn_backend=cfg.attn_backend,
+                                backend=cfg.backend).to(self.device)
+        if not isinstance(model, LlamaForScore):
+            raise ConfigError(f"--critic_backbone shared: --{flag} {path} is not loaded by the native decoder; pass "
+                              "--critic_backbone separate")
+        scorer_head = copy.deepcopy(model.score_head)
+        ckpt = os.path.join(self.resume_from, name) if self.resume_from else None
+        spec = cfg.lora_spec("critic")
+        if spec is not None:
+            model = attach_lora(model, spec, flag, path, ckpt)
+        else:
+            model.requires_grad_(False)
+            model.score_head.requires_grad_(True)
+            if ckpt is not None:
+                load_value_head(model, ckpt)
+        model.shared_base = path  # the folder a value-head checkpoint names as its backbone
+        model.train()
+        model = maybe_shard(model, cfg, True)
+        return model, SharedScorer(model, scorer_head)
 
     def _critic_init(self, name: str) -> tuple[str, str]:
         """(flag, folder) a critic starts from: its own flag, else the reward / cost model's."""
@@ -232,6 +283,17 @@ class PPOTrainer(RunCore):
         self.cost_tokenizer = self._check_scorer("cost_model_name_or_path", "cm") if self.algorithm.uses_cost else None
         for name in self.critic_names:
             self._check_critic_tokenizer(name)
+            if cfg.critic_backbone == "shared":
+                self._check_native(name)
+
+    def _check_native(self, name: str) -> None:
+        """A shared critic runs its scorer's backbone with other heads: the native decoder's (not transformers')."""
+        flag, path = self._critic_init(name)
+        backend = self.config.backend
+        if (resolve_backend(path) if backend == "auto" else backend) != "native":
+            raise ConfigError(f"--critic_backbone shared: --{flag} {path} loads with transformers (--backend "
+                              f"{backend}); the shared backbone needs the native decoder: pass --critic_backbone "
+                              "separate")
 
     def _check_scorer(self, flag: str, trained_by: str):
         """The tokenizer to re-tokenise with for a reward / cost model (None: the actor's)."""
@@ -402,9 +464,13 @@ class PPOTrainer(RunCore):
             ref_lp = self.reference_logprobs(seq, am, labels)
             mb = Rollout(seq, am, rmf, p, labels, ref_logprobs=None, reward=None, cost=None)
             mb.ref_logprobs = mb.response_slice(ref_lp).float() * rmf
-            mb.reward = self.end_scores(self.reward_model, self.reward_normalizer, self.reward_tokenizer, seq, am)
+            hidden: dict = {}  # id(critic) -> its value head's input, where a scorer shares its backbone pass
+            mb.reward = self._rollout_scores(self.reward_model, self.reward_normalizer, self.reward_tokenizer, mb,
+                                             hidden)
             if self.cost_model is not None:
-                mb.cost = self.end_scores(self.cost_model, self.cost_normalizer, self.cost_tokenizer, seq, am)
+                mb.cost = self._rollout_scores(self.cost_model, self.cost_normalizer, self.cost_tokenizer, mb, hidden)
+            if hidden:
+                mb.critic_hidden = [hidden.get(id(c)) for c in self.critics]
             self._guard(mb.reward, "reward-model end scores")
             if mb.cost is not None:
                 self._guard(mb.cost, "cost-model end scores")
@@ -420,11 +486,24 @@ class PPOTrainer(RunCore):
                     with self.autocast():
                         lp = self.actor.token_logprobs(seq, am, labels=labels)
                     mb.old_logprobs = mb.response_slice(lp).float() * rmf
-                mb.old_values = torch.stack([self._critic_values(c, mb) for c in self.critics])
+                mb.old_values = torch.stack(self._all_critic_values(mb))
             out.append(mb)
         for mb in out:
             self.algorithm.observe(mb.cost)
         return out
+
+    def _rollout_scores(self, scorer, normalizer, tokenizer, mb: Rollout, hidden: dict) -> Tensor:
+        """End scores of a micro-batch; a scorer that shares a value-head critic's frozen backbone
+        (:attr:`SharedScorer.fuses`) also returns the critic's hidden states of the response columns, kept in
+        ``hidden``: the critic's values are then its value head on them, with no critic forward."""
+        if not (isinstance(scorer, SharedScorer) and scorer.fuses):
+            return self.end_scores(scorer, normalizer, tokenizer, mb.input_ids, mb.attention_mask)
+        with self.autocast():
+            end, h = scorer.end_scores_and_columns(mb.input_ids, mb.attention_mask, mb.prompt_length - 1,
+                                                   mb.response_length)
+        hidden[id(scorer.critic)] = h
+        end = end.float()
+        return normalizer(end) if normalizer is not None else end
 
     # ---------------------------------------------------------------------------------------------- updates
     def _guard(self, x: Tensor, what: str) -> None:
@@ -436,9 +515,16 @@ class PPOTrainer(RunCore):
             lp = self.actor.token_logprobs(mb.input_ids, mb.attention_mask, labels=mb.labels)
         return mb.response_slice(lp).float()
 
-    def _critic_values(self, critic, mb: Rollout) -> Tensor:
+    def _all_critic_values(self, mb: Rollout) -> list[Tensor]:
+        hidden = mb.critic_hidden or [None] * len(self.critics)
+        return [self._critic_values(c, mb, h) for c, h in zip(self.critics, hidden)]
+
+    def _critic_values(self, critic, mb: Rollout, hidden: Tensor | None = None) -> Tensor:
         """Values of the response positions ``[b, T]`` (our score models compute only those rows in their last
-        layer; transformers-backed ones the full forward)."""
+        layer; transformers-backed ones the full forward).  ``hidden``: the frozen backbone's states of those
+        positions (a value-head critic sharing its scorer's pass): the value head alone runs."""
+        if hidden is not None:
+            return critic.score_head(hidden).squeeze(-1).float()
         columns = getattr(critic, "score_columns", None)
         with self.autocast():
             if columns is not None:
@@ -459,7 +545,7 @@ class PPOTrainer(RunCore):
             self.actor.train()
             logp = self._actor_logprobs(mb)
         with phase("critics"):
-            values = [self._critic_values(c, mb) for c in self.critics]
+            values = self._all_critic_values(mb)
         with phase("gae"):  # old quantities (fused first pass) and advantages, once per micro-batch
             if mb.advantages is None:
                 if mb.old_logprobs is None:
@@ -630,7 +716,11 @@ class PPOTrainer(RunCore):
         if distributed.is_main():
             save_tokenizer(self.tokenizer, actor_dir)
         for name, critic in zip(self.critic_names, self.critics):
-            save_trained(critic, os.path.join(folder, name), dtype=dtype, merge=merge)
+            base = getattr(critic, "shared_base", None)
+            if base is not None and lora_spec_of(critic) is None and not final:
+                save_value_head(critic, os.path.join(folder, name), base, dtype=dtype)  # the backbone is the input's
+            else:
+                save_trained(critic, os.path.join(folder, name), dtype=dtype, merge=merge)
 
     def replaced_folders(self) -> list[str]:
         return self.critic_names

@@ -35,6 +35,7 @@ class Rollout:
     rewards: Tensor | None = None  # [n_streams, b, T] per-token (KL-penalised) rewards / costs
     advantages: Tensor | None = None  # [n_streams, b, T]
     returns: Tensor | None = None  # [n_streams, b, T]
+    critic_hidden: list | None = None  # per critic: its frozen backbone's states [b, T, H] of the response columns
 
     @property
     def response_length(self) -> int:

@@ -423,7 +423,7 @@ NEUTRAL = {"output_dir", "overwrite_output_dir", "resume", "resume_allow_changes
 FIXED = {"data", "seed", "train_datasets", "ptx_datasets", "eval_split_ratio", "max_length", "chat_template",
          "model_name_or_path", "actor_model_name_or_path", "tokenizer_name_or_path", "num_return_sequences",
          "gradient_accumulation_steps", "per_device_train_batch_size", "per_device_prompt_batch_size",
-         "lora_rank", "actor_lora_rank", "critic_lora_rank", "lora_target_modules"}
+         "lora_rank", "actor_lora_rank", "critic_lora_rank", "lora_target_modules", "critic_backbone"}
 
 
 def data_fingerprint(*datasets) -> str:
