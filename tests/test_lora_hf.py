@@ -122,6 +122,28 @@ def test_adapters_load_in_peft_disable_to_the_base_and_merge(kind, tmp_path):
         assert all(torch.equal(v, saved[k.removeprefix("hf.")]) for k, v in loaded.state_dict().items())
 
 
+def test_generation_runs_the_adapters_on_the_fly(gpt2, tmp_path):
+    """transformers' ``generate`` through the adapted layers: the merged model's tokens and log-probs (up to
+    rounding), not the base model's; with the adapters disabled the base model's, bit for bit."""
+    from saferlhf_fast.engine import generate
+
+    ours = apply_lora(from_pretrained(gpt2, backend="hf"), LoraSpec(4, 64.0))
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for m in lora_layers(ours):
+            m.lora_B.weight.copy_(torch.randn(m.lora_B.weight.shape, generator=g) * 0.1)
+    save_trained(ours, str(tmp_path / "merged"), merge=True)
+    merged, base = from_pretrained(str(tmp_path / "merged"), backend="hf"), from_pretrained(gpt2, backend="hf")
+    ids, mask = _batch(ours.config.vocab_size, seed=6)
+    kw = dict(max_new_tokens=6, do_sample=False, eos_token_id=1, pad_token_id=0)
+    got, want, plain = (generate(m, ids, mask, **kw) for m in (ours, merged, base))
+    assert torch.equal(got.sequences, want.sequences) and not torch.equal(got.sequences, plain.sequences)
+    torch.testing.assert_close(got.logprobs, want.logprobs, rtol=1e-4, atol=1e-5)
+    with adapters_disabled(ours):
+        off = generate(ours, ids, mask, **kw)
+    assert torch.equal(off.sequences, plain.sequences) and torch.equal(off.logprobs, plain.logprobs)
+
+
 def test_score_model_adapters_round_trip_with_the_head(gpt2, tmp_path):
     torch.manual_seed(4)
     ours = apply_lora(from_pretrained(gpt2, head="score", backend="hf"), LoraSpec(2, targets=("c_attn",)))
