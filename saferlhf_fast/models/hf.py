@@ -7,7 +7,10 @@ Score models (``head='score'``) are the backbone (``AutoModel``) plus ``score_he
 the reference implementation's ``<Arch>ForScore`` layout: one state dict with the backbone under its
 ``base_model_prefix`` (``transformer.`` for GPT-2, ``gpt_neox.`` for GPT-NeoX, ``model.`` for OPT, Phi, Gemma),
 ``score_head.*`` and the ``normalizer.*`` buffers, and config.json with ``architectures: ["<Arch>ForScore"]``,
-``score_dim``, ``bias`` / ``score_bias`` and ``score_type``, so the reference's ``AutoModelForScore`` loads it."""
+``score_dim``, ``bias`` / ``score_bias`` and ``score_type``, so the reference's ``AutoModelForScore`` loads it.
+
+LoRA (:func:`.lora.apply_lora`) wraps the model's ``nn.Linear`` / ``Conv1D`` layers in place
+(:class:`.lora.HFLoraLinear`); ``save_pretrained`` of an adapted model writes the merged weights."""
 from __future__ import annotations
 
 import json
