@@ -1,6 +1,6 @@
-"""LoRA on the native decoder: the adapter math, zero-init identity, what trains, the adapter-disabled reference,
-PEFT-format checkpoints that ``peft`` loads onto the transformers model, merged saves, exact resume, and the
-training commands from the command line."""
+"""LoRA on the native decoder (the transformers path: test_lora_hf.py): the adapter math, zero-init identity, what
+trains, the adapter-disabled reference, PEFT-format checkpoints that ``peft`` loads onto the transformers model, merged
+saves, exact resume, and the training commands from the command line."""
 import json
 import math
 import os
@@ -169,11 +169,15 @@ def test_sft_lora_cli_peft_parity_and_merge(tiny, tmp_path):
     assert loaded.keys() == saved.keys() and all(torch.equal(loaded[k], saved[k]) for k in saved)
 
 
-def test_lora_needs_the_native_decoder_and_known_targets(tiny, tmp_path, capsys):
-    assert main(_sft_args(tiny, tmp_path / "a", "--backend", "hf")) == 2
-    assert "--model_name_or_path" in capsys.readouterr().err
-    assert main(_sft_args(tiny, tmp_path / "b", "--lora_target_modules", "q_proj", "lm_head")) == 2
-    assert "--lora_target_modules" in capsys.readouterr().err
+def test_lora_target_that_names_no_layer_is_one_line_and_exit_2(tiny, tmp_path, capsys):
+    """Native: only the seven projections; transformers (the same Llama through --backend hf): its layers' names."""
+    assert main(_sft_args(tiny, tmp_path / "a", "--lora_target_modules", "q_proj", "lm_head")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--lora_target_modules" in err[0] and "'lm_head'" in err[0]
+    assert main(_sft_args(tiny, tmp_path / "b", "--backend", "hf", "--lora_target_modules", "c_attn")) == 2
+    # transformers prints a loading progress bar on stderr
+    err = [x for x in capsys.readouterr().err.splitlines() if x.strip() and "Loading weights" not in x]
+    assert len(err) == 1 and "'c_attn' matches no linear layer of LlamaForCausalLM" in err[0] and "q_proj" in err[0]
     assert not os.path.exists(tmp_path / "a") and not os.path.exists(tmp_path / "b")
 
 

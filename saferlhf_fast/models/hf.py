@@ -7,7 +7,10 @@ Score models (``head='score'``) are the backbone (``AutoModel``) plus ``score_he
 the reference implementation's ``<Arch>ForScore`` layout: one state dict with the backbone under its
 ``base_model_prefix`` (``transformer.`` for GPT-2, ``gpt_neox.`` for GPT-NeoX, ``model.`` for OPT, Phi, Gemma),
 ``score_head.*`` and the ``normalizer.*`` buffers, and config.json with ``architectures: ["<Arch>ForScore"]``,
-``score_dim``, ``bias`` / ``score_bias`` and ``score_type``, so the reference's ``AutoModelForScore`` loads it."""
+``score_dim``, ``bias`` / ``score_bias`` and ``score_type``, so the reference's ``AutoModelForScore`` loads it.
+
+LoRA (:func:`.lora.apply_lora`) wraps the model's ``nn.Linear`` / ``Conv1D`` layers in place
+(:class:`.lora.HFLoraLinear`); ``save_pretrained`` of an adapted model writes the merged weights."""
 from __future__ import annotations
 
 import json
@@ -68,6 +71,7 @@ class HFModel(nn.Module):
             model.normalizer_state = {k: v for k, v in saved.items() if k in NORMALIZER_BUFFERS}
         else:
             raise ValueError(f"unknown head {head!r}; choose 'lm' or 'score'")
+        model.source_dir = directory  # a LoRA adapter folder's base_model_name_or_path
         return model
 
     @property
@@ -122,12 +126,16 @@ class HFModel(nn.Module):
 
     def save_pretrained(self, save_directory: str, dtype: torch.dtype | None = None, **kwargs):
         """A causal LM: transformers' own ``save_pretrained`` (weights cast to ``dtype`` when given).  A score model:
-        the reference's ``<Arch>ForScore`` layout (module docstring)."""
+        the reference's ``<Arch>ForScore`` layout (module docstring).  With LoRA adapters: the merged weights
+        ``W + scaling * B A`` (a plain checkpoint)."""
         from ..distributed import full_state_dict, is_sharded
+        from .lora import lora_spec_of, merged_state_dict
 
         full = full_state_dict(self) if is_sharded(self) else self.state_dict()
         if full is None:  # not rank 0 of a sharded model: rank 0 writes
             return
+        if lora_spec_of(self) is not None:
+            full = merged_state_dict(self, full)
         tied = _tied_names(self.hf)  # consolidated shards are separate tensors: drop the tied copies by name
         state = {k.removeprefix("hf."): _cast(v, dtype) for k, v in full.items()
                  if k.startswith("hf.") and k.removeprefix("hf.") not in tied}

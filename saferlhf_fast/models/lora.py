@@ -1,5 +1,5 @@
-"""LoRA adapters on the native decoder's projections (Hu et al., 2021, in PEFT's formulation), and their checkpoints
-in PEFT's format.
+"""LoRA adapters (Hu et al., 2021, in PEFT's formulation) on the native decoder's projections and on the linear
+layers of a transformers model (``backend='hf'``), and their checkpoints in PEFT's format.
 
 A targeted projection ``y = W x + b`` becomes::
 
@@ -10,10 +10,19 @@ so a fresh adapter leaves the model's outputs unchanged.  ``W`` and ``b`` (and e
 one autograd node with the base projection (:func:`ops.lora_linear`: the up-projection accumulates into the base
 output inside its GEMM, the adapter's input gradient into the base's).
 
+On the transformers path (:class:`HFLoraLinear`) the adapted layers are ``nn.Linear`` or transformers' ``Conv1D``
+(GPT-2: weight stored ``[in, out]``, PEFT's ``fan_in_fan_out``, so the merged weight is ``W + scaling (B A)^T``).
+``all-linear`` there is PEFT's: every ``nn.Linear`` / ``Conv1D`` of the model but the output layer (``lm_head``; a
+score model's ``score_head`` is ours and never adapted); explicit names match a layer's last name component (PEFT's
+suffix match: ``c_proj`` adapts GPT-2's attention and MLP output projections).  No ``peft`` is needed at run time;
+it is the reference the tests load our folders with.
+
 Parameter names: the base weight keeps its name (``model.layers.0.self_attn.q_proj.weight``) and the adapter adds
 ``...q_proj.lora_A.weight`` / ``...q_proj.lora_B.weight``; PEFT's file names them
 ``base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`` (its prefix in front, no adapter name), so
-``peft.PeftModel.from_pretrained(transformers_model, folder)`` loads what :func:`save_adapter` writes.
+``peft.PeftModel.from_pretrained(transformers_model, folder)`` loads what :func:`save_adapter` writes.  A
+transformers model's names drop our ``hf.`` wrapper prefix; a score model's backbone keys get its
+``base_model_prefix`` (``transformer.`` for GPT-2), as in its ``<Arch>ForScore`` checkpoint.
 
 * :func:`apply_lora` adds the adapters and freezes the base; :func:`adapters_disabled` runs the base model alone
   (the PPO / DPO reference: no second copy of the weights).
@@ -29,9 +38,10 @@ import contextlib
 import json
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import ops
@@ -47,32 +57,43 @@ MODULES_TO_SAVE = ("score_head",)  # trained in full next to the adapters
 @dataclass(frozen=True)
 class LoraSpec:
     """Rank ``rank`` adapters scaled by ``alpha / rank`` with input dropout ``dropout`` on the projections named in
-    ``targets``."""
+    ``targets`` (``all-linear`` or layer names; an adapted model's spec holds the names it resolved to).
+    ``fan_in_fan_out``: the adapted weights are stored ``[in, out]`` (transformers' ``Conv1D``)."""
 
     rank: int
     alpha: float = 16.0
     dropout: float = 0.0
-    targets: tuple[str, ...] = TARGETS
+    targets: tuple[str, ...] = (ALL_LINEAR,)
+    fan_in_fan_out: bool = False
 
     @property
     def scaling(self) -> float:
         return self.alpha / self.rank
 
 
-def resolve_targets(names) -> tuple[str, ...]:
-    """Projection names from ``["all-linear"]`` or names (each may be comma-separated); ``ValueError`` names an
-    unknown one."""
+def target_names(names) -> tuple[str, ...]:
+    """The names of ``--lora_target_modules`` (each item may be comma-separated), ``all-linear`` kept as it is, in
+    order, without repeats; ``ValueError`` when there is none.  Which layers they name depends on the model."""
     out: list[str] = []
-    for item in names:
+    for item in [names] if isinstance(names, str) else names:
         for name in filter(None, (s.strip() for s in str(item).split(","))):
-            chosen = TARGETS if name == ALL_LINEAR else (name,)
-            for n in chosen:
-                if n not in TARGETS:
-                    raise ValueError(f"unknown LoRA target {name!r}: choose {ALL_LINEAR} or among {', '.join(TARGETS)}")
-                if n not in out:
-                    out.append(n)
+            if name not in out:
+                out.append(name)
     if not out:
-        raise ValueError(f"no LoRA target given: choose {ALL_LINEAR} or among {', '.join(TARGETS)}")
+        raise ValueError(f"no LoRA target given: choose {ALL_LINEAR} or layer names")
+    return tuple(out)
+
+
+def resolve_targets(names) -> tuple[str, ...]:
+    """The native decoder's projection names from ``["all-linear"]`` or names (each may be comma-separated);
+    ``ValueError`` names an unknown one."""
+    out: list[str] = []
+    for name in target_names(names):
+        for n in TARGETS if name == ALL_LINEAR else (name,):
+            if n not in TARGETS:
+                raise ValueError(f"unknown LoRA target {name!r}: choose {ALL_LINEAR} or among {', '.join(TARGETS)}")
+            if n not in out:
+                out.append(n)
     return tuple(out)
 
 
@@ -80,6 +101,8 @@ class LoraLinear(Linear):
     """A :class:`~.llama.Linear` (the same ``weight`` / ``bias`` parameters, the same names) plus ``lora_A``,
     ``lora_B``: ``ops.linear(x, W, b) + scaling * B(A(dropout(x)))`` in one autograd node (:func:`ops.lora_linear`);
     with ``disabled`` the base projection alone."""
+
+    fan_in_fan_out = False  # W is [out, in]
 
     def __init__(self, base: Linear, spec: LoraSpec):
         nn.Module.__init__(self)
@@ -115,22 +138,97 @@ class LoraLinear(Linear):
             return self.weight.detach() + self.delta_weight().to(self.weight.dtype)
 
 
+class HFLoraLinear(nn.Module):
+    """A transformers ``nn.Linear`` or ``Conv1D`` (the same ``weight`` / ``bias`` parameters, the same names) plus
+    ``lora_A``, ``lora_B``: the layer's own product (``x W^T + b``, or ``Conv1D``'s ``b + x W`` with ``W`` stored
+    ``[in, out]``) ``+ scaling * B(A(dropout(x)))``; with ``disabled`` the layer alone, bit for bit."""
+
+    def __init__(self, base: nn.Module, spec: LoraSpec):
+        super().__init__()
+        self.fan_in_fan_out = not isinstance(base, nn.Linear)  # Conv1D
+        self.weight, self.bias = base.weight, base.bias
+        self.in_features, self.out_features = base.weight.shape[::-1] if not self.fan_in_fan_out else base.weight.shape
+        factory = {"device": base.weight.device, "dtype": base.weight.dtype}
+        self.lora_A = nn.Linear(self.in_features, spec.rank, bias=False, **factory)
+        self.lora_B = nn.Linear(spec.rank, self.out_features, bias=False, **factory)
+        self.lora_dropout = nn.Dropout(spec.dropout) if spec.dropout > 0 else nn.Identity()
+        self.scaling = spec.scaling
+        self.disabled = False
+        LoraLinear.reset_adapter(self)
+
+    def base_forward(self, x: Tensor) -> Tensor:
+        if not self.fan_in_fan_out:
+            return F.linear(x, self.weight, self.bias)
+        flat = x.reshape(-1, x.shape[-1])  # Conv1D.forward, op for op
+        y = torch.addmm(self.bias, flat, self.weight) if self.bias is not None else flat @ self.weight
+        return y.view(*x.shape[:-1], self.out_features)
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.base_forward(x)
+        if self.disabled:
+            return y
+        return y + self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling
+
+    def delta_weight(self) -> Tensor:
+        """``scaling * B A``, transposed to the weight's ``[in, out]`` layout for a ``Conv1D``."""
+        return _oriented(LoraLinear.delta_weight(self), self.fan_in_fan_out)
+
+    def merged_weight(self) -> Tensor:
+        return LoraLinear.merged_weight(self)
+
+    def plain(self) -> nn.Module:
+        """A plain ``nn.Linear`` / ``Conv1D`` holding this layer's (possibly merged) weight and bias (built on the meta
+        device: no second copy of the weight, at no point)."""
+        from transformers.pytorch_utils import Conv1D
+
+        with torch.device("meta"):
+            if self.fan_in_fan_out:
+                base = Conv1D(self.out_features, self.in_features)
+            else:
+                base = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
+        base.weight, base.bias = self.weight, self.bias
+        return base
+
+
+def _oriented(delta: Tensor, fan_in_fan_out: bool) -> Tensor:
+    return delta.t() if fan_in_fan_out else delta
+
+
+ADAPTED = (LoraLinear, HFLoraLinear)
+
+
 # ============================================================================================== the model
 def lora_spec_of(model) -> LoraSpec | None:
     return getattr(model, "lora_spec", None)
 
 
-def lora_layers(model: nn.Module) -> list[LoraLinear]:
-    return [m for m in model.modules() if isinstance(m, LoraLinear)]
+def lora_layers(model: nn.Module) -> list[LoraLinear | HFLoraLinear]:
+    return [m for m in model.modules() if isinstance(m, ADAPTED)]
 
 
-def apply_lora(model: DecoderModel, spec: LoraSpec) -> DecoderModel:
-    """Add adapters to ``model``'s targeted projections (A drawn from the global RNG), freeze every base weight and
-    leave the adapters and a score head trainable.  ``TypeError`` for a model that is not the native decoder."""
-    if not isinstance(model, DecoderModel):
-        raise TypeError(f"LoRA adapts the native decoder's projections; {type(model).__name__} is not one")
+def apply_lora(model, spec: LoraSpec):
+    """Add adapters to ``model``'s targeted layers (A drawn from the global RNG), freeze every base weight and
+    leave the adapters and a score head trainable; ``model.lora_spec`` holds the layer names it resolved.
+    ``ValueError`` for a target that names no layer, ``TypeError`` for a model that is neither the native decoder nor
+    a transformers one (:class:`~.hf.HFModel`)."""
     if spec.rank < 1:
         raise ValueError(f"LoRA rank must be >= 1, got {spec.rank}")
+    if isinstance(model, DecoderModel):
+        spec = _apply_native(model, spec)
+    elif getattr(model, "is_hf", False):
+        spec = _apply_hf(model, spec)
+    else:
+        raise TypeError(f"LoRA adapts the native decoder or a transformers model; {type(model).__name__} is neither")
+    for name in MODULES_TO_SAVE:
+        head = getattr(model, name, None)
+        if head is not None:
+            head.requires_grad_(True)
+    model.lora_spec = spec
+    return model
+
+
+def _apply_native(model: DecoderModel, spec: LoraSpec) -> LoraSpec:
+    spec = replace(spec, targets=resolve_targets(spec.targets))
     model.requires_grad_(False)
     for layer in model.model.layers:
         for parent in (layer.self_attn, layer.mlp):
@@ -138,12 +236,38 @@ def apply_lora(model: DecoderModel, spec: LoraSpec) -> DecoderModel:
                 base = getattr(parent, name, None)
                 if isinstance(base, Linear) and not isinstance(base, LoraLinear):
                     setattr(parent, name, LoraLinear(base, spec))
-    for name in MODULES_TO_SAVE:
-        head = getattr(model, name, None)
-        if head is not None:
-            head.requires_grad_(True)
-    model.lora_spec = spec
-    return model
+    return spec
+
+
+def hf_linear_layers(model) -> list[tuple[str, nn.Module]]:
+    """(name in ``model.hf``, layer) of every ``nn.Linear`` / ``Conv1D`` of a transformers model but its output layer
+    (PEFT's ``all-linear``) and the adapters' own."""
+    from transformers.pytorch_utils import Conv1D
+
+    out_layer = model.hf.get_output_embeddings() if model.head == "lm" else None
+    return [(n, m) for n, m in model.hf.named_modules()
+            if isinstance(m, (nn.Linear, Conv1D)) and m is not out_layer and not n.endswith((".lora_A", ".lora_B"))]
+
+
+def _apply_hf(model, spec: LoraSpec) -> LoraSpec:
+    """Adapters on the layers of ``hf_linear_layers`` whose last name component is a target (all of them for
+    ``all-linear``); ``ValueError`` for a name that matches none."""
+    layers = hf_linear_layers(model)
+    leaves = sorted({n.rsplit(".", 1)[-1] for n, _ in layers})
+    wanted = set(leaves) if ALL_LINEAR in spec.targets else set(spec.targets)
+    for name in spec.targets:
+        if name != ALL_LINEAR and name not in leaves:
+            raise ValueError(f"{name!r} matches no linear layer of {type(model.hf).__name__}: choose {ALL_LINEAR} or "
+                             f"among {', '.join(leaves)}")
+    model.requires_grad_(False)
+    conv = False
+    for name, base in layers:
+        parent_name, _, leaf = name.rpartition(".")
+        if leaf in wanted:
+            adapted = HFLoraLinear(base, spec)
+            conv |= adapted.fan_in_fan_out
+            setattr(model.hf.get_submodule(parent_name), leaf, adapted)
+    return replace(spec, targets=tuple(sorted(wanted)), fan_in_fan_out=conv)
 
 
 @contextlib.contextmanager
@@ -186,10 +310,10 @@ def merged_state_dict(model: nn.Module, state: dict[str, Tensor]) -> dict[str, T
     adapter tensors dropped: a plain checkpoint of the model the adapters compute."""
     out = {k: v for k, v in state.items() if ".lora_A." not in k and ".lora_B." not in k}
     for name, m in model.named_modules():
-        if isinstance(m, LoraLinear):
+        if isinstance(m, ADAPTED):
             a, b, w = state[f"{name}.lora_A.weight"], state[f"{name}.lora_B.weight"], state[f"{name}.weight"]
             with torch.no_grad():
-                out[f"{name}.weight"] = w + ((b @ a) * m.scaling).to(w.dtype)
+                out[f"{name}.weight"] = w + _oriented((b @ a) * m.scaling, m.fan_in_fan_out).to(w.dtype)
     return out
 
 
@@ -205,7 +329,7 @@ def adapter_config(spec: LoraSpec, head: str, base_model: str | None) -> dict:
         "lora_dropout": spec.dropout,
         "target_modules": sorted(spec.targets),
         "bias": "none",
-        "fan_in_fan_out": False,
+        "fan_in_fan_out": spec.fan_in_fan_out,
         "use_rslora": False,
         "use_dora": False,
         "init_lora_weights": True,
@@ -219,7 +343,17 @@ def adapter_config(spec: LoraSpec, head: str, base_model: str | None) -> dict:
     }
 
 
-def save_adapter(model: DecoderModel, folder: str, dtype: torch.dtype | None = None) -> None:
+def peft_key(model, name: str) -> str:
+    """PEFT's file key of our parameter ``name``: its prefix in front; a transformers model's ``hf.`` dropped and, for
+    a score model, its backbone's ``base_model_prefix`` added (the ``<Arch>ForScore`` layout)."""
+    if getattr(model, "is_hf", False) and name.startswith("hf."):
+        name = name[len("hf."):]
+        if model.head == "score":
+            name = f"{model.hf.base_model_prefix}.{name}"
+    return PEFT_PREFIX + name
+
+
+def save_adapter(model, folder: str, dtype: torch.dtype | None = None) -> None:
     """``adapter_config.json`` + ``adapter_model.safetensors`` (PEFT's key names) of ``model``'s adapters and score
     head.  A model sharded with FSDP2 is consolidated first: every rank must call this, rank 0 writes."""
     from safetensors.torch import save_file
@@ -236,7 +370,7 @@ def save_adapter(model: DecoderModel, folder: str, dtype: torch.dtype | None = N
             t = t.detach()
             if dtype is not None and t.is_floating_point():
                 t = t.to(dtype)
-            tensors[PEFT_PREFIX + name] = t.to("cpu").contiguous()
+            tensors[peft_key(model, name)] = t.to("cpu").contiguous()
     save_file(tensors, os.path.join(folder, ADAPTER_WEIGHTS), metadata={"format": "pt"})
     base = getattr(model, "source_dir", None)
     with open(os.path.join(folder, ADAPTER_CONFIG), "w", encoding="utf-8") as f:
@@ -253,17 +387,17 @@ def read_adapter_config(folder: str) -> dict:
     return read_config(os.path.join(folder, ADAPTER_CONFIG))
 
 
-def load_adapter(model: DecoderModel, folder: str, keep_head: bool = False) -> DecoderModel:
+def load_adapter(model, folder: str, keep_head: bool = False):
     """Copy the adapters (and score head) of a PEFT folder into ``model`` (which carries adapters of the same
     rank and targets).  ``CheckpointError`` naming the file and the tensors when they do not match.  ``keep_head``:
     a folder without a score head (a causal LM's adapters) leaves the model's own head as it is."""
     from .checkpoint import CheckpointError, load_weights_file
 
     path = os.path.join(folder, ADAPTER_WEIGHTS)
-    state = load_weights_file(path)
-    state = {k[len(PEFT_PREFIX):] if k.startswith(PEFT_PREFIX) else k: v for k, v in state.items()}
     params = dict(model.named_parameters())
-    expected = {n for n in params if _is_adapter_key(n)}
+    ours = {peft_key(model, n): n for n in params if _is_adapter_key(n)}  # PEFT's key -> our name
+    state = {ours.get(k, k.removeprefix(PEFT_PREFIX)): v for k, v in load_weights_file(path).items()}
+    expected = set(ours.values())
     if keep_head and not any(k.split(".")[0] in MODULES_TO_SAVE for k in state):
         expected = {n for n in expected if n.split(".")[0] not in MODULES_TO_SAVE}
     missing, unexpected = expected - set(state), set(state) - expected
@@ -303,36 +437,41 @@ def config_folder(path: str) -> str:
 
 def spec_from_config(config: dict) -> LoraSpec:
     return LoraSpec(int(config["r"]), float(config.get("lora_alpha", 8)), float(config.get("lora_dropout", 0.0)),
-                    resolve_targets(config.get("target_modules") or TARGETS))
+                    target_names(config.get("target_modules") or ALL_LINEAR))
 
 
-def merge_adapters(model: DecoderModel) -> DecoderModel:
+def merge_adapters(model):
     """Fold every adapter into its weight (``W <- W + scaling * B A``) and turn the model back into a plain one,
     every parameter trainable again (as a freshly loaded model)."""
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            if isinstance(child, LoraLinear):
+            if isinstance(child, ADAPTED):
                 with torch.no_grad():
                     child.weight += child.delta_weight().to(child.weight.dtype)
-                plain = Linear(child.in_features, child.out_features, bias=child.bias is not None, device="meta")
-                plain.weight, plain.bias = child.weight, child.bias
-                setattr(parent, name, plain)
+                setattr(parent, name, _plain_layer(child))
     model.lora_spec = None
     model.requires_grad_(True)
     return model
 
 
-def load_merged(folder: str, head: str, **kwargs) -> DecoderModel:
+def _plain_layer(child) -> nn.Module:
+    if isinstance(child, HFLoraLinear):
+        return child.plain()
+    plain = Linear(child.in_features, child.out_features, bias=child.bias is not None, device="meta")
+    plain.weight, plain.bias = child.weight, child.bias
+    return plain
+
+
+def load_merged(folder: str, head: str, **kwargs):
     """A PEFT adapter folder as a plain model: its base (``from_pretrained(base, head, **kwargs)``) with the adapters
     (and score head) merged in; it saves and trains as any loaded model."""
     from .checkpoint import CheckpointError, from_pretrained
 
-    base = base_of(folder)
-    model = from_pretrained(base, head=head, **kwargs)
-    if not isinstance(model, DecoderModel):
-        raise CheckpointError(f"{folder}: LoRA adapters apply to the native decoder, and {base} loads with "
-                              "transformers")
-    apply_lora(model, spec_from_config(read_adapter_config(folder)))
+    model = from_pretrained(base_of(folder), head=head, **kwargs)
+    try:
+        apply_lora(model, spec_from_config(read_adapter_config(folder)))
+    except ValueError as err:  # target names of another architecture
+        raise CheckpointError(f"{os.path.join(folder, ADAPTER_CONFIG)}: {err}") from None
     load_adapter(model, folder, keep_head=True)  # an LM's adapters under a score head: the head stays fresh
     model = merge_adapters(model)
     model.source_dir = folder  # its tokenizer files

@@ -93,10 +93,11 @@ class RunConfig:
     lora_alpha: float = option(16.0, "LoRA scale numerator: the adapted projection is W x + (alpha / r) B A x",
                                group=TRAINING)
     lora_dropout: float = option(0.0, "dropout on the adapters' input while training", group=TRAINING)
-    lora_target_modules: list[str] = option(["all-linear"], "projections that get adapters: all-linear (q_proj, "
-                                                            "k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj: "
-                                                            "every linear layer but the lm_head) or some of those "
-                                                            "names (PEFT's Llama default: q_proj v_proj)",
+    lora_target_modules: list[str] = option(["all-linear"], "layers that get adapters: all-linear (native "
+                                                            "decoder: q_proj, k_proj, v_proj, o_proj, gate_proj, "
+                                                            "up_proj, down_proj; a transformers model: every Linear / "
+                                                            "Conv1D but the lm_head) or layer names (PEFT's Llama "
+                                                            "default: q_proj v_proj; GPT-2: c_attn c_proj c_fc)",
                                             group=TRAINING)
     merge_lora: bool = option(False, "LoRA: save the final model(s) with the adapters merged into the weights (a "
                                      "plain checkpoint) instead of PEFT adapter folders (checkpoint-N/ always holds "
@@ -153,7 +154,7 @@ class RunConfig:
         return {"model": self.lora_rank}
 
     def check_lora(self) -> None:
-        from ..models.lora import resolve_targets
+        from ..models.lora import target_names
 
         for role, rank in self.lora_ranks().items():
             if rank < 0:
@@ -164,19 +165,19 @@ class RunConfig:
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ConfigError(f"--lora_dropout must be in [0, 1), got {self.lora_dropout}")
         try:
-            resolve_targets(self.lora_target_modules)
+            target_names(self.lora_target_modules)  # which layers they name: checked on the loaded model
         except ValueError as err:
             raise ConfigError(f"--lora_target_modules: {err}") from None
 
     def lora_spec(self, role: str = "model"):
         """The adapters of ``role`` (``model``; PPO: ``actor`` / ``critic``), None when it trains in full."""
-        from ..models.lora import LoraSpec, resolve_targets
+        from ..models.lora import LoraSpec, target_names
 
         rank = self.lora_ranks()[role]
         if not rank:
             return None
         return LoraSpec(rank, float(self.lora_alpha), float(self.lora_dropout),
-                        resolve_targets(self.lora_target_modules))
+                        target_names(self.lora_target_modules))
 
 
 @dataclass

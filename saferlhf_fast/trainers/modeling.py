@@ -19,9 +19,9 @@ def token_logprobs(model, input_ids: Tensor, attention_mask: Tensor, labels: Ten
 
 
 def attach_lora(model, spec, flag: str, path: str, adapter_dir: str | None = None):
-    """``model`` with LoRA adapters of ``spec`` (None: unchanged), base frozen; with ``adapter_dir`` (a checkpoint's
-    PEFT folder, on resume) their trained values.  A model loaded with transformers is refused (``ConfigError``
-    naming ``--flag``)."""
+    """``model`` (the native decoder or a transformers model) with LoRA adapters of ``spec`` (None: unchanged), base
+    frozen; with ``adapter_dir`` (a checkpoint's PEFT folder, on resume) their trained values.  A target that names
+    no layer of the model is a ``ConfigError`` naming ``--lora_target_modules`` and ``--flag``."""
     from ..models.lora import apply_lora, load_adapter
     from .config import ConfigError
 
@@ -29,9 +29,8 @@ def attach_lora(model, spec, flag: str, path: str, adapter_dir: str | None = Non
         return model
     try:
         apply_lora(model, spec)
-    except TypeError:
-        raise ConfigError(f"--{flag} {path}: LoRA adapts the native decoder only and this model loads with "
-                          "transformers (--backend hf, or an architecture the native decoder lacks)") from None
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"--lora_target_modules (--{flag} {path}): {err}") from None
     if adapter_dir is not None:
         load_adapter(model, adapter_dir)
     return model
