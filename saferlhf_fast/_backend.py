@@ -288,6 +288,14 @@ FAMILIES: dict[str, Family] = {
                     ("tests/test_dense.py",)),
         setting="onednn_linear", setting_map=_ONEDNN_OFF,
     ),
+    # ops/lora.py: a LoRA projection in one autograd node on oneDNN (onednn) or PEFT's composition (torch)
+    "lora_linear": Family(
+        impls={"onednn": _ONEDNN, "torch": Impl()},
+        defaults={"cpu": ("onednn",)}, reference="torch",
+        parts=Parts("saferlhf_fast/ops/reference.py:lora_linear", "saferlhf_fast/ops/lora.py:lora_linear", None, (),
+                    ("tests/test_lora_linear.py", "tests/test_lora.py"), "lora_linear"),
+        setting="onednn_linear", setting_map=_ONEDNN_OFF,
+    ),
     # engine/fast_decode.py: the one-op decode step (native) or the model's own forward_cached (eager, a default of
     # its own: no warning); $SAFERLHF_NATIVE_DECODE=0 -> eager
     "decode": Family(

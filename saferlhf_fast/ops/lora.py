@@ -13,16 +13,18 @@ for five nodes.  Here the adapter's up-projection accumulates straight into the 
 over activations is the rank-``r`` down-projection ``x @ A.T``, which LoRA needs by definition.  The base product
 runs on oneDNN with the frozen weight packed once (:func:`dense.linear`'s rules); the products stay fp32.
 
-Taken when: fp32 CPU tensors (not under autocast), no tensor subclass, frozen ``W`` / ``b`` (LoRA's case),
-oneDNN chosen for matmuls, no adapter dropout (dropout reaches only the adapter's input, so the base and adapter
-would need two inputs).  Anything else -- bf16 autocast, CUDA, FSDP's DTensors, dropout, a trainable base --
-takes the reference composition, which equals this to fp32 rounding (``tests/test_lora.py``).
+Taken when: fp32 CPU tensors (not under autocast), no tensor subclass, frozen ``W`` / ``b`` (LoRA's case), oneDNN
+chosen (``_backend.FAMILIES["lora_linear"]``; ``$SAFERLHF_ONEDNN_LINEAR=0`` switches it off), no adapter dropout
+(dropout reaches only the adapter's input, so the base and adapter would need two inputs).  Anything else -- bf16
+autocast, CUDA, FSDP's DTensors, dropout, a trainable base -- takes the reference composition, which equals this to
+fp32 rounding (``tests/test_lora_linear.py``).
 """
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
+from .. import _backend
 from . import dense, reference
 
 
@@ -32,7 +34,8 @@ def fused_eligible(x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Tenso
     return (dropout == 0.0 and not weight.requires_grad and (bias is None or not bias.requires_grad)
             and x.numel() > 0 and lora_a.dtype == lora_b.dtype == torch.float32
             and dense._plain(lora_a) and dense._plain(lora_b) and lora_a.device.type == lora_b.device.type == "cpu"
-            and dense.eligible(x, weight, bias) and x.dtype == torch.float32)
+            and dense.eligible(x, weight, bias) and x.dtype == torch.float32
+            and _backend.chosen("lora_linear", "cpu") == "onednn")
 
 
 class _LoraLinear(torch.autograd.Function):
