@@ -122,7 +122,7 @@ def _actor_grads(trainer, mb) -> dict:
 
     logp = trainer._actor_logprobs(mb)
     ops.masked_mean(logp, mb.response_mask).backward()
-    grads = {n: distributed.to_local(p.grad).clone() for n, p in trainer.actor.named_parameters()}
+    grads = {n: distributed.to_local(p.grad).clone() for n, p in trainer.actor.named_parameters() if p.requires_grad}
     trainer.actor_optimizer.zero_grad(set_to_none=True)
     return grads
 
@@ -200,14 +200,17 @@ def _count_rollout_gathers(trainer, gen) -> dict:
             "steps": out.response_mask.shape[1]}
 
 
-def _ppo_step_worker(rank, port, models, out, gen_path, result_path):
+def _ppo_step_worker(rank, port, models, out, gen_path, result_path, lora_rank=0):
     _env(rank, port)
     from saferlhf_fast.engine.generate import GenerateOutput
     from saferlhf_fast.trainers.ppo import PPOTrainer
 
-    trainer = PPOTrainer(_ppo_config(models, out, per_device_prompt_batch_size=2, per_device_train_batch_size=2))
+    trainer = PPOTrainer(_ppo_config(models, out, per_device_prompt_batch_size=2, per_device_train_batch_size=2,
+                                     lora_rank=lora_rank))
     assert distributed.world_size() == WORLD and distributed.is_sharded(trainer.actor)
-    assert distributed.is_sharded(trainer.reference) and distributed.is_sharded(trainer.reward_model)
+    assert distributed.is_sharded(trainer.reward_model)
+    # a LoRA actor is its own reference (adapters disabled): no second model to shard
+    assert (trainer.reference is None) if lora_rank else distributed.is_sharded(trainer.reference)
     g = torch.load(gen_path)
     rows = slice(2 * rank, 2 * rank + 2)  # this rank's half of the global batch
     gen = GenerateOutput(g["sequences"][rows], g["attention_mask"][rows], g["response_mask"][rows],
@@ -220,11 +223,13 @@ def _ppo_step_worker(rank, port, models, out, gen_path, result_path):
                     "gathers": gathers}, result_path)
 
 
-def test_ppo_lag_step_on_two_ranks_equals_one_rank(models, tmp_path):
+@pytest.mark.parametrize("lora_rank", [0, 4], ids=["full", "lora"])
+def test_ppo_lag_step_on_two_ranks_equals_one_rank(models, tmp_path, lora_rank):
+    """Full fine-tuning, and LoRA on the actor and both critics (frozen sharded bases, sharded adapters)."""
     from saferlhf_fast.trainers.ppo import PPOTrainer
 
     torch.set_num_threads(1)
-    one = PPOTrainer(_ppo_config(models, tmp_path / "one"))
+    one = PPOTrainer(_ppo_config(models, tmp_path / "one", lora_rank=lora_rank))
     batch = _first_prompts(one, 4)
     gen = one._generate(batch["input_ids"], batch["attention_mask"], seed=5)
     assert gen.response_mask.sum() > 8
@@ -235,7 +240,7 @@ def test_ppo_lag_step_on_two_ranks_equals_one_rank(models, tmp_path):
     ref_states = _full_states(one)
 
     result_path = str(tmp_path / "two.pt")
-    _spawn(_ppo_step_worker, models, str(tmp_path / "two"), gen_path, result_path)
+    _spawn(_ppo_step_worker, models, str(tmp_path / "two"), gen_path, result_path, lora_rank)
     two = torch.load(result_path, weights_only=False)
 
     g = two["gathers"]  # the rollout gathers each FSDP group of the actor once (prefill + decode steps: >= 2 forwards)
@@ -259,8 +264,12 @@ def test_ppo_lag_step_on_two_ranks_equals_one_rank(models, tmp_path):
         assert ref.keys() == got.keys()
         for key in ref:
             diff = float((ref[key] - got[key]).abs().max())
-            moved = float((ref[key] - init[name][key]).abs().max())
+            start = init[name].get(key)  # adapters: not in the input models (B starts at 0, A at random)
+            moved = 0.0 if start is None else float((ref[key] - start).abs().max())
             assert diff < 2e-5 and (moved == 0 or diff < 0.01 * moved + 1e-6), (name, key, diff, moved)
+    if lora_rank:  # the adapters trained (B starts at 0) and the bases did not move
+        assert any(float(v.abs().max()) > 0 for k, v in ref_states["actor"].items() if "lora_B" in k)
+        assert all(torch.equal(v, init["actor"][k]) for k, v in ref_states["actor"].items() if k in init["actor"])
 
 
 # ------------------------------------------------------------------------------------------------ rm under torchrun
