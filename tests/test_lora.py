@@ -367,11 +367,17 @@ def test_every_training_command_takes_the_lora_flags(tiny, tmp_path):
 def test_lora_rm_under_torchrun_equals_one_process(tmp_path):
     """FSDP2 over a LoRA reward model (frozen base, trained adapters and score head): 2 ranks x 2 rows train as
     1 rank x 4 rows; rank 0 writes the PEFT folder."""
+    tiny = make_tiny_model(str(tmp_path / "tiny"), hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64)
+    rm_under_torchrun_equals_one_process(tiny, tmp_path)
+
+
+def rm_under_torchrun_equals_one_process(model: str, tmp_path) -> None:
+    """``rm --lora_rank 4`` from ``model``: 2 gloo ranks x 2 rows under torchrun save the adapters and score head of
+    one process x 4 rows (to 2e-6), and the same files (tests/test_lora_hf.py runs it on a GPT-2)."""
     import subprocess
     import sys
 
-    tiny = make_tiny_model(str(tmp_path / "tiny"), hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64)
-    common = ["rm", "--model_name_or_path", tiny, "--train_datasets", "synthetic-preference/test:0.04",
+    common = ["rm", "--model_name_or_path", model, "--train_datasets", "synthetic-preference/test:0.04",
               "--max_length", "64", "--epochs", "2", "--gradient_accumulation_steps", "2", "--lr", "1e-2",
               "--seed", "7", "--progress", "false", "--lora_rank", "4",
               "--regularization", "0.001"]  # else the score bias (no gradient in the pair loss) follows rounding noise

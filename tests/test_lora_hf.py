@@ -10,6 +10,7 @@ import torch
 import transformers as T
 from safetensors.torch import load_file
 from test_hf_backend import tiny_config
+from test_lora import rm_under_torchrun_equals_one_process
 
 from saferlhf_fast.cli import main
 from saferlhf_fast.data import load_tokenizer
@@ -279,23 +280,4 @@ def test_other_training_commands_train_adapters(command, gpt2, tmp_path):
 def test_lora_rm_under_torchrun_equals_one_process(gpt2, tmp_path):
     """FSDP2 over a GPT-2 LoRA reward model (its blocks sharded, adapters inside them): 2 ranks x 2 rows train as
     1 rank x 4 rows (the same bound as the native decoder's test); rank 0 writes the PEFT folder."""
-    import subprocess
-    import sys
-
-    common = ["rm", "--model_name_or_path", gpt2, "--train_datasets", "synthetic-preference/test:0.04",
-              "--max_length", "64", "--epochs", "2", "--gradient_accumulation_steps", "2", "--lr", "1e-2",
-              "--seed", "7", "--progress", "false", "--lora_rank", "4",
-              "--regularization", "0.001"]  # else the score bias (no gradient in the pair loss) follows rounding noise
-    one, two = tmp_path / "one", tmp_path / "two"
-    assert main([*common, "--per_device_train_batch_size", "4", "--output_dir", str(one)]) == 0
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
-           "saferlhf_fast.cli", *common, "--per_device_train_batch_size", "2", "--output_dir", str(two)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    a, b = load_file(str(one / ADAPTER_WEIGHTS)), load_file(str(two / ADAPTER_WEIGHTS))
-    assert a.keys() == b.keys() and "base_model.model.score_head.weight" in a
-    for k in a:
-        assert float((a[k] - b[k]).abs().max()) < 2e-6, k
-    assert any(a[k].abs().max() > 0 for k in a if ".lora_B." in k)
-    assert sorted(os.listdir(one)) == sorted(os.listdir(two))
+    rm_under_torchrun_equals_one_process(gpt2, tmp_path)
