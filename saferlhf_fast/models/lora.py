@@ -97,22 +97,20 @@ def resolve_targets(names) -> tuple[str, ...]:
     return tuple(out)
 
 
-class LoraLinear(Linear):
-    """A :class:`~.llama.Linear` (the same ``weight`` / ``bias`` parameters, the same names) plus ``lora_A``,
-    ``lora_B``: ``ops.linear(x, W, b) + scaling * B(A(dropout(x)))`` in one autograd node (:func:`ops.lora_linear`);
-    with ``disabled`` the base projection alone."""
+class _Adapter:
+    """The adapter half of a LoRA layer: ``lora_A`` ``[r, in]``, ``lora_B`` ``[out, r]``, the input dropout, the scale
+    and the ``disabled`` switch, next to the base layer's own ``weight`` / ``bias`` (kept under their names).
+    ``fan_in_fan_out``: the base weight is stored ``[in, out]`` (transformers' ``Conv1D``)."""
 
-    fan_in_fan_out = False  # W is [out, in]
+    fan_in_fan_out = False
 
-    def __init__(self, base: Linear, spec: LoraSpec):
-        nn.Module.__init__(self)
-        self.in_features, self.out_features = base.in_features, base.out_features
+    def _add_adapter(self, base: nn.Module, in_features: int, out_features: int, spec: LoraSpec) -> None:
+        self.in_features, self.out_features = in_features, out_features
         self.weight, self.bias = base.weight, base.bias
         factory = {"device": base.weight.device, "dtype": base.weight.dtype}
-        self.lora_A = nn.Linear(self.in_features, spec.rank, bias=False, **factory)
-        self.lora_B = nn.Linear(spec.rank, self.out_features, bias=False, **factory)
+        self.lora_A = nn.Linear(in_features, spec.rank, bias=False, **factory)
+        self.lora_B = nn.Linear(spec.rank, out_features, bias=False, **factory)
         self.lora_dropout = nn.Dropout(spec.dropout) if spec.dropout > 0 else nn.Identity()
-        self.dropout_p = spec.dropout
         self.scaling = spec.scaling
         self.disabled = False
         self.reset_adapter()
@@ -122,15 +120,10 @@ class LoraLinear(Linear):
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)
 
-    def forward(self, x: Tensor) -> Tensor:
-        if self.disabled:
-            return ops.linear(x, self.weight, self.bias)
-        return ops.lora_linear(x, self.weight, self.bias, self.lora_A.weight, self.lora_B.weight, self.scaling,
-                               self.lora_dropout, self.dropout_p)
-
     def delta_weight(self) -> Tensor:
-        """``scaling * B A`` ``[out, in]`` (PEFT's ``get_delta_weight``: the product, then the scale)."""
-        return (self.lora_B.weight @ self.lora_A.weight) * self.scaling
+        """``scaling * B A`` (PEFT's ``get_delta_weight``: the product, then the scale) in the base weight's layout:
+        ``[out, in]``, transposed for a ``Conv1D``."""
+        return _oriented((self.lora_B.weight @ self.lora_A.weight) * self.scaling, self.fan_in_fan_out)
 
     def merged_weight(self) -> Tensor:
         """``W + scaling * B A`` (detached; the generation engine packs this once per ``generate`` call)."""
@@ -138,23 +131,39 @@ class LoraLinear(Linear):
             return self.weight.detach() + self.delta_weight().to(self.weight.dtype)
 
 
-class HFLoraLinear(nn.Module):
+class LoraLinear(_Adapter, Linear):
+    """A :class:`~.llama.Linear` (the same ``weight`` / ``bias`` parameters, the same names) plus ``lora_A``,
+    ``lora_B``: ``ops.linear(x, W, b) + scaling * B(A(dropout(x)))`` in one autograd node (:func:`ops.lora_linear`);
+    with ``disabled`` the base projection alone."""
+
+    def __init__(self, base: Linear, spec: LoraSpec):
+        nn.Module.__init__(self)
+        self._add_adapter(base, base.in_features, base.out_features, spec)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.disabled:
+            return ops.linear(x, self.weight, self.bias)
+        return ops.lora_linear(x, self.weight, self.bias, self.lora_A.weight, self.lora_B.weight, self.scaling,
+                               self.lora_dropout)
+
+    def plain(self) -> Linear:
+        """A plain :class:`~.llama.Linear` holding this layer's (possibly merged) weight and bias (built on the meta
+        device: no second copy of the weight)."""
+        plain = Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
+        plain.weight, plain.bias = self.weight, self.bias
+        return plain
+
+
+class HFLoraLinear(_Adapter, nn.Module):
     """A transformers ``nn.Linear`` or ``Conv1D`` (the same ``weight`` / ``bias`` parameters, the same names) plus
     ``lora_A``, ``lora_B``: the layer's own product (``x W^T + b``, or ``Conv1D``'s ``b + x W`` with ``W`` stored
     ``[in, out]``) ``+ scaling * B(A(dropout(x)))``; with ``disabled`` the layer alone, bit for bit."""
 
     def __init__(self, base: nn.Module, spec: LoraSpec):
-        super().__init__()
+        nn.Module.__init__(self)
         self.fan_in_fan_out = not isinstance(base, nn.Linear)  # Conv1D
-        self.weight, self.bias = base.weight, base.bias
-        self.in_features, self.out_features = base.weight.shape[::-1] if not self.fan_in_fan_out else base.weight.shape
-        factory = {"device": base.weight.device, "dtype": base.weight.dtype}
-        self.lora_A = nn.Linear(self.in_features, spec.rank, bias=False, **factory)
-        self.lora_B = nn.Linear(spec.rank, self.out_features, bias=False, **factory)
-        self.lora_dropout = nn.Dropout(spec.dropout) if spec.dropout > 0 else nn.Identity()
-        self.scaling = spec.scaling
-        self.disabled = False
-        LoraLinear.reset_adapter(self)
+        out_features, in_features = base.weight.shape[::-1] if self.fan_in_fan_out else base.weight.shape
+        self._add_adapter(base, in_features, out_features, spec)
 
     def base_forward(self, x: Tensor) -> Tensor:
         if not self.fan_in_fan_out:
@@ -168,13 +177,6 @@ class HFLoraLinear(nn.Module):
         if self.disabled:
             return y
         return y + self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling
-
-    def delta_weight(self) -> Tensor:
-        """``scaling * B A``, transposed to the weight's ``[in, out]`` layout for a ``Conv1D``."""
-        return _oriented(LoraLinear.delta_weight(self), self.fan_in_fan_out)
-
-    def merged_weight(self) -> Tensor:
-        return LoraLinear.merged_weight(self)
 
     def plain(self) -> nn.Module:
         """A plain ``nn.Linear`` / ``Conv1D`` holding this layer's (possibly merged) weight and bias (built on the meta
@@ -448,18 +450,10 @@ def merge_adapters(model):
             if isinstance(child, ADAPTED):
                 with torch.no_grad():
                     child.weight += child.delta_weight().to(child.weight.dtype)
-                setattr(parent, name, _plain_layer(child))
+                setattr(parent, name, child.plain())
     model.lora_spec = None
     model.requires_grad_(True)
     return model
-
-
-def _plain_layer(child) -> nn.Module:
-    if isinstance(child, HFLoraLinear):
-        return child.plain()
-    plain = Linear(child.in_features, child.out_features, bias=child.bias is not None, device="meta")
-    plain.weight, plain.bias = child.weight, child.bias
-    return plain
 
 
 def load_merged(folder: str, head: str, **kwargs):

@@ -67,10 +67,10 @@ class _LoraLinear(torch.autograd.Function):
 
 
 def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Tensor, lora_b: Tensor, scaling: float,
-                dropout: torch.nn.Module | None = None, dropout_p: float = 0.0) -> Tensor:
-    """``x @ W.T + b + scaling * dropout(x) @ A.T @ B.T`` (module docstring); ``dropout``: the adapter's input
-    dropout module (active when ``dropout_p > 0`` and training)."""
-    active_dropout = dropout_p if (dropout is not None and dropout.training) else 0.0
+                dropout: torch.nn.Module | None = None) -> Tensor:
+    """``x @ W.T + b + scaling * dropout(x) @ A.T @ B.T`` (module docstring); ``dropout``: the adapter's input dropout
+    module (``nn.Dropout``, active while training; None or ``nn.Identity``: none)."""
+    active_dropout = getattr(dropout, "p", 0.0) if (dropout is not None and dropout.training) else 0.0
     if fused_eligible(x, weight, bias, lora_a, lora_b, active_dropout):
         return _LoraLinear.apply(x, weight, bias, lora_a, lora_b, float(scaling))
     x_adapter = dropout(x) if active_dropout > 0 else x
