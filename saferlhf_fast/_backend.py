@@ -208,10 +208,14 @@ def _setting_map(impls: dict[str, Impl]) -> dict:
     return {None: None, "": None, **{b: (b if b in impls else None) for b in BACKENDS}}
 
 
-_LOGPROBS_C = ("csrc/logprobs_cpu.cpp", "csrc/logprobs_cuda.cu", "csrc/binding.cpp", "csrc/kernels_cpu.h",
-               "csrc/kernels_cuda.h")
-_LOSSES_C = ("csrc/losses_cpu.cpp", "csrc/losses_cuda.cu", "csrc/binding.cpp", "csrc/kernels_cpu.h",
-             "csrc/kernels_cuda.h")
+def _contract_sources(stem: str) -> tuple[str, ...]:
+    """A contract family's C++ / CUDA files: its torch-free CPU and CUDA cores, and the binding and kernel headers
+    that register and declare them."""
+    return (f"csrc/{stem}_cpu.cpp", f"csrc/{stem}_cuda.cu", "csrc/binding.cpp", "csrc/kernels_cpu.h",
+            "csrc/kernels_cuda.h")
+
+
+_LOGPROBS_C, _LOSSES_C = _contract_sources("logprobs"), _contract_sources("losses")
 _CONTRACT_TESTS = ("tests/test_ops.py", "tests/test_cpu_extension.py", "tests/test_cuda_ops.py",
                    "tests/test_triton_kernels.py", "tests/test_fake_ops.py")
 _LAYER_C = ("csrc/layer_ops.cpp", "csrc/autograd_ops.cpp")
@@ -229,7 +233,7 @@ FAMILIES: dict[str, Family] = {
         _LOGPROBS_C, _CONTRACT_TESTS + ("tests/test_dense.py",), "linear_logprobs")),
     "gae": _contract("gae_forward", Parts(
         f"{_REF}:gae", "saferlhf_fast/ops/gae.py:gae", "kernels/gae.py",
-        ("csrc/gae_cpu.cpp", "csrc/gae_cuda.cu", "csrc/binding.cpp", "csrc/kernels_cpu.h", "csrc/kernels_cuda.h"),
+        _contract_sources("gae"),
         _CONTRACT_TESTS + ("tests/cpp/test_gae.cpp",), "gae")),
     "ppo_clip": _contract("ppo_clip_objective", Parts(
         f"{_REF}:ppo_lag_actor_loss", "saferlhf_fast/ops/losses.py:ppo_lag_actor_loss", "kernels/losses.py",
