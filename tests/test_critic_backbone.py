@@ -5,6 +5,7 @@ import os
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_lora import parameter_bytes
 
 from saferlhf_fast.cli import main
 from saferlhf_fast.models import from_pretrained
@@ -42,12 +43,6 @@ def _bytes(params) -> int:
     return sum(p.numel() * p.element_size() for p in params)
 
 
-def _parameter_bytes(trainer) -> int:
-    models = [trainer.actor, trainer.reference, trainer.reward_model, trainer.cost_model, *trainer.critics]
-    seen = {p.data_ptr(): p.numel() * p.element_size() for m in models if m is not None for p in m.parameters()}
-    return sum(seen.values())
-
-
 def _rollout(vocab, seed=0, b=3, prompt=5, response=6):
     """A micro-batch with left-padded prompts and right-padded responses (rows of different lengths)."""
     g = torch.Generator().manual_seed(seed)
@@ -67,7 +62,7 @@ def test_shared_backbone_is_one_copy_of_each_scorer(tiny, scorers, tmp_path, ran
     assert isinstance(shared.cost_model, SharedScorer) and shared.cost_model.critic is shared.critics[1]
     # one backbone per scorer less: each scorer's weights minus its head (the shared scorer keeps a frozen copy)
     saved = sum(_bytes(m.parameters()) - _bytes(m.score_head.parameters()) for m in (sep.reward_model, sep.cost_model))
-    assert _parameter_bytes(sep) - _parameter_bytes(shared) == saved
+    assert parameter_bytes(sep) - parameter_bytes(shared) == saved
     trained = [n for n, p in shared.critics[0].named_parameters() if p.requires_grad]
     assert all(".lora_" in n or n.startswith("score_head.") for n in trained) and "score_head.weight" in trained
     assert (rank == 0) == (not any(".lora_" in n for n in trained))

@@ -220,33 +220,35 @@ def _ppo_config(tiny, scorers, out, **kw):
     return cfg
 
 
-def _parameter_bytes(trainer) -> int:
-    """Bytes of the distinct parameter tensors the trainer's models hold."""
+def parameter_bytes(trainer) -> int:
+    """Bytes of the distinct parameter tensors the trainer's models hold (a tensor shared by two roles counts once)."""
     models = [trainer.actor, trainer.reference, trainer.reward_model, trainer.cost_model, *trainer.critics]
-    seen = {}
-    for m in models:
-        if m is not None:
-            for p in m.parameters():
-                seen[p.data_ptr()] = p.numel() * p.element_size()
+    seen = {p.data_ptr(): p.numel() * p.element_size() for m in models if m is not None for p in m.parameters()}
     return sum(seen.values())
 
 
-def test_ppo_lag_lora_reference_is_the_disabled_adapter(tiny, scorers, tmp_path):
-    full = PPOTrainer(_ppo_config(tiny, scorers, tmp_path / "full"))
-    lora = PPOTrainer(_ppo_config(tiny, scorers, tmp_path / "lora", actor_lora_rank=4, critic_lora_rank=0))
+def assert_lora_actor_is_its_own_reference(full, lora, base, ids, mask) -> None:
+    """``lora`` (a PPO trainer with a LoRA actor) holds no reference model: its parameter bytes are ``full``'s minus
+    one actor plus the adapters; after training, its reference log-probs equal ``base``'s (the input model) bit for
+    bit while the actor's differ (the adapters act)."""
     assert lora.reference is None and full.reference is not None
     actor_bytes = sum(p.numel() * p.element_size() for p in full.reference.parameters())
     adapter_bytes = sum(p.numel() * p.element_size() for n, p in lora.actor.named_parameters() if ".lora_" in n)
-    assert _parameter_bytes(full) - _parameter_bytes(lora) == actor_bytes - adapter_bytes
+    assert parameter_bytes(full) - parameter_bytes(lora) == actor_bytes - adapter_bytes
     lora.train()
     assert any(m.lora_B.weight.abs().max() > 0 for m in lora_layers(lora.actor))
-    base = from_pretrained(tiny)
-    ids, mask = batch(base.config.vocab_size, seed=4)
     labels = torch.cat([ids[:, 1:], ids.new_full((ids.shape[0], 1), -100)], dim=1)
     with torch.no_grad():
         ref = lora.reference_logprobs(ids, mask, labels)
         assert torch.equal(ref, base.token_logprobs(ids, mask, labels=labels))
         assert not torch.equal(ref, lora.actor.token_logprobs(ids, mask, labels=labels))  # the adapters act
+
+
+def test_ppo_lag_lora_reference_is_the_disabled_adapter(tiny, scorers, tmp_path):
+    full = PPOTrainer(_ppo_config(tiny, scorers, tmp_path / "full"))
+    lora = PPOTrainer(_ppo_config(tiny, scorers, tmp_path / "lora", actor_lora_rank=4, critic_lora_rank=0))
+    base = from_pretrained(tiny)
+    assert_lora_actor_is_its_own_reference(full, lora, base, *batch(base.config.vocab_size, seed=4))
 
 
 def test_ppo_lag_lora_from_the_command_line(tiny, scorers, tmp_path):

@@ -10,7 +10,7 @@ import torch
 import transformers as T
 from safetensors.torch import load_file
 from test_hf_backend import tiny_config
-from test_lora import rm_under_torchrun_equals_one_process
+from test_lora import assert_lora_actor_is_its_own_reference, rm_under_torchrun_equals_one_process
 
 from saferlhf_fast.cli import main
 from saferlhf_fast.data import load_tokenizer
@@ -209,30 +209,11 @@ def _ppo(gpt2, scorers, out, **kw):
     return PPOTrainer(cfg)
 
 
-def _parameter_bytes(trainer) -> int:
-    seen = {}
-    for m in (trainer.actor, trainer.reference, trainer.reward_model, trainer.cost_model, *trainer.critics):
-        for p in m.parameters() if m is not None else ():
-            seen[p.data_ptr()] = p.numel() * p.element_size()
-    return sum(seen.values())
-
-
 def test_ppo_lag_reference_is_the_actor_with_adapters_disabled(gpt2, scorers, tmp_path):
     full = _ppo(gpt2, scorers, tmp_path / "full")
     lora = _ppo(gpt2, scorers, tmp_path / "lora", actor_lora_rank=8, critic_lora_rank=0)
-    assert lora.reference is None and full.reference is not None
-    actor_bytes = sum(p.numel() * p.element_size() for p in full.reference.parameters())
-    adapter_bytes = sum(p.numel() * p.element_size() for n, p in lora.actor.named_parameters() if ".lora_" in n)
-    assert _parameter_bytes(full) - _parameter_bytes(lora) == actor_bytes - adapter_bytes
-    lora.train()
-    assert any(m.lora_B.weight.abs().max() > 0 for m in lora_layers(lora.actor))
     base = from_pretrained(gpt2, backend="hf")
-    ids, mask = _batch(base.config.vocab_size, seed=4)
-    labels = torch.cat([ids[:, 1:], ids.new_full((ids.shape[0], 1), -100)], dim=1)
-    with torch.no_grad():
-        ref = lora.reference_logprobs(ids, mask, labels)
-        assert torch.equal(ref, base.token_logprobs(ids, mask, labels=labels))
-        assert not torch.equal(ref, lora.actor.token_logprobs(ids, mask, labels=labels))  # the adapters act
+    assert_lora_actor_is_its_own_reference(full, lora, base, *_batch(base.config.vocab_size, seed=4))
 
 
 def test_ppo_lag_from_the_command_line_loads_in_peft_and_resumes_exactly(gpt2, scorers, tmp_path):
