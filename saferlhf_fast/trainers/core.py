@@ -163,7 +163,10 @@ class RunCore:
             **self.state_dict(),
             "rng": rng_state(),
             "config": dataclasses.asdict(self.config),
-            **({"world_size": distributed.world_size()} if sharded else {}),
+            # Every rank's RNG states: the ranks draw different amounts (LoRA dropout on micro-batches trimmed to
+            # their own longest response, ...), so rank 0's states would not continue the other ranks' streams.
+            **({"world_size": distributed.world_size(), "rng_ranks": distributed.all_gather_object(rng_state())}
+               if sharded else {}),
         }
         fingerprint = self.data_fingerprint()
         if main:
@@ -192,7 +195,16 @@ class RunCore:
         pos = blob["position"]
         self.step, self.epoch, self.index = pos["step"], pos["epoch"], pos["index"]
         self.load_state_dict(blob)
-        set_rng_state(blob["rng"])
+        set_rng_state(self._own_rng_state(blob))
+
+    @staticmethod
+    def _own_rng_state(blob: dict) -> dict:
+        """This rank's RNG states of a checkpoint: its own when saved on as many ranks as now run (an exact resume),
+        else rank 0's (another world size sees other data per rank anyway)."""
+        ranks = blob.get("rng_ranks")
+        if ranks is not None and len(ranks) == distributed.world_size():
+            return ranks[distributed.rank()]
+        return blob["rng"]
 
     def autocast(self):
         """``--bf16`` / ``--fp16``: the forward passes under torch autocast (weights and optimizer state stay fp32)."""
