@@ -302,37 +302,46 @@ def full_state_dict(model) -> dict | None:
     return state if is_main() else None
 
 
+# Frozen parameters (a LoRA model's base, a value-head critic's backbone) are the input model's: the shards hold only
+# what training changes, and a resume takes the rest from the input model again.
+_TRAINED_ONLY = dict(ignore_frozen_params=True)
+
+
 def _state(items: dict) -> dict:
-    from torch.distributed.checkpoint.state_dict import get_state_dict
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
     out = {}
     for name, (model, optimizer) in items.items():
-        msd, osd = get_state_dict(model, optimizer)
+        msd, osd = get_state_dict(model, optimizer, options=StateDictOptions(**_TRAINED_ONLY))
         out[name] = {"model": msd, "optimizer": osd}
     return out
 
 
 def save_sharded(path: str, items: dict) -> None:
-    """DCP save of ``{name: (model, optimizer)}`` into ``path`` (every rank writes its own shards; on several
-    nodes ``path`` must be on a shared file system)."""
+    """DCP save of ``{name: (model, optimizer)}`` into ``path``: the trained parameters (those with
+    ``requires_grad``) and the optimizer states; frozen weights are not written (every rank writes its own shards;
+    on several nodes ``path`` must be on a shared file system)."""
     import torch.distributed.checkpoint as dcp
 
     dcp.save(_state(items), checkpoint_id=path)
 
 
 def load_sharded(path: str, items: dict) -> None:
-    """DCP load into ``{name: (model, optimizer)}`` (sharded or not: DCP reshards from the saved world size to this
-    one; one process without a process group loads the whole thing)."""
+    """DCP load into ``{name: (model, optimizer)}`` of the trained parameters and optimizer states (sharded or not:
+    DCP reshards from the saved world size to this one; one process without a process group loads the whole thing).
+    Frozen parameters keep the values the model was built with (its input model's)."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import set_state_dict
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
     state = _state(items)
     with warnings.catch_warnings():  # one process: DCP says it assumes a local load, which is the point
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.load(state, checkpoint_id=path)
+        dcp.load(state, checkpoint_id=path)  # a trained parameter missing from the shards is an error here
     for name, (model, optimizer) in items.items():
+        # strict=False: the frozen parameters are absent from the loaded state by design
         set_state_dict(model, optimizer, model_state_dict=state[name]["model"],
-                       optim_state_dict=state[name]["optimizer"])
+                       optim_state_dict=state[name]["optimizer"],
+                       options=StateDictOptions(**_TRAINED_ONLY, strict=False))
 
 
 def load_full_optimizer_state(model, optimizer, saved: dict) -> None:
