@@ -7,6 +7,9 @@
 * A PPO-Lag run saved on 2 ranks (DCP shards + consolidated Hugging Face export) resumes on 2 ranks and on 1
   process with the same weights, optimizer states and Lagrange window(s), and finishes; a single-process checkpoint
   resumes on 2 ranks.
+* A LoRA PPO-Lag run (adapters with dropout on actor and both critics; also with a shared critic backbone) saved on 2
+  ranks resumes on 2 ranks to the uninterrupted run's adapters bit for bit (every rank's RNG states are saved), and
+  on 1 process; the checkpoint's DCP shards hold no frozen base weight.
 * The rollout gathers the actor's FSDP groups once (not per decode step) and frees them after.
 * ``saferlhf-fast arena`` under torchrun gives the one-process table.
 """
@@ -482,3 +485,185 @@ def test_single_process_checkpoint_resumes_on_two_ranks(models, tmp_path):
                 assert torch.equal(got["optim"][name]["state"][pname][key].cpu(), ref[pname][key].cpu())
     assert got["summary"]["steps"] == 3 and got["summary"]["rl_steps"] == 6
     assert (out / "model.safetensors").is_file() and (out / "reward_critic" / "model.safetensors").is_file()
+
+
+# ------------------------------------------------------------------------------------------------ LoRA save / resume
+LORA = dict(per_device_prompt_batch_size=2, per_device_train_batch_size=2, update_iters=2, lora_rank=4,
+            lora_dropout=0.1)  # dropout: the adapters' training forwards draw from each rank's RNG
+
+
+def _lora_runs_worker(rank, port, models, root, result_path, extra):
+    """On 2 ranks: a LoRA PPO-Lag run to the end of its epoch (``whole``); the same run stopped after rollout 1
+    (``part``), its state recorded and its folder copied (``copy``, for the one-process resume), then resumed to
+    the end."""
+    import shutil
+
+    _env(rank, port)
+    from saferlhf_fast.trainers.ppo import PPOTrainer
+
+    kw = {**LORA, **extra}
+    whole = PPOTrainer(_ppo_config(models, os.path.join(root, "whole"), **kw))
+    whole.train()
+    part = os.path.join(root, "part")
+    stopped = PPOTrainer(_ppo_config(models, part, max_steps=1, **kw))
+    assert stopped.train()["stopped_at"] == 1
+    saved = {"optim": _full_optim_states(stopped), "lambda": stopped.lagrange.value,
+             "windows": distributed.all_gather_object(list(stopped.lagrange.episode_costs)),
+             "global_step": stopped.global_step}
+    if rank == 0:
+        shutil.copytree(part, os.path.join(root, "copy"))
+    distributed.barrier()
+    resumed = PPOTrainer(_ppo_config(models, part, resume="auto", **kw))
+    summary = resumed.train()
+    if rank == 0:
+        torch.save({"saved": saved, "lambda": (whole.lagrange.value, resumed.lagrange.value), "summary": summary},
+                   result_path)
+
+
+def _file_digests(folder) -> dict:
+    import hashlib
+
+    def digest(name):
+        with open(os.path.join(folder, name), "rb") as f:
+            return hashlib.sha256(f.read()).hexdigest()
+
+    return {n: digest(n) for n in sorted(os.listdir(folder))}
+
+
+def _run_lora_on_two(models, root, **extra):
+    inputs = {k: _file_digests(v) for k, v in models.items()}
+    result_path = str(root / "result.pt")
+    _spawn(_lora_runs_worker, models, str(root), result_path, extra)
+    assert {k: _file_digests(v) for k, v in models.items()} == inputs  # the input models were never written
+    return torch.load(result_path, weights_only=False)
+
+
+@pytest.fixture(scope="module")
+def lora_on_two(models, tmp_path_factory):
+    root = tmp_path_factory.mktemp("lora_on_two")
+    return root, _run_lora_on_two(models, root)
+
+
+def _assert_peft_checkpoint(ckpt, names=("actor", "reward_critic", "cost_critic")) -> None:
+    """Every trained model of the checkpoint is a PEFT adapter folder, and no base weight was written: not as a
+    Hugging Face file, not in the DCP shards (which hold only the adapters, score heads and their optimizer
+    states)."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    from saferlhf_fast.models.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+
+    for name in names:
+        files = set(os.listdir(ckpt / name))
+        assert {ADAPTER_CONFIG, ADAPTER_WEIGHTS} <= files and not any(f.startswith("model") for f in files), name
+    keys = FileSystemReader(str(ckpt / distributed.SHARDED_DIR)).read_metadata().state_dict_metadata
+    model_keys = {k.split(".", 2)[2] for k in keys if k.split(".")[1] == "model"}
+    assert model_keys and all(".lora_" in k or k.startswith("score_head.") for k in model_keys), sorted(model_keys)
+
+
+def _assert_same_adapters(a, b, subs=("", "reward_critic", "cost_critic")) -> None:
+    from safetensors.torch import load_file
+
+    from saferlhf_fast.models.lora import ADAPTER_WEIGHTS
+
+    for sub in subs:
+        x, y = load_file(str(a / sub / ADAPTER_WEIGHTS)), load_file(str(b / sub / ADAPTER_WEIGHTS))
+        assert x.keys() == y.keys() and (sub != "") == ("base_model.model.score_head.weight" in x), sub
+        for k in x:
+            assert torch.equal(x[k], y[k]), (sub, k, float((x[k] - y[k]).abs().max()))
+        assert any(float(v.abs().max()) > 0 for k, v in x.items() if ".lora_B." in k), sub  # the adapters trained
+
+
+def _assert_resumed_rows(whole, part, skip: int) -> None:
+    """metrics.jsonl of the resumed run is the uninterrupted run's, row for row (wall times and throughputs
+    aside); ``skip``: the rows written before the stop."""
+    def rows(path):
+        return [{k: v for k, v in r.items() if not k.startswith(("time/", "perf/"))} for r in _jsonl(path)]
+
+    a, b = rows(whole), rows(part)
+    assert len(a) == len(b) > skip and a[skip:] == b[skip:]
+
+
+def test_lora_ppo_lag_run_on_two_ranks_resumes_exactly(lora_on_two):
+    """Actor and both critics LoRA (dropout on): stopped after rollout 1 and resumed on 2 ranks, the run ends with
+    the adapters and score heads of the uninterrupted run bit for bit, the same lambda and the same metrics."""
+    root, got = lora_on_two
+    whole, part = root / "whole", root / "part"
+    _assert_peft_checkpoint(part / "checkpoint-1")
+    assert not (whole / "model.safetensors").exists() and not (part / "model.safetensors").exists()
+    assert got["summary"]["steps"] == 3 and got["summary"]["rl_steps"] == 6
+    _assert_same_adapters(whole, part)
+    assert got["lambda"][0] == got["lambda"][1] != 1.0
+    _assert_resumed_rows(whole, part, skip=2)
+
+
+def test_lora_ppo_lag_saved_on_two_ranks_resumes_on_one(models, lora_on_two, tmp_path):
+    """The same global batch (2 x 2 -> 1 x 4) on one process: the adapters, score heads, optimizer states and lambda
+    of the 2-rank checkpoint, and the run finishes."""
+    from safetensors.torch import load_file
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    from saferlhf_fast.models.lora import ADAPTER_WEIGHTS, peft_key
+    from saferlhf_fast.trainers.ppo import PPOTrainer
+
+    torch.set_num_threads(1)
+    root, got = lora_on_two
+    saved = got["saved"]
+    out = _copy_run(root / "copy", tmp_path)
+    ckpt = out / "checkpoint-1"
+    cfg = _ppo_config(models, out, **{**LORA, "per_device_prompt_batch_size": 4, "per_device_train_batch_size": 4},
+                      resume="auto")
+    trainer = PPOTrainer(cfg)
+    assert trainer.resume_from == str(ckpt) and not distributed.is_distributed()
+    trainer.load_checkpoint(trainer.resume_from)
+    assert trainer.step == 1 and trainer.global_step == saved["global_step"] == 2
+    assert trainer.lagrange.value == saved["lambda"]
+    assert sorted(trainer.lagrange.episode_costs) == sorted(c for w in saved["windows"] for c in w)
+    pairs = [("actor", trainer.actor, trainer.actor_optimizer)]
+    pairs += list(zip(trainer.critic_names, trainer.critics, trainer.critic_optimizers))
+    init = _full_states_from(models)
+    for name, model, opt in pairs:
+        exported = load_file(str(ckpt / name / ADAPTER_WEIGHTS))
+        state = model.state_dict()
+        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+        assert {peft_key(model, n) for n in trainable} == exported.keys()
+        for k, v in state.items():
+            if k in trainable:
+                assert torch.equal(v, exported[peft_key(model, k)]), (name, k)
+            else:
+                assert torch.equal(v, init[name][k]), (name, k)  # the frozen base: the input model's
+        ref, mine = saved["optim"][name]["state"], get_optimizer_state_dict(model, opt)["state"]
+        assert mine.keys() == ref.keys() == trainable
+        for pname in ref:
+            for key in ("exp_avg", "exp_avg_sq", "step"):
+                assert torch.equal(mine[pname][key].cpu(), ref[pname][key].cpu()), (name, pname, key)
+    summary = PPOTrainer(cfg).train()
+    assert summary["steps"] == 3 and summary["rl_steps"] == 6
+    _assert_peft_checkpoint(ckpt)
+    for sub in ("", "reward_critic", "cost_critic"):
+        assert (out / sub / ADAPTER_WEIGHTS).is_file() and not (out / sub / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("critic_lora_rank", [None, 0], ids=["lora_critics", "value_heads"])
+def test_lora_ppo_lag_shared_critic_backbone_on_two_ranks_resumes_exactly(models, tmp_path, critic_lora_rank):
+    """``--critic_backbone shared`` on 2 ranks: each critic is its scorer's frozen backbone with LoRA adapters and a
+    score head (or, ``--critic_lora_rank 0``, a value head alone); stopped after rollout 1 and resumed, the run ends
+    with the uninterrupted run's trained weights bit for bit, lambda and metrics."""
+    from safetensors.torch import load_file
+
+    got = _run_lora_on_two(models, tmp_path, critic_backbone="shared",
+                           **({} if critic_lora_rank is None else {"critic_lora_rank": critic_lora_rank}))
+    whole, part = tmp_path / "whole", tmp_path / "part"
+    ckpt = part / "checkpoint-1"
+    assert got["summary"]["steps"] == 3 and got["summary"]["rl_steps"] == 6
+    if critic_lora_rank is None:
+        _assert_peft_checkpoint(ckpt)
+        _assert_same_adapters(whole, part)
+    else:  # the checkpoint holds the value heads alone; the final critics are whole models (backbone + value head)
+        _assert_peft_checkpoint(ckpt, names=("actor",))
+        for name in ("reward_critic", "cost_critic"):
+            assert sorted(os.listdir(ckpt / name)) == ["value_head.json", "value_head.safetensors"]
+            a, b = load_file(str(whole / name / "model.safetensors")), load_file(str(part / name / "model.safetensors"))
+            assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+        _assert_same_adapters(whole, part, subs=("",))
+    assert got["lambda"][0] == got["lambda"][1] != 1.0
+    _assert_resumed_rows(whole, part, skip=2)
