@@ -52,8 +52,9 @@ def _bench_model(args) -> int:
         print(f"saferlhf-fast bench {args.what}: error: --precisions: {' '.join(args.precisions)} repeats a precision",
               file=sys.stderr)
         return 2
-    if getattr(args, "lora_rank", 0) < 0:
-        print(f"saferlhf-fast bench generate: error: --lora_rank must be >= 0, got {args.lora_rank}", file=sys.stderr)
+    if getattr(args, "lora_rank", 0) < 0 or (getattr(args, "lora_rank", 0) > 0 and args.device != "cpu"):
+        print(f"saferlhf-fast bench generate: error: --lora_rank {args.lora_rank}: a rank >= 0, measured on the CPU "
+              "decode paths (--device cpu)", file=sys.stderr)
         return 2
     csv_path = _csv(args, "model")
     bench_model.run("generate" if args.what == "generate" else "train-step", size=_size(args), device=args.device,

@@ -281,6 +281,10 @@ def test_ppo_lag_lora_rollout_generates_with_the_adapters(tiny, scorers, tmp_pat
     with adapters_disabled(lora.actor):
         assert not torch.equal(generate(lora.actor, ids, mask, **kw).logprobs, got.logprobs)
     assert all(torch.equal(p.detach(), before[n]) for n, p in lora.actor.named_parameters())
+    lora.config.lora_generation = "on-the-fly"  # --lora_generation on-the-fly: no merged copy
+    merges.clear()
+    again = lora._generate(ids, mask, seed=9)
+    assert merges == [False] and torch.equal(again.logprobs, fly.logprobs)
 
 
 def test_ppo_lag_lora_from_the_command_line(tiny, scorers, tmp_path):

@@ -228,4 +228,6 @@ def test_bench_generate_lora_tiny(tmp_path):
     if fd.native_step_available():
         assert {("fast:merged-step", "decode", "throughput"), ("fast:plan", "merge", "time")} <= got
     assert all(r["kernel"] == "generate_lora" and r["x"].endswith(":lora-r4") and float(r["p50"]) > 0 for r in rows)
-    assert main(["bench", "generate", "--sizes", "tiny", "--lora_rank", "-1", "--csv", str(path)]) == 2
+    for bad in (["--lora_rank", "-1"], ["--lora_rank", "4", "--device", "cuda"]):
+        assert main(["bench", "generate", "--sizes", "tiny", *bad, "--csv", str(path)]) == 2
+    assert len(read_rows(path)) == len(rows)

@@ -67,13 +67,13 @@ def merge_lora_by_default(model, max_new_tokens: int, compiled_step: bool) -> bo
     Why (``bench generate --lora_rank R``, docs/rl.md): a decode step is a handful of rows through every weight, so
     on the fly costs each projection two more rank-r products (and their dispatch) per step, while a merge is one
     pass over the adapted weights per call.  On the eager step the merge paid for itself after 2-3 steps and made
-    64-token generation 1.4-1.6x faster, on the transformers path 1.2-1.3x; on a GPU the same holds a fortiori
+    64-token generation 1.3-1.6x faster, on the transformers path 1.1-1.3x; on a GPU the same holds a fortiori
     (bandwidth-bound steps, a merge costs about two steps' weight traffic, the on-the-fly products are launch-bound
     kernels).  The compiled CPU step packs merged weights itself (``fast_decode._weight``); merging for it as well
     only changes the prefill, which then re-packs the merged weights that the frozen ``W`` has packed already
     (measured slower), so there the prefill stays on the fly.  The price of a merge is one copy of the adapted
-    weights (plus, on the CPU, its oneDNN-packed copy) while the call runs: pass ``lora_merge=False`` where that
-    memory is not there."""
+    weights (plus, on the CPU, its oneDNN-packed copy) while the call runs: pass ``lora_merge=False`` (PPO:
+    ``--lora_generation on-the-fly``) where that memory is not there."""
     if max_new_tokens < MERGE_MIN_NEW_TOKENS or compiled_step:
         return False
     return any(not m.disabled for m in lora_layers(model))
