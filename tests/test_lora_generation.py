@@ -70,7 +70,10 @@ def test_merged_generation_equals_on_the_fly_and_leaves_the_model_exact():
     # the training forward after generation is the one before it, bit for bit
     x = lm.token_logprobs(*prompts())
     with merged_adapters(lm):
-        pass
+        outer = [m.merged for m in lora_layers(lm)]
+        with merged_adapters(lm):  # nested (generate inside a caller's block): the outer merge stays
+            pass
+        assert all(m.merged is t for m, t in zip(lora_layers(lm), outer))
     assert torch.equal(lm.token_logprobs(*prompts()), x)
 
 

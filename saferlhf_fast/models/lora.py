@@ -327,8 +327,10 @@ def merged_adapters(model: nn.Module, enabled: bool = True):
     * Only no-grad forwards without active dropout use ``M`` (:meth:`_Adapter.use_merged`): a training forward
       inside the block still trains ``A`` and ``B``.
     * Sharded (DTensor) layers stay on the fly (:func:`mergeable`).
+    * Nested blocks: the outermost one merges and unmerges.
     ``enabled=False``: a no-op (the caller's switch)."""
-    layers = [m for m in lora_layers(model) if not m.disabled and mergeable(m)] if enabled else []
+    # a layer merged by an enclosing block keeps that block's M (and leaves it to that block to drop)
+    layers = [m for m in lora_layers(model) if not m.disabled and m.merged is None and mergeable(m)] if enabled else []
     try:
         for m in layers:
             with torch.autocast(m.weight.device.type, enabled=False):
