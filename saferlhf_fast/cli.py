@@ -52,12 +52,17 @@ def _bench_model(args) -> int:
         print(f"saferlhf-fast bench {args.what}: error: --precisions: {' '.join(args.precisions)} repeats a precision",
               file=sys.stderr)
         return 2
+    if getattr(args, "lora_rank", 0) < 0 or (getattr(args, "lora_rank", 0) > 0 and args.device != "cpu"):
+        print(f"saferlhf-fast bench generate: error: --lora_rank {args.lora_rank}: a rank >= 0, measured on the CPU "
+              "decode paths (--device cpu)", file=sys.stderr)
+        return 2
     csv_path = _csv(args, "model")
     bench_model.run("generate" if args.what == "generate" else "train-step", size=_size(args), device=args.device,
                     reps=args.reps, warmup=args.warmup, memory=not args.no_memory, model=args.model,
                     dtype=args.dtype, batch=args.batch, prompt=args.prompt, new_tokens=args.new_tokens,
                     layouts=tuple(getattr(args, "layouts", None) or ("full", "ragged")), csv_path=csv_path,
-                    overwrite=args.overwrite, precisions=args.precisions, vocab=args.vocab)
+                    overwrite=args.overwrite, precisions=args.precisions, vocab=args.vocab,
+                    lora_rank=getattr(args, "lora_rank", 0))
     print(f"rows written to {csv_path}")
     return 0
 
@@ -342,6 +347,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--new-tokens", type=int, default=None, help="generated / response tokens")
         if name == "train-step":
             p.add_argument("--layouts", nargs="+", choices=["full", "ragged"], default=None)
+        else:
+            p.add_argument("--lora_rank", type=int, default=0,
+                           help="R > 0: a LoRA actor (rank-R all-linear adapters, nonzero B) generating with the "
+                                "adapters merged vs applied on the fly, on each decode path, plus the merge / packing "
+                                "cost of one call (provider = variant; 0: ours vs transformers)")
         p.add_argument("--precisions", nargs="+", choices=["fp32", "bf16"], default=None,
                        help="every provider once per precision, repetitions interleaved: bf16 is ours under CPU bf16 "
                             "autocast (fp32 masters, bf16 matmuls) and transformers with bf16 weights; bf16 rows "

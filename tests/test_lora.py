@@ -251,6 +251,42 @@ def test_ppo_lag_lora_reference_is_the_disabled_adapter(tiny, scorers, tmp_path)
     assert_lora_actor_is_its_own_reference(full, lora, base, *batch(base.config.vocab_size, seed=4))
 
 
+def test_ppo_lag_lora_rollout_generates_with_the_adapters(tiny, scorers, tmp_path, monkeypatch):
+    """The trainer's rollout on the eager decode step (the GPU's path) merges the LoRA actor's adapters for the call
+    (``generate``'s default) and samples what the actor samples with its adapters on the fly, not what its base
+    samples; the actor's parameters are untouched by it."""
+    import sys
+
+    from saferlhf_fast.engine import fast_decode as fd
+    from saferlhf_fast.engine import generate
+
+    cfg = _ppo_config(tiny, scorers, tmp_path / "lora", actor_lora_rank=4, critic_lora_rank=0)
+    lora = PPOTrainer(cfg)
+    randomise_adapters(lora.actor, seed=3)
+    ids, mask = batch(lora.actor.config.vocab_size, seed=4)
+    before = {n: p.detach().clone() for n, p in lora.actor.named_parameters()}
+    merges = []
+    module = sys.modules["saferlhf_fast.engine.generate"]
+    real = module.merged_adapters
+    monkeypatch.setattr(module, "merged_adapters", lambda m, enabled=True: merges.append(enabled) or real(m, enabled))
+    monkeypatch.setattr(fd, "supported", lambda *a, **k: False)  # the eager step, as on a GPU
+    got = lora._generate(ids, mask, seed=9)
+    assert merges == [True]
+    kw = dict(max_new_tokens=got.response_mask.shape[1], do_sample=True, temperature=cfg.temperature,
+              top_p=cfg.top_p, top_k=cfg.top_k, eos_token_id=lora.eos_token_id,
+              pad_token_id=lora.tokenizer.pad_token_id, seed=9, fast_decode=False)
+    fly = generate(lora.actor, ids, mask, lora_merge=False, **kw)
+    assert torch.equal(got.sequences, fly.sequences)
+    torch.testing.assert_close(got.logprobs, fly.logprobs, rtol=1e-4, atol=1e-5)
+    with adapters_disabled(lora.actor):
+        assert not torch.equal(generate(lora.actor, ids, mask, **kw).logprobs, got.logprobs)
+    assert all(torch.equal(p.detach(), before[n]) for n, p in lora.actor.named_parameters())
+    lora.config.lora_generation = "on-the-fly"  # --lora_generation on-the-fly: no merged copy
+    merges.clear()
+    again = lora._generate(ids, mask, seed=9)
+    assert merges == [False] and torch.equal(again.logprobs, fly.logprobs)
+
+
 def test_ppo_lag_lora_from_the_command_line(tiny, scorers, tmp_path):
     out = tmp_path / "ppo"
     assert main(["ppo-lag", "--actor_model_name_or_path", tiny, "--reward_model_name_or_path", scorers[0],

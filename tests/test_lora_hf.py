@@ -123,9 +123,11 @@ def test_adapters_load_in_peft_disable_to_the_base_and_merge(kind, tmp_path):
         assert all(torch.equal(v, saved[k.removeprefix("hf.")]) for k, v in loaded.state_dict().items())
 
 
-def test_generation_runs_the_adapters_on_the_fly(gpt2, tmp_path):
-    """transformers' ``generate`` through the adapted layers: the merged model's tokens and log-probs (up to
-    rounding), not the base model's; with the adapters disabled the base model's, bit for bit."""
+def test_generation_runs_the_adapters_on_the_fly_or_merged(gpt2, tmp_path):
+    """transformers' ``generate`` through the adapted layers, on the fly and merged for the call
+    (``lora_merge``, GPT-2's ``Conv1D`` layout): the merged model's tokens and log-probs (up to rounding), not the
+    base model's, and the parameters bit for bit unchanged after; with the adapters disabled the base model's, bit
+    for bit."""
     from saferlhf_fast.engine import generate
 
     ours = apply_lora(from_pretrained(gpt2, backend="hf"), LoraSpec(4, 64.0))
@@ -137,9 +139,14 @@ def test_generation_runs_the_adapters_on_the_fly(gpt2, tmp_path):
     merged, base = from_pretrained(str(tmp_path / "merged"), backend="hf"), from_pretrained(gpt2, backend="hf")
     ids, mask = _batch(ours.config.vocab_size, seed=6)
     kw = dict(max_new_tokens=6, do_sample=False, eos_token_id=1, pad_token_id=0)
-    got, want, plain = (generate(m, ids, mask, **kw) for m in (ours, merged, base))
-    assert torch.equal(got.sequences, want.sequences) and not torch.equal(got.sequences, plain.sequences)
-    torch.testing.assert_close(got.logprobs, want.logprobs, rtol=1e-4, atol=1e-5)
+    want, plain = (generate(m, ids, mask, **kw) for m in (merged, base))
+    before = {n: p.detach().clone() for n, p in ours.named_parameters()}
+    for lora_merge in (False, True):
+        got = generate(ours, ids, mask, lora_merge=lora_merge, **kw)
+        assert torch.equal(got.sequences, want.sequences) and not torch.equal(got.sequences, plain.sequences)
+        torch.testing.assert_close(got.logprobs, want.logprobs, rtol=1e-4, atol=1e-5)
+    assert all(torch.equal(p.detach(), before[n]) for n, p in ours.named_parameters())
+    assert all(m.merged is None for m in lora_layers(ours))
     with adapters_disabled(ours):
         off = generate(ours, ids, mask, **kw)
     assert torch.equal(off.sequences, plain.sequences) and torch.equal(off.logprobs, plain.logprobs)

@@ -260,10 +260,11 @@ def run(what: str, size: str = "default", device: str = "cpu", reps: int = 5, wa
         model: str | None = None, name: str | None = None, dtype: str | None = None, batch: int | None = None,
         prompt: int | None = None, new_tokens: int | None = None, layouts: tuple[str, ...] = ("full", "ragged"),
         csv_path: str | None = None, overwrite: bool = False, precisions: tuple[str, ...] | None = None,
-        vocab: int | None = None, echo=print) -> list[dict]:
+        vocab: int | None = None, lora_rank: int = 0, echo=print) -> list[dict]:
     """``what``: ``generate``, ``train-step`` or ``both``.  Returns the rows (and appends them to ``csv_path``).
     ``precisions``: every provider once per precision (module docstring).  ``vocab``: the random checkpoint's
-    vocabulary instead of the preset's."""
+    vocabulary instead of the preset's.  ``lora_rank`` > 0: ``generate`` measures a LoRA actor's generation, adapters
+    merged vs on the fly per decode path (:mod:`.lora_generate`), instead of ours vs transformers."""
     precisions = tuple(precisions or ("fp32",))
     preset = SIZES[size]
     shape = dict(preset["model"], **({"vocab_size": vocab} if vocab else {}))
@@ -278,7 +279,13 @@ def run(what: str, size: str = "default", device: str = "cpu", reps: int = 5, wa
         config = f"{name} B={b} P={p} T={t} {dtype} threads={torch.get_num_threads()}"
         x = f"{name}:B{b}xP{p}+T{t}"
         common = dict(path=path, vocab=vocab, batch=b, prompt=p, new_tokens=t, dtype=dtype, device=device)
-        if what in ("generate", "both"):
+        if what in ("generate", "both") and lora_rank > 0:
+            from . import lora_generate
+
+            if device != "cpu":
+                raise ValueError("bench generate --lora_rank measures the CPU decode paths (--device cpu)")
+            rows += lora_generate.run(path, name, lora_rank, b, p, t, config, precisions, reps, warmup, memory, echo)
+        elif what in ("generate", "both"):
             providers = with_precisions(generate_providers(device), precisions)
             group = _run_group("generate", "decode", x, "saferlhf_fast.benchmarks.model:build_generate",
                                providers, common, b * t, config, device, reps, warmup, memory, echo)

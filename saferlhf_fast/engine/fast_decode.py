@@ -86,12 +86,14 @@ class _Linear:
 def _weight(linear) -> Tensor:
     """The weight a projection computes with: a LoRA projection's ``W + (alpha / r) B A`` (merged once per
     ``generate`` call, as the packing, in the weights' own dtype even under autocast, so a bf16 plan rounds the
-    merged weight once), else ``W``."""
-    merged = getattr(linear, "merged_weight", None)
-    if merged is None or linear.disabled:
+    merged weight once; inside ``lora.merged_adapters`` the merged weight the block already holds), else ``W``."""
+    merge = getattr(linear, "merged_weight", None)
+    if merge is None or linear.disabled:
         return linear.weight.detach()
+    if linear.merged is not None:
+        return linear.merged
     with torch.autocast("cpu", enabled=False):
-        return merged()
+        return merge()
 
 
 def _cat_bias(*linears):

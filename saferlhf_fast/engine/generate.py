@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from ..models.llama import positions_from_mask
+from ..models.lora import lora_layers, merged_adapters
 from ..settings import settings
 from . import fast_decode as fd
 from .decode_steps import choose_step, has_windows
@@ -55,13 +56,36 @@ def _pad_id(pad_token_id, config, eos: list[int]) -> int:
     return eos[0] if eos else 0
 
 
+# Fewer new tokens than this: a LoRA model's adapters stay on the fly (see merge_lora_by_default).
+MERGE_MIN_NEW_TOKENS = 4
+
+
+def merge_lora_by_default(model, max_new_tokens: int, compiled_step: bool) -> bool:
+    """``generate``'s default ``lora_merge``: merge a LoRA model's enabled adapters (``lora.merged_adapters``) for the
+    call when the decode step is not the compiled CPU step and at least ``MERGE_MIN_NEW_TOKENS`` tokens are asked.
+
+    Why (``bench generate --lora_rank R``, docs/rl.md): a decode step is a handful of rows through every weight, so
+    on the fly costs each projection two more rank-r products (and their dispatch) per step, while a merge is one
+    pass over the adapted weights per call.  On the eager step the merge paid for itself after 2-3 steps and made
+    64-token generation 1.3-1.6x faster, on the transformers path 1.1-1.3x; on a GPU the same holds a fortiori
+    (bandwidth-bound steps, a merge costs about two steps' weight traffic, the on-the-fly products are launch-bound
+    kernels).  The compiled CPU step packs merged weights itself (``fast_decode._weight``); merging for it as well
+    only changes the prefill, which then re-packs the merged weights that the frozen ``W`` has packed already
+    (measured slower), so there the prefill stays on the fly.  The price of a merge is one copy of the adapted
+    weights (plus, on the CPU, its oneDNN-packed copy) while the call runs: pass ``lora_merge=False`` (PPO:
+    ``--lora_generation on-the-fly``) where that memory is not there."""
+    if max_new_tokens < MERGE_MIN_NEW_TOKENS or compiled_step:
+        return False
+    return any(not m.disabled for m in lora_layers(model))
+
+
 @torch.no_grad()
 def generate(model, input_ids: Tensor, attention_mask: Tensor | None = None, *, max_new_tokens: int = 64,
              do_sample: bool = True, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
              repetition_penalty: float = 1.0, eos_token_id: int | list[int] | None = None,
              pad_token_id: int | None = None, seed: int | None = None,
              use_cuda_graph: bool | None = None, fast_decode: bool | None = None,
-             exact_logprobs: bool = False,
+             exact_logprobs: bool = False, lora_merge: bool | None = None,
              on_token: Callable[[Tensor, Tensor], None] | None = None) -> GenerateOutput:
     """Sample (or greedily decode) up to ``max_new_tokens`` after left-padded prompts ``input_ids`` [B, P].
 
@@ -85,6 +109,14 @@ def generate(model, input_ids: Tensor, attention_mask: Tensor | None = None, *, 
     0.23 / mean 0.04 on SmolLM2-135M under autocast (0.43 / 0.05 held in bf16); use ``exact_logprobs`` where the
     PPO ratio must start at exactly 1.
 
+    ``lora_merge`` (a LoRA model): True computes every enabled adapted projection with one merged weight
+    ``W + (alpha / r) B A`` for the call (``lora.merged_adapters``: the parameters are never written, the model after
+    the call is bit for bit the one before), False applies the adapters on the fly (``x W^T + (alpha / r) (x A^T)
+    B^T``) in the prefill and on the eager / CUDA-graph / transformers steps; the compiled CPU step always packs
+    merged weights.  Both give the same tokens and log-probs up to rounding.  None (default):
+    :func:`merge_lora_by_default` (merged except for the compiled step's prefill and very short generations); a model
+    without adapters ignores it.
+
     ``on_token(tokens, emitted)``: called after every decode step with that step's tokens [B] and which rows
     emitted one [B] bool (False once a row has finished: its token is ``pad``), so a caller can show the text as it
     is generated (``saferlhf-fast chat``).  It only reads: the result is the same with or without it.  On the
@@ -107,7 +139,9 @@ def generate(model, input_ids: Tensor, attention_mask: Tensor | None = None, *, 
         generator = torch.Generator(device=device)
         generator.manual_seed(int(seed))
     if getattr(model, "is_hf", False):
-        out = _generate_hf(model, input_ids, attention_mask, max_new_tokens, params, eos, pad, seed)
+        merge = merge_lora_by_default(model, max_new_tokens, False) if lora_merge is None else lora_merge
+        with merged_adapters(model, enabled=merge):
+            out = _generate_hf(model, input_ids, attention_mask, max_new_tokens, params, eos, pad, seed)
         for t in range(out.response_mask.shape[1]) if on_token is not None else ():
             on_token(out.responses[:, t], out.response_mask[:, t])
         return out
@@ -119,13 +153,17 @@ def generate(model, input_ids: Tensor, attention_mask: Tensor | None = None, *, 
         raise ValueError("fast_decode covers the native decoder in fp32 / bf16 on the CPU; pass fast_decode=False")
     if fast_decode:
         use_cuda_graph = False
+    if lora_merge is None:
+        compiled = fast_decode and fd.native_step_available() and fd.silu_activation(model)
+        lora_merge = merge_lora_by_default(model, max_new_tokens, compiled)
 
     was_training = model.training
     model.eval()
     model.setup_cache(input_ids.shape[0], input_ids.shape[1] + max_new_tokens)
     try:
-        out = _decode(model, input_ids, attention_mask, max_new_tokens, params, eos, pad, generator, use_cuda_graph,
-                      fast_decode, on_token)
+        with merged_adapters(model, enabled=lora_merge):
+            out = _decode(model, input_ids, attention_mask, max_new_tokens, params, eos, pad, generator,
+                          use_cuda_graph, fast_decode, on_token)
     finally:
         model.release_cache()
         model.train(was_training)

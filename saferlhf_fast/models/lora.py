@@ -26,6 +26,9 @@ transformers model's names drop our ``hf.`` wrapper prefix; a score model's back
 
 * :func:`apply_lora` adds the adapters and freezes the base; :func:`adapters_disabled` runs the base model alone
   (the PPO / DPO reference: no second copy of the weights).
+* :func:`merged_adapters`: for the duration of a block (generation), each enabled adapted projection computes with
+  one merged weight ``W + (alpha / r) B A`` instead of applying its adapter on the fly; the parameters are never
+  written, so the model after the block is bit for bit the model before it.
 * :func:`save_adapter` / :func:`load_adapter`: ``adapter_config.json`` + ``adapter_model.safetensors``.
 * :func:`merged_state_dict`: ``W + (alpha / r) B A`` in place of each adapted weight (a plain checkpoint;
   ``save_pretrained`` of a model with adapters writes that).
@@ -113,6 +116,7 @@ class _Adapter:
         self.lora_dropout = nn.Dropout(spec.dropout) if spec.dropout > 0 else nn.Identity()
         self.scaling = spec.scaling
         self.disabled = False
+        self.merged = None  # W + scaling * B A while merged_adapters is active (a plain tensor, never a parameter)
         self.reset_adapter()
 
     def reset_adapter(self) -> None:
@@ -130,6 +134,13 @@ class _Adapter:
         with torch.no_grad():
             return self.weight.detach() + self.delta_weight().to(self.weight.dtype)
 
+    def use_merged(self) -> bool:
+        """Whether this forward computes with ``self.merged``: inside :func:`merged_adapters`, adapters enabled, no
+        gradient wanted (a merged weight is detached: a forward that trains ``A`` / ``B`` applies them on the fly,
+        so training inside the block is exact too) and no active dropout (it reaches the adapter's input only)."""
+        return (self.merged is not None and not self.disabled and not torch.is_grad_enabled()
+                and not (self.training and isinstance(self.lora_dropout, nn.Dropout)))
+
 
 class LoraLinear(_Adapter, Linear):
     """A :class:`~.llama.Linear` (the same ``weight`` / ``bias`` parameters, the same names) plus ``lora_A``,
@@ -143,6 +154,8 @@ class LoraLinear(_Adapter, Linear):
     def forward(self, x: Tensor) -> Tensor:
         if self.disabled:
             return ops.linear(x, self.weight, self.bias)
+        if self.use_merged():
+            return ops.linear(x, self.merged, self.bias)
         return ops.lora_linear(x, self.weight, self.bias, self.lora_A.weight, self.lora_B.weight, self.scaling,
                                self.lora_dropout)
 
@@ -165,14 +178,19 @@ class HFLoraLinear(_Adapter, nn.Module):
         out_features, in_features = base.weight.shape[::-1] if self.fan_in_fan_out else base.weight.shape
         self._add_adapter(base, in_features, out_features, spec)
 
-    def base_forward(self, x: Tensor) -> Tensor:
+    def base_forward(self, x: Tensor, weight: Tensor | None = None) -> Tensor:
+        """The layer's own product with ``weight`` (default: its own ``W``; :func:`merged_adapters` passes the
+        merged one, in the same layout)."""
+        weight = self.weight if weight is None else weight
         if not self.fan_in_fan_out:
-            return F.linear(x, self.weight, self.bias)
+            return F.linear(x, weight, self.bias)
         flat = x.reshape(-1, x.shape[-1])  # Conv1D.forward, op for op
-        y = torch.addmm(self.bias, flat, self.weight) if self.bias is not None else flat @ self.weight
+        y = torch.addmm(self.bias, flat, weight) if self.bias is not None else flat @ weight
         return y.view(*x.shape[:-1], self.out_features)
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.use_merged():
+            return self.base_forward(x, self.merged)
         y = self.base_forward(x)
         if self.disabled:
             return y
@@ -284,6 +302,43 @@ def adapters_disabled(model: nn.Module):
     finally:
         for m, flag in zip(layers, before):
             m.disabled = flag
+
+
+def mergeable(layer) -> bool:
+    """Whether :func:`merged_adapters` can merge ``layer``: its weight and adapters are plain tensors.  FSDP2's
+    sharded parameters (DTensors: each rank holds rows of ``W`` and of ``A`` / ``B``, and ``B A`` would need the
+    ranks' ``A`` gathered) are not; inside ``distributed.gathered`` (the rollout) they are unsharded, plain again."""
+    return all(type(t) in (Tensor, nn.Parameter) for t in (layer.weight, layer.lora_A.weight, layer.lora_B.weight))
+
+
+@contextlib.contextmanager
+def merged_adapters(model: nn.Module, enabled: bool = True):
+    """Inside the block each enabled, :func:`mergeable` adapted projection of ``model`` computes
+    ``x @ M.T + b`` with one merged weight ``M = W + (alpha / r) B A`` (made on entry) instead of
+    ``x @ W.T + b + (alpha / r) (x @ A.T) @ B.T``: the same function up to rounding, one product per projection.
+
+    * Exact after: no parameter is written (no in-place merge and unmerge, which would not give ``W`` back in
+      floating point); ``M`` is a separate tensor each layer holds in ``merged`` and drops on exit, exception or
+      not.  The cost is one copy of the adapted weights for the duration of the block.
+    * ``M`` is formed in the weights' own dtype with autocast off (under bf16 autocast the fp32 master is merged,
+      then rounded once to bf16 by the product, as the compiled decode step's ``_weight`` does).
+    * A layer disabled on entry (:func:`adapters_disabled`) is not merged; a layer disabled inside the block
+      computes with its base weight alone (``disabled`` is checked first).
+    * Only no-grad forwards without active dropout use ``M`` (:meth:`_Adapter.use_merged`): a training forward
+      inside the block still trains ``A`` and ``B``.
+    * Sharded (DTensor) layers stay on the fly (:func:`mergeable`).
+    * Nested blocks: the outermost one merges and unmerges.
+    ``enabled=False``: a no-op (the caller's switch)."""
+    # a layer merged by an enclosing block keeps that block's M (and leaves it to that block to drop)
+    layers = [m for m in lora_layers(model) if not m.disabled and m.merged is None and mergeable(m)] if enabled else []
+    try:
+        for m in layers:
+            with torch.autocast(m.weight.device.type, enabled=False):
+                m.merged = m.merged_weight()
+        yield model
+    finally:
+        for m in layers:
+            m.merged = None
 
 
 @contextlib.contextmanager

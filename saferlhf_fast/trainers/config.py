@@ -229,6 +229,11 @@ class PPOConfig(RunConfig):
                             "samples with transformers' default of 50", group=GENERATION)
     num_return_sequences: int = option(1, "responses sampled per prompt", group=GENERATION)
     repetition_penalty: float = option(1.0, "repetition penalty", group=GENERATION)
+    lora_generation: str = option("auto", "a LoRA actor's adapters during the rollout: merged (one merged copy of "
+                                          "the adapted weights while it generates), on-the-fly (no copy), auto: "
+                                          "generate's measured default (merged except the compiled CPU step's "
+                                          "prefill; docs/rl.md)", choices=["auto", "merged", "on-the-fly"],
+                                  group=GENERATION)
     normalize_reward: bool = option(False, "normalize the reward model's scores with the statistics it was trained "
                                            "with (its normalizer); off: raw scores, as the reference",
                                     group=ALGORITHM)

@@ -399,7 +399,7 @@ class PPOTrainer(RunCore):
                             temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
                             repetition_penalty=cfg.repetition_penalty,
                             eos_token_id=self.eos_token_id, pad_token_id=self.tokenizer.pad_token_id,
-                            seed=seed)
+                            seed=seed, lora_merge={"merged": True, "on-the-fly": False}.get(cfg.lora_generation))
 
     @torch.no_grad()
     def end_scores(self, model, normalizer, tokenizer, sequences: Tensor, attention_mask: Tensor) -> Tensor:
