@@ -363,6 +363,39 @@ def _copy_run(src, tmp_path):
     return dst
 
 
+def _trained(trainer) -> list:
+    """(name, model, optimizer) of every model the trainer trains: the actor, then the critics."""
+    return [("actor", trainer.actor, trainer.actor_optimizer),
+            *zip(trainer.critic_names, trainer.critics, trainer.critic_optimizers)]
+
+
+def _assert_same_adam(got: dict, ref: dict, name: str) -> None:
+    """AdamW's moments and step of every parameter of ``ref`` (an optimizer ``state`` by parameter name) equal in
+    ``got``."""
+    for pname in ref:
+        for key in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(got[pname][key].cpu(), ref[pname][key].cpu()), (name, pname, key)
+
+
+def _resume_on_one(models, run, saved, tmp_path, **kw):
+    """The 2-rank run folder ``run`` copied and resumed on one process, no process group, with the same global batch
+    (2 x 2 -> 1 x 4): its checkpoint-1 loaded with the saved step, lambda and Lagrange windows.  Returns
+    (config, trainer, run copy, checkpoint)."""
+    from saferlhf_fast.trainers.ppo import PPOTrainer
+
+    out = _copy_run(run, tmp_path)
+    ckpt = out / "checkpoint-1"
+    cfg = _ppo_config(models, out, **{**kw, "per_device_prompt_batch_size": 4, "per_device_train_batch_size": 4},
+                      resume="auto")
+    trainer = PPOTrainer(cfg)
+    assert trainer.resume_from == str(ckpt) and not distributed.is_distributed()
+    trainer.load_checkpoint(trainer.resume_from)
+    assert trainer.step == 1 and trainer.global_step == saved["global_step"] == 2
+    assert trainer.lagrange.value == saved["lambda"]
+    assert sorted(trainer.lagrange.episode_costs) == sorted(c for w in saved["windows"] for c in w)
+    return cfg, trainer, out, ckpt
+
+
 def test_ppo_lag_saved_on_two_ranks_resumes_on_two(models, saved_on_two, tmp_path):
     """The same world size: the same optimizer states and lambda, each rank its own Lagrange window."""
     out, saved = saved_on_two
@@ -372,11 +405,7 @@ def test_ppo_lag_saved_on_two_ranks_resumes_on_two(models, saved_on_two, tmp_pat
     got = torch.load(again, weights_only=False)
     assert got["step"] == 1 and got["lambda"] == saved["lambda"] and got["window"] == saved["windows"][0]
     for name in saved["optim"]:
-        ref = saved["optim"][name]["state"]
-        for pname in ref:
-            for key in ("exp_avg", "exp_avg_sq", "step"):
-                same = torch.equal(got["optim"][name]["state"][pname][key], ref[pname][key])
-                assert same, (name, pname, key)
+        _assert_same_adam(got["optim"][name]["state"], saved["optim"][name]["state"], name)
 
 
 def test_ppo_lag_saved_on_two_ranks_resumes_on_one(models, saved_on_two, tmp_path):
@@ -385,29 +414,15 @@ def test_ppo_lag_saved_on_two_ranks_resumes_on_one(models, saved_on_two, tmp_pat
     from saferlhf_fast.trainers.ppo import PPOTrainer
 
     torch.set_num_threads(1)
-    out, saved = saved_on_two
-    out = _copy_run(out, tmp_path)
-    ckpt = out / "checkpoint-1"
-    # Same global batch (2 x 2 -> 1 x 4) on one process, no process group.
-    cfg = _ppo_config(models, out, per_device_prompt_batch_size=4, per_device_train_batch_size=4, update_iters=2,
-                      resume="auto")
-    trainer = PPOTrainer(cfg)
-    assert trainer.resume_from == str(ckpt) and not distributed.is_distributed()
-    trainer.load_checkpoint(trainer.resume_from)
-    assert trainer.step == 1 and trainer.global_step == saved["global_step"] == 2
-    assert trainer.lagrange.value == saved["lambda"]
-    assert sorted(trainer.lagrange.episode_costs) == sorted(c for w in saved["windows"] for c in w)
+    run, saved = saved_on_two
+    cfg, trainer, out, ckpt = _resume_on_one(models, run, saved, tmp_path, update_iters=2)
     exported = _weights(str(ckpt / "actor"))
     for k, v in trainer.actor.state_dict().items():
         assert torch.equal(v, exported[k]), k
-    pairs = [("actor", trainer.actor, trainer.actor_optimizer)]
-    pairs += list(zip(trainer.critic_names, trainer.critics, trainer.critic_optimizers))
-    for name, model, opt in pairs:
+    for name, model, opt in _trained(trainer):
         got, ref = get_optimizer_state_dict(model, opt)["state"], saved["optim"][name]["state"]
         assert got.keys() == ref.keys()
-        for pname in ref:
-            for key in ("exp_avg", "exp_avg_sq", "step"):
-                assert torch.equal(got[pname][key].cpu(), ref[pname][key].cpu()), (name, pname, key)
+        _assert_same_adam(got, ref, name)
     # ... and finishes the run (3 rollouts per epoch of 12 prompts at a global batch of 4, 2 RL updates each).
     summary = PPOTrainer(cfg).train()
     assert summary["steps"] == 3 and summary["rl_steps"] == 6
@@ -475,14 +490,10 @@ def test_single_process_checkpoint_resumes_on_two_ranks(models, tmp_path):
     for name, ref in _full_states(trainer).items():
         for key in ref:
             assert torch.equal(got["states"][name][key], ref[key]), (name, key)
-    pairs = [("actor", trainer.actor, trainer.actor_optimizer)]
-    pairs += list(zip(trainer.critic_names, trainer.critics, trainer.critic_optimizers))
-    for name, model, opt in pairs:
+    for name, model, opt in _trained(trainer):
         ref = get_optimizer_state_dict(model, opt)["state"]
         assert got["optim"][name]["state"].keys() == ref.keys()
-        for pname in ref:
-            for key in ("exp_avg", "exp_avg_sq", "step"):
-                assert torch.equal(got["optim"][name]["state"][pname][key].cpu(), ref[pname][key].cpu())
+        _assert_same_adam(got["optim"][name]["state"], ref, name)
     assert got["summary"]["steps"] == 3 and got["summary"]["rl_steps"] == 6
     assert (out / "model.safetensors").is_file() and (out / "reward_critic" / "model.safetensors").is_file()
 
@@ -608,20 +619,9 @@ def test_lora_ppo_lag_saved_on_two_ranks_resumes_on_one(models, lora_on_two, tmp
     torch.set_num_threads(1)
     root, got = lora_on_two
     saved = got["saved"]
-    out = _copy_run(root / "copy", tmp_path)
-    ckpt = out / "checkpoint-1"
-    cfg = _ppo_config(models, out, **{**LORA, "per_device_prompt_batch_size": 4, "per_device_train_batch_size": 4},
-                      resume="auto")
-    trainer = PPOTrainer(cfg)
-    assert trainer.resume_from == str(ckpt) and not distributed.is_distributed()
-    trainer.load_checkpoint(trainer.resume_from)
-    assert trainer.step == 1 and trainer.global_step == saved["global_step"] == 2
-    assert trainer.lagrange.value == saved["lambda"]
-    assert sorted(trainer.lagrange.episode_costs) == sorted(c for w in saved["windows"] for c in w)
-    pairs = [("actor", trainer.actor, trainer.actor_optimizer)]
-    pairs += list(zip(trainer.critic_names, trainer.critics, trainer.critic_optimizers))
+    cfg, trainer, out, ckpt = _resume_on_one(models, root / "copy", saved, tmp_path, **LORA)
     init = _full_states_from(models)
-    for name, model, opt in pairs:
+    for name, model, opt in _trained(trainer):
         exported = load_file(str(ckpt / name / ADAPTER_WEIGHTS))
         state = model.state_dict()
         trainable = {n for n, p in model.named_parameters() if p.requires_grad}
@@ -633,9 +633,7 @@ def test_lora_ppo_lag_saved_on_two_ranks_resumes_on_one(models, lora_on_two, tmp
                 assert torch.equal(v, init[name][k]), (name, k)  # the frozen base: the input model's
         ref, mine = saved["optim"][name]["state"], get_optimizer_state_dict(model, opt)["state"]
         assert mine.keys() == ref.keys() == trainable
-        for pname in ref:
-            for key in ("exp_avg", "exp_avg_sq", "step"):
-                assert torch.equal(mine[pname][key].cpu(), ref[pname][key].cpu()), (name, pname, key)
+        _assert_same_adam(mine, ref, name)
     summary = PPOTrainer(cfg).train()
     assert summary["steps"] == 3 and summary["rl_steps"] == 6
     _assert_peft_checkpoint(ckpt)

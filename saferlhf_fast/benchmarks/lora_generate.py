@@ -68,7 +68,7 @@ def lora_actor(path: str, rank: int, backend: str = "native", adapters: bool = T
 def fast_available(model) -> bool:
     from ..engine import fast_decode as fd
 
-    return fd.native_step_available() and fd.silu_activation(model) and fd.supported(model)
+    return fd.supported(model) and fd.compiled_step_runs(model)
 
 
 def build(variant: str, path: str, vocab: int, batch: int, prompt: int, new_tokens: int, rank: int, bf16: bool,

@@ -99,7 +99,7 @@ def choose_step(model, cache: StaticKVCache, batch: int, prompt_mask: Tensor, *,
     compiled CPU step where the extension has it and the activation is SiLU, else the eager step (the same math on
     the model's own modules).  ``use_cuda_graph``: the captured eager step.  ``packed``: the compiled step's
     weights in oneDNN's blocked layout (default: where this torch build has MKL-DNN)."""
-    if fast_decode and fd.native_step_available() and fd.silu_activation(model):
+    if fast_decode and fd.compiled_step_runs(model):
         return fd.DecodePlan(model, cache, batch, prompt_mask, packed=packed)
     if use_cuda_graph:
         return CudaGraphStep(model, cache, batch)

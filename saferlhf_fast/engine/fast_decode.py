@@ -56,6 +56,12 @@ def silu_activation(model) -> bool:
     return _ACTIVATIONS[model.config.hidden_act] is F.silu
 
 
+def compiled_step_runs(model) -> bool:
+    """Whether ``DecodePlan`` can decode ``model`` (given ``supported``): the extension has the step and the model's
+    activation is the SiLU it hard-codes; else the eager step decodes (``decode_steps.choose_step``)."""
+    return native_step_available() and silu_activation(model)
+
+
 def matmul_dtype(model) -> torch.dtype | None:
     """The dtype of the compiled step's matmuls for ``model`` in the current autocast state (read once per
     ``generate`` call): bf16 under CPU bf16 autocast or for a model held in bf16, fp32 for an fp32 model without
@@ -123,7 +129,7 @@ class DecodePlan:
 
     def __init__(self, model, cache, batch: int, prompt_valid: Tensor, packed: bool | None = None):
         mm = matmul_dtype(model)
-        if not (native_step_available() and silu_activation(model)) or mm is None:
+        if not compiled_step_runs(model) or mm is None:
             raise RuntimeError("DecodePlan needs saferlhf::decode_step, a SiLU model and fp32 / bf16 matmuls; use "
                                "decode_steps.EagerStep")
         cfg = model.config

@@ -154,7 +154,7 @@ def generate(model, input_ids: Tensor, attention_mask: Tensor | None = None, *, 
     if fast_decode:
         use_cuda_graph = False
     if lora_merge is None:
-        compiled = fast_decode and fd.native_step_available() and fd.silu_activation(model)
+        compiled = fast_decode and fd.compiled_step_runs(model)
         lora_merge = merge_lora_by_default(model, max_new_tokens, compiled)
 
     was_training = model.training
