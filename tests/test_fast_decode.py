@@ -241,8 +241,8 @@ def test_bf16_step_logits_match_eager(ckpt, name, mode, packed):
     (measured max |dlogit| 0.016-0.028 at max |logit| ~ 3.4, 0.0625 at ~ 11: at most 2^-6.9 of the largest logit,
     asserted <= 2^-5 of it); greedy tokens agree where margins allow (measured 24 of 24 in every case, asserted
     >= 75 % so a near-tie flipped by another oneDNN kernel does not fail the test)."""
-    if packed and not fd.onednn_available():
-        pytest.skip("no MKL-DNN linear in this torch build")
+    if packed and not fd.onednn_bf16_available():
+        pytest.skip("oneDNN cannot pack bf16 weights on this CPU")
     held, autocast = BF16_MODES[mode]
     model = from_pretrained(ckpt[name], dtype=held)
     ids, mask = prompts()
@@ -271,6 +271,25 @@ def test_bf16_step_logits_match_eager(ckpt, name, mode, packed):
     assert agree >= 0.75 * b * (n_new - 1)
     used = slice(0, p + n_new - 1)  # the step's fp32 cache holds the eager cache's keys / values to bf16 rounding
     assert torch.allclose(plan.kv.k[..., used, :], caches[0].k[..., used, :].float(), atol=0.05, rtol=2.0 ** -6)
+
+
+@pytest.mark.skipif(not NATIVE, reason="compiled extension without saferlhf::decode_step")
+@pytest.mark.skipif(not fd.onednn_available(), reason="no MKL-DNN linear in this torch build")
+def test_bf16_plan_packs_weights_only_where_onednn_has_bf16_kernels(ckpt, monkeypatch):
+    """On a CPU whose oneDNN cannot pack bf16 weights (no AVX512-BF16 / AMX / AVX-NE-CONVERT) the bf16 plan runs on
+    plain weights by default and refuses ``packed=True`` in one line, where packing would crash; fp32 still packs."""
+    monkeypatch.setattr(fd, "onednn_bf16_available", lambda: False)
+    model = from_pretrained(ckpt["llama"])
+    ids, mask = prompts()
+    b, p = ids.shape
+    with torch.no_grad():
+        assert fd.DecodePlan(model, model.allocate_cache(b, p + 4), b, mask).packed
+        with bf16_context(True):
+            plan = fd.DecodePlan(model, model.allocate_cache(b, p + 4), b, mask)
+            assert plan.matmul_dtype == torch.bfloat16 and not plan.packed
+            assert plan.lm_head.w.dtype == torch.bfloat16
+            with pytest.raises(RuntimeError, match="cannot pack"):
+                fd.DecodePlan(model, model.allocate_cache(b, p + 4), b, mask, packed=True)
 
 
 @pytest.mark.skipif(not NATIVE, reason="compiled extension without saferlhf::decode_step")

@@ -122,3 +122,34 @@ def test_bench_memory_command(capsys):
     assert "Llama-2-7B" in out and "LoRA r8 + shared reference" in out and "Llama-3-8B" not in out
     assert main(["bench", "memory", "--batch", "0"]) == 2
     assert "--batch" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("scenario", ["full", "lora+shared-ref", "lora+shared"])
+def test_gpu_fp32_vocab_matrices_are_what_the_trainer_keeps_fp32_on_a_gpu(tmp_path, scenario):
+    """The table's GPU row against the trainer: under --bf16, the frozen 2-D weights that ``held_in_bf16`` leaves in
+    fp32 on a GPU (over every distinct parameter of the six roles) are ``frozen_vocab_matrices`` V x h matrices."""
+    from saferlhf_fast.models.llama import held_in_bf16
+    from saferlhf_fast.trainers.ppo import PPOLagConfig, PPOTrainer
+
+    w = ppo_step.SIZES["tiny"]
+    _, paths, ours = ppo_step.build_checkpoints(w, str(tmp_path))
+    lora = dict(lora_rank=4, critic_backbone="shared" if scenario == "lora+shared" else "separate")
+    cfg = PPOLagConfig(actor_model_name_or_path=paths["actor"], reward_model_name_or_path=paths["rm"],
+                       cost_model_name_or_path=paths["cm"], train_datasets=["synthetic-prompts/train:0.05"],
+                       output_dir=str(tmp_path / "out"), max_new_tokens=4, progress=False, bf16=True,
+                       **({} if scenario == "full" else lora))
+    cfg.validate()
+    trainer = PPOTrainer(cfg)
+    seen, fp32_on_gpu = set(), 0
+    for model in (trainer.actor, *trainer.critics, trainer.reference, trainer.reward_model, trainer.cost_model):
+        if model is None or not hasattr(model, "lm_head") and not hasattr(model, "score_head"):
+            continue  # the reference of a LoRA actor; a shared scorer (its backbone is a critic's, counted there)
+        held = set(held_in_bf16(model, "cuda"))
+        for name, p in model.named_parameters():
+            if p.data_ptr() in seen:
+                continue
+            seen.add(p.data_ptr())
+            if p.dim() >= 2 and not p.requires_grad and not name.startswith("score_head.") and name not in held:
+                fp32_on_gpu += p.numel()
+    vocab_h = ours["actor"].config.vocab_size * ours["actor"].config.hidden_size
+    assert fp32_on_gpu == memory.frozen_vocab_matrices(scenario) * vocab_h

@@ -22,7 +22,9 @@ same adapters for every variant.  Rows (``kernel`` ``generate_lora``; the ``prov
 * ``metric=memory`` (unless ``--no-memory``): torch's CPU allocator peak of one call above what the model holds
   (``harness.allocator_peak``): the merged copy of the adapted weights shows here.
 
-``--precisions bf16``: the fp32 model under CPU bf16 autocast (``--bf16``), rows labelled ``:bf16``.
+``--precisions bf16``: under CPU bf16 autocast as the trainers run ``--bf16``: a native LoRA model's frozen base held
+in bf16 next to its fp32 adapters (``models.llama.hold_in_bf16``), the no-adapter and transformers models as loaded
+(fp32); rows labelled ``:bf16``.
 """
 from __future__ import annotations
 
@@ -46,10 +48,12 @@ VARIANTS = {
 COSTS = ("merge", "fast:plan", "fast:plan:no-lora")
 
 
-def lora_actor(path: str, rank: int, backend: str = "native", adapters: bool = True, seed: int = 0):
+def lora_actor(path: str, rank: int, backend: str = "native", adapters: bool = True, seed: int = 0,
+               bf16: bool = False):
     """The checkpoint at ``path`` with rank-``rank`` all-linear adapters, ``A`` and ``B`` drawn from ``seed`` (the
-    same adapters on every backend: they are drawn in the native decoder's layer order and copied by name)."""
-    from ..models import from_pretrained
+    same adapters on every backend: they are drawn in the native decoder's layer order and copied by name).
+    ``bf16``: the frozen base held in bf16, as the trainers hold it under ``--bf16`` (native models)."""
+    from ..models import from_pretrained, hold_in_bf16
     from ..models.lora import LoraSpec, apply_lora
 
     model = from_pretrained(path, backend=backend).eval()
@@ -62,7 +66,7 @@ def lora_actor(path: str, rank: int, backend: str = "native", adapters: bool = T
         for name, p in sorted(model.named_parameters()):
             if ".lora_B." in name:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.02)
-    return model
+    return hold_in_bf16(model) if bf16 and backend == "native" else model
 
 
 def fast_available(model) -> bool:
@@ -82,7 +86,7 @@ def build(variant: str, path: str, vocab: int, batch: int, prompt: int, new_toke
     mask = torch.ones(batch, prompt, dtype=torch.bool)
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
     if variant in COSTS:
-        model = lora_actor(path, rank, adapters=variant != "fast:plan:no-lora")
+        model = lora_actor(path, rank, adapters=variant != "fast:plan:no-lora", bf16=bf16)
         if variant == "merge":
             def run():
                 with torch.no_grad(), autocast, merged_adapters(model):
@@ -99,7 +103,7 @@ def build(variant: str, path: str, vocab: int, batch: int, prompt: int, new_toke
                     model.release_cache()
         return run
     backend, adapters, fast, merge = VARIANTS[variant]
-    model = lora_actor(path, rank, backend, adapters)
+    model = lora_actor(path, rank, backend, adapters, bf16=bf16)
     kw = dict(max_new_tokens=new_tokens, do_sample=True, top_k=0, top_p=1.0, eos_token_id=[], pad_token_id=0, seed=1,
               lora_merge=merge)
     if backend == "native":

@@ -20,6 +20,18 @@ critics' bases: each critic's adapters and value head sit on the frozen reward /
 (``--critic_backbone shared``), which keeps a frozen copy of its own score head (``h + 1`` parameters).  Gradients
 of all trained models are counted at once (an upper bound: the trainer updates actor and critics in turn).
 
+This trainer holds exactly that under ``--bf16`` (frozen weights in bf16, ``models.llama.hold_in_bf16``; trained
+weights as fp32 masters with fp32 gradients: 4 + 4 + 8 = 16 B, the same as 2 + 14) with one exception on a GPU:
+there the embeddings and lm_heads of frozen models stay fp32 (autocast computes those products in fp32 on CUDA),
+2 more bytes per parameter of each frozen ``V x h`` matrix:
+
+    frozen V h matrices = 2 per frozen lm model or LoRA actor base (embedding, lm_head) + 1 per frozen score model
+                          or LoRA critic base (embedding)
+
+(full: reference 2 + reward and cost models 2; LoRA: actor base 2 + reference 2 + scorers 2 + critic bases 2; + shared
+reference: 6; + shared critic backbones: 4), counted in the ``gpu_fp32_vocab`` row and the "this trainer on a GPU"
+totals.
+
 Activations: the tensors a Llama layer saves for backward, per token, in bf16 (2 B per element): the two RMSNorm
 inputs and outputs (4 h), q, k, v (h + 2 d_kv), the attention output (h), gate, up and their product (3 i), plus the
 adapters' ``A x`` (7 r) with LoRA; flash attention (no [L, L] scores) and fused log-probs (no [B, L, V] logits).
@@ -79,6 +91,11 @@ def lora_params(s: Shape, rank: int) -> int:
     return s.layers * rank * (2 * (h + h) + 2 * (h + d) + 2 * (h + i) + (i + h))
 
 
+def frozen_vocab_matrices(scenario: str) -> int:
+    """How many frozen ``V x h`` matrices (embeddings, lm_heads) ``scenario`` holds (module docstring)."""
+    return {"full": 4, "lora": 8, "lora+shared-ref": 6, "lora+shared": 4}[scenario]
+
+
 def activation_bytes(s: Shape, tokens: int, rank: int = 0, checkpointing: bool = False) -> int:
     """Saved activations of one trained model for ``tokens`` = batch x sequence tokens (module docstring)."""
     per_layer = ACT_BYTES * (6 * s.hidden + 2 * s.kv_dim + 3 * s.intermediate + LORA_PROJECTIONS * rank)
@@ -108,16 +125,20 @@ def account(s: Shape, scenario: str, rank: int = 16, batch: int = 8, seq: int = 
     act_ckpt = activation_bytes(s, tokens, r, checkpointing=True)
     kv = kv_cache_bytes(s, tokens)
     fixed = WEIGHT_BYTES * (models + adapters) + TRAINED_EXTRA_BYTES * trained
+    gpu_fp32_vocab = (4 - WEIGHT_BYTES) * frozen_vocab_matrices(scenario) * s.vocab * s.hidden
     return {"weights": WEIGHT_BYTES * (models + adapters), "trained_parameters": trained,
             "gradients_optimizer_master": TRAINED_EXTRA_BYTES * trained, "activations": act,
             "activations_checkpointed": act_ckpt, "kv_cache": kv, "total": fixed + max(act, kv),
-            "total_checkpointed": fixed + max(act_ckpt, kv)}
+            "total_checkpointed": fixed + max(act_ckpt, kv), "gpu_fp32_vocab": gpu_fp32_vocab,
+            "total_checkpointed_gpu": fixed + gpu_fp32_vocab + max(act_ckpt, kv)}
 
 
 ROWS = (("weights", "weights, six models (bf16)"), ("gradients_optimizer_master", "gradients + fp32 master + AdamW"),
         ("activations", "activations, one trained model"),
         ("activations_checkpointed", "activations, gradient checkpointing"), ("kv_cache", "rollout KV cache"),
-        ("total", "**total**"), ("total_checkpointed", "**total, gradient checkpointing**"))
+        ("total", "**total**"), ("total_checkpointed", "**total, gradient checkpointing**"),
+        ("gpu_fp32_vocab", "this trainer on a GPU: frozen embeddings / lm_heads in fp32, extra"),
+        ("total_checkpointed_gpu", "**this trainer on a GPU: total, gradient checkpointing**"))
 
 
 def table(names=("llama2-7b", "llama3-8b"), rank: int = 16, batch: int = 8, seq: int = 512) -> str:

@@ -40,7 +40,7 @@ from torch import Tensor
 
 from ..models.attention import StaticKVCache
 from ..models.llama import _ACTIVATIONS
-from ..ops.dense import onednn_available
+from ..ops.dense import onednn_available, onednn_bf16_available
 
 
 def native_step_available() -> bool:
@@ -133,8 +133,13 @@ class DecodePlan:
             raise RuntimeError("DecodePlan needs saferlhf::decode_step, a SiLU model and fp32 / bf16 matmuls; use "
                                "decode_steps.EagerStep")
         cfg = model.config
+        # oneDNN packs bf16 weights only where it has bf16 kernels (AVX512-BF16 / AMX / AVX-NE-CONVERT); elsewhere
+        # the step's bf16 matmuls run on plain row-major weights
+        packable = onednn_available() and (mm == torch.float32 or onednn_bf16_available())
         if packed is None:
-            packed = onednn_available()
+            packed = packable
+        elif packed and not packable:
+            raise RuntimeError(f"DecodePlan: oneDNN cannot pack {mm} weights on this CPU; pass packed=False")
         self.packed = packed
         self.model = model
         self.matmul_dtype = mm

@@ -11,6 +11,7 @@ reference's ``AutoModelForScore`` and back in here.
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -606,6 +607,9 @@ def save_pretrained(model: DecoderModel, save_directory: str, *, max_shard_size=
     full = full_state_dict(model) if is_sharded(model) else model.state_dict()
     if full is None:  # not rank 0 of a sharded model: rank 0 writes
         return
+    if dtype is None:  # one dtype on disk, the widest held (frozen weights held in bf16 save as their fp32 model)
+        dtype = functools.reduce(torch.promote_types, (t.dtype for t in full.values() if t.is_floating_point()),
+                                 model.dtype)
     if getattr(model, "lora_spec", None) is not None:  # LoRA: the adapters merged into the weights they adapt
         from .lora import merged_state_dict
 

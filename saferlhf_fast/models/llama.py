@@ -27,8 +27,8 @@ Two heads on one backbone (``LlamaModel``):
 bf16 mixed precision (``--bf16``: CPU ``torch.autocast`` in bf16, or CUDA autocast): every product uses the bf16
 rounding of its 2-D weight (projections, lm_head, embedding rows) with fp32 accumulation (``ops.linear``,
 ``ops.linear_logprobs``); the residual stream, norms, softmax, scores and log-probs stay fp32.  A model whose 2-D
-weights are held in bf16 (:func:`hold_in_bf16`: the frozen reference / reward / cost models) therefore computes
-exactly what its fp32 original computes under autocast.
+weights are held in bf16 (:func:`hold_in_bf16`: the frozen reference / reward / cost models, a LoRA model's frozen
+base) therefore computes exactly what its fp32 original computes under autocast.
 
 KV cache (generation only).  The cache is owned by the attention modules, as in gpt-fast:
 ``LlamaForCausalLM.setup_cache(batch, max_len)`` allocates one ``StaticKVCache`` (``[layers, B, kv_heads, max_len,
@@ -444,6 +444,7 @@ class LlamaModel(nn.Module):
         x = self.embed_tokens(input_ids)
         if autocast_bf16(x):  # the bf16 table's rows, in an fp32 residual stream (module docstring)
             x = x.to(torch.bfloat16).float()
+        x = x.to(self.norm.weight.dtype)  # a table held in bf16 (hold_in_bf16): its rows in the norms' fp32 stream
         if self.embed_scale is not None:
             # a Python float already rounded to the dtype: x * scale in the dtype's arithmetic, as transformers'
             x = x * _rounded(self.embed_scale, x.dtype)
@@ -514,7 +515,8 @@ class DecoderModel(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.model.embed_tokens.weight.dtype
+        """The dtype of the residual stream and the KV cache: the norms' (a model held in bf16 keeps them fp32)."""
+        return self.model.norm.weight.dtype
 
     def backend(self) -> str:
         return attn.resolve_backend(self.attn_backend, self.device)
@@ -733,12 +735,29 @@ class ScoreHead(nn.Linear):
             return F.linear(h.float(), self.weight.float(), bias)
 
 
+# Off the CPU, autocast leaves the embedding lookup and the fused log-probs (lm_head) in fp32: a bf16 copy of those
+# weights would change what the model computes there, so only the projections are held in bf16.
+_FP32_PRODUCTS_OFF_CPU = ("model.embed_tokens.", "lm_head.")
+
+
+def held_in_bf16(model: nn.Module, device_type: str | None = None) -> list[str]:
+    """The parameters :func:`hold_in_bf16` stores in bf16: frozen (``requires_grad`` False) 2-D weights but the score
+    head's; on ``device_type`` other than CPU (default: the model's device) not the embedding and lm_head either."""
+    device_type = device_type or next(model.parameters()).device.type
+    skip = ("score_head.",) + (() if device_type == "cpu" else _FP32_PRODUCTS_OFF_CPU)
+    return [name for name, p in model.named_parameters()
+            if p.dim() >= 2 and not p.requires_grad and not name.startswith(skip)]
+
+
 def hold_in_bf16(model: nn.Module) -> nn.Module:
-    """Frozen models under bf16 mixed precision: the 2-D weights (projections, lm_head, embedding) stored in bf16,
-    halving their memory, and the rest (norm weights, biases, the score head) kept fp32.  Under autocast the model
-    computes what its fp32 original computes there (module docstring).  In place; returns ``model``."""
+    """Frozen weights under bf16 mixed precision: the frozen 2-D weights (:func:`held_in_bf16`: a frozen model's
+    projections, lm_head and embedding; a LoRA model's base projections) stored in bf16, halving their memory; the
+    rest (norm weights, biases, the score head, anything trained such as LoRA adapters) kept as it is.  Every product
+    with such a weight is a bf16 product under autocast anyway, so the model computes what its fp32 original computes
+    there (module docstring); the residual stream stays in the norms' fp32.  In place; returns ``model``."""
+    names = set(held_in_bf16(model))
     for name, p in model.named_parameters():
-        if p.dim() >= 2 and not name.startswith("score_head."):
+        if name in names:
             p.data = p.data.to(torch.bfloat16)
     return model
 

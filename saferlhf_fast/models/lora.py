@@ -130,9 +130,12 @@ class _Adapter:
         return _oriented((self.lora_B.weight @ self.lora_A.weight) * self.scaling, self.fan_in_fan_out)
 
     def merged_weight(self) -> Tensor:
-        """``W + scaling * B A`` (detached; the generation engine packs this once per ``generate`` call)."""
+        """``W + scaling * B A`` in ``W``'s dtype (detached; the generation engine packs this once per ``generate``
+        call).  Summed in fp32 and rounded once: a base held in bf16 (``--bf16``) gives ``bf16(W + scaling B A)``,
+        what the fp32-merged weight rounds to in a bf16 product."""
         with torch.no_grad():
-            return self.weight.detach() + self.delta_weight().to(self.weight.dtype)
+            w = self.weight.detach()
+            return (w.float() + self.delta_weight().float()).to(w.dtype)
 
     def use_merged(self) -> bool:
         """Whether this forward computes with ``self.merged``: inside :func:`merged_adapters`, adapters enabled, no
@@ -320,8 +323,9 @@ def merged_adapters(model: nn.Module, enabled: bool = True):
     * Exact after: no parameter is written (no in-place merge and unmerge, which would not give ``W`` back in
       floating point); ``M`` is a separate tensor each layer holds in ``merged`` and drops on exit, exception or
       not.  The cost is one copy of the adapted weights for the duration of the block.
-    * ``M`` is formed in the weights' own dtype with autocast off (under bf16 autocast the fp32 master is merged,
-      then rounded once to bf16 by the product, as the compiled decode step's ``_weight`` does).
+    * ``M`` is summed in fp32 with autocast off and kept in the weights' own dtype (under bf16 autocast the fp32
+      master is merged, then rounded once to bf16 by the product, as the compiled decode step's ``_weight`` does; a
+      base held in bf16 gets that rounding at once).
     * A layer disabled on entry (:func:`adapters_disabled`) is not merged; a layer disabled inside the block
       computes with its base weight alone (``disabled`` is checked first).
     * Only no-grad forwards without active dropout use ``M`` (:meth:`_Adapter.use_merged`): a training forward
@@ -364,13 +368,17 @@ def _is_adapter_key(name: str) -> bool:
 
 def merged_state_dict(model: nn.Module, state: dict[str, Tensor]) -> dict[str, Tensor]:
     """``state`` (the model's full state dict) with each adapted ``W`` replaced by ``W + scaling * B A`` and the
-    adapter tensors dropped: a plain checkpoint of the model the adapters compute."""
+    adapter tensors dropped: a plain checkpoint of the model the adapters compute.  The sum is taken in fp32 and kept
+    in the wider of ``W``'s and the adapters' dtypes (a base held in bf16 under ``--bf16`` merges into fp32: the
+    rounding of the base the adapters were trained on, plus the exact update)."""
     out = {k: v for k, v in state.items() if ".lora_A." not in k and ".lora_B." not in k}
     for name, m in model.named_modules():
         if isinstance(m, ADAPTED):
             a, b, w = state[f"{name}.lora_A.weight"], state[f"{name}.lora_B.weight"], state[f"{name}.weight"]
+            dtype = torch.promote_types(w.dtype, a.dtype)
             with torch.no_grad():
-                out[f"{name}.weight"] = w + _oriented((b @ a) * m.scaling, m.fan_in_fan_out).to(w.dtype)
+                delta = _oriented((b.float() @ a.float()) * m.scaling, m.fan_in_fan_out)
+                out[f"{name}.weight"] = (w.float() + delta).to(dtype)
     return out
 
 

@@ -181,8 +181,9 @@ def matmul_tn(a: Tensor, b: Tensor) -> Tensor:
 
 def _autocast_operands(x: Tensor, weight: Tensor, bias: Tensor | None):
     """The bf16 operands of :func:`linear` under CPU bf16 autocast, or when the weight is held in bf16 and ``x`` is
-    fp32 (a frozen model held in bf16, see ``models.llama.hold_in_bf16``); else the inputs as they are."""
-    mixed = weight.dtype == torch.bfloat16 and x.dtype == torch.float32 and x.device.type == "cpu"
+    fp32 on any device (a frozen weight held in bf16, see ``models.llama.hold_in_bf16``: the product autocast would
+    take, with or without autocast); else the inputs as they are."""
+    mixed = weight.dtype == torch.bfloat16 and x.dtype == torch.float32
     if mixed or (torch.float32 in (x.dtype, weight.dtype) and autocast_bf16(x) and onednn_bf16_available()):
         x = x.to(torch.bfloat16)
         bias = None if bias is None else bias.to(torch.bfloat16)

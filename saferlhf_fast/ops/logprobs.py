@@ -17,7 +17,7 @@ from torch import Tensor
 
 from .. import _backend
 from . import reference
-from .dense import autocast_bf16, compute_weight, matmul_nn, matmul_nt, onednn_bf16_available
+from .dense import autocast_bf16, compute_weight, matmul_nn, matmul_nt
 
 IGNORE_INDEX = reference.IGNORE_INDEX
 
@@ -239,8 +239,9 @@ def linear_logprobs(
     """
     temperature = _check_temperature(temperature)
     held_bf16 = weight.dtype == torch.bfloat16 and hidden.dtype == torch.float32 and hidden.device.type == "cpu"
-    if held_bf16 or (torch.float32 in (hidden.dtype, weight.dtype) and autocast_bf16(hidden)
-                     and onednn_bf16_available()):
+    # every CPU, with or without native bf16 kernels: a backward left to the fp32 inputs would differ from the
+    # forward autocast rounds, and from the held-weight case
+    if held_bf16 or (torch.float32 in (hidden.dtype, weight.dtype) and autocast_bf16(hidden)):
         hidden, weight = hidden.to(torch.bfloat16), compute_weight(weight)
     if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
         raise ValueError(f"weight must be [V, H] with H = {hidden.shape[-1]}, got {tuple(weight.shape)}")

@@ -68,8 +68,8 @@ class RunConfig:
     seed: int = option(42, "random seed (data order, initialisation, sampling)", group=TRAINING)
     fp16: bool = option(False, "fp16 autocast", group=DEVICES)
     bf16: bool = option(False, "bf16 mixed precision (docs/precision.md): bf16 products with fp32 accumulation, fp32 "
-                               "master weights, optimizer state, norms, log-probs and losses; PPO's frozen models "
-                               "held in bf16", group=DEVICES)
+                               "master weights, optimizer state, norms, log-probs and losses; frozen weights (frozen "
+                               "models, LoRA bases) held in bf16", group=DEVICES)
     tf32: bool | None = option(None, "allow TF32 matmuls on CUDA", group=DEVICES)
     device: str = option("auto", "cpu, cuda, cuda:N or auto", group=DEVICES)
     backend: str = option("auto", "model implementation: native (our decoder: Llama, Mistral, Qwen2 / 3, SmolLM, "

@@ -28,7 +28,7 @@ from ..models.lora import adapters_disabled, lora_spec_of
 from ..ops import IGNORE_INDEX
 from .base import maybe_shard
 from .config import ConfigError, TrainConfig, option
-from .modeling import token_logprobs
+from .modeling import hold_frozen_in_bf16, token_logprobs
 from .supervised import Trainer
 
 
@@ -105,6 +105,7 @@ class DPOTrainer(Trainer):
         if lora_spec_of(self.model) is None:
             self.reference = freeze(load_model(config.model_name_or_path, "lm", config.attn_backend, self.device,
                                                config.backend))
+            hold_frozen_in_bf16(self.reference, config)
             self.reference = maybe_shard(self.reference, config, trainable=False)
 
     def _span_logps(self, model, batch, labels) -> Tensor:

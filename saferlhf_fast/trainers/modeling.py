@@ -36,6 +36,17 @@ def attach_lora(model, spec, flag: str, path: str, adapter_dir: str | None = Non
     return model
 
 
+def hold_frozen_in_bf16(model, config):
+    """Under ``--bf16``: ``model``'s frozen weights (a frozen model's, a LoRA model's base) held in bf16
+    (``models.llama.hold_in_bf16``: half their memory, the same numbers under autocast).  The native decoder only:
+    a transformers model's own modules keep what they load (docs/precision.md).  Returns ``model``."""
+    from ..models import hold_in_bf16
+
+    if config.bf16 and not getattr(model, "is_hf", False):
+        hold_in_bf16(model)
+    return model
+
+
 def save_trained(model, folder: str, dtype=None, merge: bool = False) -> None:
     """A trained model's folder: with LoRA adapters a PEFT adapter folder (``merge``: the merged plain checkpoint),
     else the plain checkpoint."""

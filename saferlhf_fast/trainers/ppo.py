@@ -66,7 +66,7 @@ from ..data import DataError, PromptOnlyDataset, SupervisedDataset, load_tokeniz
 from ..data.tokenizer import save_tokenizer
 from ..engine import generate
 from ..loading import check_vocab, is_model_folder, require_score_head
-from ..models import LlamaForScore, freeze, from_pretrained, hold_in_bf16
+from ..models import LlamaForScore, freeze, from_pretrained
 from ..models.checkpoint import resolve_backend
 from ..models.lora import adapters_disabled, eval_mode, lora_spec_of
 from ..profiling import Phases
@@ -93,7 +93,7 @@ from .base import (
 )
 from .config import ConfigError, PPOConfig
 from .core import RunCore, Trained
-from .modeling import SharedScorer, attach_lora, load_value_head, save_trained, save_value_head
+from .modeling import SharedScorer, attach_lora, hold_frozen_in_bf16, load_value_head, save_trained, save_value_head
 from .rollout import Rollout, response_labels, retokenize, same_tokenizer, trim
 from .safety import NonFiniteError, check_finite, clip_gradients, data_fingerprint  # noqa: F401 - re-exported
 from .sft import sft_loss
@@ -179,9 +179,8 @@ class PPOTrainer(RunCore):
             model.train()
         else:
             freeze(model)
-            if (self.config.bf16 and lora is None and model.device.type == "cpu" and not getattr(model, "is_hf", False)
-                    and not distributed.is_distributed()):
-                hold_in_bf16(model)  # frozen and only ever run under bf16 autocast: half the memory, same numbers
+        # frozen weights (a frozen model's, a LoRA base's) only ever run under bf16 autocast: half the memory
+        hold_frozen_in_bf16(model, self.config)
         return maybe_shard(model, self.config, trainable)  # FSDP2 under torchrun
 
     def _load_trained(self, flag: str, path: str, head: str, role: str, name: str):
@@ -261,6 +260,7 @@ class PPOTrainer(RunCore):
                 load_value_head(model, ckpt)
         model.shared_base = path  # the folder a value-head checkpoint names as its backbone
         model.train()
+        hold_frozen_in_bf16(model, cfg)  # the frozen backbone the critic and its scorer share
         model = maybe_shard(model, cfg, True)
         return model, SharedScorer(model, scorer_head)
 

@@ -35,7 +35,7 @@ from .base import (
 )
 from .config import ConfigError, TrainConfig
 from .core import RunCore, Trained
-from .modeling import attach_lora, save_trained
+from .modeling import attach_lora, hold_frozen_in_bf16, save_trained
 from .safety import NonFiniteError, check_finite, clip_gradients
 
 
@@ -65,6 +65,7 @@ class Trainer(RunCore):
         self.model = load_model(cfg.model_name_or_path if spec else self.resume_from or cfg.model_name_or_path,
                                 self.head, cfg.attn_backend, self.device, cfg.backend)
         self.model = attach_lora(self.model, spec, "model_name_or_path", cfg.model_name_or_path, self.resume_from)
+        hold_frozen_in_bf16(self.model, cfg)  # LoRA: the frozen base (full fine-tuning freezes nothing)
         if cfg.gradient_checkpointing:
             self.model.set_gradient_checkpointing(True)
         self.model = maybe_shard(self.model, cfg, trainable=True)
