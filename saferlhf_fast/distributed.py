@@ -291,14 +291,17 @@ def gathered(model):
 
 
 # ------------------------------------------------------------------------------------------------ checkpoints
-def full_state_dict(model) -> dict | None:
+def full_state_dict(model, trained_only: bool = False) -> dict | None:
     """The consolidated (full, CPU) state dict of a sharded model on rank 0, None on the other ranks (a collective:
-    every rank calls it).  A model that is not sharded: its own ``state_dict()``."""
+    every rank calls it).  A model that is not sharded: its own ``state_dict()``.  ``trained_only``: only the
+    parameters that train (a LoRA model's adapters and score head: what its adapter folder holds), so saving them
+    gathers megabytes, not the frozen base."""
     if not is_sharded(model):
         return model.state_dict()
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=trained_only)
+    state = get_model_state_dict(model, options=options)
     return state if is_main() else None
 
 

@@ -125,3 +125,32 @@ def test_ppo_bf16_never_takes_the_engines_logprobs_as_old_logprobs(tmp_path):
     with _autocast(), torch.no_grad():
         lp = trainer.actor.token_logprobs(mb.input_ids, mb.attention_mask, labels=mb.labels)
     assert torch.equal(mb.old_logprobs, mb.response_slice(lp).float() * mb.response_mask.float())
+
+
+def test_linear_logprobs_without_native_bf16_gemms(monkeypatch):
+    """On a CPU without native bf16 GEMMs (as if AVX2 only) the lm_head's weight enters as its bf16 values in fp32:
+    a weight held in bf16 and its fp32 original give the same log-probs and hidden-state gradients bit for bit under
+    autocast, the forward's logits still bf16 products, and a trainable fp32 master still gets its fp32 gradient."""
+    from saferlhf_fast import ops
+    from saferlhf_fast.ops import logprobs
+
+    monkeypatch.setattr(logprobs, "onednn_bf16_available", lambda: False)
+    torch.manual_seed(7)
+    n, h, v = 37, 48, 200
+    weight = torch.randn(v, h) * 0.1
+    labels = torch.randint(0, v, (n,))
+    hidden = torch.randn(n, h)
+    out = {}
+    for name, w in (("fp32", weight), ("held", weight.to(torch.bfloat16)), ("master", weight.clone().requires_grad_())):
+        x = hidden.clone().requires_grad_()
+        with _autocast():
+            lp = ops.linear_logprobs(x, w, labels)
+        lp.sum().backward()
+        out[name] = (lp, x.grad, w.grad if w.requires_grad else None)
+    assert all(torch.equal(out["held"][i], out["fp32"][i]) and torch.equal(out["master"][i], out["fp32"][i])
+               for i in (0, 1))
+    bf16 = torch.log_softmax((hidden.bfloat16() @ weight.bfloat16().t()).float(), -1).gather(1, labels[:, None])[:, 0]
+    torch.testing.assert_close(out["fp32"][0], bf16, rtol=0, atol=2e-2)  # bf16 logits, not fp32 ones
+    assert (out["fp32"][0] - torch.log_softmax(hidden @ weight.t(), -1).gather(1, labels[:, None])[:, 0]).abs().max() > 0
+    g = out["master"][2]
+    assert g is not None and g.dtype == torch.float32 and g.abs().max() > 0

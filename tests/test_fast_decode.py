@@ -275,27 +275,37 @@ def test_bf16_step_logits_match_eager(ckpt, name, mode, packed):
 
 @pytest.mark.skipif(not NATIVE, reason="compiled extension without saferlhf::decode_step")
 @pytest.mark.skipif(not fd.onednn_available(), reason="no MKL-DNN linear in this torch build")
-def test_bf16_plan_packs_weights_only_where_onednn_has_bf16_kernels(ckpt, monkeypatch):
-    """On a CPU whose oneDNN cannot pack bf16 weights (no AVX512-BF16 / AMX / AVX-NE-CONVERT) the bf16 plan runs on
-    plain weights by default and refuses ``packed=True`` in one line, where packing would crash; fp32 still packs."""
+def test_bf16_without_native_kernels_decodes_eagerly_and_never_packs(ckpt, monkeypatch):
+    """On a CPU whose oneDNN has no native bf16 kernels (no AVX512-BF16 / AMX): generate decodes bf16 on the eager
+    step by default (the compiled step's bf16 matmuls would be emulated); a forced bf16 plan runs on plain weights
+    and refuses ``packed=True`` in one line, where packing would crash; fp32 still packs and stays the default."""
     monkeypatch.setattr(fd, "onednn_bf16_available", lambda: False)
     model = from_pretrained(ckpt["llama"])
     ids, mask = prompts()
     b, p = ids.shape
+    plans = []
+    real = fd.DecodePlan
+    monkeypatch.setattr(fd, "DecodePlan", lambda *a, **k: plans.append(real(*a, **k)) or plans[-1])
     with torch.no_grad():
-        assert fd.DecodePlan(model, model.allocate_cache(b, p + 4), b, mask).packed
+        assert fd.preferred(model)
+        generate(model, ids, mask, max_new_tokens=4, eos_token_id=[])
+        assert len(plans) == 1 and plans[0].packed
         with bf16_context(True):
-            plan = fd.DecodePlan(model, model.allocate_cache(b, p + 4), b, mask)
+            assert fd.supported(model) and not fd.preferred(model)
+            generate(model, ids, mask, max_new_tokens=4, eos_token_id=[])
+            assert len(plans) == 1  # the eager step decoded
+            plan = real(model, model.allocate_cache(b, p + 4), b, mask)
             assert plan.matmul_dtype == torch.bfloat16 and not plan.packed
             assert plan.lm_head.w.dtype == torch.bfloat16
             with pytest.raises(RuntimeError, match="cannot pack"):
-                fd.DecodePlan(model, model.allocate_cache(b, p + 4), b, mask, packed=True)
+                real(model, model.allocate_cache(b, p + 4), b, mask, packed=True)
 
 
 @pytest.mark.skipif(not NATIVE, reason="compiled extension without saferlhf::decode_step")
 @pytest.mark.parametrize("mode", list(BF16_MODES))
 def test_bf16_generate_fast_vs_eager_and_exact_logprobs(ckpt, mode, monkeypatch):
-    """generate in bf16: the compiled step is chosen by default; greedy tokens equal the eager step's (measured: all;
+    """generate in bf16: the compiled step (chosen by default where oneDNN has native bf16, forced here); greedy
+    tokens equal the eager step's (measured: all;
     a flipped near-tie changes the rest of a row, so >= 75 % is asserted); the decode log-probs are the training
     forward's within bf16 rounding (measured max |dlogprob| 0.014-0.016, asserted <= 0.1), and
     exact_logprobs=True returns model.token_logprobs bit for bit."""
@@ -310,9 +320,9 @@ def test_bf16_generate_fast_vs_eager_and_exact_logprobs(ckpt, mode, monkeypatch)
         return real(*a, **k)
 
     with torch.no_grad(), bf16_context(autocast):
-        assert fd.supported(model)
+        assert fd.supported(model) and fd.preferred(model) == fd.onednn_bf16_available()
         monkeypatch.setattr(fd, "DecodePlan", spy)
-        fast = generate(model, ids, mask, max_new_tokens=12, do_sample=False, eos_token_id=[])
+        fast = generate(model, ids, mask, max_new_tokens=12, do_sample=False, eos_token_id=[], fast_decode=True)
         monkeypatch.setattr(fd, "DecodePlan", real)
         eager = generate(model, ids, mask, max_new_tokens=12, do_sample=False, eos_token_id=[], fast_decode=False)
         assert calls

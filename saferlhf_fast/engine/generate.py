@@ -95,7 +95,8 @@ def generate(model, input_ids: Tensor, attention_mask: Tensor | None = None, *, 
 
     ``fast_decode``: the lean CPU decode step (``fast_decode.py``: fused projections, prepacked weights, the
     compiled ``decode_step``); default on for fp32 and bf16 models on the CPU (bf16 matmuls under CPU bf16 autocast
-    or for a model held in bf16, fp32 everywhere else in the step) unless ``$SAFERLHF_FAST_DECODE=0``; where the
+    or for a model held in bf16, fp32 everywhere else in the step; bf16 only where oneDNN has native bf16 kernels,
+    ``fast_decode.preferred``) unless ``$SAFERLHF_FAST_DECODE=0``; where the
     extension lacks the op or ``$SAFERLHF_NATIVE_DECODE=0``, and with False, the model's own ``forward_cached``
     runs every step (the eager reference path).
 
@@ -148,7 +149,7 @@ def generate(model, input_ids: Tensor, attention_mask: Tensor | None = None, *, 
     if use_cuda_graph is None:  # the captured step has no sliding-window masks: such models decode eagerly
         use_cuda_graph = device.type == "cuda" and not has_windows(model)
     if fast_decode is None:
-        fast_decode = settings().fast_decode and fd.supported(model)
+        fast_decode = settings().fast_decode and fd.preferred(model)
     elif fast_decode and not fd.supported(model):
         raise ValueError("fast_decode covers the native decoder in fp32 / bf16 on the CPU; pass fast_decode=False")
     if fast_decode:

@@ -420,15 +420,15 @@ def peft_key(model, name: str) -> str:
 
 def save_adapter(model, folder: str, dtype: torch.dtype | None = None) -> None:
     """``adapter_config.json`` + ``adapter_model.safetensors`` (PEFT's key names) of ``model``'s adapters and score
-    head.  A model sharded with FSDP2 is consolidated first: every rank must call this, rank 0 writes."""
+    head.  A model sharded with FSDP2 gathers those (its trained parameters) on rank 0 first: every rank must call
+    this, rank 0 writes."""
     from safetensors.torch import save_file
 
     from ..distributed import full_state_dict, is_sharded
 
-    full = full_state_dict(model) if is_sharded(model) else model.state_dict()
+    full = full_state_dict(model, trained_only=True) if is_sharded(model) else model.state_dict()
     if full is None:
         return
-    os.makedirs(folder, exist_ok=True)
     tensors = {}
     for name, t in full.items():
         if _is_adapter_key(name):
@@ -436,6 +436,10 @@ def save_adapter(model, folder: str, dtype: torch.dtype | None = None) -> None:
             if dtype is not None and t.is_floating_point():
                 t = t.to(dtype)
             tensors[peft_key(model, name)] = t.to("cpu").contiguous()
+    missing = {peft_key(model, n) for n, _ in model.named_parameters() if _is_adapter_key(n)} - tensors.keys()
+    if missing:  # a frozen adapter would be left out of a trained-only gather: never write an incomplete folder
+        raise RuntimeError(f"save_adapter {folder}: adapter tensors not gathered: {sorted(missing)[:3]}")
+    os.makedirs(folder, exist_ok=True)
     save_file(tensors, os.path.join(folder, ADAPTER_WEIGHTS), metadata={"format": "pt"})
     base = getattr(model, "source_dir", None)
     with open(os.path.join(folder, ADAPTER_CONFIG), "w", encoding="utf-8") as f:

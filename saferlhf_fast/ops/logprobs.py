@@ -17,7 +17,7 @@ from torch import Tensor
 
 from .. import _backend
 from . import reference
-from .dense import autocast_bf16, compute_weight, matmul_nn, matmul_nt
+from .dense import autocast_bf16, compute_weight, matmul_nn, matmul_nt, onednn_bf16_available
 
 IGNORE_INDEX = reference.IGNORE_INDEX
 
@@ -235,14 +235,22 @@ def linear_logprobs(
     casts it: per call for a trainable fp32 master, cached for a frozen one): each chunk's logits come from a bf16
     matmul (fp32 accumulation, logits rounded to bf16 as every bf16 lm_head rounds them), the log-softmax, entropy
     and their gradients run in fp32, and the weight gradient sums its chunks in fp32.  A weight held in bf16 with
-    fp32 hidden states (a frozen model held in bf16) takes the same bf16 product, autocast or not.
+    fp32 hidden states (a frozen model held in bf16) takes the same bf16 product, autocast or not.  On a CPU without
+    native bf16 GEMMs (no AVX512-BF16 / AMX) the weight's bf16 values enter in fp32 instead: autocast still rounds
+    the forward's products to bf16, and the backward's products run in fp32 (torch's bf16 GEMMs are 6-100x slower
+    than its fp32 ones there).
     """
     temperature = _check_temperature(temperature)
     held_bf16 = weight.dtype == torch.bfloat16 and hidden.dtype == torch.float32 and hidden.device.type == "cpu"
-    # every CPU, with or without native bf16 kernels: a backward left to the fp32 inputs would differ from the
-    # forward autocast rounds, and from the held-weight case
     if held_bf16 or (torch.float32 in (hidden.dtype, weight.dtype) and autocast_bf16(hidden)):
-        hidden, weight = hidden.to(torch.bfloat16), compute_weight(weight)
+        if onednn_bf16_available():
+            hidden, weight = hidden.to(torch.bfloat16), compute_weight(weight)
+        else:
+            # No native bf16 GEMM (an AVX2 CPU): torch's bf16 GEMMs run 6-100x slower than fp32 ones there.  The
+            # weight's bf16 values in fp32, held or cast alike: the forward's products are still rounded to bf16 by
+            # autocast, the backward's run in fp32 on the same values (so a weight held in bf16 trains as its fp32
+            # original).
+            weight = compute_weight(weight).float()
     if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
         raise ValueError(f"weight must be [V, H] with H = {hidden.shape[-1]}, got {tuple(weight.shape)}")
     if weight.dtype != hidden.dtype:
