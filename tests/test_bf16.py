@@ -149,8 +149,11 @@ def test_linear_logprobs_without_native_bf16_gemms(monkeypatch):
         out[name] = (lp, x.grad, w.grad if w.requires_grad else None)
     assert all(torch.equal(out["held"][i], out["fp32"][i]) and torch.equal(out["master"][i], out["fp32"][i])
                for i in (0, 1))
-    bf16 = torch.log_softmax((hidden.bfloat16() @ weight.bfloat16().t()).float(), -1).gather(1, labels[:, None])[:, 0]
+    def logprobs_of(logits):
+        return torch.log_softmax(logits.float(), -1).gather(1, labels[:, None])[:, 0]
+
+    bf16 = logprobs_of(hidden.bfloat16() @ weight.bfloat16().t())
     torch.testing.assert_close(out["fp32"][0], bf16, rtol=0, atol=2e-2)  # bf16 logits, not fp32 ones
-    assert (out["fp32"][0] - torch.log_softmax(hidden @ weight.t(), -1).gather(1, labels[:, None])[:, 0]).abs().max() > 0
+    assert (out["fp32"][0] - logprobs_of(hidden @ weight.t())).abs().max() > 0
     g = out["master"][2]
     assert g is not None and g.dtype == torch.float32 and g.abs().max() > 0
