@@ -8,9 +8,10 @@ import os
 import pytest
 import torch
 from safetensors import safe_open
+from test_bf16 import _autocast, _batch, _config  # tests/ is on sys.path (no package)
 
 from saferlhf_fast.cli import main
-from saferlhf_fast.models import LlamaForCausalLM, LlamaForScore, ModelConfig, from_pretrained, hold_in_bf16
+from saferlhf_fast.models import LlamaForCausalLM, LlamaForScore, from_pretrained, hold_in_bf16
 from saferlhf_fast.models.checkpoint import save_pretrained
 from saferlhf_fast.models.llama import held_in_bf16
 from saferlhf_fast.models.lora import (
@@ -23,12 +24,6 @@ from saferlhf_fast.models.lora import (
     merged_state_dict,
 )
 from saferlhf_fast.trainers.modeling import make_tiny_model
-
-
-def _config(**kw) -> ModelConfig:
-    base = dict(model_type="llama", vocab_size=96, hidden_size=64, intermediate_size=136, num_hidden_layers=2,
-                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False)
-    return ModelConfig(**(base | kw))
 
 
 def _round_to_bf16(model):
@@ -51,18 +46,6 @@ def _lora_model(seed=0, head="lm", rounded=True):
         for m in lora_layers(model):
             m.lora_B.weight.copy_(torch.randn(m.lora_B.weight.shape, generator=g) * 0.1)
     return model
-
-
-def _batch(vocab=96, b=3, n=11, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, vocab, (b, n), generator=g)
-    mask = torch.ones(b, n, dtype=torch.bool)
-    mask[1, :4] = False  # a left-padded row
-    return ids, mask
-
-
-def _autocast():
-    return torch.autocast("cpu", dtype=torch.bfloat16)
 
 
 def test_what_is_held_in_bf16():
