@@ -140,16 +140,12 @@ def test_gpu_fp32_vocab_matrices_are_what_the_trainer_keeps_fp32_on_a_gpu(tmp_pa
                        **({} if scenario == "full" else lora))
     cfg.validate()
     trainer = PPOTrainer(cfg)
-    seen, fp32_on_gpu = set(), 0
+    fp32_on_gpu = {}  # what the CPU holds in bf16 and a GPU would not, per distinct tensor
     for model in (trainer.actor, *trainer.critics, trainer.reference, trainer.reward_model, trainer.cost_model):
         if model is None or not hasattr(model, "lm_head") and not hasattr(model, "score_head"):
             continue  # the reference of a LoRA actor; a shared scorer (its backbone is a critic's, counted there)
-        held = set(held_in_bf16(model, "cuda"))
-        for name, p in model.named_parameters():
-            if p.data_ptr() in seen:
-                continue
-            seen.add(p.data_ptr())
-            if p.dim() >= 2 and not p.requires_grad and not name.startswith("score_head.") and name not in held:
-                fp32_on_gpu += p.numel()
+        params = dict(model.named_parameters())
+        for name in set(held_in_bf16(model, "cpu")) - set(held_in_bf16(model, "cuda")):
+            fp32_on_gpu[params[name].data_ptr()] = params[name].numel()
     vocab_h = ours["actor"].config.vocab_size * ours["actor"].config.hidden_size
-    assert fp32_on_gpu == memory.frozen_vocab_matrices(scenario) * vocab_h
+    assert sum(fp32_on_gpu.values()) == memory.frozen_vocab_matrices(scenario) * vocab_h

@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors import safe_open
 from test_bf16 import _autocast, _batch, _config  # tests/ is on sys.path (no package)
+from test_lora import parameter_bytes
 
 from saferlhf_fast.cli import main
 from saferlhf_fast.models import LlamaForCausalLM, LlamaForScore, from_pretrained, hold_in_bf16
@@ -177,9 +178,7 @@ def test_ppo_lag_lora_bf16_holds_bases_in_bf16_and_trains_as_fp32_bases(tiny_bf1
         cfg.validate()
         trainer = PPOTrainer(cfg)
         trainer.train()
-        models = [trainer.actor, trainer.reward_model, trainer.cost_model, *trainer.critics]
-        seen = {p.data_ptr(): p.numel() * p.element_size() for m in models for p in m.parameters()}
-        return trainer, sum(seen.values())
+        return trainer, parameter_bytes(trainer)
 
     held, held_bytes = run(tmp_path / "held")
     q = held.actor.model.layers[0].self_attn.q_proj

@@ -133,9 +133,9 @@ class DecodePlan:
             raise RuntimeError("DecodePlan needs saferlhf::decode_step, a SiLU model and fp32 / bf16 matmuls; use "
                                "decode_steps.EagerStep")
         cfg = model.config
-        # oneDNN packs bf16 weights only where it has bf16 kernels (AVX512-BF16 / AMX / AVX-NE-CONVERT); elsewhere
-        # the step's bf16 matmuls run on plain row-major weights
-        packable = onednn_available() and (mm == torch.float32 or onednn_bf16_available())
+        # oneDNN packs bf16 weights only where it has bf16 kernels; elsewhere the step's bf16 matmuls run on plain
+        # row-major weights
+        packable = onednn_available() and native_matmuls(mm)
         if packed is None:
             packed = packable
         elif packed and not packable:
@@ -216,9 +216,14 @@ def supported(model, dtype=None) -> bool:
     return model.device.type == "cpu" and matmul_dtype(model) is not None
 
 
+def native_matmuls(dtype: torch.dtype) -> bool:
+    """Whether this CPU runs the step's ``dtype`` matmuls natively: fp32 always, bf16 where oneDNN has bf16 kernels
+    (AVX512-BF16 / AMX); elsewhere bf16 matmuls are emulated."""
+    return dtype == torch.float32 or onednn_bf16_available()
+
+
 def preferred(model) -> bool:
-    """Whether ``generate`` decodes ``model`` with the compiled step by default: :func:`supported`, and for bf16
-    matmuls a CPU whose oneDNN has native bf16 kernels (AVX512-BF16 / AMX).  Elsewhere the step's bf16 matmuls fall
-    to a slow emulation (measured 6x slower than the eager step on an AVX2 EPYC) while the eager step's products
-    take torch's kernels; ``fast_decode=True`` still forces the compiled step."""
-    return supported(model) and (matmul_dtype(model) == torch.float32 or onednn_bf16_available())
+    """Whether ``generate`` decodes ``model`` with the compiled step by default: :func:`supported` with
+    :func:`native_matmuls`.  With emulated bf16 matmuls the step runs several times slower than the eager step,
+    whose products take torch's kernels (docs/precision.md); ``fast_decode=True`` still forces the compiled step."""
+    return supported(model) and native_matmuls(matmul_dtype(model))
